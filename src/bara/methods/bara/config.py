@@ -1,0 +1,72 @@
+"""Every BaRA hyper-parameter, including the ablation switches of SPEC §1, round-tripped through
+``adapter_config.json``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...errors import BaraError
+from ..base import option
+from ..lora import LoraConfig
+
+CHOICES = {
+    "gate": ("both", "global", "local", "deterministic", "none"),
+    "slab": ("both", "binary", "magnitude"),
+    "context": ("instance", "token", "causal"),
+    "context_source": ("hidden", "adapter"),
+    "estimator": ("concrete", "hard_concrete", "straight_through"),
+}
+
+
+@dataclass
+class BaraConfig(LoraConfig):
+    r: int = option(16, "maximum rank r: the number of rank-1 factors each instance chooses from")
+    gate: str = option("both", "gate: both (global-local, BaRA), global (per-layer only), local (per-instance "
+                               "only), deterministic (no KL, L1 penalty: SoRA-like), none (z = 1: exactly BLoB)")
+    slab: str = option("both", "local weight z = g*theta: both, binary (theta = 1) or magnitude (g = 1)")
+    context: str = option("instance", "gate context: instance (masked mean over tokens), token (a gate per "
+                                      "token), causal (prefix mean, no look-ahead)")
+    context_source: str = option("hidden", "what the gate reads: hidden (a learned projection of the layer "
+                                           "input) or adapter (mu_A x, free)")
+    context_dim: int = option(32, "size of the learned context projection (context_source=hidden)")
+    gate_hidden: int = option(32, "hidden width of the gate network")
+    gate_init: float = option(0.1, "std of the gate network's initial weights (0 = zero-initialised last layer)")
+    gate_lr: float = option(1e-3, "learning rate of the gate network and q(pi) (no weight decay)")
+    bayes_factors: bool = option(True, "Gaussian posterior on A with flipout (as BLoB); false = point estimate")
+    prior_sigma: float = option(0.2, "prior std of A: N(0, prior_sigma^2)")
+    init_sigma: float = option(0.05, "epsilon: posterior std parameter rho ~ U(eps/sqrt2, eps), sigma = rho^2")
+    ibp_alpha: float = option(2.0, "IBP concentration alpha0: prior pi_k ~ Beta(alpha0 / r, 1)")
+    pi_init: float = option(0.9, "initial E[pi] of the global gates (they start mostly on)")
+    theta_shape: float = option(1.0, "Gamma prior shape of the local magnitude theta")
+    theta_rate: float = option(1.0, "Gamma prior rate of the local magnitude theta")
+    temperature: float = option(2.0 / 3.0, "temperature of the relaxed local gate")
+    estimator: str = option("concrete", "gradient estimator of the local gate: concrete, hard_concrete, "
+                                        "straight_through")
+    omega_loc: float = option(0.0, "weight of the local KL; 0 = 1/G (G = local gates per instance)")
+    kl_warmup: float = option(0.1, "fraction of training over which the KL weight rises 0 -> 1")
+    kl_scale: float = option(1.0, "extra multiplier on the global KL terms (BLoB-style reweighting)")
+    l1_weight: float = option(1e-3, "L1 weight on z for gate=deterministic")
+    prune_threshold: float = option(0.01, "factors with E[pi] below this are pruned by 'prune'")
+
+    def validate(self) -> None:
+        super().validate()
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise BaraError(f"{name}={getattr(self, name)!r} is not one of {allowed}; fix: "
+                                f"pass --{name.replace('_', '-')} {allowed[0]}")
+        if not 0 < self.pi_init < 1:
+            raise BaraError(f"pi_init must be in (0, 1), got {self.pi_init}")
+        for name in ("prior_sigma", "init_sigma", "ibp_alpha", "theta_shape", "theta_rate", "temperature",
+                     "gate_lr"):
+            if getattr(self, name) <= 0:
+                raise BaraError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.omega_loc < 0:
+            raise BaraError(f"omega_loc must be >= 0 (0 = 1/G), got {self.omega_loc}")
+
+    @property
+    def uses_pi(self) -> bool:
+        return self.gate in ("both", "global")
+
+    @property
+    def uses_local(self) -> bool:
+        return self.gate in ("both", "local", "deterministic")

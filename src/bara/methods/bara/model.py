@@ -1,0 +1,202 @@
+r"""BaRA as a method: injection into a model, the objective, Monte-Carlo prediction, diagnostics, pruning.
+
+Objective for a minibatch of M instances, dataset size N, KL weight :math:`\beta_t` (linear warm-up):
+
+.. math:: J = \frac1M \sum_n \big[-\log p(y_n \mid \text{one sample}) + \beta_t\,\omega_{loc}\,KL_{loc,n}\big]
+          + \beta_t\,\frac{KL_\pi + KL_A}{N}
+
+with :math:`\omega_{loc} = 1/G` by default (G = local gates per instance): a tempered ELBO.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import BaraError
+from ...heads import Classifier
+from ..base import Method, Progress
+from ..lora import target_modules
+from .config import BaraConfig
+from .layer import BaraLinear
+
+GATE_PARAMS = ("bara_gate", "bara_context", "bara_pi_")
+MAX_ROWS = 1024  # Monte-Carlo samples are batched into passes of at most this many rows
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+class Bara(Method):
+    """BaRA: Bayesian Adaptive Rank Allocation (global-local gated Bayesian LoRA)."""
+
+    name = "bara"
+    config_class = BaraConfig
+    default_samples = 10
+
+    def wrap(self, classifier: Classifier) -> None:
+        targets = target_modules(self.config, classifier)
+        if not targets:
+            raise BaraError("no default target modules for this architecture; fix: pass --target-modules")
+        found = [(n, m) for n, m in classifier.backbone.named_modules() if _matches(n, targets)
+                 and isinstance(m, nn.Linear)]
+        if not found:
+            raise BaraError(f"no linear layer named {targets} in the model; fix: pass --target-modules")
+        self.layers: dict[str, BaraLinear] = {}
+        for name, module in found:
+            parent_name, _, child = name.rpartition(".")
+            layer = BaraLinear(module, self.config)
+            setattr(classifier.backbone.get_submodule(parent_name), child, layer)
+            self.layers[name] = layer
+        if classifier.kind == "encoder":  # the fresh classification head is trained in full
+            for p in classifier.backbone.classifier.parameters():
+                p.requires_grad_(True)
+
+        def share_mask(module, args, kwargs):  # the padding mask reaches every adapted layer
+            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+            for layer in self.layers.values():
+                layer.mask = mask
+
+        classifier.register_forward_pre_hook(share_mask, with_kwargs=True)
+
+    def set_mode(self, mode: str) -> None:
+        for layer in self.layers.values():
+            layer.mode = mode
+
+    @property
+    def gates_per_instance(self) -> int:
+        return sum(layer.rank for layer in self.layers.values())
+
+    def param_groups(self, classifier, lr, weight_decay):
+        groups = {"gate": [], "sigma": [], "factors": []}
+        for name, p in classifier.named_parameters():
+            if p.requires_grad:
+                key = "gate" if any(g in name for g in GATE_PARAMS) else "sigma" if "bara_A_rho" in name else "factors"
+                groups[key].append(p)
+        return [{"params": groups["factors"], "lr": lr, "weight_decay": weight_decay},
+                {"params": groups["sigma"], "lr": lr, "weight_decay": 0.0},
+                {"params": groups["gate"], "lr": self.config.gate_lr, "weight_decay": 0.0}]
+
+    def loss(self, model, batch: dict, progress: Progress) -> tuple[torch.Tensor, dict]:
+        c = self.config
+        self.set_mode("train")
+        nll = F.cross_entropy(self.forward(model, batch), batch["labels"])
+        beta = min(1.0, progress.fraction / c.kl_warmup) if c.kl_warmup > 0 else 1.0
+        omega = c.omega_loc or 1.0 / self.gates_per_instance
+        layers = list(self.layers.values())
+        kl_local = sum(l.kl_local.mean() for l in layers) if c.gate not in ("none", "deterministic") else 0.0
+        kl_global = sum(l.kl_global() for l in layers)
+        loss = nll + beta * omega * kl_local + beta * c.kl_scale * kl_global / progress.num_train
+        logs = {"nll": nll.item(), "kl_local": float(kl_local.detach() if torch.is_tensor(kl_local) else kl_local), "kl_global": kl_global.item(), "beta": beta}
+        if c.gate == "deterministic":
+            penalty = sum(l.penalty.mean() for l in layers)
+            loss = loss + c.l1_weight * penalty
+            logs["l1"] = penalty.item()
+        return loss, logs
+
+    @torch.no_grad()
+    def predict(self, classifier: Classifier, batch: dict, samples: int) -> torch.Tensor:
+        """``samples = 0``: one pass with A = mu_A, g = 1[rho > 0.5], theta = m. Otherwise S samples,
+        batched: the batch is repeated S times so each copy draws its own A, gates and magnitudes."""
+        classifier.eval()
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if samples == 0:
+            self.set_mode("mean")
+            return torch.softmax(classifier(ids, mask).float(), -1)[None]
+        self.set_mode("sample")
+        per_pass = max(1, MAX_ROWS // ids.shape[0])
+        probs = []
+        for start in range(0, samples, per_pass):
+            s = min(per_pass, samples - start)
+            logits = classifier(ids.repeat(s, 1), mask.repeat(s, 1)).float()
+            probs.append(torch.softmax(logits, -1).view(s, ids.shape[0], -1))
+        self.set_mode("train")
+        return torch.cat(probs)
+
+    # -- diagnostics --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def gate_statistics(self, classifier: Classifier, batches) -> dict[str, dict[str, torch.Tensor]]:
+        """Per layer: expected gate probabilities rho_bar [N, r] and hard gates [N, r] of the fast path."""
+        rho = {n: [] for n in self.layers}
+        hard = {n: [] for n in self.layers}
+        for batch in batches:
+            self.predict(classifier, batch, 0)
+            for name, layer in self.layers.items():
+                if layer.last_rho is None or self.config.gate == "none":
+                    ones = torch.ones(batch["input_ids"].shape[0], layer.rank)
+                    rho[name].append(ones), hard[name].append(ones)
+                else:
+                    rho[name].append(layer.last_rho.float().cpu()), hard[name].append(layer.last_g.float().cpu())
+        return {n: {"rho": torch.cat(rho[n]), "hard": torch.cat(hard[n])} for n in self.layers}
+
+    def diagnostics(self, classifier: Classifier, batches) -> dict:
+        """Effective ranks (SPEC §1 Diagnostics) and the context dependence of the gate (SPEC §4)."""
+        stats = self.gate_statistics(classifier, batches)
+        layers = {}
+        for name, layer in self.layers.items():
+            rho, hard = stats[name]["rho"], stats[name]["hard"]
+            expected_rank, hard_rank = rho.sum(1), hard.sum(1)
+            pi = layer.expected_pi().detach().float().cpu()
+            layers[name] = {
+                "rank": layer.rank, "d_in": layer.in_features, "d_out": layer.out_features,
+                "expected_pi": pi.tolist(), "global_rank": int((pi > 0.5).sum()),
+                "mean_expected_rank": expected_rank.mean().item(), "std_expected_rank": expected_rank.std().item(),
+                "mean_hard_rank": hard_rank.mean().item(), "std_hard_rank": hard_rank.std().item(),
+                "selection_variability": rho.std(0).mean().item(),
+            }
+        joint_expected = torch.stack([stats[n]["rho"].sum(1) for n in self.layers]).mean(0)
+        joint_hard = torch.stack([stats[n]["hard"].sum(1) for n in self.layers]).mean(0)
+        per_layer = layers.values()
+        r_max = self.config.r
+        return {
+            "r_max": r_max,
+            "joint_effective_rank": joint_expected.mean().item(),
+            "joint_effective_rank_std": joint_expected.std().item(),
+            "joint_hard_rank_std": joint_hard.std().item(),
+            "per_instance_joint_hard_rank": joint_hard.tolist(),
+            "selection_variability": float(np.mean([l["selection_variability"] for l in per_layer])),
+            "hard_rank_std": float(np.mean([l["std_hard_rank"] for l in per_layer])),
+            "global_rank_mean": float(np.mean([l["global_rank"] for l in per_layer])),
+            "complexity": sum(l["mean_expected_rank"] * (l["d_in"] + l["d_out"]) for l in per_layer),
+            "complexity_lora": sum(r_max * (l["d_in"] + l["d_out"]) for l in per_layer),
+            "layers": layers,
+        }
+
+    def plots(self, classifier: Classifier, diagnostics: dict, output_dir) -> list[str]:
+        from ...plots import rank_plots
+
+        pi = np.array([l["expected_pi"] + [np.nan] * (diagnostics["r_max"] - len(l["expected_pi"]))
+                       for l in diagnostics["layers"].values()])
+        names = [n.replace("base_model.model.", "") for n in diagnostics["layers"]]
+        rank_plots(np.array(diagnostics["per_instance_joint_hard_rank"]), pi, output_dir / "rank.png",
+                   title=f"BaRA: joint effective rank {diagnostics['joint_effective_rank']:.2f} of "
+                         f"{diagnostics['r_max']}, V = {diagnostics['selection_variability']:.3f}",
+                   layer_names=names)
+        return ["rank.png"]
+
+    # -- adapters -----------------------------------------------------------------------------------
+    def load_adapter_state(self, classifier: Classifier, state: dict[str, torch.Tensor]) -> None:
+        for name, layer in self.layers.items():  # a pruned adapter has fewer factors in some layers
+            key = next((k for k in state if k.endswith(f"{name}.bara_A_mu")), None)
+            if key is not None and state[key].shape[0] != layer.rank:
+                layer.keep_factors(torch.arange(state[key].shape[0]))
+        super().load_adapter_state(classifier, state)
+
+    @torch.no_grad()
+    def prune(self, threshold: float | None = None) -> dict[str, int]:
+        """Remove factors with E[pi] < threshold for good; returns the rank kept per layer.
+        Needs a context that does not depend on the factors (context_source=hidden)."""
+        threshold = self.config.prune_threshold if threshold is None else threshold
+        if self.config.context_source != "hidden" and self.config.gate != "none":
+            raise BaraError("pruning changes mu_A x, the gate's context with context_source=adapter; fix: train "
+                            "with --context-source hidden")
+        kept = {}
+        for name, layer in self.layers.items():
+            index = torch.nonzero(layer.expected_pi() >= threshold).flatten()
+            if len(index) < layer.rank:
+                layer.keep_factors(index)
+            kept[name] = layer.rank
+        return kept

@@ -1,0 +1,128 @@
+"""What every fine-tuning method is: a name, a config dataclass and the same few verbs.
+
+The trainer, the evaluator and the benchmark only call these verbs, so no code outside a method's own
+module ever asks which method it is running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import BaraError
+from ..heads import Classifier
+
+# Default LoRA targets per architecture (peft's own defaults cover the rest).
+TARGET_MODULES = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
+
+
+def option(default, help: str):
+    """A config field with the help text the CLI shows for it."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class MethodConfig:
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "MethodConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise BaraError(f"unknown option(s) {', '.join(unknown)} for this method; fix: use one of {sorted(known)}")
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise BaraError naming the bad value and the fix."""
+
+
+@dataclass
+class Progress:
+    """Where training stands; methods use it for warm-ups and dataset-size scaling of KL terms."""
+
+    step: int
+    total_steps: int
+    num_train: int
+
+    @property
+    def fraction(self) -> float:
+        return self.step / max(self.total_steps, 1)
+
+
+class Method:
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]]
+    default_samples: ClassVar[int] = 0  # test-time Monte-Carlo samples; 0 = one deterministic pass
+
+    def __init__(self, config: MethodConfig | None = None):
+        self.config = config if config is not None else self.config_class()
+
+    # -- building -----------------------------------------------------------------------------------
+    def wrap(self, classifier: Classifier) -> None:
+        """Inject the adapter into ``classifier.backbone`` in place and leave only its parameters trainable."""
+        raise NotImplementedError
+
+    def param_groups(self, classifier: Classifier, lr: float, weight_decay: float) -> list[dict]:
+        params = [p for p in classifier.parameters() if p.requires_grad]
+        return [{"params": params, "lr": lr, "weight_decay": weight_decay}]
+
+    # -- training -----------------------------------------------------------------------------------
+    def forward(self, model, batch: dict) -> torch.Tensor:
+        """Logits of one stochastic training pass. ``model`` is the classifier, possibly wrapped for
+        data-parallel training, so methods call it but read nothing else from it."""
+        return model(batch["input_ids"], batch["attention_mask"])
+
+    def loss(self, model, batch: dict, progress: Progress) -> tuple[torch.Tensor, dict]:
+        """Training objective for one minibatch and the numbers worth logging."""
+        nll = F.cross_entropy(self.forward(model, batch), batch["labels"])
+        return nll, {"nll": nll.item()}
+
+    def on_step_end(self, classifier: Classifier, progress: Progress) -> None:
+        """Called after each optimiser step (AdaLoRA allocates ranks here)."""
+
+    def fit_posthoc(self, classifier: Classifier, train_batches, validation_batches) -> None:
+        """Called once after training (Laplace fits its posterior, temperature scaling its temperature)."""
+
+    # -- prediction ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, classifier: Classifier, batch: dict, samples: int) -> torch.Tensor:
+        """Class probabilities ``[max(samples, 1), batch, classes]``; ``samples = 0`` is the one-pass prediction."""
+        classifier.eval()
+        return torch.softmax(classifier(batch["input_ids"], batch["attention_mask"]).float(), -1)[None]
+
+    def diagnostics(self, classifier: Classifier, batches) -> dict:
+        """Method-specific numbers for metrics.json (e.g. BaRA's effective ranks, AdaLoRA's ranks)."""
+        return {}
+
+    def plots(self, classifier: Classifier, diagnostics: dict, output_dir) -> list[str]:
+        """Write method-specific plots into ``output_dir``; return their file names."""
+        return []
+
+    # -- adapters -----------------------------------------------------------------------------------
+    def adapter_state(self, classifier: Classifier) -> dict[str, torch.Tensor]:
+        """Every tensor the adapter adds or trains (by name), to be saved as safetensors."""
+        return {n: p.detach().clone() for n, p in classifier.named_parameters() if p.requires_grad}
+
+    def load_adapter_state(self, classifier: Classifier, state: dict[str, torch.Tensor]) -> None:
+        own = dict(classifier.named_parameters())
+        expected = set(self.adapter_state(classifier))
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise BaraError(f"adapter does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                            "fix: load it with the base model and method it was trained with")
+        with torch.no_grad():
+            for name, value in state.items():
+                if own[name].shape != value.shape:
+                    raise BaraError(f"adapter tensor {name} has shape {tuple(value.shape)}, the model expects "
+                                    f"{tuple(own[name].shape)}; fix: use the same base model and rank")
+                own[name].copy_(value)

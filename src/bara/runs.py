@@ -1,0 +1,247 @@
+"""One run, end to end: data -> model + method -> trainer -> predictions -> metrics -> files.
+
+Outputs of ``train`` in the output folder:
+``adapter_config.json`` + ``adapter_model.safetensors`` (the adapter, loadable with :func:`load_adapter`),
+``metrics.json`` (written last: its presence marks a finished run), ``reliability.png``, ``history.jsonl``
+and whatever plots the method adds (BaRA: ``rank.png``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import checkpoint
+from .data import Split, Task, load_task
+from .errors import BaraError
+from .heads import Classifier
+from .methods import Method, get_method
+from .metrics import evaluate
+from .models import load_model
+from .plots import reliability_diagram
+from .trainer import TrainConfig, batches, train
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS = "adapter_config.json", "adapter_model.safetensors", "metrics.json"
+OUR_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS, "history.jsonl", "reliability.png", "rank.png")
+PACKAGES = ("bara-peft", "torch", "transformers", "peft", "accelerate", "safetensors", "torchmetrics")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run; stored in metrics.json and the adapter config."""
+
+    model: str = "minilm"
+    data: str = "trec"
+    method: str = "lora"
+    method_options: dict = field(default_factory=dict)
+    max_train: int | None = None
+    max_eval: int | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        values = dict(self.__dict__)
+        values["train"] = self.train.to_dict()
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        values = dict(values)
+        values["train"] = TrainConfig(**values.get("train", {}))
+        return cls(**values)
+
+
+def versions() -> dict:
+    found = {}
+    for package in PACKAGES:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def peak_memory_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def write_atomic(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename, so readers never see a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: Path, values) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(values, indent=2, default=str) + "\n"))
+
+
+def prepare_output(output: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a finished or unfinished run unless asked; never delete files that are not ours."""
+    if output.exists() and not output.is_dir():
+        raise BaraError(f"--output {output} is a file; fix: give a folder path")
+    if output.exists():
+        finished, unfinished = (output / METRICS).exists(), checkpoint.find(output) is not None
+        if overwrite:
+            for name in OUR_FILES:
+                (output / name).unlink(missing_ok=True)
+            for name in (checkpoint.NAME, f".{checkpoint.NAME}.old", f".{checkpoint.NAME}.tmp"):
+                shutil.rmtree(output / name, ignore_errors=True)
+        elif finished:
+            raise BaraError(f"{output} already holds a finished run; fix: choose another --output, or pass --overwrite")
+        elif unfinished and not resume:
+            raise BaraError(f"{output} holds an unfinished run; fix: pass --resume to continue it, or --overwrite")
+    output.mkdir(parents=True, exist_ok=True)
+
+
+def build(config: RunConfig, label_names: list[str]) -> tuple[Classifier, Method]:
+    """Base model + head + method adapter, seeded so the fresh head and adapter are reproducible."""
+    from transformers import set_seed
+
+    method = get_method(config.method, config.method_options)  # validates options before loading anything
+    set_seed(config.train.seed)
+    classifier = Classifier(load_model(config.model, len(label_names)), label_names, config.train.max_length)
+    for p in classifier.parameters():
+        p.requires_grad_(False)
+    method.wrap(classifier)
+    return classifier, method
+
+
+@torch.no_grad()
+def predict(classifier: Classifier, method: Method, split: Split, samples: int, batch_size: int,
+            seed: int = 0, progress_bar: bool = True) -> torch.Tensor:
+    """Probabilities ``[max(samples, 1), N, C]``, seeded so that evaluation is repeatable."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    loader = batches(classifier, split, batch_size)
+    parts = [method.predict(classifier, b, samples) for b in
+             tqdm(loader, desc=f"predict S={samples}", unit="batch", leave=False, disable=not progress_bar)]
+    return torch.cat(parts, dim=1)
+
+
+def score(classifier: Classifier, method: Method, task: Task, config: RunConfig, samples: int | None,
+          ood: Task | None = None, output: Path | None = None, progress_bar: bool = True) -> dict:
+    """Test metrics at the method's sample count (and the one-pass prediction beside it when sampling)."""
+    samples = method.default_samples if samples is None else samples
+    labels = torch.tensor(task.test.labels)
+    batch_size, seed = config.train.eval_batch_size, config.train.seed
+    t0 = time.perf_counter()
+    probs = predict(classifier, method, task.test, samples, batch_size, seed, progress_bar)
+    seconds = time.perf_counter() - t0
+    ood_probs = predict(classifier, method, ood.test, samples, batch_size, seed, progress_bar) if ood else None
+    result = {**evaluate(probs, labels, ood_probs), "samples": samples, "predict_seconds": seconds}
+    if samples > 0:
+        fast = predict(classifier, method, task.test, 0, batch_size, seed, progress_bar)
+        ood_fast = predict(classifier, method, ood.test, 0, batch_size, seed, progress_bar) if ood else None
+        result["fast_path"] = evaluate(fast, labels, ood_fast)
+    diagnostics = method.diagnostics(classifier, batches(classifier, task.test, batch_size))
+    if diagnostics:
+        result["diagnostics"] = diagnostics
+    if output is not None:
+        title = f"{method.name} on {task.name} (S={samples}) — ECE {100 * result['ece']:.1f}%"
+        reliability_diagram(probs.mean(0), labels, output / "reliability.png", title=title)
+        method.plots(classifier, diagnostics, output)
+    return result
+
+
+def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: bool = False,
+              ood_data: str | None = None, progress_bar: bool = True) -> dict:
+    from accelerate import PartialState
+
+    t0 = time.perf_counter()
+    task = load_task(config.data, max_train=config.max_train, seed=config.train.seed, max_eval=config.max_eval,
+                     text_column=config.text_column, label_column=config.label_column)
+    ood = load_task(ood_data, max_eval=config.max_eval, seed=config.train.seed) if ood_data else None
+    classifier, method = build(config, task.label_names)
+    state = PartialState()
+    if state.is_main_process:
+        prepare_output(output, resume, overwrite)
+    state.wait_for_everyone()
+    history = train(classifier, method, task.train, task.validation, config.train, output, resume, progress_bar)
+    method.fit_posthoc(classifier, batches(classifier, task.train, config.train.eval_batch_size),
+                       batches(classifier, task.validation, config.train.eval_batch_size))
+    if not state.is_main_process:
+        return {}
+    save_adapter(classifier, method, config, task, output)
+    write_atomic(output / "history.jsonl",
+                 lambda tmp: tmp.write_text("".join(json.dumps(h) + "\n" for h in history)))
+    train_seconds = time.perf_counter() - t0
+    metrics = score(classifier, method, task, config, None, ood, output, progress_bar)
+    metrics.update({
+        "method": method.name, "model": config.model, "data": task.name, "seed": config.train.seed,
+        "n_train": len(task.train), "n_test": len(task.test), "num_labels": task.num_labels,
+        "num_processes": state.num_processes,
+        "trainable_params": sum(p.numel() for p in method.adapter_state(classifier).values()),
+        "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - t0,
+        "peak_memory_mb": peak_memory_mb(), "config": config.to_dict(), "versions": versions(),
+    })
+    write_json(output / METRICS, metrics)
+    shutil.rmtree(output / checkpoint.NAME, ignore_errors=True)  # the adapter is saved; the run is finished
+    return metrics
+
+
+def save_adapter(classifier: Classifier, method: Method, config: RunConfig, task: Task, output: Path) -> None:
+    meta = {"method": method.name, "method_config": method.config.to_dict(), "base_model": config.model,
+            "label_names": task.label_names, "task_kind": task.kind, "run": config.to_dict(),
+            "bara_version": versions()["bara-peft"]}
+    write_atomic(output / ADAPTER_WEIGHTS, lambda tmp: save_file(
+        {k: v.contiguous() for k, v in method.adapter_state(classifier).items()}, tmp, metadata={"format": "pt"}))
+    write_json(output / ADAPTER_CONFIG, meta)
+
+
+def load_adapter(path: str | Path) -> tuple[Classifier, Method, RunConfig]:
+    """Rebuild the base model, inject the method's adapter and load its tensors: one call."""
+    path = Path(path)
+    config_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+    if not config_file.exists() or not weights.exists():
+        raise BaraError(f"{path} has no {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}; fix: point --adapter at the "
+                        "--output folder of a finished 'bara train'")
+    try:
+        meta = json.loads(config_file.read_text())
+        config = RunConfig.from_dict(meta["run"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise BaraError(f"{config_file} is not a valid adapter config ({err}); fix: re-run 'bara train'") from None
+    classifier, method = build(config, meta["label_names"])
+    method.load_adapter_state(classifier, load_file(weights))
+    classifier.eval()
+    return classifier, method, config
+
+
+def run_eval(adapter: str | Path, data: str | None = None, samples: int | None = None,
+             ood_data: str | None = None, max_eval: int | None = None, output: Path | None = None,
+             progress_bar: bool = True) -> dict:
+    classifier, method, config = load_adapter(adapter)
+    spec = data or config.data
+    task = load_task(spec, max_train=config.max_train, seed=config.train.seed,
+                     max_eval=max_eval if max_eval is not None else config.max_eval,
+                     text_column=config.text_column, label_column=config.label_column)
+    if task.label_names != classifier.label_names:
+        raise BaraError(f"{spec} has labels {task.label_names[:5]}..., the adapter was trained on "
+                        f"{classifier.label_names[:5]}...; fix: evaluate on data with the same label set "
+                        "(use --ood-data for a dataset with other labels)")
+    ood = load_task(ood_data, max_eval=config.max_eval, seed=config.train.seed) if ood_data else None
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+    metrics = score(classifier, method, task, config, samples, ood, output, progress_bar)
+    metrics.update({"method": method.name, "model": config.model, "data": task.name, "seed": config.train.seed,
+                    "n_test": len(task.test), "adapter": str(adapter)})
+    if output is not None:
+        write_json(output / "eval_metrics.json", metrics)
+    return metrics

@@ -1,0 +1,131 @@
+"""The training loop shared by every method: accelerate, AdamW, warm-up + linear decay, clipping,
+seeded data order, atomic checkpoints and exact resume. Runs data-parallel under ``accelerate launch``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .data import Split
+from .errors import BaraError
+from .heads import Classifier
+from .methods import Method, Progress
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 20.0
+    steps: int = 0  # when > 0, overrides epochs
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    max_length: int = 64
+    seed: int = 0
+    checkpoint_every: int = 0  # 0: no intermediate checkpoints
+    eval_every: int = 0  # 0: evaluate on validation only at the end
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def batches(classifier: Classifier, split: Split, batch_size: int, order: list[int] | None = None) -> DataLoader:
+    """Tokenized minibatches of ``split`` in ``order`` (default: as stored)."""
+    order = list(range(len(split))) if order is None else order
+    # Its own generator: creating an iterator then draws no number from the global RNG, which a
+    # resumed run (creating one mid-epoch) would otherwise consume differently from an uninterrupted one.
+    return DataLoader(order, batch_size=batch_size, shuffle=False, generator=torch.Generator(),
+                      collate_fn=lambda index: classifier.encode(split, index))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The data order of one epoch depends only on (seed, epoch), so a resumed run sees the same batches."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def total_steps(config: TrainConfig, num_train: int, num_processes: int = 1) -> tuple[int, int]:
+    per_epoch = math.ceil(num_train / (config.batch_size * num_processes))
+    total = config.steps if config.steps > 0 else max(1, math.ceil(config.epochs * per_epoch))
+    return total, per_epoch
+
+
+@torch.no_grad()
+def validation_score(classifier: Classifier, method: Method, split: Split, batch_size: int) -> dict:
+    from .metrics import evaluate
+
+    probs = torch.cat([method.predict(classifier, b, 0)[0] for b in batches(classifier, split, batch_size)])
+    scores = evaluate(probs, torch.tensor(split.labels))
+    return {"val_accuracy": scores["accuracy"], "val_nll": scores["nll"], "val_ece": scores["ece"]}
+
+
+def train(classifier: Classifier, method: Method, train_split: Split, validation_split: Split,
+          config: TrainConfig, output_dir: Path, resume: bool = False, progress_bar: bool = True) -> list[dict]:
+    """Train ``classifier`` (already wrapped by ``method``) in place; return the logged history."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from transformers import get_linear_schedule_with_warmup
+
+    # Some methods leave parameters out of a given pass (e.g. gates switched off), which DDP must allow.
+    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    steps, per_epoch = total_steps(config, len(train_split), accelerator.num_processes)
+    optimizer = torch.optim.AdamW(method.param_groups(classifier, config.lr, config.weight_decay))
+    # Not passed to accelerator.prepare, which would step it once per process and change the schedule.
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps), steps)
+    model, optimizer = accelerator.prepare(classifier, optimizer)
+
+    step, history = 0, []
+    if resume and (found := checkpoint.find(output_dir)) is not None:
+        step, adapter = checkpoint.load(found, optimizer, scheduler, accelerator.process_index)
+        method.load_adapter_state(classifier, adapter)
+
+    def save_checkpoint():
+        checkpoint.save(output_dir, step, method.adapter_state(classifier), optimizer, scheduler,
+                        accelerator.process_index, accelerator.is_main_process, accelerator.wait_for_everyone)
+
+    bar = tqdm(total=steps, initial=step, desc=f"train {method.name}", unit="step",
+               disable=not (progress_bar and accelerator.is_main_process), dynamic_ncols=True)
+    while step < steps:
+        epoch, skip = divmod(step, per_epoch)
+        loader = accelerator.prepare_data_loader(
+            batches(classifier, train_split, config.batch_size, epoch_order(len(train_split), config.seed, epoch)))
+        if skip:
+            loader = accelerator.skip_first_batches(loader, skip)
+        for batch in loader:
+            model.train()
+            loss, logs = method.loss(model, batch, Progress(step, steps, len(train_split)))
+            if not torch.isfinite(loss):
+                kept = "the last good checkpoint is kept in " + str(output_dir / checkpoint.NAME) \
+                    if checkpoint.find(output_dir) else "no checkpoint was written yet"
+                raise BaraError(f"non-finite training loss at step {step + 1} ({logs}); {kept}; fix: lower --lr "
+                                "or check the data")
+            accelerator.backward(loss)
+            if config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            method.on_step_end(classifier, Progress(step, steps, len(train_split)))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch + 1)
+            record = {"step": step, "loss": loss.item(), **logs}
+            if config.eval_every and (step % config.eval_every == 0 or step == steps) and accelerator.is_main_process:
+                record.update(validation_score(classifier, method, validation_split, config.eval_batch_size))
+                bar.write(" ".join(f"{k}={v:.4g}" for k, v in record.items()))
+            history.append(record)
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                save_checkpoint()
+            if step >= steps:
+                break
+    bar.close()
+    accelerator.wait_for_everyone()
+    model.eval()
+    return history

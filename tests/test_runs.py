@@ -1,0 +1,131 @@
+"""End to end: train -> outputs -> eval, resume, output protection, the CLI, data-parallel, real MiniLM."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bara import checkpoint, cli, runs
+from bara.errors import BaraError
+from bara.runs import RunConfig
+from bara.trainer import TrainConfig
+
+BIN = Path(sys.executable).parent
+
+
+def config(model: str, data: str, method: str = "lora", steps: int = 12, **options) -> RunConfig:
+    return RunConfig(model=model, data=data, method=method, method_options=options,
+                     train=TrainConfig(steps=steps, batch_size=8, lr=5e-3, max_length=24, eval_batch_size=16))
+
+
+def test_train_writes_outputs_and_eval_reproduces(tiny_bert, toy_data, tmp_path):
+    out = tmp_path / "run"
+    metrics = runs.run_train(config(tiny_bert, toy_data), out, progress_bar=False)
+    for name in ("metrics.json", "adapter_config.json", "adapter_model.safetensors", "reliability.png", "history.jsonl"):
+        assert (out / name).exists(), name
+    assert not (out / checkpoint.NAME).exists()
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["n_test"] == 24 and saved["num_labels"] == 3 and saved["method"] == "lora"
+    assert 0 <= saved["accuracy"] <= 1 and 0 <= saved["ece"] <= 1 and saved["nll"] > 0
+    assert saved["trainable_params"] == metrics["trainable_params"] > 0
+    assert saved["versions"]["torch"].startswith("2.13")
+    assert len((out / "history.jsonl").read_text().splitlines()) == 12
+    again = runs.run_eval(out, progress_bar=False)
+    for key in ("accuracy", "ece", "nll", "brier"):
+        assert again[key] == pytest.approx(saved[key], abs=1e-6), key
+
+
+def test_causal_lm_multiple_choice(tiny_llama, toy_choices, tmp_path):
+    out = tmp_path / "mc"
+    metrics = runs.run_train(config(tiny_llama, toy_choices, steps=4), out, progress_bar=False)
+    assert metrics["num_labels"] == 3
+    assert runs.run_eval(out, progress_bar=False)["nll"] == pytest.approx(metrics["nll"], abs=1e-6)
+
+
+def test_resume_gives_the_same_metrics(tiny_bert, toy_data, tmp_path, monkeypatch):
+    cfg = config(tiny_bert, toy_data, steps=14, lora_dropout=0.1)
+    cfg.train.checkpoint_every = 5
+    full = runs.run_train(cfg, tmp_path / "full", progress_bar=False)
+
+    real_save = checkpoint.save
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        if args[1] == 10:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        runs.run_train(cfg, tmp_path / "cut", progress_bar=False)
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    with pytest.raises(BaraError, match="unfinished run"):
+        runs.run_train(cfg, tmp_path / "cut", progress_bar=False)
+    resumed = runs.run_train(cfg, tmp_path / "cut", resume=True, progress_bar=False)
+    for key in ("accuracy", "ece", "nll", "brier"):
+        assert resumed[key] == pytest.approx(full[key], abs=1e-6), key
+
+
+def test_finished_output_is_protected(tiny_bert, toy_data, tmp_path):
+    out = tmp_path / "run"
+    runs.run_train(config(tiny_bert, toy_data, steps=2), out, progress_bar=False)
+    before = (out / "metrics.json").read_text()
+    with pytest.raises(BaraError, match="finished run"):
+        runs.run_train(config(tiny_bert, toy_data, steps=2), out, progress_bar=False)
+    assert (out / "metrics.json").read_text() == before
+    runs.run_train(config(tiny_bert, toy_data, steps=3), out, overwrite=True, progress_bar=False)
+    assert json.loads((out / "metrics.json").read_text())["config"]["train"]["steps"] == 3
+
+
+def test_cli_user_errors_are_one_line(tmp_path, capsys, tiny_bert, toy_data):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("sentence\tlabel\nhello\ta\n")
+    cases = [
+        ["train", "--model", tiny_bert, "--data", str(bad), "--output", str(tmp_path / "o1")],
+        ["train", "--model", str(tmp_path / "nope"), "--data", toy_data, "--output", str(tmp_path / "o2")],
+        ["train", "--model", tiny_bert, "--data", toy_data, "--method", "lora", "--gate", "none",
+         "--output", str(tmp_path / "o3")],
+        ["train", "--model", tiny_bert, "--data", toy_data, "--method", "bara", "--gate", "sometimes",
+         "--output", str(tmp_path / "o4")],
+        ["eval", "--adapter", str(tmp_path / "missing")],
+    ]
+    for argv in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("bara: error:") and "\n" not in err and "fix" in err, err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_cli_help_lists_methods_and_options(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    for word in ("--method", "--max-train", "--resume", "--seed", "bara", "blob", "--gate"):
+        assert word in text
+
+
+def test_data_parallel_two_processes(tiny_bert, toy_data, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "bara.cli", "train", "--model", tiny_bert,
+               "--data", toy_data, "--steps", "4", "--batch-size", "4", "--output", str(out), "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_test"] == 24
+    assert metrics["num_processes"] == 2
+
+
+def test_real_minilm_smoke(tmp_path):
+    out = tmp_path / "minilm"
+    cfg = RunConfig(model="minilm", data="trec", max_train=60, max_eval=60,
+                    train=TrainConfig(steps=3, batch_size=16, max_length=32))
+    metrics = runs.run_train(cfg, out, progress_bar=False)
+    assert metrics["n_test"] == 60 and metrics["num_labels"] == 6
+    assert metrics["trainable_params"] == 2 * 6 * (8 * 384 * 2) + 384 * 6 + 6  # LoRA on q,v in 6 layers + head
