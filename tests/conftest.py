@@ -95,3 +95,11 @@ def toy_choices(tmp_path) -> str:
     path = tmp_path / "choices.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return str(path)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models run fastest on one thread, and tests then never oversubscribe the CPU."""
+    import torch
+
+    torch.set_num_threads(1)

@@ -136,26 +136,27 @@ def predict(classifier: Classifier, method: Method, split: Split, samples: int, 
     return torch.cat(parts, dim=1)
 
 
-def score(classifier: Classifier, method: Method, task: Task, config: RunConfig, samples: int | None,
-          ood: Task | None = None, output: Path | None = None, progress_bar: bool = True) -> dict:
-    """Test metrics at the method's sample count (and the one-pass prediction beside it when sampling)."""
+def score(classifier: Classifier, method: Method, split: Split, config: RunConfig, samples: int | None,
+          ood: Split | None = None, output: Path | None = None, progress_bar: bool = True,
+          title: str = "") -> dict:
+    """Metrics on ``split`` at the method's sample count (and the one-pass prediction beside it when sampling)."""
     samples = method.default_samples if samples is None else samples
-    labels = torch.tensor(task.test.labels)
+    labels = torch.tensor(split.labels)
     batch_size, seed = config.train.eval_batch_size, config.train.seed
     t0 = time.perf_counter()
-    probs = predict(classifier, method, task.test, samples, batch_size, seed, progress_bar)
+    probs = predict(classifier, method, split, samples, batch_size, seed, progress_bar)
     seconds = time.perf_counter() - t0
-    ood_probs = predict(classifier, method, ood.test, samples, batch_size, seed, progress_bar) if ood else None
+    ood_probs = predict(classifier, method, ood, samples, batch_size, seed, progress_bar) if ood else None
     result = {**evaluate(probs, labels, ood_probs), "samples": samples, "predict_seconds": seconds}
     if samples > 0:
-        fast = predict(classifier, method, task.test, 0, batch_size, seed, progress_bar)
-        ood_fast = predict(classifier, method, ood.test, 0, batch_size, seed, progress_bar) if ood else None
+        fast = predict(classifier, method, split, 0, batch_size, seed, progress_bar)
+        ood_fast = predict(classifier, method, ood, 0, batch_size, seed, progress_bar) if ood else None
         result["fast_path"] = evaluate(fast, labels, ood_fast)
-    diagnostics = method.diagnostics(classifier, batches(classifier, task.test, batch_size))
+    diagnostics = method.diagnostics(classifier, batches(classifier, split, batch_size))
     if diagnostics:
         result["diagnostics"] = diagnostics
     if output is not None:
-        title = f"{method.name} on {task.name} (S={samples}) — ECE {100 * result['ece']:.1f}%"
+        title = f"{method.name} on {title} (S={samples}) — ECE {100 * result['ece']:.1f}%"
         reliability_diagram(probs.mean(0), labels, output / "reliability.png", title=title)
         method.plots(classifier, diagnostics, output)
     return result
@@ -183,7 +184,10 @@ def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: 
     write_atomic(output / "history.jsonl",
                  lambda tmp: tmp.write_text("".join(json.dumps(h) + "\n" for h in history)))
     train_seconds = time.perf_counter() - t0
-    metrics = score(classifier, method, task, config, None, ood, output, progress_bar)
+    metrics = score(classifier, method, task.test, config, None, ood.test if ood else None, output, progress_bar,
+                    task.name)
+    # Choices (learning rates, BaRA's design) are made on these, never on the test metrics.
+    metrics["validation"] = score(classifier, method, task.validation, config, None, progress_bar=progress_bar)
     metrics.update({
         "method": method.name, "model": config.model, "data": task.name, "seed": config.train.seed,
         "n_train": len(task.train), "n_test": len(task.test), "num_labels": task.num_labels,
@@ -239,7 +243,8 @@ def run_eval(adapter: str | Path, data: str | None = None, samples: int | None =
     ood = load_task(ood_data, max_eval=config.max_eval, seed=config.train.seed) if ood_data else None
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
-    metrics = score(classifier, method, task, config, samples, ood, output, progress_bar)
+    metrics = score(classifier, method, task.test, config, samples, ood.test if ood else None, output,
+                    progress_bar, task.name)
     metrics.update({"method": method.name, "model": config.model, "data": task.name, "seed": config.train.seed,
                     "n_test": len(task.test), "adapter": str(adapter)})
     if output is not None:

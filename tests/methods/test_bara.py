@@ -1,0 +1,241 @@
+"""The BaRA layer and method: shapes, masks, BLoB equivalence, objective, prediction, save/load, pruning."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bara import runs
+from bara.errors import BaraError
+from bara.methods import Progress, get_method
+from bara.methods.bara import BaraConfig, BaraLinear
+from bara.runs import RunConfig
+from bara.trainer import TrainConfig
+
+
+def layer(**options) -> BaraLinear:
+    torch.manual_seed(0)
+    config = BaraConfig(r=4, alpha=8.0, **options)
+    module = BaraLinear(nn.Linear(6, 5), config)
+    with torch.no_grad():
+        module.bara_B.normal_()  # B starts at zero; make the adapter visible
+    return module
+
+
+def inputs(n=3, t=4, d=6):
+    torch.manual_seed(1)
+    return torch.randn(n, t, d)
+
+
+@pytest.mark.parametrize("context", ["instance", "token", "causal"])
+@pytest.mark.parametrize("mode", ["train", "sample", "mean"])
+def test_shapes_and_per_instance_outputs(context, mode):
+    module = layer(context=context)
+    module.mode = mode
+    out = module(inputs())
+    assert out.shape == (3, 4, 5)
+    assert module.kl_local.shape == (3,) and module.last_rho.shape == (3, 4) and module.last_g.shape == (3, 4)
+    assert torch.isfinite(out).all() and (module.kl_local >= 0).all()
+
+
+def test_padding_never_changes_the_context():
+    module = layer()
+    module.mode = "mean"
+    x = inputs(n=1, t=3)
+    module.mask = torch.ones(1, 3)
+    short = module(x)
+    padded_x = torch.cat([x, 100 * torch.randn(1, 2, 6)], dim=1)  # junk in the padded positions
+    module.mask = torch.tensor([[1.0, 1, 1, 0, 0]])
+    padded = module(padded_x)
+    assert torch.allclose(padded[:, :3], short, atol=1e-5)
+    module.mask = torch.ones(1, 5)  # without the mask the junk does change the gate
+    assert not torch.allclose(module(padded_x)[:, :3], short, atol=1e-5)
+
+
+def test_causal_context_has_no_look_ahead():
+    module = layer(context="causal")
+    module.mode = "mean"
+    x = inputs(n=1, t=4)
+    changed = x.clone()
+    changed[:, 3] += 5.0
+    module.mask = torch.ones(1, 4)
+    a, b = module(x), module(changed)
+    assert torch.allclose(a[:, :3], b[:, :3], atol=1e-6) and not torch.allclose(a[:, 3], b[:, 3])
+
+
+def test_gate_none_is_the_blob_layer():
+    module = layer(gate="none")
+    x = inputs()
+    base = module.base(x)
+    module.mode = "mean"  # mean of q(A): W0 x + (alpha/r) B mu_A x
+    expected = base + module.scaling * (x @ module.bara_A_mu.t()) @ module.bara_B.t()
+    assert torch.allclose(module(x), expected, atol=1e-5)
+    module.mode = "sample"  # flipout with the same random draws, spelled out
+    torch.manual_seed(5)
+    out = module(x)
+    torch.manual_seed(5)
+    noise = module.sigma_A * torch.randn_like(module.sigma_A)
+    s_in = torch.randint(0, 2, (3, 1, 6)).float() * 2 - 1
+    s_out = torch.randint(0, 2, (3, 1, 4)).float() * 2 - 1
+    ax = x @ module.bara_A_mu.t() + ((x * s_in) @ noise.t()) * s_out
+    assert torch.allclose(out, base + module.scaling * ax @ module.bara_B.t(), atol=1e-5)
+    assert module.kl_local is None
+    blob = get_method("blob", {})
+    assert blob.config.gate == "none" and blob.default_samples == 10
+
+
+def test_gates_start_mostly_on_and_ablation_switches():
+    module = layer()
+    assert torch.allclose(module.expected_pi(), torch.full((4,), 0.9), atol=1e-4)
+    module.mode = "mean"
+    module(inputs())
+    assert module.last_g.mean() == 1.0  # rho = 0.9 > 0.5 for every instance at the start
+    g = layer(gate="global")
+    g.mode = "mean"
+    g(inputs())
+    assert torch.allclose(g.last_rho, g.last_rho[:1].expand_as(g.last_rho))  # no input dependence
+    binary = layer(slab="binary")
+    binary.mode = "train"
+    binary(inputs())
+    magnitude = layer(slab="magnitude")
+    magnitude.mode = "sample"
+    magnitude(inputs())
+    assert (magnitude.last_g == 1).all()
+    no_bayes = layer(bayes_factors=False)
+    assert not hasattr(no_bayes, "bara_A_rho")
+    no_bayes.mode = "sample"
+    torch.manual_seed(0)
+    a = no_bayes(inputs())
+    assert torch.isfinite(a).all()
+
+
+def test_kl_global_matches_its_parts():
+    module = layer()
+    from torch.distributions import Beta, kl_divergence
+
+    from bara.distributions import kl_normal_normal_prior
+
+    q = module.q_pi()
+    expected = kl_divergence(q, Beta(torch.full((4,), 2.0 / 4), torch.ones(4))).sum() + \
+        kl_normal_normal_prior(module.bara_A_mu, module.sigma_A, 0.2).sum()
+    assert module.kl_global().item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def _classifier(model, method, **options):
+    from bara.runs import build
+
+    return build(RunConfig(model=model, method=method, method_options=options,
+                           train=TrainConfig(max_length=16)), ["red", "green", "blue"])
+
+
+def _batch(classifier, n=6):
+    from bara.data import Split
+
+    split = Split(texts=[f"the {w} car number {i}" for i, w in zip(range(n), ["red", "green", "blue"] * 4)],
+                  labels=[i % 3 for i in range(n)])
+    return classifier.encode(split, list(range(n)))
+
+
+def test_objective_warm_up_and_weights(tiny_bert):
+    classifier, method = _classifier(tiny_bert, "bara")
+    batch = _batch(classifier)
+    torch.manual_seed(0)
+    loss0, logs0 = method.loss(classifier, batch, Progress(0, 100, 1000))
+    assert logs0["beta"] == 0 and loss0.item() == pytest.approx(logs0["nll"], rel=1e-6)
+    torch.manual_seed(0)
+    loss, logs = method.loss(classifier, batch, Progress(50, 100, 1000))
+    gates = method.gates_per_instance
+    assert gates == 2 * 2 * 16  # query and value of 2 layers, r = 16
+    expected = logs["nll"] + logs["kl_local"] / gates + logs["kl_global"] / 1000
+    assert logs["beta"] == 1 and loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_monte_carlo_prediction_is_batched_seeded_and_varies(tiny_bert):
+    classifier, method = _classifier(tiny_bert, "bara")
+    for layer_ in method.layers.values():
+        torch.nn.init.normal_(layer_.bara_B, std=1.0)
+    batch = _batch(classifier)
+    torch.manual_seed(3)
+    a = method.predict(classifier, batch, 4)
+    torch.manual_seed(3)
+    b = method.predict(classifier, batch, 4)
+    assert a.shape == (4, 6, 3) and torch.equal(a, b)
+    assert not torch.allclose(a[0], a[1])
+    assert torch.allclose(a.sum(-1), torch.ones(4, 6), atol=1e-5)
+    fast1, fast2 = method.predict(classifier, batch, 0), method.predict(classifier, batch, 0)
+    assert fast1.shape == (1, 6, 3) and torch.equal(fast1, fast2)
+
+
+def test_no_nan_in_1000_steps_on_random_data(tiny_bert):
+    classifier, method = _classifier(tiny_bert, "bara", estimator="straight_through")
+    optimizer = torch.optim.AdamW(method.param_groups(classifier, 1e-2, 0.0))
+    torch.manual_seed(0)
+    for step in range(1000):
+        ids = torch.randint(1000, 2000, (4, 6))
+        mask = torch.ones_like(ids)
+        mask[:2, 4:] = 0
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (4,))}
+        loss, _ = method.loss(classifier, batch, Progress(step, 1000, 100))
+        assert torch.isfinite(loss), step
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(torch.isfinite(p).all() for p in classifier.parameters())
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tiny_bert, toy_data, tmp_path, monkeypatch):
+    from bara.methods.bara import Bara
+
+    real = Bara.loss
+
+    def poisoned(self, model, batch, progress):
+        loss, logs = real(self, model, batch, progress)
+        return (loss * float("nan") if progress.step >= 4 else loss), logs
+
+    monkeypatch.setattr(Bara, "loss", poisoned)
+    config = RunConfig(model=tiny_bert, data=toy_data, method="bara",
+                       train=TrainConfig(steps=8, batch_size=8, checkpoint_every=2, max_length=16))
+    with pytest.raises(BaraError, match="non-finite training loss at step 5.*last good checkpoint"):
+        runs.run_train(config, tmp_path / "nan", progress_bar=False)
+    assert (tmp_path / "nan" / "checkpoint" / "state.json").exists()
+    assert not (tmp_path / "nan" / "metrics.json").exists()
+
+
+def test_save_load_and_pruning_round_trips(tiny_bert, toy_data, tmp_path):
+    out = tmp_path / "bara"
+    config = RunConfig(model=tiny_bert, data=toy_data, method="bara",
+                       train=TrainConfig(steps=6, batch_size=8, max_length=16))
+    metrics = runs.run_train(config, out, progress_bar=False)
+    diag = metrics["diagnostics"]
+    for key in ("joint_effective_rank", "selection_variability", "hard_rank_std", "complexity", "complexity_lora"):
+        assert key in diag
+    assert 0 <= diag["joint_effective_rank"] <= 16 and diag["complexity_lora"] == 2 * 2 * 16 * 64
+    assert metrics["fast_path"]["n"] == 24 and metrics["samples"] == 10
+    assert (out / "rank.png").exists()
+    again = runs.run_eval(out, progress_bar=False)
+    assert again["fast_path"]["nll"] == pytest.approx(metrics["fast_path"]["nll"], abs=1e-6)
+    assert again["nll"] == pytest.approx(metrics["nll"], abs=1e-6)
+
+    classifier, method, _ = runs.load_adapter(out)
+    from bara.data import load_task
+
+    task = load_task(toy_data)
+    batch = classifier.encode(task.test, list(range(24)))
+    before = method.predict(classifier, batch, 0)
+    name, first = next(iter(method.layers.items()))
+    with torch.no_grad():  # switch two factors of one layer off for good: E[pi] ~ 1e-3
+        first.bara_pi_a[:2], first.bara_pi_b[:2] = -10.0, 200.0  # a = 0.01, b = 100: E[pi] ~ 0
+    method.set_mode("mean")
+    reference = method.predict(classifier, batch, 0)
+    kept = method.prune(0.01)
+    assert kept[name] == 14 and all(r == 16 for n, r in kept.items() if n != name)
+    assert torch.allclose(method.predict(classifier, batch, 0), reference, atol=1e-6)
+    runs.save_adapter(classifier, method, runs.RunConfig.from_dict(
+        __import__("json").loads((out / "adapter_config.json").read_text())["run"]), task, out)
+    reloaded, method2, _ = runs.load_adapter(out)
+    assert method2.layers[name].rank == 14
+    assert torch.allclose(method2.predict(reloaded, batch, 0), reference, atol=1e-6)
+    assert not torch.equal(before, torch.zeros_like(before))
