@@ -22,17 +22,20 @@ def _method_options(parser: argparse.ArgumentParser) -> None:
     """One flag per field of every method's config dataclass; a flag applies to the methods that have it."""
     from .methods import METHODS
 
-    group = parser.add_argument_group("method options (each used by the methods named in brackets)")
-    seen: dict[str, tuple[dataclasses.Field, list[str]]] = {}
+    group = parser.add_argument_group("method options (each used by the methods named in brackets, "
+                                      "with their defaults)")
+    seen: dict[str, tuple[dataclasses.Field, dict[str, object]]] = {}
     for name, method in sorted(METHODS.items()):
         for f in dataclasses.fields(method.config_class):
-            seen.setdefault(f.name, (f, []))[1].append(name)
-    for fname, (f, owners) in seen.items():
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            seen.setdefault(f.name, (f, {}))[1][name] = default
+    for fname, (f, defaults) in seen.items():
+        default = next(iter(defaults.values()))
         kind = {bool: _boolean, list: _comma_list}.get(type(default), type(default))
+        owners = ", ".join(f"{m}: {d!r}" if not isinstance(d, list) else f"{m}: {','.join(d) or 'auto'}"
+                           for m, d in defaults.items())
         group.add_argument(f"--{fname.replace('_', '-')}", dest=f"opt_{fname}", type=kind, default=None,
-                           metavar=type(default).__name__.upper(),
-                           help=f"{f.metadata.get('help', '')} (default {default!r}) [{', '.join(owners)}]")
+                           metavar=type(default).__name__.upper(), help=f"{f.metadata.get('help', '')} [{owners}]")
 
 
 def _boolean(text: str) -> bool:

@@ -29,7 +29,7 @@ from .methods import Method, get_method
 from .metrics import evaluate
 from .models import load_model
 from .plots import reliability_diagram
-from .trainer import TrainConfig, batches, train
+from .trainer import TrainConfig, batches, distributed_state, train
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS = "adapter_config.json", "adapter_model.safetensors", "metrics.json"
 OUR_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS, "history.jsonl", "reliability.png", "rank.png")
@@ -164,14 +164,12 @@ def score(classifier: Classifier, method: Method, split: Split, config: RunConfi
 
 def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: bool = False,
               ood_data: str | None = None, progress_bar: bool = True) -> dict:
-    from accelerate import PartialState
-
     t0 = time.perf_counter()
     task = load_task(config.data, max_train=config.max_train, seed=config.train.seed, max_eval=config.max_eval,
                      text_column=config.text_column, label_column=config.label_column)
     ood = load_task(ood_data, max_eval=config.max_eval, seed=config.train.seed) if ood_data else None
     classifier, method = build(config, task.label_names)
-    state = PartialState()
+    state = distributed_state()
     if state.is_main_process:
         prepare_output(output, resume, overwrite)
     state.wait_for_everyone()

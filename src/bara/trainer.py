@@ -52,6 +52,17 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
+def use_cpu() -> bool:
+    """accelerate only sets up CPU data parallelism (gloo) when asked for the CPU explicitly."""
+    return not torch.cuda.is_available()
+
+
+def distributed_state():
+    from accelerate import PartialState
+
+    return PartialState(cpu=use_cpu())
+
+
 def total_steps(config: TrainConfig, num_train: int, num_processes: int = 1) -> tuple[int, int]:
     per_epoch = math.ceil(num_train / (config.batch_size * num_processes))
     total = config.steps if config.steps > 0 else max(1, math.ceil(config.epochs * per_epoch))
@@ -74,7 +85,8 @@ def train(classifier: Classifier, method: Method, train_split: Split, validation
     from transformers import get_linear_schedule_with_warmup
 
     # Some methods leave parameters out of a given pass (e.g. gates switched off), which DDP must allow.
-    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    accelerator = Accelerator(cpu=use_cpu(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     steps, per_epoch = total_steps(config, len(train_split), accelerator.num_processes)
     optimizer = torch.optim.AdamW(method.param_groups(classifier, config.lr, config.weight_decay))
     # Not passed to accelerator.prepare, which would step it once per process and change the schedule.

@@ -116,13 +116,17 @@ class BaraLinear(nn.Module):
         if mask is None or mask.shape != x.shape[:2]:
             mask = x.new_ones(x.shape[:2])
         ax_mean = x @ self.bara_A_mu.t()
-        ax = ax_mean
+        if self.config.lora_dropout and self.mode == "train":  # as LoRA: dropout on the adapter's input
+            x_drop = F.dropout(x, self.config.lora_dropout, training=True)
+            ax = x_drop @ self.bara_A_mu.t()
+        else:
+            x_drop, ax = x, ax_mean
         if self.config.bayes_factors and self.mode != "mean":
             # Flipout (Wen et al. 2018): one weight noise per pass, decorrelated per instance by random signs.
             noise = self.sigma_A * torch.randn_like(self.sigma_A)
             sign_in = torch.randint(0, 2, (x.shape[0], 1, x.shape[-1]), device=x.device).to(x.dtype) * 2 - 1
             sign_out = torch.randint(0, 2, (x.shape[0], 1, self.rank), device=x.device).to(x.dtype) * 2 - 1
-            ax = ax + ((x * sign_in) @ noise.t()) * sign_out
+            ax = ax + ((x_drop * sign_in) @ noise.t()) * sign_out
         z = self.local_weights(x, ax_mean, mask)
         if z is not None:
             ax = ax * (z.unsqueeze(1) if z.dim() == 2 else z).to(ax.dtype)

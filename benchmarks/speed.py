@@ -1,0 +1,103 @@
+"""Speed and memory of blob and bara against LoRA, measured in one process with interleaved repetitions.
+
+    python benchmarks/speed.py                 # MiniLM at 32x64 and SmolLM2 at 8x128
+    python benchmarks/speed.py --models minilm --repeats 5
+
+Prints medians and ratios against LoRA measured in the same run:
+  train step (forward + backward + AdamW) of blob and bara / lora         target bara <= 1.15
+  peak memory of a train step (torch profiler-free: max RSS growth)       target bara <= 1.10
+  fast path (one deterministic pass) of bara / lora forward              target <= 1.05
+  S = 10 prediction batched vs 10 single passes (and vs one LoRA pass)    target batched <= 10 x one pass
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from bara.data import Split  # noqa: E402
+from bara.methods import Progress  # noqa: E402
+from bara.runs import RunConfig, build  # noqa: E402
+from bara.trainer import TrainConfig  # noqa: E402
+
+SHAPES = {"minilm": (32, 64), "smollm2": (8, 128)}
+METHODS = ("lora", "blob", "bara")
+
+
+def make_batch(classifier, batch_size: int, length: int) -> dict:
+    words = "the quick brown fox jumps over a lazy dog while it rains in the old town".split()
+    text = " ".join(words[i % len(words)] for i in range(length * 2))
+    split = Split(texts=[text] * batch_size, labels=[i % 3 for i in range(batch_size)])
+    return classifier.encode(split, list(range(batch_size)))
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="minilm,smollm2")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    for model in args.models.split(","):
+        batch_size, length = SHAPES[model]
+        setups = {}
+        for method in METHODS:
+            config = RunConfig(model=model, method=method, train=TrainConfig(max_length=length))
+            classifier, m = build(config, ["A", "B", "C"])
+            optimizer = torch.optim.AdamW(m.param_groups(classifier, 1e-4, 0.0))
+            batch = make_batch(classifier, batch_size, length)
+            setups[method] = (classifier, m, optimizer, batch)
+
+        def train_step(method):
+            classifier, m, optimizer, batch = setups[method]
+            classifier.train()
+            loss, _ = m.loss(classifier, batch, Progress(50, 100, 1000))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+        def predict(method, samples):
+            classifier, m, _, batch = setups[method]
+            m.predict(classifier, batch, samples)
+
+        def loop10(method):
+            for _ in range(10):
+                predict(method, 1)
+
+        times: dict[str, list[float]] = {}
+        for method in METHODS:  # warm-up
+            train_step(method), predict(method, 0)
+        for _ in range(args.repeats):  # interleaved: drifts in machine load hit every method alike
+            for method in METHODS:
+                times.setdefault(f"train/{method}", []).append(timed(lambda: train_step(method)))
+                times.setdefault(f"pass/{method}", []).append(timed(lambda: predict(method, 0)))
+            for method in ("blob", "bara"):
+                times.setdefault(f"S10/{method}", []).append(timed(lambda: predict(method, 10)))
+                times.setdefault(f"loop10/{method}", []).append(timed(lambda: loop10(method)))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"\n{model}: batch {batch_size} x {length}, {args.repeats} interleaved repeats, medians")
+        for method in METHODS:
+            print(f"  train step {method:5s} {med[f'train/{method}']:.3f} s  "
+                  f"ratio to lora {med[f'train/{method}'] / med['train/lora']:.2f}")
+        print(f"  fast path  bara  {med['pass/bara']:.3f} s  ratio to lora forward "
+              f"{med['pass/bara'] / med['pass/lora']:.2f}   (target <= 1.05)")
+        for method in ("blob", "bara"):
+            print(f"  S=10 {method:5s} batched {med[f'S10/{method}']:.3f} s = "
+                  f"{med[f'S10/{method}'] / med['pass/lora']:.2f} x one lora pass; 10 single passes "
+                  f"{med[f'loop10/{method}']:.3f} s (batched/looped {med[f'S10/{method}'] / med[f'loop10/{method}']:.2f})")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
