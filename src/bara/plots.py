@@ -1,5 +1,10 @@
 """Plots every run writes: reliability diagrams, BaRA's effective-rank plots, method scatter plots.
-Files are written atomically (temp file + rename) with the Agg back end, so no display is needed."""
+
+Figures are drawn with matplotlib's object API on an Agg canvas (``Figure`` + ``FigureCanvasAgg``),
+never through ``pyplot``: no display is needed, no figure is left open, and importing this module does
+not switch the back end of a user's own session (a notebook keeps its inline plots). Each PNG is
+written atomically: to a temporary file in the target folder, then ``os.replace``-d into place.
+"""
 
 from __future__ import annotations
 
@@ -8,82 +13,131 @@ import tempfile
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from .metrics import expected_calibration_error, reliability_bins
 
-from .metrics import expected_calibration_error, reliability_bins  # noqa: E402
+__all__ = ["rank_plots", "reliability_diagram", "scatter_methods"]
+
+DPI = 110
 
 
-def _save(fig, path) -> None:
+def _figure(**kwargs) -> Figure:
+    fig = Figure(layout="constrained", **kwargs)  # room for long tick labels (layer names)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path) -> Path:
+    """Write ``fig`` as PNG at ``path`` atomically; on any error the old file (if any) is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        with os.fdopen(fd, "wb") as handle:
+            fig.savefig(handle, format="png", dpi=DPI, bbox_inches="tight")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a plot should be as readable as the other outputs
         os.replace(tmp, path)
-    finally:
-        plt.close(fig)
+    except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
+        raise
+    return path
 
 
-def reliability_diagram(probs, labels, path, title: str | None = None, n_bins: int = 15) -> None:
+def reliability_diagram(probs, labels, path, title: str | None = None, n_bins: int = 15) -> Path:
+    """Per-bin accuracy against confidence, with the diagonal and the gap to it shaded, above a histogram
+    of confidences. ``probs`` is ``[N, C]`` or samples ``[S, N, C]``. The title carries the ECE in %
+    (``"LoRA — ECE 7.1%"``), unless ``title`` already mentions ECE. Returns the path written."""
     bins = reliability_bins(probs, labels, n_bins)
     ece = expected_calibration_error(probs, labels, n_bins)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    width = 1.0 / n_bins
-    centers = np.array([(b["lower"] + b["upper"]) / 2 for b in bins])
-    acc = np.array([b["accuracy"] for b in bins])
-    conf = np.array([b["confidence"] for b in bins])
-    counts = np.array([b["count"] for b in bins])
+    lower = np.array([b.lower for b in bins])
+    upper = np.array([b.upper for b in bins])
+    acc = np.array([b.accuracy for b in bins])
+    conf = np.array([b.confidence for b in bins])
+    counts = np.array([b.count for b in bins])
     filled = counts > 0
-    top.bar(centers[filled], acc[filled], width=width, edgecolor="black", color="tab:blue", label="accuracy")
-    top.bar(centers[filled], conf[filled] - acc[filled], bottom=acc[filled], width=width, color="tab:red",
-            alpha=0.3, edgecolor="tab:red", hatch="//", label="gap")
+    centers, width = (lower + upper) / 2, upper - lower
+
+    fig = _figure(figsize=(5, 6))
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.bar(centers[filled], acc[filled], width=width[filled], color="tab:blue", edgecolor="black",
+            label="accuracy")
+    # from accuracy up (over-confident) or down (under-confident) to the bin's mean confidence
+    top.bar(centers[filled], conf[filled] - acc[filled], bottom=acc[filled], width=width[filled],
+            color="tab:red", alpha=0.3, edgecolor="tab:red", hatch="//", label="gap to confidence")
     top.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     top.set_ylabel("accuracy")
     top.set_ylim(0, 1)
     top.legend(loc="upper left", fontsize=8)
-    top.set_title(title or f"ECE {100 * ece:.1f}%")
-    bottom.bar(centers, counts / max(counts.sum(), 1), width=width, color="gray", edgecolor="black")
-    bottom.set_xlabel("confidence")
+    label = f"ECE {100 * ece:.1f}%"
+    top.set_title(label if not title else title if "ECE" in title else f"{title} — {label}")
+    bottom.bar(centers, counts / counts.sum(), width=width, color="gray", edgecolor="black")
+    bottom.set_xlabel("confidence (top-class probability)")
     bottom.set_ylabel("fraction")
     bottom.set_xlim(0, 1)
-    _save(fig, path)
+    return _save(fig, path)
 
 
-def rank_plots(per_instance_rank, global_pi, path, title: str | None = None, layer_names=None) -> None:
-    """Histogram of per-instance effective rank and a layers x factors heat map of E[pi]."""
+def rank_plots(per_instance_rank, global_pi, path, title: str | None = None, layer_names=None) -> Path:
+    """Left: histogram of the per-instance effective rank (1-D). Right: heat map of E[pi], layers x
+    factors (2-D, values in [0, 1]; NaN for factors a layer does not have, drawn grey), with a colour
+    bar and optional ``layer_names`` for the rows. Returns the path written."""
     ranks = np.asarray(per_instance_rank, dtype=float)
     pi = np.asarray(global_pi, dtype=float)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [1, 1.3]})
-    left.hist(ranks, bins=min(40, max(5, len(np.unique(ranks)))), color="tab:blue", edgecolor="black")
-    left.set_xlabel("per-instance effective rank (hard, mean over layers)")
+    if ranks.ndim != 1:
+        raise ValueError(f"per_instance_rank must be 1-D, got shape {ranks.shape}")
+    if pi.ndim != 2:
+        raise ValueError(f"global_pi must be 2-D (layers x factors), got shape {pi.shape}")
+    if layer_names is not None and len(layer_names) != pi.shape[0]:
+        raise ValueError(f"got {len(layer_names)} layer names for {pi.shape[0]} rows of global_pi")
+
+    fig = _figure(figsize=(11, 0.5 + max(4.0, 0.18 * pi.shape[0])))
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.3]})
+    finite = ranks[np.isfinite(ranks)]
+    if finite.size:
+        left.hist(finite, bins=min(40, max(5, len(np.unique(finite)))), color="tab:blue", edgecolor="black")
+        left.set_title(f"mean {finite.mean():.2f}, std {finite.std():.2f}")
+    else:
+        left.text(0.5, 0.5, "no instances", ha="center", va="center", transform=left.transAxes)
+    left.set_xlabel("per-instance effective rank")
     left.set_ylabel("instances")
-    left.set_title(f"mean {ranks.mean():.2f}, std {ranks.std():.2f}")
-    image = right.imshow(pi, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+
+    colormap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgray")
+    image = right.imshow(np.ma.masked_invalid(pi), aspect="auto", vmin=0, vmax=1, cmap=colormap,
+                         interpolation="nearest")
     right.set_xlabel("factor k")
     right.set_ylabel("layer")
     if layer_names is not None:
         right.set_yticks(range(len(layer_names)))
         right.set_yticklabels(layer_names, fontsize=6)
-    right.set_title("E[pi] (global gate)")
-    fig.colorbar(image, ax=right)
+    right.set_title("E[π] (global gate)")
+    fig.colorbar(image, ax=right, label="E[π]")
     if title:
         fig.suptitle(title)
-    _save(fig, path)
+    return _save(fig, path)
 
 
-def scatter_methods(points: list[dict], x: str, y: str, path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+def scatter_methods(points: list[dict], x: str, y: str, path, title: str) -> Path:
+    """Labelled scatter of ``points`` (dicts with ``"method"``, ``x`` and ``y``), e.g. accuracy against
+    ECE across methods. Returns the path written."""
+    for i, point in enumerate(points):
+        missing = [key for key in ("method", x, y) if key not in point]
+        if missing:
+            raise ValueError(f"point {i} lacks {missing}: {point}")
+    fig = _figure(figsize=(5.5, 4.5))
+    ax = fig.subplots()
+    methods = list(dict.fromkeys(point["method"] for point in points))  # one colour per method
     for point in points:
-        ax.scatter(point[x], point[y], s=40)
-        ax.annotate(point["method"], (point[x], point[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        colour = f"C{methods.index(point['method']) % 10}"
+        ax.scatter(float(point[x]), float(point[y]), s=40, color=colour)
+        ax.annotate(point["method"], (float(point[x]), float(point[y])), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.margins(0.15)  # room for the labels of points at the edges
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    return _save(fig, path)

@@ -123,9 +123,10 @@ def train(classifier: Classifier, method: Method, train_split: Split, validation
                 accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
+            # Before zero_grad: a method may read this step's gradients (AdaLoRA scores |w * grad|).
             method.on_step_end(classifier, Progress(step, steps, len(train_split)))
+            optimizer.zero_grad(set_to_none=True)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch + 1)
             record = {"step": step, "loss": loss.item(), **logs}

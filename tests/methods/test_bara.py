@@ -41,6 +41,19 @@ def test_shapes_and_per_instance_outputs(context, mode):
     assert torch.isfinite(out).all() and (module.kl_local >= 0).all()
 
 
+def test_stick_allocation_orders_factors():
+    module = layer(allocation="stick", pi_init=0.95)
+    module.mode = "mean"
+    module(inputs())
+    rho = module.last_rho
+    assert (rho[:, 1:] <= rho[:, :-1] + 1e-6).all()  # factor k is on only if all before it are
+    hard = module.last_g
+    assert (hard[:, 1:] <= hard[:, :-1]).all()
+    module.mode = "train"
+    module(inputs())
+    assert torch.isfinite(module.kl_local).all() and (module.kl_local >= 0).all()
+
+
 def test_padding_never_changes_the_context():
     module = layer()
     module.mode = "mean"

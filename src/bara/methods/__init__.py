@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from ..errors import BaraError
 from .base import Method, MethodConfig, Progress
+from .adalora import AdaLora
 from .bara import Bara
 from .blob import Blob
+from .ensemble import Ensemble
 from .lora import Lora, Map
+from .mcdropout import McDropout
+from .temperature import Temperature
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Lora, Map, Bara, Blob)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Lora, Map, Bara, Blob, McDropout, Ensemble, Temperature,
+                                                        AdaLora)}
 
 
 def register(method: type[Method]) -> type[Method]:

@@ -88,7 +88,8 @@ class Method:
         return nll, {"nll": nll.item()}
 
     def on_step_end(self, classifier: Classifier, progress: Progress) -> None:
-        """Called after each optimiser step (AdaLoRA allocates ranks here)."""
+        """Called after each optimiser step, while the step's gradients are still in ``.grad`` (AdaLoRA
+        allocates ranks here from them); ``progress.step`` counts the steps done, 1 after the first."""
 
     def fit_posthoc(self, classifier: Classifier, train_batches, validation_batches) -> None:
         """Called once after training (Laplace fits its posterior, temperature scaling its temperature)."""

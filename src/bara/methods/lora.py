@@ -28,14 +28,14 @@ def target_modules(config: LoraConfig, classifier: Classifier) -> list[str] | No
     return list(config.target_modules) or TARGET_MODULES.get(classifier.backbone.config.model_type)
 
 
-def peft_wrap(classifier: Classifier, peft_config) -> None:
+def peft_wrap(classifier: Classifier, peft_config, adapter_name: str = "default") -> None:
     """Inject ``peft_config`` with peft; the encoder's fresh classification head is trained in full."""
     from peft import get_peft_model
 
     if classifier.kind == "encoder":
         peft_config.modules_to_save = ["classifier"]
     try:
-        classifier.backbone = get_peft_model(classifier.backbone, peft_config)
+        classifier.backbone = get_peft_model(classifier.backbone, peft_config, adapter_name=adapter_name)
     except ValueError as err:
         raise BaraError(f"cannot place the adapter: {err}; fix: pass --target-modules with this model's "
                         "linear layer names") from None

@@ -15,6 +15,7 @@ CHOICES = {
     "context": ("instance", "token", "causal"),
     "context_source": ("hidden", "adapter"),
     "estimator": ("concrete", "hard_concrete", "straight_through"),
+    "allocation": ("independent", "stick"),
 }
 
 
@@ -39,6 +40,9 @@ class BaraConfig(LoraConfig):
     pi_init: float = option(0.9, "initial E[pi] of the global gates (they start mostly on)")
     theta_shape: float = option(1.0, "Gamma prior shape of the local magnitude theta")
     theta_rate: float = option(1.0, "Gamma prior rate of the local magnitude theta")
+    allocation: str = option("independent", "independent (each factor gated on its own) or stick (instance-"
+                                            "specific stick-breaking: factor k is on only if the instance keeps "
+                                            "all factors before it, so the gate chooses a rank)")
     temperature: float = option(2.0 / 3.0, "temperature of the relaxed local gate")
     estimator: str = option("concrete", "gradient estimator of the local gate: concrete, hard_concrete, "
                                         "straight_through")

@@ -6,6 +6,8 @@ r"""The BaRA layer: LoRA whose rank-1 factors are switched on per instance by a 
 - global gate  :math:`\pi_k \sim q = \mathrm{Kumaraswamy}(a_k, b_k)`, prior :math:`\mathrm{Beta}(\alpha_0/r, 1)`
 - local gate   :math:`g_{nk} \sim \mathrm{Bernoulli}(\rho_{nk})`, :math:`\mathrm{logit}\,\rho_{nk} =
   \mathrm{logit}\,\hat\pi_k + \Delta_{nk}`; prior :math:`\mathrm{Bernoulli}(\hat\pi_k)`
+  (``allocation=stick``: :math:`\rho_{nk} = \prod_{j \le k} \sigma(\mathrm{logit}\,\hat\pi_j + \Delta_{nj})`,
+  prior :math:`\prod_{j \le k} \hat\pi_j`: an instance-specific stick-breaking construction of the IBP)
 - magnitude    :math:`\theta_{nk} \sim \mathrm{Weibull}(\kappa_{nk}, \lambda_{nk})` with mean :math:`m_{nk}`;
   prior :math:`\mathrm{Gamma}(a_\theta, b_\theta)`
 - factors      :math:`A \sim \mathcal N(\mu_A, \sigma_A^2)`, :math:`\sigma_A = \rho^2`, flipout (as BLoB);
@@ -157,6 +159,12 @@ class BaraLinear(nn.Module):
         if c.gate == "global":
             delta = torch.zeros_like(delta)
         logit_rho = torch.logit(pi.clamp(1e-6, 1 - 1e-6)) + delta
+        if c.allocation == "stick":
+            # Stick-breaking IBP (Teh et al. 2007) per instance: rho_k = prod_{j<=k} sigmoid(l_j), and the prior
+            # probability likewise prod_{j<=k} pi_j. Factors are ordered; the gate network picks where to stop.
+            log_rho = F.logsigmoid(logit_rho).cumsum(-1)
+            logit_rho = log_rho - torch.log1p(-log_rho.exp().clamp(max=1 - 1e-6))
+            pi = torch.log(pi.clamp(1e-6, 1.0)).cumsum(-1).exp()
         rho = torch.sigmoid(logit_rho)
         kappa, magnitude = weibull_params(kappa_free, mean_free)
         kl = torch.zeros_like(rho)

@@ -122,15 +122,19 @@ class Bara(Method):
         """Per layer: expected gate probabilities rho_bar [N, r] and hard gates [N, r] of the fast path."""
         rho = {n: [] for n in self.layers}
         hard = {n: [] for n in self.layers}
+        labels = []
         for batch in batches:
             self.predict(classifier, batch, 0)
+            labels.append(batch["labels"])
             for name, layer in self.layers.items():
                 if layer.last_rho is None or self.config.gate == "none":
                     ones = torch.ones(batch["input_ids"].shape[0], layer.rank)
                     rho[name].append(ones), hard[name].append(ones)
                 else:
                     rho[name].append(layer.last_rho.float().cpu()), hard[name].append(layer.last_g.float().cpu())
-        return {n: {"rho": torch.cat(rho[n]), "hard": torch.cat(hard[n])} for n in self.layers}
+        stats = {n: {"rho": torch.cat(rho[n]), "hard": torch.cat(hard[n])} for n in self.layers}
+        stats["labels"] = torch.cat(labels)
+        return stats
 
     def diagnostics(self, classifier: Classifier, batches) -> dict:
         """Effective ranks (SPEC §1 Diagnostics) and the context dependence of the gate (SPEC §4)."""
@@ -148,6 +152,13 @@ class Bara(Method):
                 "selection_variability": rho.std(0).mean().item(),
             }
         joint_expected = torch.stack([stats[n]["rho"].sum(1) for n in self.layers]).mean(0)
+        # Share of the rank's variance across instances explained by the class: 0 when the gate's
+        # variation is noise around a threshold, larger when instances of a class choose alike.
+        y = stats["labels"]
+        class_means = torch.zeros(int(y.max()) + 1).index_add_(0, y, joint_expected) / \
+            torch.bincount(y, minlength=int(y.max()) + 1).clamp(min=1)
+        total = joint_expected.var(unbiased=False)
+        explained = (class_means[y] - joint_expected.mean()).pow(2).mean() / total if total > 0 else torch.tensor(0.0)
         joint_hard = torch.stack([stats[n]["hard"].sum(1) for n in self.layers]).mean(0)
         per_layer = layers.values()
         r_max = self.config.r
@@ -158,6 +169,7 @@ class Bara(Method):
             "joint_hard_rank_std": joint_hard.std().item(),
             "per_instance_joint_hard_rank": joint_hard.tolist(),
             "selection_variability": float(np.mean([l["selection_variability"] for l in per_layer])),
+            "rank_variance_explained_by_class": float(explained),
             "hard_rank_std": float(np.mean([l["std_hard_rank"] for l in per_layer])),
             "global_rank_mean": float(np.mean([l["global_rank"] for l in per_layer])),
             "complexity": sum(l["mean_expected_rank"] * (l["d_in"] + l["d_out"]) for l in per_layer),

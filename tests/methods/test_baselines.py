@@ -1,0 +1,320 @@
+"""The baselines of SPEC §2 beyond LoRA: MC dropout, deep ensemble, temperature scaling, AdaLoRA.
+Each trains, predicts, saves and reloads on the tiny models; each method's own mechanism is checked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bara import cli, runs
+from bara.data import Split, load_task
+from bara.errors import BaraError
+from bara.methods import Progress, get_method
+from bara.methods.temperature import fit_temperature
+from bara.runs import RunConfig
+from bara.trainer import TrainConfig
+
+BASELINES = {"mcdropout": 10, "ensemble": 3, "temperature": 0, "adalora": 0}  # method -> default samples
+FAST = {"adalora": {"r": 6, "target_r": 2, "tinit": 2, "tfinal": 2, "delta_t": 1}}
+
+
+def config(model: str, data: str, method: str, steps: int = 8, seed: int = 0, **options) -> RunConfig:
+    return RunConfig(model=model, data=data, method=method, method_options=options,
+                     train=TrainConfig(steps=steps, batch_size=8, lr=5e-3, max_length=24, eval_batch_size=16,
+                                       seed=seed))
+
+
+def build(model: str, method: str, seed: int = 0, **options):
+    return runs.build(RunConfig(model=model, method=method, method_options=options,
+                                train=TrainConfig(max_length=16, seed=seed)), ["red", "green", "blue"])
+
+
+def batch_of(classifier, n: int = 6) -> dict:
+    split = Split(texts=[f"the {w} car number {i}" for i, w in zip(range(n), ["red", "green", "blue"] * 4)],
+                  labels=[i % 3 for i in range(n)])
+    return classifier.encode(split, list(range(n)))
+
+
+def make_lora_visible(classifier) -> None:
+    """LoRA's B starts at zero, so the adapter changes nothing until trained; draw it instead."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in classifier.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+
+
+@pytest.mark.parametrize("method", sorted(BASELINES))
+def test_train_predict_save_load(method, tiny_bert, toy_data, tmp_path):
+    out = tmp_path / method
+    metrics = runs.run_train(config(tiny_bert, toy_data, method, **FAST.get(method, {})), out, progress_bar=False)
+    assert metrics["method"] == method and metrics["samples"] == BASELINES[method]
+    assert 0 <= metrics["accuracy"] <= 1 and metrics["nll"] > 0 and metrics["trainable_params"] > 0
+    again = runs.run_eval(out, progress_bar=False)
+    for key in ("accuracy", "ece", "nll", "brier"):
+        assert again[key] == pytest.approx(metrics[key], abs=1e-6), key
+    for key, value in again.get("diagnostics", {}).items():  # a loaded adapter reports what training did
+        assert value == (pytest.approx(metrics["diagnostics"][key]) if isinstance(value, (float, list))
+                         else metrics["diagnostics"][key]), key
+
+    classifier, loaded, _ = runs.load_adapter(out)
+    batch = classifier.encode(load_task(toy_data).test, list(range(10)))
+    for samples in (0, loaded.default_samples):
+        probs = loaded.predict(classifier, batch, samples)
+        assert probs.shape == (max(samples, 1), 10, 3)
+        assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[:2]), atol=1e-5)
+        assert (probs >= 0).all()
+
+
+@pytest.mark.parametrize("method", sorted(BASELINES))
+def test_causal_lm_multiple_choice(method, tiny_llama, toy_choices, tmp_path):
+    out = tmp_path / method
+    options = dict(FAST.get(method, {}), **({"tinit": 1, "tfinal": 1} if method == "adalora" else {}))
+    metrics = runs.run_train(config(tiny_llama, toy_choices, method, steps=4, **options), out, progress_bar=False)
+    assert metrics["num_labels"] == 3 and metrics["samples"] == BASELINES[method]
+    assert runs.run_eval(out, progress_bar=False)["nll"] == pytest.approx(metrics["nll"], abs=1e-6)
+
+
+def test_cli_lists_the_baselines_and_their_options(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    for word in ("mcdropout", "ensemble", "temperature", "adalora", "--members", "--target-r", "--tinit",
+                 "--tfinal", "--delta-t", "--orth-reg-weight", "--lbfgs-iters"):
+        assert word in text, word
+
+
+# -- MC dropout ---------------------------------------------------------------------------------------
+def test_mcdropout_samples_only_the_lora_dropout(tiny_bert):
+    classifier, method = build(tiny_bert, "mcdropout")
+    assert method.config.lora_dropout == 0.1 and method.default_samples == 10
+    assert classifier.backbone.config.hidden_dropout_prob > 0  # the backbone has dropout of its own
+    batch = batch_of(classifier)
+    # B = 0: the LoRA dropout cannot change anything, so identical samples prove the backbone's is off
+    fresh = method.predict(classifier, batch, 4)
+    assert torch.allclose(fresh, fresh[:1].expand_as(fresh), atol=1e-6)
+
+    make_lora_visible(classifier)
+    torch.manual_seed(0)
+    probs = method.predict(classifier, batch, 5)
+    assert probs.shape == (5, 6, 3)
+    assert torch.allclose(probs.sum(-1), torch.ones(5, 6), atol=1e-5)
+    assert (probs[0] - probs[1]).abs().max() > 1e-4  # different dropout masks per copy
+    torch.manual_seed(0)
+    assert torch.equal(method.predict(classifier, batch, 5), probs)  # reproducible under a seed
+    one = method.predict(classifier, batch, 0)
+    assert torch.equal(one, method.predict(classifier, batch, 0))  # samples = 0: dropout off, deterministic
+    classifier.eval()
+    with torch.no_grad():
+        assert torch.allclose(one[0], torch.softmax(classifier(batch["input_ids"], batch["attention_mask"]), -1))
+    assert not any(m.training for m in classifier.modules())  # nothing left in train mode
+
+
+def test_mcdropout_needs_dropout():
+    with pytest.raises(BaraError, match="lora_dropout > 0"):
+        get_method("mcdropout", {"lora_dropout": 0.0})
+
+
+def test_mcdropout_splits_many_copies_into_passes(tiny_bert, monkeypatch):
+    from bara.methods import mcdropout
+
+    classifier, method = build(tiny_bert, "mcdropout")
+    make_lora_visible(classifier)
+    calls = []
+    classifier.register_forward_hook(lambda module, args, out: calls.append(out.shape[0]))
+    monkeypatch.setattr(mcdropout, "MAX_ROWS", 12)
+    probs = method.predict(classifier, batch_of(classifier), 5)
+    assert probs.shape == (5, 6, 3) and calls == [12, 12, 6]
+
+
+# -- ensemble -----------------------------------------------------------------------------------------
+def ensemble_tensors(classifier, member: str) -> dict[str, torch.Tensor]:
+    return {n.replace(member, "M"): p.detach().clone() for n, p in classifier.named_parameters()
+            if f".{member}." in n}
+
+
+def test_ensemble_members_are_independently_seeded(tiny_bert):
+    classifier, method = build(tiny_bert, "ensemble", seed=5)
+    assert method.default_samples == 3
+    trainable = [n for n, p in classifier.named_parameters() if p.requires_grad]
+    lora_classifier, _ = build(tiny_bert, "lora")
+    single = sum(1 for p in lora_classifier.parameters() if p.requires_grad)
+    assert len(trainable) == 3 * single  # LoRA factors and the classification head, per member
+    for k in range(3):
+        assert sum(f".member{k}." in n for n in trainable) == single
+    members = [ensemble_tensors(classifier, f"member{k}") for k in range(3)]
+    for name in members[0]:
+        if "lora_B" not in name and not name.endswith("bias"):  # B and biases start at zero
+            assert not torch.equal(members[0][name], members[1][name]), name
+    # member k is drawn from seed + k: member 1 of seed 5 is member 0 of seed 6
+    shifted = ensemble_tensors(build(tiny_bert, "ensemble", seed=6)[0], "member0")
+    for name, value in shifted.items():
+        assert torch.equal(members[1][name], value), name
+    again = ensemble_tensors(build(tiny_bert, "ensemble", seed=5)[0], "member2")
+    assert all(torch.equal(again[n], members[2][n]) for n in again)
+
+
+def test_ensemble_predicts_members_and_trains_each(tiny_bert):
+    classifier, method = build(tiny_bert, "ensemble")
+    make_lora_visible(classifier)
+    batch = batch_of(classifier)
+    probs = method.predict(classifier, batch, 3)
+    assert probs.shape == (3, 6, 3)
+    assert (probs[0] - probs[1]).abs().max() > 1e-4 and (probs[1] - probs[2]).abs().max() > 1e-4
+    assert torch.allclose(method.predict(classifier, batch, 0), probs.mean(0, keepdim=True), atol=1e-6)
+    # each member alone, through peft's own adapter switch, gives the same probabilities
+    stack = classifier.backbone
+    for k in range(3):
+        stack.peft_model.set_adapter(f"member{k}")
+        with torch.no_grad():
+            alone = torch.softmax(stack.peft_model(input_ids=batch["input_ids"],
+                                                   attention_mask=batch["attention_mask"]).logits, -1)
+        assert torch.allclose(alone, probs[k], atol=1e-5)
+
+    classifier.train()
+    loss, logs = method.loss(classifier, batch, Progress(0, 10, 60))
+    assert loss.item() == pytest.approx(sum(logs[f"nll_{k}"] for k in range(3)), rel=1e-5)
+    loss.backward()
+    for name, p in classifier.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_ensemble_members_stay_different_after_training(tiny_bert, toy_data, tmp_path):
+    out = tmp_path / "ens"
+    metrics = runs.run_train(config(tiny_bert, toy_data, "ensemble", steps=6), out, progress_bar=False)
+    diag = metrics["diagnostics"]
+    assert diag["members"] == 3 and len(diag["member_accuracy"]) == 3 and 0 <= diag["disagreement"] <= 1
+    classifier, method, _ = runs.load_adapter(out)
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "adapter_model.safetensors")
+    assert {k for k in range(3) if any(f".member{k}." in n for n in saved)} == {0, 1, 2}
+    members = [ensemble_tensors(classifier, f"member{k}") for k in range(3)]
+    assert any(not torch.equal(members[0][n], members[1][n]) for n in members[0] if "lora_B" in n)
+    probs = method.predict(classifier, classifier.encode(load_task(toy_data).test, list(range(8))), 3)
+    assert probs.shape == (3, 8, 3) and (probs[0] - probs[2]).abs().max() > 1e-5
+
+
+# -- temperature scaling ------------------------------------------------------------------------------
+def test_fit_temperature_recovers_a_known_temperature():
+    torch.manual_seed(0)
+    logits = 2 * torch.randn(4000, 5)
+    labels = torch.distributions.Categorical(logits=logits).sample()
+    t, before, after = fit_temperature(3 * logits, labels)  # over-confident by a factor 3
+    assert t == pytest.approx(3.0, rel=0.1)
+    assert after < before
+    assert after == pytest.approx(F.cross_entropy(3 * logits / t, labels).item(), rel=1e-6)
+    t, before, after = fit_temperature(logits / 2, labels)  # under-confident
+    assert t == pytest.approx(0.5, rel=0.1) and after < before
+
+
+def test_temperature_is_fitted_saved_and_not_trained(tiny_bert, toy_data, tmp_path):
+    classifier, method = build(tiny_bert, "temperature")
+    optimised = {id(p) for group in method.param_groups(classifier, 1e-3, 0.0) for p in group["params"]}
+    assert id(classifier.temperature_scaling.temperature) not in optimised
+    assert "temperature_scaling.temperature" in method.adapter_state(classifier)
+
+    out = tmp_path / "ts"
+    metrics = runs.run_train(config(tiny_bert, toy_data, "temperature", steps=10), out, progress_bar=False)
+    diag = metrics["diagnostics"]
+    assert diag["temperature"] > 0 and diag["temperature"] != 1.0
+    assert diag["validation_nll_scaled"] <= diag["validation_nll_unscaled"]
+    assert diag["n_validation"] == 15
+
+    classifier, loaded, _ = runs.load_adapter(out)
+    assert classifier.temperature_scaling.temperature.item() == pytest.approx(diag["temperature"])
+    assert runs.run_eval(out, progress_bar=False)["diagnostics"]["temperature"] == pytest.approx(diag["temperature"])
+    # predict = softmax(logits / T); the validation NLL it reports is the fitted one
+    task = load_task(toy_data)
+    validation = classifier.encode(task.validation, list(range(len(task.validation))))
+    with torch.no_grad():
+        logits = classifier(validation["input_ids"], validation["attention_mask"])
+    probs = loaded.predict(classifier, validation, 0)[0]
+    assert torch.allclose(probs, torch.softmax(logits / diag["temperature"], -1), atol=1e-6)
+    nll = F.nll_loss(probs.log(), validation["labels"]).item()
+    assert nll == pytest.approx(diag["validation_nll_scaled"], abs=1e-4)
+    assert nll <= F.cross_entropy(logits, validation["labels"]).item() + 1e-6
+
+
+# -- AdaLoRA ------------------------------------------------------------------------------------------
+def test_adalora_allocates_ranks(tiny_bert, toy_data, tmp_path, monkeypatch):
+    from peft.tuners.adalora.model import AdaLoraModel
+
+    steps = []
+    real = AdaLoraModel.update_and_allocate
+
+    def counted(self, global_step):
+        steps.append(global_step)
+        return real(self, global_step)
+
+    monkeypatch.setattr(AdaLoraModel, "update_and_allocate", counted)
+    out = tmp_path / "ada"
+    metrics = runs.run_train(config(tiny_bert, toy_data, "adalora", steps=12, **FAST["adalora"]), out,
+                             progress_bar=False)
+    assert steps == list(range(1, 13))  # once per optimiser step
+    diag = metrics["diagnostics"]
+    layers = 2 * 2  # query and value in 2 layers
+    assert len(diag["ranks"]) == layers and diag["budget_init"] == 6 * layers
+    assert diag["total_rank"] == diag["budget_target"] == 2 * layers < 6 * layers
+    assert all(0 <= r <= 6 for r in diag["ranks"].values())
+
+    classifier, method, _ = runs.load_adapter(out)
+    assert method.diagnostics(classifier, []) == diag  # the pattern travels in the saved singular values
+    assert method.peft_config.rank_pattern is not None
+    for name, kept in method.rank_pattern().items():
+        values = dict(classifier.backbone.base_model.model.named_parameters())[name]
+        assert torch.equal((values.detach() != 0).flatten(), kept)
+
+
+def test_adalora_loss_adds_the_orthogonality_regulariser(tiny_bert):
+    classifier, method = build(tiny_bert, "adalora", orth_reg_weight=0.5)
+    make_lora_visible(classifier)
+    batch = batch_of(classifier)
+    classifier.eval()  # no dropout, so peft's own loss is comparable
+    loss, logs = method.loss(classifier, batch, Progress(0, 100, 60))
+    assert logs["orth"] > 0
+    assert loss.item() == pytest.approx(logs["nll"] + 0.5 * logs["orth"], rel=1e-5)
+    # peft adds the same regulariser only in AdaLoraModel.forward and only to a loss computed from labels;
+    # the PeftModel around it (no task type) calls the base model directly and never adds it
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
+    assert classifier.backbone(**inputs).loss.item() == pytest.approx(logs["nll"], rel=1e-5)
+    assert loss.item() == pytest.approx(classifier.backbone.base_model(**inputs).loss.item(), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is not None for n, p in classifier.named_parameters() if "lora_A" in n)
+
+
+def test_adalora_schedule_follows_the_trainer(tiny_bert):
+    classifier, method = build(tiny_bert, "adalora")  # tinit 0.1, tfinal 0.4 of the steps
+    method.set_schedule(200)
+    config = method.peft_config
+    assert (config.total_step, config.tinit, config.tfinal) == (200, 20, 80)
+    assert method.tuner.rankallocator.peft_config is config  # the allocator reads the same schedule
+    with pytest.raises(BaraError, match="no pruning phase"):
+        build(tiny_bert, "adalora", tinit=5, tfinal=5)[1].set_schedule(8)
+    with pytest.raises(BaraError, match="target_r"):
+        get_method("adalora", {"r": 4, "target_r": 8})
+
+
+def test_adalora_resume_in_the_final_phase_is_exact(tiny_bert, toy_data, tmp_path, monkeypatch):
+    """The rank pattern survives a checkpoint in the saved singular values, so peft keeps masking with it."""
+    from bara import checkpoint
+
+    cfg = config(tiny_bert, toy_data, "adalora", steps=12, r=6, target_r=2, tinit=2, tfinal=4, delta_t=1)
+    cfg.train.checkpoint_every = 10  # after the final allocation at step 8
+    full = runs.run_train(cfg, tmp_path / "full", progress_bar=False)
+    real_save = checkpoint.save
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        runs.run_train(cfg, tmp_path / "cut", progress_bar=False)
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    resumed = runs.run_train(cfg, tmp_path / "cut", resume=True, progress_bar=False)
+    assert resumed["diagnostics"] == full["diagnostics"]
+    for key in ("accuracy", "ece", "nll", "brier"):
+        assert resumed[key] == pytest.approx(full[key], abs=1e-6), key
