@@ -29,7 +29,7 @@ from .methods import Method, get_method
 from .metrics import evaluate
 from .models import load_model
 from .plots import reliability_diagram
-from .trainer import TrainConfig, batches, distributed_state, train
+from .trainer import TrainConfig, batches, distributed_state, on_device, train
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS = "adapter_config.json", "adapter_model.safetensors", "metrics.json"
 OUR_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS, "history.jsonl", "reliability.png", "rank.png")
@@ -131,7 +131,7 @@ def predict(classifier: Classifier, method: Method, split: Split, samples: int, 
 
     torch.manual_seed(seed)
     loader = batches(classifier, split, batch_size)
-    parts = [method.predict(classifier, b, samples) for b in
+    parts = [method.predict(classifier, on_device(b, classifier), samples).cpu() for b in
              tqdm(loader, desc=f"predict S={samples}", unit="batch", leave=False, disable=not progress_bar)]
     return torch.cat(parts, dim=1)
 
@@ -152,7 +152,7 @@ def score(classifier: Classifier, method: Method, split: Split, config: RunConfi
         fast = predict(classifier, method, split, 0, batch_size, seed, progress_bar)
         ood_fast = predict(classifier, method, ood, 0, batch_size, seed, progress_bar) if ood else None
         result["fast_path"] = evaluate(fast, labels, ood_fast)
-    diagnostics = method.diagnostics(classifier, batches(classifier, split, batch_size))
+    diagnostics = method.diagnostics(classifier, (on_device(b, classifier) for b in batches(classifier, split, batch_size)))
     if diagnostics:
         result["diagnostics"] = diagnostics
     if output is not None:
@@ -190,7 +190,8 @@ def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: 
         "method": method.name, "model": config.model, "data": task.name, "seed": config.train.seed,
         "n_train": len(task.train), "n_test": len(task.test), "num_labels": task.num_labels,
         "num_processes": state.num_processes,
-        "trainable_params": sum(p.numel() for p in method.adapter_state(classifier).values()),
+        # Trained parameters, not what the adapter file holds (Laplace stores its posterior there too).
+        "trainable_params": sum(p.numel() for p in classifier.parameters() if p.requires_grad),
         "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - t0,
         "peak_memory_mb": peak_memory_mb(), "config": config.to_dict(), "versions": versions(),
     })

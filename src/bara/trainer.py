@@ -46,6 +46,12 @@ def batches(classifier: Classifier, split: Split, batch_size: int, order: list[i
                       collate_fn=lambda index: classifier.encode(split, index))
 
 
+def on_device(batch: dict, module: torch.nn.Module) -> dict:
+    """Move a batch to the device of ``module``'s parameters (evaluation runs outside accelerate's loaders)."""
+    device = next(module.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The data order of one epoch depends only on (seed, epoch), so a resumed run sees the same batches."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -73,7 +79,8 @@ def total_steps(config: TrainConfig, num_train: int, num_processes: int = 1) -> 
 def validation_score(classifier: Classifier, method: Method, split: Split, batch_size: int) -> dict:
     from .metrics import evaluate
 
-    probs = torch.cat([method.predict(classifier, b, 0)[0] for b in batches(classifier, split, batch_size)])
+    probs = torch.cat([method.predict(classifier, on_device(b, classifier), 0)[0].cpu()
+                       for b in batches(classifier, split, batch_size)])
     scores = evaluate(probs, torch.tensor(split.labels))
     return {"val_accuracy": scores["accuracy"], "val_nll": scores["nll"], "val_ece": scores["ece"]}
 

@@ -8,12 +8,13 @@ from .adalora import AdaLora
 from .bara import Bara
 from .blob import Blob
 from .ensemble import Ensemble
+from .laplace import Laplace
 from .lora import Lora, Map
 from .mcdropout import McDropout
 from .temperature import Temperature
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Lora, Map, Bara, Blob, McDropout, Ensemble, Temperature,
-                                                        AdaLora)}
+                                                        AdaLora, Laplace)}
 
 
 def register(method: type[Method]) -> type[Method]:

@@ -125,7 +125,7 @@ class Bara(Method):
         labels = []
         for batch in batches:
             self.predict(classifier, batch, 0)
-            labels.append(batch["labels"])
+            labels.append(batch["labels"].cpu())
             for name, layer in self.layers.items():
                 if layer.last_rho is None or self.config.gate == "none":
                     ones = torch.ones(batch["input_ids"].shape[0], layer.rank)
