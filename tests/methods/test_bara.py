@@ -30,10 +30,11 @@ def inputs(n=3, t=4, d=6):
     return torch.randn(n, t, d)
 
 
+@pytest.mark.parametrize("norm", ["layer", "batch"])
 @pytest.mark.parametrize("context", ["instance", "token", "causal"])
 @pytest.mark.parametrize("mode", ["train", "sample", "mean"])
-def test_shapes_and_per_instance_outputs(context, mode):
-    module = layer(context=context)
+def test_shapes_and_per_instance_outputs(context, mode, norm):
+    module = layer(context=context, context_norm=norm)
     module.mode = mode
     out = module(inputs())
     assert out.shape == (3, 4, 5)
@@ -217,9 +218,10 @@ def test_non_finite_loss_stops_with_a_clear_message(tiny_bert, toy_data, tmp_pat
     assert not (tmp_path / "nan" / "metrics.json").exists()
 
 
-def test_save_load_and_pruning_round_trips(tiny_bert, toy_data, tmp_path):
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_save_load_and_pruning_round_trips(tiny_bert, toy_data, tmp_path, norm):
     out = tmp_path / "bara"
-    config = RunConfig(model=tiny_bert, data=toy_data, method="bara",
+    config = RunConfig(model=tiny_bert, data=toy_data, method="bara", method_options={"context_norm": norm},
                        train=TrainConfig(steps=6, batch_size=8, max_length=16))
     metrics = runs.run_train(config, out, progress_bar=False)
     diag = metrics["diagnostics"]

@@ -115,7 +115,7 @@ class Method:
         return {n: p.detach().clone() for n, p in classifier.named_parameters() if p.requires_grad}
 
     def load_adapter_state(self, classifier: Classifier, state: dict[str, torch.Tensor]) -> None:
-        own = dict(classifier.named_parameters())
+        own = {**dict(classifier.named_buffers()), **dict(classifier.named_parameters())}
         expected = set(self.adapter_state(classifier))
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:

@@ -16,6 +16,7 @@ CHOICES = {
     "context_source": ("hidden", "adapter"),
     "estimator": ("concrete", "hard_concrete", "straight_through"),
     "allocation": ("independent", "stick"),
+    "context_norm": ("layer", "batch"),
 }
 
 
@@ -29,6 +30,9 @@ class BaraConfig(LoraConfig):
                                       "token), causal (prefix mean, no look-ahead)")
     context_source: str = option("hidden", "what the gate reads: hidden (a learned projection of the layer "
                                            "input) or adapter (mu_A x, free)")
+    context_norm: str = option("layer", "normalisation of the context before the gate network: layer "
+                                        "(LayerNorm) or batch (centred and scaled across instances with running "
+                                        "statistics, so the gate sees how an instance differs from the others)")
     context_dim: int = option(32, "size of the learned context projection (context_source=hidden)")
     gate_hidden: int = option(32, "hidden width of the gate network")
     gate_init: float = option(0.1, "std of the gate network's initial weights (0 = zero-initialised last layer)")

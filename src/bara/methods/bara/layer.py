@@ -70,7 +70,10 @@ class BaraLinear(nn.Module):
             with torch.no_grad():  # Delta = 0, kappa ~ 10, m = 1 at the start
                 last.bias.copy_(torch.cat([torch.zeros(r), inverse_softplus(torch.full((r,), 9.0)),
                                            inverse_softplus(torch.ones(r))]))
-            self.bara_gate = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, config.gate_hidden), nn.GELU(), last)
+            # Pooled transformer states are anisotropic (all inputs share one dominant direction); batch
+            # normalisation removes the shared part so the gate reads what distinguishes an instance.
+            norm = nn.LayerNorm(width) if config.context_norm == "layer" else nn.BatchNorm1d(width, momentum=0.01)
+            self.bara_gate = nn.Sequential(norm, nn.Linear(width, config.gate_hidden), nn.GELU(), last)
         self.mode = "train"
         self.mask: torch.Tensor | None = None  # [N, T], set by the method's hook before every forward
         self.kl_local: torch.Tensor | None = None  # [N] after a forward
@@ -151,7 +154,20 @@ class BaraLinear(nn.Module):
             context = self.bara_context(context)
         if c.gate == "global":
             context = torch.zeros_like(context)  # nothing depends on the input
-        raw = self.bara_gate(context).float()
+        if c.context_norm == "batch":
+            norm = self.bara_gate[0]
+            # Batch statistics while training (one instance has none), running statistics otherwise.
+            norm.train(self.mode == "train" and context.shape[0] > 1)
+            flat = context.reshape(-1, context.shape[-1])
+            if context.dim() == 3:  # token/causal contexts: statistics over real tokens only
+                keep = mask.reshape(-1) > 0
+                normed = torch.zeros_like(flat)
+                normed[keep] = norm(flat[keep])
+            else:
+                normed = norm(flat)
+            raw = self.bara_gate[1:](normed.reshape(context.shape)).float()
+        else:
+            raw = self.bara_gate(context).float()
         delta, kappa_free, mean_free = raw.split(self.rank, dim=-1)
         pi = self.expected_pi()
         if c.uses_pi and self.mode != "mean":

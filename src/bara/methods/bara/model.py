@@ -190,6 +190,12 @@ class Bara(Method):
         return ["rank.png"]
 
     # -- adapters -----------------------------------------------------------------------------------
+    def adapter_state(self, classifier: Classifier) -> dict[str, torch.Tensor]:
+        state = super().adapter_state(classifier)  # plus the gate's running statistics (context_norm=batch)
+        state.update({n: b.detach().clone() for n, b in classifier.named_buffers()
+                      if ".bara_gate." in n and "running" in n})
+        return state
+
     def load_adapter_state(self, classifier: Classifier, state: dict[str, torch.Tensor]) -> None:
         for name, layer in self.layers.items():  # a pruned adapter has fewer factors in some layers
             key = next((k for k in state if k.endswith(f"{name}.bara_A_mu")), None)
