@@ -22,8 +22,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: env
-	$(VENV)/bin/bara train --model minilm --data trec --method lora --max-train 1000 --seed 0 \
-		--output runs/demo --overwrite
+	$(VENV)/bin/bara train --model minilm --data banking77 --method lora --max-train 1000 --seed 0 \
+		--lr 5e-3 --epochs 20 --output runs/demo --overwrite
 
 test: env
 	$(PY) -m pytest

@@ -1,10 +1,11 @@
-"""The ``bara`` command: ``bara train`` and ``bara eval``. User errors print one line and exit 2."""
+"""The ``bara`` command: ``bara train``, ``bara eval`` and ``bara bench``. User errors print one line and exit 2."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -15,6 +16,17 @@ EXAMPLES = """examples:
   bara train --model smollm2 --data questions.jsonl --method lora --output runs/mc
   bara eval --adapter runs/trec-lora
   bara eval --adapter runs/trec-lora --samples 10 --ood-data yahoo
+  bara bench --preset quick --output runs/bench-quick
+"""
+
+BENCH_EXAMPLES = """examples:
+  bara bench --preset quick --output runs/bench-quick
+  bara bench --preset standard --output runs/bench --only-dataset trec --only-method lora,bara
+  bara bench --preset my-presets.toml:small --output runs/small
+  bara bench --preset standard --output runs/bench --report-only
+
+An interrupted benchmark continues where it stopped when the same command is run again: finished runs
+(folders with metrics.json) are skipped, unfinished ones resume from their last checkpoint.
 """
 
 
@@ -99,6 +111,20 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--max-eval", type=int, help="cap the test split at N examples")
     e.add_argument("--output", type=Path, help="also write eval_metrics.json and plots into this folder")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    b = sub.add_parser("bench", help="run a benchmark preset (datasets x methods x seeds) and write its report",
+                       description="Train every run of a preset that is not finished yet, then write results.md,\n"
+                       "cost.md, results.jsonl and plots/ in --output over all finished runs of the preset.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=BENCH_EXAMPLES)
+    b.add_argument("--preset", required=True, help="a packaged preset (quick, standard, ablations), a TOML file "
+                   "with one preset, or FILE.toml:NAME for one of several (format: bara/benchmarks/presets.toml)")
+    b.add_argument("--output", required=True, type=Path, help="folder for runs/, the report and plots/")
+    b.add_argument("--report-only", action="store_true", help="only rebuild the report from the finished runs")
+    b.add_argument("--only-dataset", metavar="D", help="train only the runs of these datasets (comma-separated); "
+                   "the report still covers every finished run of the preset")
+    b.add_argument("--only-method", metavar="M", help="train only the runs of these methods or variants "
+                   "(comma-separated)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
     return top
 
 
@@ -126,6 +152,7 @@ def _quiet() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     try:
         _quiet()
@@ -158,11 +185,21 @@ def main(argv: list[str] | None = None) -> int:
             metrics = runs.run_eval(args.adapter, args.data, args.samples, args.ood_data, args.max_eval,
                                     args.output, not args.no_progress)
             print(table(metrics))
+        elif args.command == "bench":
+            from . import bench
+
+            summary = bench.run_bench(args.preset, args.output, not args.no_progress, args.report_only,
+                                      args.only_dataset, args.only_method, shlex.join(["bara", *argv]))
+            if not args.report_only:
+                print(f"{summary['selected']} runs: {summary['trained']} trained, "
+                      f"{summary['skipped']} already finished")
+            print(f"wrote {args.output}/results.md, cost.md, results.jsonl and plots/")
     except BaraError as err:
         print(f"bara: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("bara: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        again = "the same command" if args.command == "bench" else "with --resume"
+        print(f"bara: interrupted; rerun {again} to continue from the last checkpoint", file=sys.stderr)
         return 130
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 
@@ -34,7 +35,8 @@ def row(metrics: dict) -> dict:
                 "global_rank_mean"):
         if key in diag:
             out[key] = diag[key]
-    out["train_seconds"] = metrics.get("train_seconds")
+    for key in ("train_seconds", "predict_seconds", "peak_memory_mb", "trainable_params"):
+        out[key] = metrics.get(key)
     return out
 
 
@@ -47,7 +49,13 @@ def fmt(key: str, value) -> str:
     if isinstance(value, float):
         if any(key.endswith(p) for p in PERCENT):
             return f"{100 * value:.1f}"
+        if key.endswith("_mb"):
+            return f"{value:.0f}"
+        if key.endswith("_params") or key == "samples":
+            return f"{value:,.0f}"
         return f"{value:.3f}"
+    if isinstance(value, int) and key.endswith("_params"):
+        return f"{value:,}"
     return str(value)
 
 
@@ -55,6 +63,48 @@ def markdown(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         lines.append("| " + " | ".join(fmt(c, r.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def mean_std(values) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None for a single value) of the values that are not None."""
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def summarize(rows: list[dict], by: str, keys: list[str]) -> list[dict]:
+    """One dict per value of ``by`` (in order of appearance): ``n`` rows and ``(mean, std)`` of each key."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(r[by], []).append(r)
+    return [{by: name, "n": len(members), **{k: mean_std(m.get(k) for m in members) for k in keys}}
+            for name, members in groups.items()]
+
+
+def summary_markdown(groups: list[dict], by: str, columns: list[tuple[str, str]],
+                     best: dict[str, str] | None = None, no_spread: tuple[str, ...] = ()) -> str:
+    """Markdown of :func:`summarize`'s output, cells "mean ± std" ("mean" for one seed, and for the keys in
+    ``no_spread``), ``columns`` as (key, header). ``best`` maps a key to "max" or "min": the best mean of
+    that column is bold (ties too)."""
+    best = best or {}
+    winners = {}
+    for key, direction in best.items():
+        means = [g[key][0] for g in groups if g.get(key, (None,))[0] is not None]
+        if means:
+            winners[key] = fmt(key, max(means) if direction == "max" else min(means))
+
+    def cell(g: dict, key: str) -> str:
+        mean, std = g.get(key, (None, None))
+        if mean is None:
+            return "—"
+        text = fmt(key, mean) if std is None or key in no_spread else f"{fmt(key, mean)} ± {fmt(key, std)}"
+        return f"**{text}**" if winners.get(key) == fmt(key, mean) else text
+
+    lines = ["| " + " | ".join([by, "n"] + [h for _, h in columns]) + " |", "|" + "---|" * (len(columns) + 2)]
+    for g in groups:
+        lines.append("| " + " | ".join([str(g[by]), str(g["n"])] + [cell(g, k) for k, _ in columns]) + " |")
     return "\n".join(lines)
 
 

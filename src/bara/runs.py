@@ -72,7 +72,23 @@ def versions() -> dict:
     return found
 
 
+def reset_peak_memory() -> None:
+    """Start a new peak-memory window (Linux >= 4.0), so that each of several runs in one process (``bara
+    bench``) reports its own peak rather than the largest of the runs before it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size, VmHWM
+    except OSError:
+        pass
+
+
 def peak_memory_mb() -> float:
+    """Peak resident memory since :func:`reset_peak_memory` (VmHWM); the process's lifetime peak elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
@@ -165,6 +181,7 @@ def score(classifier: Classifier, method: Method, split: Split, config: RunConfi
 def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: bool = False,
               ood_data: str | None = None, progress_bar: bool = True) -> dict:
     t0 = time.perf_counter()
+    reset_peak_memory()
     task = load_task(config.data, max_train=config.max_train, seed=config.train.seed, max_eval=config.max_eval,
                      text_column=config.text_column, label_column=config.label_column)
     ood = load_task(ood_data, max_eval=config.max_eval, seed=config.train.seed) if ood_data else None

@@ -1,0 +1,538 @@
+"""The benchmark harness behind ``bara bench``: a preset (model, datasets, methods, seeds, training settings)
+expands to runs; each is trained once by :func:`bara.runs.run_train` into its own folder, then all finished
+runs are summarised.
+
+Layout of the output folder ``DIR``::
+
+    runs/<dataset>/<variant>/seed<k>-<hash>/   one run; <hash> = run_hash(config), so a changed setting is a new run
+    results.jsonl   one line per finished run: report.row + dataset, variant, hash
+    results.md      per dataset: variant x metric, mean ± std over seeds, best in bold
+    cost.md         per dataset: variant x (train s/step, peak memory, trainable parameters, prediction time)
+    preset.json     the preset as resolved for the last training call
+    plots/          reliability-<dataset>-<variant>.png and rank-<dataset>-<variant>.png (copied from the
+                    run of the lowest seed), accuracy-ece-<dataset>.png, accuracy-nll-<dataset>.png
+
+A run folder holding metrics.json is finished and skipped; any other is (re)started, from its checkpoint
+when it has one. The preset format is documented at the top of ``benchmarks/presets.toml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from . import checkpoint, report, runs
+from .data import builtin_tasks
+from .errors import BaraError
+from .methods import METHODS
+from .plots import scatter_methods
+from .runs import RunConfig
+from .trainer import TrainConfig
+
+CHECKPOINT_EVERY = 100  # steps between checkpoints, so an interrupted run loses at most this much
+ERROR = "error.txt"  # traceback of a failed run, beside its partial outputs
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # dataset and variant names become folder names
+PRESET_KEYS = ("model", "seeds", "max_train", "max_eval", "methods", "train", "lr", "shared_options", "options",
+               "datasets", "extends")
+HARNESS_SET = ("lr", "seed", "checkpoint_every")  # TrainConfig fields a preset does not set in [P.train]
+DATASET_KEYS = ("data", "lr", "max_train", "max_eval", "text_column", "label_column")
+
+# (key in report.row, header, which mean is best); one-pass and diagnostics columns appear where present.
+METRICS = [("test_accuracy", "accuracy %", "max"), ("test_ece", "ECE %", "min"), ("test_nll", "NLL", "min"),
+           ("test_brier", "Brier", "min")]
+ONE_PASS = [("test_fast_accuracy", "one-pass accuracy %", "max"), ("test_fast_ece", "one-pass ECE %", "min"),
+            ("test_fast_nll", "one-pass NLL", "min")]
+DIAGNOSTICS = [("selection_variability", "V"), ("hard_rank_std", "rank std"), ("joint_effective_rank", "s̄")]
+COST = [("train_seconds_per_step", "train s/step"), ("peak_memory_mb", "peak memory MB"),
+        ("trainable_params", "trainable params"), ("predict_seconds", "predict s (test)"), ("samples", "S")]
+PROTOCOL = ("Every method trains with the same steps, batch size, max length, target modules and seeds; only the "
+            "learning rate and the method's own options differ. Learning rates and options are chosen on the "
+            "validation split; the test split is never used for a choice.")
+
+
+@dataclass
+class Preset:
+    name: str
+    source: str  # the file it was read from
+    values: dict  # its table, with `extends` resolved
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a preset: where it goes and the full config it trains with."""
+
+    dataset: str
+    variant: str
+    seed: int
+    hash: str
+    config: RunConfig = field(compare=False)
+
+    @property
+    def folder(self) -> Path:
+        """Relative to the benchmark's output folder."""
+        return Path("runs", self.dataset, self.variant, f"seed{self.seed}-{self.hash}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}/{self.variant}/seed{self.seed}-{self.hash}"
+
+
+# -- presets ------------------------------------------------------------------------------------------------
+def packaged_presets() -> dict[str, dict]:
+    return _parse((resources.files("bara") / "benchmarks" / "presets.toml").read_text(), "bara's presets.toml")
+
+
+def _parse(text: str, where: str) -> dict[str, dict]:
+    try:
+        presets = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise BaraError(f"{where} is not valid TOML ({err}); fix: correct the file") from None
+    for name, table in presets.items():
+        if not isinstance(table, dict):
+            raise BaraError(f"{where}: top-level key '{name}' is not a preset table; fix: write [{name}] and its "
+                            "keys below it")
+    return presets
+
+
+def load_preset(spec: str | Path) -> Preset:
+    """A packaged preset by name (``standard``), the only preset of a TOML file (``my.toml``) or one of several
+    (``my.toml:NAME``)."""
+    text = str(spec)
+    match = re.fullmatch(r"(.+\.toml)(?::([^/\\]+))?", text)
+    if match:
+        path, name = Path(match[1]), match[2]
+        if not path.is_file():
+            raise BaraError(f"preset file {path} not found; fix: give an existing .toml file, or a packaged preset "
+                            f"({', '.join(packaged_presets())})")
+        presets, source = _parse(path.read_text(), str(path)), str(path)
+        if name is None:
+            if len(presets) != 1:
+                raise BaraError(f"{path} holds the presets {', '.join(presets) or '(none)'}; fix: pick one with "
+                                f"--preset {path}:NAME")
+            name = next(iter(presets))
+    else:
+        presets, source, name = packaged_presets(), "bara/benchmarks/presets.toml", text
+    if name not in presets:
+        raise BaraError(f"unknown preset '{name}'; fix: use one of {', '.join(presets)}, or a file PATH.toml")
+    return Preset(name, source, _resolve(presets, name, ()))
+
+
+def _merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for key, value in over.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def _resolve(presets: dict, name: str, chain: tuple) -> dict:
+    """The preset's table with ``extends`` applied: tables merged key by key, ``methods`` replaced, and
+    ``datasets`` naming which of the parent's datasets run (their settings merged)."""
+    if name in chain:
+        raise BaraError(f"presets extend each other in a cycle: {' -> '.join(chain + (name,))}; fix: break it")
+    table = presets[name]
+    unknown = sorted(set(table) - set(PRESET_KEYS))
+    if unknown:
+        raise BaraError(f"preset '{name}': unknown key(s) {', '.join(unknown)}; fix: use {', '.join(PRESET_KEYS)}")
+    parent = table.get("extends")
+    if parent is None:
+        return _check_own_rates(name, table, dict(table))
+    if parent not in presets:
+        raise BaraError(f"preset '{name}' extends '{parent}', which is not in the same file; fix: use one of "
+                        f"{', '.join(p for p in presets if p != name)}")
+    base = _resolve(presets, parent, chain + (name,))
+    merged = _merge(base, {k: v for k, v in table.items() if k not in ("extends", "methods", "datasets")})
+    merged["methods"] = table.get("methods", base.get("methods"))
+    if "datasets" in table:
+        inherited = base.get("datasets", {})
+        merged["datasets"] = {d: _merge(inherited.get(d, {}), s) if isinstance(s, dict) else s
+                              for d, s in table["datasets"].items()}
+    return _check_own_rates(name, table, merged)
+
+
+def _check_own_rates(name: str, table: dict, resolved: dict) -> dict:
+    """A preset's own learning rates may name only methods and its own variants (a typo would silently fall
+    back to the default); rates it inherits for variants it does not run are simply unused."""
+    methods = resolved.get("methods")
+    names = {n for n in methods if isinstance(n, str)} if isinstance(methods, (list, dict)) else set()
+    _check_lr_table(table.get("lr", {}), names, f"preset '{name}', [lr]")
+    datasets = table.get("datasets")
+    for dataset, settings in (datasets.items() if isinstance(datasets, dict) else ()):
+        if isinstance(settings, dict) and "lr" in settings:
+            _check_lr_table(settings["lr"], names, f"preset '{name}', dataset '{dataset}'")
+    return resolved
+
+
+# -- runs ---------------------------------------------------------------------------------------------------
+def _typed(cls, values: dict, where: str) -> dict:
+    """``values`` checked against the fields of dataclass ``cls``; a TOML integer given for a float field
+    becomes a float, so that ``epochs = 20`` and ``epochs = 20.0`` are the same run with the same hash."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise BaraError(f"{where}: unknown setting '{key}'; fix: use one of {', '.join(sorted(fields))}")
+        f = fields[key]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        expected = type(default)
+        if expected is float and type(value) is int:
+            value = float(value)
+        if default is not None and type(value) is not expected:
+            raise BaraError(f"{where}: {key} = {value!r} should be of type {expected.__name__}; fix: write e.g. "
+                            f"{key} = {json.dumps(default)}")
+        out[key] = value
+    return out
+
+
+def _check_name(name: str, kind: str, where: str) -> None:
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise BaraError(f"{where}: {kind} name {name!r} cannot be a folder name; fix: use letters, digits, "
+                        "'_', '.', '+' and '-'")
+
+
+def _variants(methods, where: str) -> dict[str, tuple[str, dict]]:
+    """Variant name -> (method, its own options), from a list of method names or a table of variants."""
+    if isinstance(methods, list):
+        if len(set(methods)) != len(methods) or not all(isinstance(m, str) for m in methods):
+            raise BaraError(f"{where}: methods must be distinct names, got {methods}; fix: list each once")
+        entries = {m: m for m in methods}
+    elif isinstance(methods, dict):
+        entries = methods
+    else:
+        raise BaraError(f"{where}: methods must be a list of names or a table of variants; fix: write e.g. "
+                        'methods = ["lora", "bara"]')
+    if not entries:
+        raise BaraError(f"{where}: no methods; fix: list at least one of {', '.join(sorted(METHODS))}")
+    variants = {}
+    for name, entry in entries.items():
+        _check_name(name, "variant", where)
+        if isinstance(entry, str):
+            method, options = entry, {}
+        elif isinstance(entry, dict) and set(entry) <= {"method", "options"} \
+                and isinstance(entry.get("options", {}), dict):
+            method, options = entry.get("method"), dict(entry.get("options", {}))
+        else:
+            raise BaraError(f"{where}: variant '{name}' must be a method name or {{method = ..., options = {{...}}}}, "
+                            f"got {entry!r}; fix: write {name} = {{method = \"bara\", options = {{gate = \"none\"}}}}")
+        if method not in METHODS:
+            label = f"unknown method '{method}'" + (f" in variant '{name}'" if name != method else "")
+            raise BaraError(f"{where}: {label}; fix: use one of {', '.join(sorted(METHODS))}")
+        variants[name] = (method, options)
+    return variants
+
+
+def _learning_rate(preset_lr: dict, dataset_lr, variant: str, method: str, where: str) -> float:
+    """The first rate set of: dataset's for the variant, the method; preset's for the variant, the method;
+    the dataset's own (a number, or its default); the preset's default."""
+    per_dataset = dataset_lr if isinstance(dataset_lr, dict) else {}
+    for table, key in ((per_dataset, variant), (per_dataset, method), (preset_lr, variant), (preset_lr, method)):
+        if key in table:
+            return table[key]
+    if dataset_lr is not None and not isinstance(dataset_lr, dict):
+        return dataset_lr
+    for table in (per_dataset, preset_lr):
+        if "default" in table:
+            return table["default"]
+    raise BaraError(f"{where}: no learning rate for variant '{variant}'; fix: set lr.default = 1e-3 in the preset")
+
+
+def _check_lr_table(table, names: set, where: str) -> None:
+    if not isinstance(table, dict):
+        table = {"default": table}
+    for key, value in table.items():
+        if key != "default" and key not in names and key not in METHODS:
+            raise BaraError(f"{where}: lr for '{key}', which is neither a method nor a variant of this preset; "
+                            f"fix: use default or one of {', '.join(sorted(names | set(METHODS)))}")
+        if type(value) not in (int, float) or value <= 0:
+            raise BaraError(f"{where}: lr {key} = {value!r} must be a positive number; fix: e.g. {key} = 1e-3")
+
+
+def expand(preset: Preset | str) -> list[RunSpec]:
+    """Every run of ``preset``: datasets x variants x seeds, in that order, each with its full config.
+    Names, methods, options and learning rates are all checked here, before anything is trained."""
+    if not isinstance(preset, Preset):
+        preset = load_preset(preset)
+    p, where = preset.values, f"preset '{preset.name}'"
+    for key in ("model", "seeds", "methods", "datasets"):
+        if key not in p:
+            raise BaraError(f"{where} has no '{key}'; fix: set it (see the comments of bara's presets.toml)")
+    seeds = p["seeds"]
+    if not isinstance(seeds, list) or not seeds or any(type(s) is not int for s in seeds) \
+            or len(set(seeds)) < len(seeds):
+        raise BaraError(f"{where}: seeds must be a list of distinct integers, got {seeds!r}; fix: seeds = [0, 1, 2]")
+    variants = _variants(p["methods"], where)
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - set(HARNESS_SET)
+    shared = _typed(TrainConfig, p.get("train", {}), f"{where}, [train]")
+    if set(shared) & set(HARNESS_SET):
+        raise BaraError(f"{where}: [train] sets {', '.join(sorted(set(shared) & set(HARNESS_SET)))}; fix: give "
+                        "learning rates in [lr] and seeds in seeds (checkpoints are the harness's)")
+    options = p.get("options", {})
+    for method in options:
+        if method not in METHODS:
+            raise BaraError(f"{where}: [options.{method}] is for an unknown method; fix: use one of "
+                            f"{', '.join(sorted(METHODS))}")
+    datasets = p["datasets"]
+    if not isinstance(datasets, dict) or not datasets:
+        raise BaraError(f"{where}: datasets must hold at least one [datasets.NAME] table; fix: add [datasets.trec]")
+
+    specs = []
+    for dataset, settings in datasets.items():
+        at = f"{where}, dataset '{dataset}'"
+        _check_name(dataset, "dataset", where)
+        if not isinstance(settings, dict):
+            raise BaraError(f"{at}: its settings must be a table; fix: write [{preset.name}.datasets.{dataset}]")
+        unknown = sorted(set(settings) - set(DATASET_KEYS) - train_fields)
+        if unknown:
+            raise BaraError(f"{at}: unknown setting(s) {', '.join(unknown)}; fix: use "
+                            f"{', '.join(DATASET_KEYS + tuple(sorted(train_fields)))}")
+        data = settings.get("data", dataset)
+        if data not in builtin_tasks() and not Path(data).exists():
+            raise BaraError(f"{at}: data '{data}' is neither a built-in task ({', '.join(builtin_tasks())}) nor an "
+                            "existing file or folder; fix: set data = \"PATH\" in its table")
+        for key in ("max_train", "max_eval"):
+            value = settings.get(key, p.get(key))
+            if value is not None and (type(value) is not int or value < 1):
+                raise BaraError(f"{at}: {key} = {value!r} must be a positive integer; fix: e.g. {key} = 1000, or "
+                                "leave it out to keep every example")
+        train = {**shared, **_typed(TrainConfig, {k: v for k, v in settings.items() if k in train_fields}, at)}
+        for variant, (method, own) in variants.items():
+            merged = {**p.get("shared_options", {}), **options.get(method, {}), **own}
+            merged = _typed(METHODS[method].config_class, merged, f"{where}, variant '{variant}'")
+            METHODS[method].config_class.from_dict(merged)  # its own checks of the values
+            lr = _learning_rate(p.get("lr", {}), settings.get("lr"), variant, method, at)
+            if type(lr) not in (int, float) or lr <= 0:
+                raise BaraError(f"{at}: learning rate {lr!r} for '{variant}' is not a positive number; fix: e.g. 1e-3")
+            lr = float(lr)
+            for seed in seeds:
+                config = RunConfig(
+                    model=p["model"], data=data, method=method, method_options=merged,
+                    max_train=settings.get("max_train", p.get("max_train")),
+                    max_eval=settings.get("max_eval", p.get("max_eval")),
+                    text_column=settings.get("text_column", "text"), label_column=settings.get("label_column", "label"),
+                    train=TrainConfig(**train, lr=lr, seed=seed, checkpoint_every=CHECKPOINT_EVERY))
+                specs.append(RunSpec(dataset, variant, seed, run_hash(config), config))
+    return specs
+
+
+def run_hash(config: RunConfig) -> str:
+    """First 12 hex digits of the SHA-256 of the config as canonical JSON (sorted keys, no spaces).
+    ``checkpoint_every`` is left out: resuming is exact, so how often a run checkpoints does not change it."""
+    values = config.to_dict()
+    values["train"] = {k: v for k, v in values["train"].items() if k != "checkpoint_every"}
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _select(specs: list[RunSpec], only_dataset: str | None, only_method: str | None) -> list[RunSpec]:
+    """Runs of the named datasets and of the named variants or methods (comma-separated lists)."""
+    chosen = specs
+    for wanted, valid, keep in (
+            (only_dataset, {s.dataset for s in specs}, lambda s, names: s.dataset in names),
+            (only_method, {s.variant for s in specs} | {s.config.method for s in specs},
+             lambda s, names: s.variant in names or s.config.method in names)):
+        if wanted:
+            names = {n.strip() for n in wanted.split(",") if n.strip()}
+            bad = sorted(names - valid)
+            if bad:
+                raise BaraError(f"'{bad[0]}' is not in this preset; fix: use one of {', '.join(sorted(valid))}")
+            chosen = [s for s in chosen if keep(s, names)]
+    return chosen
+
+
+def _train(selected: list[RunSpec], output: Path, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    pending = [s for s in selected if not (output / s.folder / runs.METRICS).exists()]
+    bar = tqdm(total=len(selected), initial=len(selected) - len(pending), desc="bench", unit="run",
+               disable=not progress, dynamic_ncols=True)
+    failed = []
+    for spec in pending:
+        folder = output / spec.folder
+        bar.set_postfix_str(spec.name)
+        (folder / ERROR).unlink(missing_ok=True)
+        try:
+            runs.run_train(spec.config, folder, resume=checkpoint.find(folder) is not None, progress_bar=progress)
+        except Exception as err:  # one failed run must not stop the others of a long benchmark
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / ERROR).write_text(traceback.format_exc())
+            failed.append(spec.name)
+            message = " ".join(str(err).split()) or type(err).__name__
+            bar.write(f"bench: {spec.name} failed: {message} (traceback in {folder / ERROR})")
+        bar.update(1)
+    bar.close()
+    return {"trained": len(pending) - len(failed), "skipped": len(selected) - len(pending), "failed": failed}
+
+
+def run_bench(preset: Preset | str, output: str | Path, progress: bool = True, report_only: bool = False,
+              only_dataset: str | None = None, only_method: str | None = None, command: str | None = None) -> dict:
+    """Train the runs of ``preset`` not yet finished in ``output`` (those of ``only_dataset`` / ``only_method``
+    if given), then write the report over every finished run of the preset. Returns the counts and the
+    files written; raises BaraError at the end if a run failed."""
+    given = preset.name if isinstance(preset, Preset) else str(preset)
+    preset = preset if isinstance(preset, Preset) else load_preset(preset)
+    specs = expand(preset)
+    selected = _select(specs, only_dataset, only_method)
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise BaraError(f"--output {output} is a file; fix: give a folder path")
+    summary = {"runs": len(specs), "selected": len(selected), "trained": 0, "skipped": 0, "failed": []}
+    if not report_only:
+        output.mkdir(parents=True, exist_ok=True)
+        runs.write_json(output / "preset.json", {"name": preset.name, "source": preset.source, "preset": preset.values})
+        summary.update(_train(selected, output, progress))
+    command = command or shlex.join(["bara", "bench", "--preset", given, "--output", str(output)])
+    if report_only or not summary["failed"] or any((output / s.folder / runs.METRICS).exists() for s in specs):
+        summary["written"] = write_report(preset, specs, output, command)
+    if summary["failed"]:
+        first = summary["failed"][0]
+        raise BaraError(f"{len(summary['failed'])} of {len(selected)} runs failed (first: {first}, traceback in "
+                        f"{output / 'runs' / first / ERROR}); fix: the cause, then rerun the same command (finished "
+                        "runs are skipped)")
+    return summary
+
+
+# -- report -------------------------------------------------------------------------------------------------
+def _row(output: Path, spec: RunSpec, metrics: dict) -> dict:
+    history = output / spec.folder / "history.jsonl"
+    steps = len(history.read_text().splitlines()) if history.exists() else 0
+    row = {"dataset": spec.dataset, "variant": spec.variant, "hash": spec.hash, **report.row(metrics)}
+    # train_seconds and history.jsonl both cover the session that finished the run (after a resume: its part).
+    row["train_seconds_per_step"] = row["train_seconds"] / steps if steps and row.get("train_seconds") else None
+    return row
+
+
+def _machine() -> str:
+    import torch
+
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{platform.platform()}, {os.cpu_count()} CPUs{gpu}"
+
+
+def _header(title: str, preset: Preset, command: str, finished: int, total: int) -> list[str]:
+    lines = [f"# {title}: preset `{preset.name}`", "",
+             f"- command: `{command}`",
+             f"- date: {datetime.now().astimezone().isoformat(timespec='seconds')}",
+             f"- machine: {_machine()} (where this report was written)",
+             f"- preset: `{preset.name}` from {preset.source}",
+             f"- finished runs: {finished} of {total}"
+             + ("" if finished == total else " (the others are not reported; rerun the command to train them)"),
+             ""]
+    return lines
+
+
+def _write_text(path: Path, text: str) -> Path:
+    runs.write_atomic(path, lambda tmp: tmp.write_text(text))
+    return path
+
+
+def _copy(source: Path, target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    runs.write_atomic(target, lambda tmp: shutil.copyfile(source, tmp))
+    return target
+
+
+def write_report(preset: Preset, specs: list[RunSpec], output: Path, command: str) -> list[Path]:
+    """results.jsonl, results.md, cost.md and plots/ from the finished runs of ``specs``; others are left out."""
+    finished = [(spec, metrics) for spec in specs for metrics in report.load_runs([output / spec.folder])]
+    if not finished:
+        raise BaraError(f"no finished runs of preset '{preset.name}' in {output}; fix: run 'bara bench --preset "
+                        f"{preset.name} --output {output}' without --report-only first")
+    rows = [_row(output, spec, metrics) for spec, metrics in finished]
+    written = [_write_text(output / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))]
+
+    datasets = list(dict.fromkeys(s.dataset for s in specs))
+    variants = list(dict.fromkeys(s.variant for s in specs))
+    order = {v: i for i, v in enumerate(variants)}
+    results = _header("Results", preset, command, len(finished), len(specs))
+    results += ["## Protocol", "", f"- {PROTOCOL}", _scope(preset, specs),
+                "- Test split; mean ± sample std over seeds (one value: one seed). Accuracy and ECE (15 bins) in %, "
+                "NLL and Brier of the averaged predictive; the best mean per column in bold (max for accuracy, min "
+                "for the others). One-pass: the deterministic prediction beside the sampled one. V: selection "
+                "variability, rank std: std across instances of the hard effective rank, s̄: joint effective rank.",
+                "", "| variant | method | options |", "|---|---|---|"]
+    for variant in variants:
+        spec = next(s for s in specs if s.variant == variant)
+        results.append(f"| {variant} | {spec.config.method} | `{json.dumps(spec.config.method_options)}` |")
+    cost = _header("Cost", preset, command, len(finished), len(specs))
+    cost += ["Mean over seeds. train s/step: the run's train_seconds (data and model loading, training, any post-hoc "
+             "fit) over the steps it trained, both in the session that finished it; peak memory: resident memory "
+             "of the process during the run (CPU RAM); predict s: one prediction over the test split with S samples."]
+    plots = output / "plots"
+    for dataset in datasets:
+        dataset_rows = sorted((r for r in rows if r["dataset"] == dataset), key=lambda r: order[r["variant"]])
+        n_runs = sum(s.dataset == dataset for s in specs)
+        results += ["", f"## {dataset} ({len(dataset_rows)} of {n_runs} runs finished)", "",
+                    _schedule(specs, dataset), ""]
+        cost += ["", f"## {dataset}", ""]
+        if not dataset_rows:
+            continue
+        present = [c for c in ONE_PASS + [(k, h, None) for k, h in DIAGNOSTICS]
+                   if any(r.get(c[0]) is not None for r in dataset_rows)]
+        columns = METRICS + present
+        groups = report.summarize(dataset_rows, "variant", [c[0] for c in columns])
+        results.append(report.summary_markdown(groups, "variant", [(k, h) for k, h, _ in columns],
+                                               best={k: b for k, _, b in columns if b}))
+        cost_groups = report.summarize(dataset_rows, "variant", [k for k, _ in COST])
+        cost.append(report.summary_markdown(cost_groups, "variant", COST, no_spread=("trainable_params", "samples")))
+        written += _dataset_plots(plots, dataset, groups, output, [(s, m) for s, m in finished if s.dataset == dataset])
+    results += ["", "Plots in plots/: reliability-<dataset>-<variant>.png and rank-<dataset>-<variant>.png (the run "
+                "of the lowest finished seed), accuracy-ece-<dataset>.png and accuracy-nll-<dataset>.png (means)."]
+    written.append(_write_text(output / "results.md", "\n".join(results) + "\n"))
+    written.append(_write_text(output / "cost.md", "\n".join(cost) + "\n"))
+    return written
+
+
+def _scope(preset: Preset, specs: list[RunSpec]) -> str:
+    first = specs[0].config
+    seeds = ", ".join(str(s) for s in dict.fromkeys(s.seed for s in specs))
+    cap = lambda n: "all" if n is None else f"{n:,}"  # noqa: E731
+    return (f"- Model `{first.model}`; training examples: {cap(first.max_train)}; validation and test examples: "
+            f"{cap(first.max_eval)}; seeds {seeds}.")
+
+
+def _schedule(specs: list[RunSpec], dataset: str) -> str:
+    mine = [s for s in specs if s.dataset == dataset]
+    t = mine[0].config.train
+    length = f"{t.steps} steps" if t.steps > 0 else f"{t.epochs:g} epochs"
+    rates = dict.fromkeys(f"{s.config.train.lr:g}" for s in mine)
+    lr = next(iter(rates)) if len(rates) == 1 else ", ".join(
+        f"{v} {r}" for v, r in dict.fromkeys((s.variant, f"{s.config.train.lr:g}") for s in mine))
+    return (f"Data `{mine[0].config.data}`: {length}, batch size {t.batch_size}, max length {t.max_length}, "
+            f"learning rate {lr}.")
+
+
+def _dataset_plots(plots: Path, dataset: str, groups: list[dict], output: Path, finished: list) -> list[Path]:
+    written = []
+    points = [{"method": g["variant"], "accuracy %": 100 * g["test_accuracy"][0], "ECE %": 100 * g["test_ece"][0],
+               "NLL": g["test_nll"][0]} for g in groups if None not in
+              (g["test_accuracy"][0], g["test_ece"][0], g["test_nll"][0])]
+    if points:
+        written.append(scatter_methods(points, "ECE %", "accuracy %", plots / f"accuracy-ece-{dataset}.png",
+                                       f"{dataset}: test accuracy against ECE (mean over seeds)"))
+        written.append(scatter_methods(points, "NLL", "accuracy %", plots / f"accuracy-nll-{dataset}.png",
+                                       f"{dataset}: test accuracy against NLL (mean over seeds)"))
+    lowest: dict[str, RunSpec] = {}
+    for spec, _ in finished:
+        if spec.variant not in lowest or spec.seed < lowest[spec.variant].seed:
+            lowest[spec.variant] = spec
+    for variant, spec in lowest.items():
+        for name in ("reliability", "rank"):
+            source = output / spec.folder / f"{name}.png"
+            if source.exists():
+                written.append(_copy(source, plots / f"{name}-{dataset}-{variant}.png"))
+    return written

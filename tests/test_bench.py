@@ -1,0 +1,312 @@
+"""The benchmark harness: presets expand to runs with stable hashes, finished runs are skipped, unfinished
+ones resume, and the report holds the numbers of the finished runs and nothing else."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from bara import bench, cli, report, runs
+from bara.errors import BaraError
+from bara.runs import RunConfig
+from bara.trainer import TrainConfig
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_preset(folder: Path, model: str, data: str, extra: str = "", methods: str | None = None) -> Path:
+    """2 variants x 2 seeds x 3 steps on the toy data."""
+    methods = methods or '{ lora = "lora", bara-small = { method = "bara", options = { r = 4 } } }'
+    path = folder / "tiny.toml"
+    path.write_text(f"""
+[tiny]
+model = {json.dumps(model)}
+seeds = [0, 1]
+methods = {methods}
+{extra}
+
+[tiny.train]
+steps = 3
+batch_size = 8
+eval_batch_size = 16
+max_length = 24
+
+[tiny.lr]
+default = 5e-3
+bara = 1e-2
+
+[tiny.shared_options]
+target_modules = ["query", "value"]
+
+[tiny.datasets.toy]
+data = {json.dumps(data)}
+""")
+    return path
+
+
+@pytest.fixture()
+def preset_file(tmp_path, tiny_bert, toy_data) -> Path:
+    return tiny_preset(tmp_path, tiny_bert, toy_data)
+
+
+def test_expand_gives_one_run_per_variant_and_seed(preset_file):
+    specs = bench.expand(str(preset_file))
+    assert [(s.dataset, s.variant, s.seed) for s in specs] == [
+        ("toy", "lora", 0), ("toy", "lora", 1), ("toy", "bara-small", 0), ("toy", "bara-small", 1)]
+    assert len({s.hash for s in specs}) == 4
+    assert all(len(s.hash) == 12 and int(s.hash, 16) >= 0 for s in specs)
+    assert specs[0].folder == Path("runs", "toy", "lora", f"seed0-{specs[0].hash}")
+    lora, bara = specs[0].config, specs[2].config
+    assert (lora.method, lora.train.lr, lora.method_options) == ("lora", 5e-3, {"target_modules": ["query", "value"]})
+    assert (bara.method, bara.train.lr, bara.method_options["r"]) == ("bara", 1e-2, 4)
+    assert lora.train.steps == 3 and lora.train.checkpoint_every == bench.CHECKPOINT_EVERY
+    assert [s.hash for s in bench.expand(str(preset_file))] == [s.hash for s in specs]  # stable
+
+
+def _changed(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, dict):
+        return {**value, "r": 99}
+    return 7  # None
+
+
+def test_hash_changes_with_every_config_value(preset_file):
+    config = bench.expand(str(preset_file))[2].config
+    base = bench.run_hash(config)
+    for f in dataclasses.fields(RunConfig):
+        if f.name != "train":
+            other = dataclasses.replace(config, **{f.name: _changed(getattr(config, f.name))})
+            assert bench.run_hash(other) != base, f.name
+    for f in dataclasses.fields(TrainConfig):
+        train = dataclasses.replace(config.train, **{f.name: _changed(getattr(config.train, f.name))})
+        changed = bench.run_hash(dataclasses.replace(config, train=train)) != base
+        assert changed == (f.name != "checkpoint_every"), f.name  # resuming is exact: the interval is no setting
+
+
+def test_integer_and_float_settings_are_the_same_run(tmp_path, tiny_bert, toy_data):
+    hashes = []
+    for epochs in ("2", "2.0"):
+        folder = tmp_path / epochs
+        folder.mkdir()
+        path = tiny_preset(folder, tiny_bert, toy_data)
+        path.write_text(path.read_text().replace("steps = 3", f"epochs = {epochs}"))
+        hashes.append([s.hash for s in bench.expand(str(path))])
+    assert hashes[0] == hashes[1]
+
+
+def _metrics_files(out: Path) -> dict[Path, float]:
+    return {p: p.stat().st_mtime_ns for p in sorted(out.glob("runs/*/*/*/metrics.json"))}
+
+
+def test_bench_trains_reports_and_skips_finished_runs(preset_file, tmp_path, monkeypatch):
+    out = tmp_path / "bench"
+    specs = bench.expand(str(preset_file))
+    argv = ["bench", "--preset", str(preset_file), "--output", str(out), "--only-method", "lora", "--no-progress"]
+    assert cli.main(argv) == 0
+    assert len(_metrics_files(out)) == 2
+    assert f"`bara bench --preset {preset_file} --output {out} --only-method lora --no-progress`" in \
+        (out / "results.md").read_text()
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2  # only finished runs are reported
+
+    calls = []
+    real_run_train = runs.run_train
+
+    def counting(config, output, **kwargs):
+        calls.append(Path(output))
+        return real_run_train(config, output, **kwargs)
+
+    monkeypatch.setattr(runs, "run_train", counting)
+    summary = bench.run_bench(str(preset_file), out, progress=False)
+    assert sorted(calls) == sorted(out / s.folder for s in specs if s.variant == "bara-small")
+    assert (summary["trained"], summary["skipped"], summary["failed"]) == (2, 2, [])
+
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["dataset"], r["variant"], r["seed"], r["hash"]) for r in rows] == [
+        (s.dataset, s.variant, s.seed, s.hash) for s in specs]
+    for r, s in zip(rows, specs):
+        saved = json.loads((out / s.folder / "metrics.json").read_text())
+        assert r["test_accuracy"] == saved["accuracy"] and r["test_nll"] == saved["nll"]
+        assert r["train_seconds_per_step"] == pytest.approx(saved["train_seconds"] / 3)
+
+    results = (out / "results.md").read_text()
+    assert f"- command: `bara bench --preset {preset_file} --output {out}`" in results
+    assert "finished runs: 4 of 4" in results and "Protocol" in results and "CPUs" in results
+    lines = results.splitlines()
+    columns = [c.strip() for c in next(l for l in lines if l.startswith("| variant | n |")).split("|")[1:-1]]
+    assert {"accuracy %", "ECE %", "NLL", "Brier", "one-pass accuracy %", "V", "rank std", "s̄"} <= set(columns)
+    table = {}
+    for line in lines:
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) == len(columns) and cells[0] in ("lora", "bara-small"):
+            table[cells[0]] = dict(zip(columns, cells))
+    for variant in ("lora", "bara-small"):
+        accuracies = [r["test_accuracy"] for r in rows if r["variant"] == variant]
+        expected = f"{100 * statistics.fmean(accuracies):.1f} ± {100 * statistics.stdev(accuracies):.1f}"
+        assert table[variant]["accuracy %"].strip("*") == expected, variant
+        assert table[variant]["n"] == "2"
+    assert table["lora"]["V"] == "—"  # LoRA has no gate
+    assert table["bara-small"]["V"] != "—" and table["bara-small"]["s̄"] != "—"
+    best_nll = min(("lora", "bara-small"), key=lambda v: statistics.fmean(
+        r["test_nll"] for r in rows if r["variant"] == v))
+    assert table[best_nll]["NLL"].startswith("**")
+
+    cost = (out / "cost.md").read_text()
+    assert "train s/step" in cost and "| lora | 2 |" in cost and "| bara-small | 2 |" in cost
+    plots = out / "plots"
+    for name in ("accuracy-ece-toy.png", "accuracy-nll-toy.png", "reliability-toy-lora.png",
+                 "reliability-toy-bara-small.png", "rank-toy-bara-small.png"):
+        assert (plots / name).read_bytes()[:8] == PNG_MAGIC, name
+    assert not (plots / "rank-toy-lora.png").exists()
+    seed0 = next(s for s in specs if s.variant == "lora" and s.seed == 0)
+    assert (plots / "reliability-toy-lora.png").read_bytes() == (out / seed0.folder / "reliability.png").read_bytes()
+
+    # A second call trains nothing and leaves every finished run as it was.
+    before, calls[:] = _metrics_files(out), []
+    summary = bench.run_bench(str(preset_file), out, progress=False)
+    assert calls == [] and _metrics_files(out) == before and summary["skipped"] == 4
+
+    # A run folder without metrics.json is not reported.
+    (out / specs[3].folder / "metrics.json").unlink()
+    bench.run_bench(str(preset_file), out, report_only=True)
+    assert calls == []
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["hash"] for r in rows] == [s.hash for s in specs[:3]]
+    assert "finished runs: 3 of 4" in (out / "results.md").read_text()
+
+
+def test_unfinished_runs_resume_and_failures_are_recorded(preset_file, tmp_path, monkeypatch):
+    out = tmp_path / "bench"
+    specs = bench.expand(str(preset_file))
+    (out / specs[1].folder / "checkpoint").mkdir(parents=True)
+    (out / specs[1].folder / "checkpoint" / "state.json").write_text("{}")
+    calls = {}
+
+    def fake_run_train(config, output, resume=False, **kwargs):
+        calls[Path(output)] = resume
+        if Path(output) == out / specs[2].folder:
+            raise RuntimeError("diverged\nbadly")
+        return {}
+
+    monkeypatch.setattr(runs, "run_train", fake_run_train)
+    with pytest.raises(BaraError, match=r"1 of 4 runs failed .*seed0-") as err:
+        bench.run_bench(str(preset_file), out, progress=False)
+    assert "\n" not in str(err.value)
+    assert calls == {out / s.folder: s is specs[1] for s in specs}
+    assert "RuntimeError: diverged" in (out / specs[2].folder / bench.ERROR).read_text()
+    assert not (out / specs[0].folder / bench.ERROR).exists()
+
+    monkeypatch.setattr(runs, "run_train", lambda config, output, **kwargs: {})
+    with pytest.raises(BaraError, match="no finished runs"):  # all four are retried; none wrote metrics.json
+        bench.run_bench(str(preset_file), out, progress=False)
+    assert not (out / specs[2].folder / bench.ERROR).exists()
+
+
+@pytest.mark.parametrize("methods, extra, message", [
+    ('["lora", "nope"]', "", r"unknown method 'nope'.*fix: use one of .*bara.*blob.*lora"),
+    ('{ a = { method = "nope" } }', "", r"unknown method 'nope' in variant 'a'.*lora"),
+    ('["lora"]', "[tiny.options.lora]\nr = 8\ngate = \"none\"", r"unknown setting 'gate'.*target_modules"),
+    ('["lora"]', "[tiny.options.lora]\nr = \"big\"", r"r = 'big' should be of type int"),
+    ('["lora"]', "[tiny.options.nope]\nr = 8", r"\[options.nope\] is for an unknown method"),
+    ('["bara"]', "[tiny.options.bara]\ngate = \"sometimes\"", r"gate='sometimes' is not one of"),
+    ('["lora"]', "epoch = 3", r"unknown key\(s\) epoch"),
+    ('["lora"]', "seeds = []", r"seeds must be a list"),
+    ('["lora"]', "extends = \"other\"", r"extends 'other', which is not in the same file"),
+])
+def test_preset_errors_name_the_fix(tmp_path, tiny_bert, toy_data, methods, extra, message):
+    path = tiny_preset(tmp_path, tiny_bert, toy_data, extra=extra, methods=methods)
+    text = path.read_text()
+    if "seeds = []" in extra:
+        text = text.replace("seeds = [0, 1]\n", "")
+    path.write_text(text)
+    with pytest.raises(BaraError, match=message):
+        bench.expand(str(path))
+
+
+def test_preset_lookup_errors(tmp_path, tiny_bert, toy_data, capsys):
+    with pytest.raises(BaraError, match="unknown preset 'nope'; fix: use one of standard, quick, ablations"):
+        bench.load_preset("nope")
+    with pytest.raises(BaraError, match="not found"):
+        bench.load_preset(str(tmp_path / "missing.toml"))
+    path = tiny_preset(tmp_path, tiny_bert, toy_data)
+    path.write_text(path.read_text() + '\n[other]\nextends = "tiny"\nmethods = ["blob"]\n')
+    with pytest.raises(BaraError, match=r"holds the presets tiny, other; fix: pick one with --preset .*:NAME"):
+        bench.load_preset(str(path))
+    other = bench.expand(f"{path}:other")
+    assert [(s.variant, s.config.train.steps, s.config.train.lr) for s in other] == [("blob", 3, 5e-3)] * 2
+    path.write_text(path.read_text().replace("bara = 1e-2", "bara-small = 2e-2\nbara = 1e-2"))
+    assert {s.variant: s.config.train.lr for s in bench.expand(f"{path}:tiny")} == {"lora": 5e-3, "bara-small": 2e-2}
+    good = path.read_text()
+    path.write_text(good.replace("bara = 1e-2", "barra = 1e-2"))
+    with pytest.raises(BaraError, match="lr for 'barra', which is neither a method nor a variant"):
+        bench.expand(f"{path}:tiny")
+    path.write_text(good)
+    (tmp_path / "bad").mkdir()
+    bad_data = tiny_preset(tmp_path / "bad", tiny_bert, str(tmp_path / "no-such-data"))
+    with pytest.raises(BaraError, match="neither a built-in task"):
+        bench.expand(str(bad_data))
+    assert cli.main(["bench", "--preset", "nope", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bara: error: unknown preset") and "\n" not in err
+    assert cli.main(["bench", "--preset", str(path) + ":tiny", "--output", str(tmp_path / "o"),
+                     "--only-method", "mcdropout"]) == 2
+    assert "'mcdropout' is not in this preset; fix: use one of bara, bara-small, lora" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_packaged_presets_expand_under_the_fair_protocol():
+    quick, standard, ablations = (bench.expand(name) for name in ("quick", "standard", "ablations"))
+    assert len(quick) == 2 * 3 * 1
+    assert len(standard) == 4 * 9 * 3
+    assert len(ablations) == 2 * 11 * 3
+    for specs in (quick, standard, ablations):
+        assert len({s.hash for s in specs}) == len(specs)
+    assert list(dict.fromkeys(s.dataset for s in standard)) == ["banking77", "clinc150", "hwu64", "trec"]
+    assert {s.variant for s in standard} == {"lora", "map", "mcdropout", "ensemble", "temperature", "laplace",
+                                             "blob", "adalora", "bara"}
+    assert {(s.dataset, s.variant) for s in quick} == {(d, m) for d in ("trec", "banking77")
+                                                      for m in ("lora", "blob", "bara")}
+    for specs in (quick, standard, ablations):
+        for dataset in {s.dataset for s in specs}:
+            mine = [s.config for s in specs if s.dataset == dataset]
+            # Same steps, batch size, max length, target modules and data for every method of a dataset.
+            assert len({json.dumps({**c.train.to_dict(), "lr": 0, "seed": 0}) for c in mine}) == 1
+            assert {c.method_options["target_modules"] == ["query", "value"] for c in mine} == {True}
+            assert len({(c.model, c.max_train, c.max_eval, c.data) for c in mine}) == 1
+            assert {c.train.seed for c in mine} == ({0} if specs is quick else {0, 1, 2})
+    schedule = {(s.dataset, s.config.train.epochs, s.config.train.lr) for s in standard + quick + ablations}
+    assert schedule == {("trec", 20.0, 1e-3), ("banking77", 25.0, 5e-3), ("clinc150", 25.0, 5e-3),
+                        ("hwu64", 25.0, 5e-3)}
+    options = {s.variant: s.config.method_options for s in ablations}
+    assert options["bara"]["r"] == 16 and "gate" not in options["bara"]
+    assert (options["bara-gate-none"]["gate"], options["bara-gate-none"]["r"]) == ("none", 16)
+    assert options["bara-point-factors"]["bayes_factors"] is False and options["bara-r32"]["r"] == 32
+    assert {s.config.method for s in ablations} == {"bara"}
+
+
+def test_summary_table_gives_mean_std_and_bolds_the_best():
+    rows = [{"variant": "a", "test_accuracy": 0.80, "test_ece": 0.10},
+            {"variant": "a", "test_accuracy": 0.90, "test_ece": 0.20},
+            {"variant": "b", "test_accuracy": 0.70, "test_ece": 0.05}]
+    groups = report.summarize(rows, "variant", ["test_accuracy", "test_ece"])
+    assert groups[0]["test_accuracy"] == (pytest.approx(0.85), pytest.approx(0.0707107, abs=1e-6))
+    assert groups[1]["test_ece"] == (0.05, None)
+    text = report.summary_markdown(groups, "variant", [("test_accuracy", "acc"), ("test_ece", "ECE")],
+                                   best={"test_accuracy": "max", "test_ece": "min"})
+    assert text.splitlines()[2:] == ["| a | 2 | **85.0 ± 7.1** | 15.0 ± 7.1 |", "| b | 1 | 70.0 | **5.0** |"]
+
+
+def test_bench_help_lists_its_options(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = capsys.readouterr().out
+    for word in ("--preset", "--output", "--report-only", "--only-dataset", "--only-method", "--no-progress"):
+        assert word in text
