@@ -30,9 +30,12 @@ class BaraConfig(LoraConfig):
                                       "token), causal (prefix mean, no look-ahead)")
     context_source: str = option("hidden", "what the gate reads: hidden (a learned projection of the layer "
                                            "input) or adapter (mu_A x, free)")
-    context_norm: str = option("layer", "normalisation of the context before the gate network: layer "
-                                        "(LayerNorm) or batch (centred and scaled across instances with running "
-                                        "statistics, so the gate sees how an instance differs from the others)")
+    # Default "batch": on banking77's validation split it raised V from 0.011 to 0.062, accuracy from 79.8 to
+    # 81.1 % and lowered NLL 0.880 -> 0.869 (ECE 22.7 -> 24.7 %); on trec V 0.015 -> 0.037 at equal accuracy
+    # (docs/experiments.md, section 3).
+    context_norm: str = option("batch", "normalisation of the context before the gate network: batch (centred "
+                                        "and scaled across instances with running statistics, so the gate sees "
+                                        "how an instance differs from the others) or layer (LayerNorm)")
     context_dim: int = option(32, "size of the learned context projection (context_source=hidden)")
     gate_hidden: int = option(32, "hidden width of the gate network")
     gate_init: float = option(0.1, "std of the gate network's initial weights (0 = zero-initialised last layer)")

@@ -40,7 +40,8 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, causal: bool = False) 
     m = mask.to(values.dtype).unsqueeze(-1)
     if causal:
         return (values * m).cumsum(1) / m.cumsum(1).clamp(min=1.0)
-    return (values * m).sum(1) / m.sum(1).clamp(min=1.0)
+    # [N, 1, T] @ [N, T, D]: no masked copy of the hidden states (T x D per instance and layer) is allocated.
+    return (m.transpose(1, 2) @ values).squeeze(1) / m.sum(1).clamp(min=1.0)
 
 
 class BaraLinear(nn.Module):
