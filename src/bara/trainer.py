@@ -101,6 +101,7 @@ def train(classifier: Classifier, method: Method, train_split: Split, validation
     model, optimizer = accelerator.prepare(classifier, optimizer)
 
     step, history = 0, []
+    global_batch = config.batch_size * accelerator.num_processes
     if resume and (found := checkpoint.find(output_dir)) is not None:
         step, adapter = checkpoint.load(found, optimizer, scheduler, accelerator.process_index)
         method.load_adapter_state(classifier, adapter)
@@ -119,7 +120,7 @@ def train(classifier: Classifier, method: Method, train_split: Split, validation
             loader = accelerator.skip_first_batches(loader, skip)
         for batch in loader:
             model.train()
-            loss, logs = method.loss(model, batch, Progress(step, steps, len(train_split)))
+            loss, logs = method.loss(model, batch, Progress(step, steps, len(train_split), global_batch))
             if not torch.isfinite(loss):
                 kept = "the last good checkpoint is kept in " + str(output_dir / checkpoint.NAME) \
                     if checkpoint.find(output_dir) else "no checkpoint was written yet"
@@ -132,7 +133,7 @@ def train(classifier: Classifier, method: Method, train_split: Split, validation
             scheduler.step()
             step += 1
             # Before zero_grad: a method may read this step's gradients (AdaLoRA scores |w * grad|).
-            method.on_step_end(classifier, Progress(step, steps, len(train_split)))
+            method.on_step_end(classifier, Progress(step, steps, len(train_split), global_batch))
             optimizer.zero_grad(set_to_none=True)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch + 1)

@@ -12,6 +12,7 @@ from bara import runs
 from bara.errors import BaraError
 from bara.methods import Progress, get_method
 from bara.methods.bara import BaraConfig, BaraLinear
+from bara.methods.bara.layer import Flipout
 from bara.runs import RunConfig
 from bara.trainer import TrainConfig
 
@@ -101,6 +102,21 @@ def test_gate_none_is_the_blob_layer():
     assert blob.config.gate == "none" and blob.default_samples == 10
 
 
+def test_flipout_gradients_match_autograd_and_finite_differences():
+    torch.manual_seed(2)
+    x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    noise = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    s_in = torch.randint(0, 2, (3, 1, 6)).double() * 2 - 1
+    s_out = torch.randint(0, 2, (3, 1, 5)).double() * 2 - 1
+    assert torch.autograd.gradcheck(Flipout.apply, (x, s_in, noise, s_out))
+    weights = torch.randn(3, 4, 5, dtype=torch.float64)
+    ours = torch.autograd.grad((Flipout.apply(x, s_in, noise, s_out) * weights).sum(), (x, noise))
+    plain = torch.autograd.grad(((((x * s_in) @ noise.t()) * s_out) * weights).sum(), (x, noise))
+    for a, b in zip(ours, plain):
+        assert torch.allclose(a, b, atol=1e-12)
+    assert ours[1].abs().sum() > 0
+
+
 def test_gates_start_mostly_on_and_ablation_switches():
     module = layer()
     assert torch.allclose(module.expected_pi(), torch.full((4,), 0.9), atol=1e-4)
@@ -165,6 +181,52 @@ def test_objective_warm_up_and_weights(tiny_bert):
     assert gates == 2 * 2 * 16  # query and value of 2 layers, r = 16
     expected = logs["nll"] + logs["kl_local"] / gates + logs["kl_global"] / 1000
     assert logs["beta"] == 1 and loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_blob_kl_weight_is_blobs_reweighting():
+    from bara.methods.bara.model import blob_kl_weight
+
+    m = int(100 * 1000 ** (math.pi / 8) / 32)  # 47: BLoB's M for N = 1,000, batch 32
+    weights = [blob_kl_weight(step, 1000, 32, 8.0) for step in range(1, 2 * m + 1)]
+    assert weights[:m] == weights[m:]  # a cycle of M steps
+    assert weights[0] == pytest.approx(2 / (2 ** (m + 1) - 1))
+    assert weights[m - 1] == pytest.approx(2 ** m / (2 ** (m + 1) - 1))
+    assert sum(weights[:m]) == pytest.approx(1.0, abs=1e-12) and all(b > a for a, b in zip(weights, weights[1:m]))
+    big = int(100 * (10 ** 7) ** (math.pi / 8) / 8)  # M ~ 7e4: 2^M overflows a float
+    assert blob_kl_weight(big, 10 ** 7, 8, 8.0) == pytest.approx(0.5) and blob_kl_weight(7, 10 ** 7, 8, 8.0) == 0
+    assert blob_kl_weight(3, 1000, 32, 0.0) == pytest.approx(1 / 32)  # no reweighting: 1 / batches per epoch
+
+
+def test_kl_step_sgd_takes_the_factor_kl_out_of_the_loss_into_an_sgd_step(tiny_bert):
+    from bara.methods.bara.model import blob_kl_weight, linear_schedule
+
+    classifier, method = _classifier(tiny_bert, "bara", kl_step="sgd", kl_lr=0.01)
+    batch = _batch(classifier)
+    torch.manual_seed(0)
+    loss, logs = method.loss(classifier, batch, Progress(50, 100, 1000, 32))
+    layers = list(method.layers.values())
+    kl_pi = sum(l.kl_pi() for l in layers).item()
+    kl_a = sum(l.kl_A() for l in layers).item()
+    assert kl_a > 0 and logs["kl_global"] == pytest.approx(kl_pi + kl_a, rel=1e-5)
+    expected = logs["nll"] + logs["kl_local"] / method.gates_per_instance + kl_pi / 1000
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+    params = [p for l in layers for p in (l.bara_A_mu, l.bara_A_rho)]
+    before = [p.detach().clone() for p in params]
+    kl = sum(l.kl_A() for l in layers)
+    grads = torch.autograd.grad(kl, params)
+    progress = Progress(47, 100, 1000, 32)  # the last step of BLoB's cycle of M = 47: weight ~1/2
+    step = 0.01 * linear_schedule(46, 100, 0.1) * blob_kl_weight(47, 1000, 32, 8.0)
+    assert step > 0
+    method.on_step_end(classifier, progress)
+    for p, b, g in zip(params, before, grads):
+        assert torch.allclose(p.detach(), b - step * g, atol=1e-7)
+    assert any(not torch.equal(p.detach(), b) for p, b in zip(params, before))
+    rho = [l.bara_A_rho.detach().clone() for l in layers]
+    get_method("bara", {}).on_step_end(classifier, progress)  # kl_step=loss (BaRA's default): nothing happens here
+    assert all(torch.equal(l.bara_A_rho, r) for l, r in zip(layers, rho))
+    assert get_method("blob", {}).config.kl_step == "sgd"
+    assert linear_schedule(0, 100, 0.1) == 0 and linear_schedule(10, 100, 0.1) == 1 and linear_schedule(100, 100, 0.1) == 0
 
 
 def test_monte_carlo_prediction_is_batched_seeded_and_varies(tiny_bert):

@@ -53,6 +53,7 @@ class Progress:
     step: int
     total_steps: int
     num_train: int
+    batch_size: int = 1  # instances per optimiser step, over all processes
 
     @property
     def fraction(self) -> float:

@@ -43,12 +43,15 @@ Gaussian, N(f(x; θ*), Σ_f), with, in the eigenbases Q_A, Q_G of each layer's f
 
 J costs one backward pass per class (per test batch). Probabilities: ``samples = 0`` is the probit
 approximation softmax(f / √(1 + π/8 diag Σ_f)); ``samples = S > 0`` averages softmax over S logit samples
-from N(f, Σ_f). ``link_approx`` picks the default: probit (S = 0) or mc (S = 10).
+from N(f, Σ_f). ``link_approx`` picks the default: probit (S = 0) or mc (S = 10). With many classes
+(``jacobians=draws``, the default above 10 classes) the linearised model is sampled instead: θ − θ* is drawn
+from the posterior (in each layer's eigenbasis) and J(θ − θ*) comes from one forward-mode JVP per draw,
+so the cost is S (10 for probit, whose diag Σ_f is then estimated from the draws) JVPs, whatever C.
 
 **Cost.** Fitting: one forward and C (exact) or 1 (sampled) backward passes per training batch. Prediction:
-one forward and C backward passes per batch, whatever S. Storage: with K-FAC, d_in² + r² floats for each
-lora_A and r² + d_out² for each lora_B (float32: ~14 MB for MiniLM q,v, ~125 MB for SmolLM2-135M q,v,
-against ~0.3 and ~1.8 MB of adapter).
+one forward and C backward passes per batch, whatever S (``jacobians=classes``), or S JVPs (``draws``).
+Storage: with K-FAC, d_in² + r² floats for each lora_A and r² + d_out² for each lora_B (float32: ~14 MB
+for MiniLM q,v, ~125 MB for SmolLM2-135M q,v, against ~0.3 and ~1.8 MB of adapter).
 
 The fitted posterior is saved with the adapter as safetensors, every tensor named ``laplace_*``:
 ``laplace_A.<layer>`` and ``laplace_G.<layer>`` (kron) or ``laplace_H.<layer>`` (diag), and the scalars
@@ -65,6 +68,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import BaraError
 from ..heads import Classifier
@@ -93,11 +98,17 @@ class LaplaceConfig(LoraConfig):
                            "training split (0 = all); the curvature is rescaled to the full split")
     link_approx: str = option("probit", f"Laplace predictive: probit (default samples 0) | mc (default samples "
                                         f"{MC_SAMPLES}, logits sampled from the linearised predictive)")
+    jacobians: str = option("auto", "how the linearised predictive gets its logit covariance: classes (one "
+                                    "backward pass per class: exact, cost grows with the classes) | draws (one "
+                                    f"forward-mode JVP per posterior draw, {MC_SAMPLES} draws for probit: cost "
+                                    f"independent of the classes) | auto (classes up to {EXACT_GGN_MAX_CLASSES} "
+                                    "classes)")
 
     def validate(self) -> None:
         super().validate()
         choices = {"hessian_structure": ("kron", "diag"), "kfac_approx": ("expand", "reduce"),
-                   "ggn": ("auto", "exact", "sampled"), "link_approx": ("probit", "mc")}
+                   "ggn": ("auto", "exact", "sampled"), "link_approx": ("probit", "mc"),
+                   "jacobians": ("auto", "classes", "draws")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise BaraError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}; "
@@ -216,6 +227,11 @@ class LayerFactors:
         """1 / sqrt(eigenvalue + δ): the posterior standard deviations in the layer's basis."""
         return (self.eigenvalues + delta).rsqrt().to(like)
 
+    def sample(self, delta: float, like: torch.Tensor) -> torch.Tensor:
+        """θ − θ* ~ N(0, (GGN_l + δ I)⁻¹) for this layer's [W | b], in ``like``'s dtype and device."""
+        scale = self.posterior_scale(delta, like)
+        return self.from_basis(torch.randn(scale.shape, dtype=like.dtype, device=like.device) * scale)
+
 
 class KronFactors(LayerFactors):
     """One layer's K-FAC curvature G ⊗ A; in the eigenbases Q_A, Q_G its eigenvalues are g_i a_j."""
@@ -233,6 +249,9 @@ class KronFactors(LayerFactors):
 
     def rotate_grads(self, g: torch.Tensor) -> torch.Tensor:
         return g @ self.like("q_out", self.q_out, g)
+
+    def from_basis(self, w: torch.Tensor) -> torch.Tensor:
+        return self.like("q_out", self.q_out, w) @ w @ self.like("q_in", self.q_in, w).t()
 
     def state(self, name: str) -> dict[str, torch.Tensor]:
         return {f"{PREFIX}A.{name}": self.A, f"{PREFIX}G.{name}": self.G}
@@ -259,6 +278,9 @@ class DiagFactors(LayerFactors):
 
     def rotate_grads(self, g: torch.Tensor) -> torch.Tensor:
         return g
+
+    def from_basis(self, w: torch.Tensor) -> torch.Tensor:
+        return w
 
     def state(self, name: str) -> dict[str, torch.Tensor]:
         return {f"{PREFIX}H.{name}": self.H}
@@ -494,6 +516,46 @@ def _glm_chunk(forward, modules, posterior, batch):
     return logits.detach().to(dtype), covariance
 
 
+@torch.no_grad()
+def glm_logit_draws(root: nn.Module, inputs: tuple, modules: dict[str, nn.Linear], posterior: LaplacePosterior,
+                    samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``[B, C]`` of the logits and ``samples`` draws ``[S, B, C]`` of J(x)(θ − θ*), θ ~ the posterior:
+    the linearised model's logit noise, one forward-mode JVP per draw, so the cost does not grow with the
+    number of classes (glm_logits needs a backward pass per class). ``root(*inputs)`` gives the logits and
+    ``modules`` are named as in ``root``."""
+    keys, primals = [], []
+    for name, module in modules.items():
+        keys.append(f"{name}.weight")
+        primals.append(module.weight.detach())
+        if has_bias(module):
+            keys.append(f"{name}.bias")
+            primals.append(module.bias.detach())
+
+    def logits(*params):
+        return functional_call(root, dict(zip(keys, params)), inputs)
+
+    draws, mean = [], None
+    # Forward-mode AD has no rule for the fused attention kernels; the math kernel computes the same function.
+    with sdpa_kernel(SDPBackend.MATH):
+        for _ in range(samples):
+            tangents = []
+            for name, module in modules.items():
+                eps = posterior.layers[name].sample(posterior.prior_precision, module.weight.detach())
+                tangents += [eps[:, :-1], eps[:, -1]] if has_bias(module) else [eps]
+            mean, draw = jvp(logits, tuple(primals), tuple(tangents))
+            draws.append(draw)
+    return mean, torch.stack(draws)
+
+
+def sampled_predictive_probs(mean: torch.Tensor, draws: torch.Tensor, samples: int) -> torch.Tensor:
+    """``[max(samples, 1), B, C]`` from logit-noise draws ``[S, B, C]``: the probit approximation with the
+    per-class variances estimated from the draws (samples = 0), or the softmax of each mean + draw."""
+    if samples == 0:
+        kappa = (1 + math.pi / 8 * draws.pow(2).mean(0)).rsqrt()
+        return torch.softmax(mean * kappa, -1).float()[None]
+    return torch.softmax(mean + draws, -1).float()
+
+
 def predictive_probs(mean: torch.Tensor, covariance: torch.Tensor, samples: int) -> torch.Tensor:
     """``[max(samples, 1), B, C]``: the probit approximation (samples = 0) or the mean softmax of logit samples
     from N(mean, covariance)."""
@@ -571,9 +633,15 @@ class Laplace(Lora):
         if self.posterior is None:  # not fitted yet (validation during training): the trained adapter alone
             return super().predict(classifier, batch, samples)
         classifier.eval()
-        mean, covariance = glm_logits(self._forward(classifier), adapted_layers(classifier), self.posterior, batch,
-                                      len(classifier.label_names))
-        return predictive_probs(mean, covariance, samples)
+        num_classes, modules = len(classifier.label_names), adapted_layers(classifier)
+        if self.config.jacobians == "classes" or (self.config.jacobians == "auto"
+                                                  and num_classes <= EXACT_GGN_MAX_CLASSES):
+            mean, covariance = glm_logits(self._forward(classifier), modules, self.posterior, batch, num_classes)
+            return predictive_probs(mean, covariance, samples)
+        device = next(classifier.parameters()).device
+        inputs = (batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        mean, draws = glm_logit_draws(classifier, inputs, modules, self.posterior, samples or MC_SAMPLES)
+        return sampled_predictive_probs(mean, draws, samples)
 
     def diagnostics(self, classifier: Classifier, batches) -> dict:
         if self.posterior is None:

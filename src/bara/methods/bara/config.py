@@ -17,6 +17,7 @@ CHOICES = {
     "estimator": ("concrete", "hard_concrete", "straight_through"),
     "allocation": ("independent", "stick"),
     "context_norm": ("layer", "batch"),
+    "kl_step": ("loss", "sgd"),
 }
 
 
@@ -55,7 +56,15 @@ class BaraConfig(LoraConfig):
                                         "straight_through")
     omega_loc: float = option(0.0, "weight of the local KL; 0 = 1/G (G = local gates per instance)")
     kl_warmup: float = option(0.1, "fraction of training over which the KL weight rises 0 -> 1")
-    kl_scale: float = option(1.0, "extra multiplier on the global KL terms (BLoB-style reweighting)")
+    kl_scale: float = option(1.0, "extra multiplier on the global KL terms")
+    kl_step: str = option("loss", "how KL(q(A) || prior) is minimised: loss (in the objective, with the data term, "
+                                  "by AdamW: the ELBO as written) | sgd (as BLoB's code: a separate plain-SGD "
+                                  "step after each AdamW step, lr kl_lr with warm-up and linear decay, weighted by "
+                                  "BLoB's KL reweighting)")
+    kl_lr: float = option(0.002, "learning rate of the kl_step=sgd step (BLoB: 0.002 for RoBERTa, 0.01 for LLaMA)")
+    kl_gamma: float = option(8.0, "BLoB's reweighting: the KL weight of step t is 2^i / (2^(M+1) - 1), i = t mod "
+                                  "M, M = 100 N^(pi/gamma) / batch size; 0 = a weight 1/M with M = batches per "
+                                  "epoch")
     l1_weight: float = option(1e-3, "L1 weight on z for gate=deterministic")
     prune_threshold: float = option(0.01, "factors with E[pi] below this are pruned by 'prune'")
 
@@ -68,7 +77,7 @@ class BaraConfig(LoraConfig):
         if not 0 < self.pi_init < 1:
             raise BaraError(f"pi_init must be in (0, 1), got {self.pi_init}")
         for name in ("prior_sigma", "init_sigma", "ibp_alpha", "theta_shape", "theta_rate", "temperature",
-                     "gate_lr"):
+                     "gate_lr", "kl_lr"):
             if getattr(self, name) <= 0:
                 raise BaraError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.omega_loc < 0:

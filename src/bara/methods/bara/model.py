@@ -6,9 +6,18 @@ Objective for a minibatch of M instances, dataset size N, KL weight :math:`\beta
           + \beta_t\,\frac{KL_\pi + KL_A}{N}
 
 with :math:`\omega_{loc} = 1/G` by default (G = local gates per instance): a tempered ELBO.
+
+``kl_step=sgd`` (BLoB's default) takes :math:`KL_A` out of J and minimises it as BLoB's code does: after each
+AdamW step on J, one plain-SGD step on :math:`w_t\,KL_A` with lr ``kl_lr`` (linear warm-up and decay), where
+:math:`w_t = 2^i / (2^{M+1} - 1)`, :math:`i = t \bmod M`, :math:`M = 100 N^{\pi/\gamma} / b` (BLoB's KL
+reweighting; ``kl_gamma = 0``: :math:`w_t = 1/M`, M batches per epoch). Adam rescales every gradient to a
+step of about lr, so with KL_A in J the KL drives σ_A to the prior within a few hundred steps whenever the
+data's gradient on σ_A is small; the SGD step moves σ_A in proportion to the KL's gradient instead.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -28,6 +37,25 @@ MAX_ROWS = 1024  # Monte-Carlo samples are batched into passes of at most this m
 
 def _matches(name: str, targets: list[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def linear_schedule(step: int, total: int, warmup_fraction: float) -> float:
+    """Multiplier of the lr at (0-based) ``step``: linear warm-up over the first fraction, then linear decay to 0
+    (transformers' get_linear_schedule_with_warmup)."""
+    warmup = int(warmup_fraction * total)
+    if step < warmup:
+        return step / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def blob_kl_weight(step: int, num_train: int, batch_size: int, gamma: float) -> float:
+    """BLoB's KL weight at (1-based) ``step``: 2^i / (2^(M+1) - 1) with i cycling 1..M and
+    M = int(100 N^(pi/gamma) / b) (Wang et al. 2024, their code); gamma = 0: 1/M with M = ceil(N / b)."""
+    if gamma <= 0:
+        return 1.0 / max(1, math.ceil(num_train / batch_size))
+    m = max(1, int(100 * num_train ** (math.pi / gamma) / batch_size))
+    i = (step - 1) % m + 1
+    return 2.0 ** (i - m - 1) / (1 - 2.0 ** (-m - 1))  # = 2^i / (2^(M+1) - 1), without overflow
 
 
 class Bara(Method):
@@ -88,14 +116,30 @@ class Bara(Method):
         omega = c.omega_loc or 1.0 / self.gates_per_instance
         layers = list(self.layers.values())
         kl_local = sum(l.kl_local.mean() for l in layers) if c.gate not in ("none", "deterministic") else 0.0
-        kl_global = sum(l.kl_global() for l in layers)
-        loss = nll + beta * omega * kl_local + beta * c.kl_scale * kl_global / progress.num_train
-        logs = {"nll": nll.item(), "kl_local": float(kl_local.detach() if torch.is_tensor(kl_local) else kl_local), "kl_global": kl_global.item(), "beta": beta}
+        kl_pi, kl_A = sum(l.kl_pi() for l in layers), sum(l.kl_A() for l in layers)
+        kl_in_loss = kl_pi + kl_A if c.kl_step == "loss" else kl_pi
+        loss = nll + beta * omega * kl_local + beta * c.kl_scale * kl_in_loss / progress.num_train
+        logs = {"nll": nll.item(), "kl_local": float(kl_local.detach() if torch.is_tensor(kl_local) else kl_local),
+                "kl_global": (kl_pi + kl_A).item(), "beta": beta}
         if c.gate == "deterministic":
             penalty = sum(l.penalty.mean() for l in layers)
             loss = loss + c.l1_weight * penalty
             logs["l1"] = penalty.item()
         return loss, logs
+
+    def on_step_end(self, classifier: Classifier, progress: Progress) -> None:
+        c = self.config
+        if c.kl_step != "sgd" or not c.bayes_factors:
+            return
+        lr = c.kl_lr * linear_schedule(progress.step - 1, progress.total_steps, c.kl_warmup)
+        weight = blob_kl_weight(progress.step, progress.num_train, progress.batch_size, c.kl_gamma)
+        params = [p for layer in self.layers.values() for p in (layer.bara_A_mu, layer.bara_A_rho)]
+        with torch.enable_grad():
+            kl = c.kl_scale * sum(layer.kl_A() for layer in self.layers.values())
+            grads = torch.autograd.grad(kl, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.sub_(lr * weight * g.to(p.dtype))
 
     @torch.no_grad()
     def predict(self, classifier: Classifier, batch: dict, samples: int) -> torch.Tensor:
