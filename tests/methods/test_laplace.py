@@ -16,7 +16,8 @@ from bara.data import Split, load_task
 from bara.errors import BaraError
 from bara.methods import get_method
 from bara.methods.laplace import (LaplacePosterior, adapted_layers, fit_posterior, glm_logit_draws, glm_logits,
-                                  layer_params, predictive_probs, sampled_predictive_probs, spread_batches)
+                                  layer_params, predictive_probs, sampled_predictive_probs, spread_batches,
+                                  validation_prior_precision)
 from bara.runs import RunConfig
 from bara.trainer import TrainConfig
 
@@ -381,3 +382,35 @@ def test_draws_predictive_on_the_encoder_matches_the_per_class_one(tiny_bert):
     assert (drawn - exact).abs().max() < 0.05 and not torch.equal(drawn, exact)
     sampled = method.predict(classifier, batch, 4)
     assert sampled.shape == (4, 9, 3) and not torch.allclose(sampled[0], sampled[1])
+
+
+def test_validation_prior_precision_minimises_the_probit_nll_over_the_grid():
+    """Every grid point's NLL equals the probit predictive's NLL at that δ, and the chosen δ has the lowest;
+    instances beyond the limit are not read."""
+    model = TinyAdapted(token_tanh=True)
+    posterior = fit(model, data(n=6, seed=1), structure="kron")
+    val = data(n=5, seed=3)
+    modules = adapted_layers(model)
+    grid = (1e-3, 1e3, 7)
+    delta, curve = validation_prior_precision(model, modules, posterior, [val], num_classes=3, limit=4, grid=grid,
+                                              budget=1)
+    assert len(curve) == 7 and delta == min(curve, key=lambda point: point[1])[0]
+    first4 = {k: v[:4] for k, v in val.items()}
+    for d, nll in curve:
+        posterior.prior_precision = d
+        mean, cov = glm_logits(model, modules, posterior, first4, num_classes=3)
+        probs = predictive_probs(mean, cov, 0)[0].double()
+        expected = -probs.log().gather(1, first4["labels"][:, None]).mean().item()
+        assert nll == pytest.approx(expected, rel=1e-5)
+    assert len({round(nll, 9) for _, nll in curve}) > 1
+    with pytest.raises(BaraError, match="validation"):
+        validation_prior_precision(model, modules, posterior, [], num_classes=3, limit=4)
+
+
+def test_prior_fit_val_on_the_encoder(tiny_bert):
+    classifier, method, batch = tiny_classifier(tiny_bert, prior_fit="val", prior_fit_max=6)
+    method.fit_posthoc(classifier, [batch], [batch])
+    diag = method.diagnostics(classifier, [])
+    assert diag["prior_fit"] == "val" and 1e-4 <= diag["prior_precision"] <= 1e6
+    with pytest.raises(BaraError, match="prior_fit"):
+        get_method("laplace", {"prior_fit": "evidence"})

@@ -33,7 +33,9 @@ N / n_fit.
           - \tfrac12 \log\det(\mathrm{GGN} + δ I),
 
 on a grid of log δ (1e-4 … 1e6), refined by golden-section search around the best grid point. With
-K-FAC, log det = Σ_l Σ_ij log(g_i a_j + δ) over the eigenvalues a of A_l and g of G_l.
+K-FAC, log det = Σ_l Σ_ij log(g_i a_j + δ) over the eigenvalues a of A_l and g of G_l. ``prior_fit=val``
+instead takes the δ of that grid whose probit predictive has the lowest NLL on validation instances (the
+per-class Jacobians are computed once and reused for every δ).
 
 **Predictive** (the linearised model, GLM): f(x; θ) ≈ f(x; θ*) + J(x)(θ − θ*), so the logits are
 Gaussian, N(f(x; θ*), Σ_f), with, in the eigenbases Q_A, Q_G of each layer's factors,
@@ -87,6 +89,11 @@ JACOBIAN_BUDGET = 2 ** 26  # numbers (256 MB in float32) of per-class Jacobians 
 class LaplaceConfig(LoraConfig):
     prior_precision: float = option(0.0, "Laplace prior precision delta of N(0, 1/delta) on the adapter; "
                                          "0 = fit delta by maximising the Laplace marginal likelihood")
+    prior_fit: str = option("marglik", "how delta is fitted when prior_precision = 0: marglik (maximise the Laplace "
+                                       "marginal likelihood, as Laplace-LoRA) | val (the lowest probit NLL on the "
+                                       "validation split over a log grid, as laplace-torch's gridsearch)")
+    prior_fit_max: int = option(512, "validation instances for prior_fit=val, from batches spread over the split "
+                                     "(each costs one backward pass per class)")
     hessian_structure: str = option("kron", "Laplace curvature: kron (Kronecker-factored GGN, K-FAC) | diag "
                                             "(diagonal GGN)")
     kfac_approx: str = option("expand", "how K-FAC treats tokens sharing a layer: expand (each token a sample, "
@@ -108,7 +115,7 @@ class LaplaceConfig(LoraConfig):
         super().validate()
         choices = {"hessian_structure": ("kron", "diag"), "kfac_approx": ("expand", "reduce"),
                    "ggn": ("auto", "exact", "sampled"), "link_approx": ("probit", "mc"),
-                   "jacobians": ("auto", "classes", "draws")}
+                   "jacobians": ("auto", "classes", "draws"), "prior_fit": ("marglik", "val")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise BaraError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}; "
@@ -116,6 +123,8 @@ class LaplaceConfig(LoraConfig):
         if self.prior_precision < 0 or not math.isfinite(self.prior_precision):
             raise BaraError(f"prior_precision must be >= 0 (0 = fit it), got {self.prior_precision}; "
                             "fix: pass --prior-precision 0")
+        if self.prior_fit_max < 1:
+            raise BaraError(f"prior_fit_max must be >= 1, got {self.prior_fit_max}")
         if self.n_fit < 0:
             raise BaraError(f"n_fit must be >= 0 (0 = all training instances), got {self.n_fit}")
 
@@ -486,14 +495,25 @@ def glm_logits(forward: Callable[[dict], torch.Tensor], modules: dict[str, nn.Li
 
 
 def _glm_chunk(forward, modules, posterior, batch):
+    logits, jacobians = rotated_jacobians(forward, modules, posterior, batch)
+    delta = posterior.prior_precision
+    covariance = logits.new_zeros(logits.shape[0], logits.shape[1], logits.shape[1])
+    for n, jacobian in jacobians.items():
+        scaled = (jacobian * posterior.layers[n].posterior_scale(delta, jacobian)).flatten(2)
+        covariance += scaled @ scaled.transpose(1, 2)
+    return logits, covariance
+
+
+def rotated_jacobians(forward, modules, posterior, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The logits ``[B, C]`` and, per layer, the Jacobian of every class logit with respect to the layer's
+    [W | b] in the posterior's eigenbasis, ``[B, C, d_out, d_in']``: one backward pass per class."""
     mask = batch.get("attention_mask")
     names = list(modules)
     with LayerTaps(modules) as taps:
         logits = forward(batch)
     num_classes = logits.shape[-1]
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    delta = posterior.prior_precision
-    xs, jacobians = {}, {}  # per layer: inputs in the eigenbasis; Jacobians [B, C, d_out, d_in] in it
+    xs, jacobians = {}, {}
     for n in names:
         x = layer_inputs(taps.inputs[n], modules[n], mask, dtype)
         xs[n] = posterior.layers[n].rotate_inputs(x)
@@ -509,11 +529,42 @@ def _glm_chunk(forward, modules, posterior, batch):
             if g is not None:
                 g = posterior.layers[n].rotate_grads(tokens(g, mask, dtype))
                 jacobians[n][:, c] = torch.einsum("bto,bti->boi", g, xs[n])
-    covariance = torch.zeros(logits.shape[0], num_classes, num_classes, dtype=dtype, device=logits.device)
-    for n in names:
-        scaled = (jacobians[n] * posterior.layers[n].posterior_scale(delta, jacobians[n])).flatten(2)
-        covariance += scaled @ scaled.transpose(1, 2)
-    return logits.detach().to(dtype), covariance
+    return logits.detach().to(dtype), jacobians
+
+
+@torch.enable_grad()
+def validation_prior_precision(forward: Callable[[dict], torch.Tensor], modules: dict[str, nn.Linear],
+                               posterior: LaplacePosterior, batches: Iterable[dict], num_classes: int, limit: int,
+                               grid: tuple = PRIOR_GRID, budget: int = JACOBIAN_BUDGET) -> tuple[float, list]:
+    """The δ of a log grid whose probit predictive has the lowest NLL on (at most ``limit``) validation
+    instances (laplace-torch's ``gridsearch``). The per-class Jacobians are computed once; every δ reuses
+    them. Returns δ and the (δ, NLL) curve."""
+    low, high, points = grid
+    deltas = torch.logspace(math.log10(low), math.log10(high), points, dtype=torch.float64)
+    total, used = torch.zeros(points, dtype=torch.float64), 0
+    for batch in batches:
+        if used >= limit:
+            break
+        size = min(len(batch["labels"]), limit - used)
+        chunk = max(1, budget // (max(posterior.num_params, 1) * num_classes))
+        for start in range(0, size, chunk):
+            part = {k: v[start:min(start + chunk, size)] if torch.is_tensor(v) else v for k, v in batch.items()}
+            mean, jacobians = rotated_jacobians(forward, modules, posterior, part)
+            variance = 0.0  # [B, C, K]: diag Σ_f for every δ of the grid
+            for n, jacobian in jacobians.items():
+                inverse = 1 / (posterior.layers[n].eigenvalues.flatten()[:, None] + deltas[None])  # [P_l, K]
+                variance = variance + jacobian.flatten(2).pow(2) @ inverse.to(jacobian)
+            kappa = (1 + math.pi / 8 * variance).rsqrt()
+            log_probs = torch.log_softmax(mean[..., None] * kappa, 1)  # [B, C, K]
+            labels = part["labels"].to(log_probs.device)
+            total -= log_probs.gather(1, labels[:, None, None].expand(-1, 1, points))[:, 0].sum(0).double().cpu()
+        used += size
+    if used == 0:
+        raise BaraError("prior_fit=val needs validation instances, got none; fix: give the task a validation "
+                        "split or pass --prior-fit marglik")
+    nll = (total / used).tolist()
+    best = min(range(points), key=nll.__getitem__)
+    return deltas[best].item(), list(zip(deltas.tolist(), nll))
 
 
 @torch.no_grad()
@@ -626,6 +677,12 @@ class Laplace(Lora):
                                        c.kfac_approx, exact, dataset_size(train_batches))
         if c.prior_precision > 0:
             self.posterior.prior_precision = c.prior_precision
+        elif c.prior_fit == "val":
+            validation = ({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+                          for b in spread_batches(validation_batches, c.prior_fit_max))
+            self.posterior.prior_precision, _ = validation_prior_precision(
+                self._forward(classifier), modules, self.posterior, validation, len(classifier.label_names),
+                c.prior_fit_max)
         else:
             self.posterior.optimize_prior_precision()
 
@@ -650,6 +707,7 @@ class Laplace(Lora):
         low, high, _ = PRIOR_GRID
         return {"prior_precision": p.prior_precision, "log_marginal_likelihood": p.log_marginal_likelihood(),
                 "log_likelihood": p.log_likelihood, "prior_precision_fitted": self.config.prior_precision == 0,
+                "prior_fit": self.config.prior_fit if self.config.prior_precision == 0 else "given",
                 "prior_precision_at_grid_edge": not low * 1.01 < p.prior_precision < high / 1.01,
                 "n_data": p.n_data, "n_fit": p.n_fit, "posterior_params": p.num_params,
                 "hessian_structure": self.config.hessian_structure}
