@@ -310,3 +310,169 @@ def test_bench_help_lists_its_options(capsys):
     text = capsys.readouterr().out
     for word in ("--preset", "--output", "--report-only", "--only-dataset", "--only-method", "--no-progress"):
         assert word in text
+
+
+# -- OOD and shift --------------------------------------------------------------------------------------------
+@pytest.fixture()
+def shifted_data(tmp_path) -> tuple[str, str]:
+    """(shift, ood): the toy task's colours in other sentences (same labels), and texts with other labels."""
+    from conftest import write_tsv
+
+    shift, ood = tmp_path / "toy-shift", tmp_path / "animals"
+    for folder in (shift, ood):
+        folder.mkdir()
+    colours, animals = ["red", "green", "blue"], ["cat", "dog"]
+    for split, n in (("train", 12), ("dev", 6), ("test", 12)):
+        write_tsv(shift / f"{split}.tsv", [(f"my new coat is {colours[i % 3]} today", colours[i % 3])
+                                           for i in range(n)])
+        write_tsv(ood / f"{split}.tsv", [(f"the {animals[i % 2]} sleeps on the sofa", animals[i % 2])
+                                         for i in range(n)])
+    return str(shift), str(ood)
+
+
+@pytest.fixture()
+def shift_preset(tmp_path, tiny_bert, toy_data, shifted_data) -> Path:
+    shift, ood = shifted_data
+    (tmp_path / "with-shift").mkdir()
+    path = tiny_preset(tmp_path / "with-shift", tiny_bert, toy_data, methods='["lora"]')
+    path.write_text(path.read_text() + f"ood = {json.dumps(ood)}\nshift = {json.dumps(shift)}\n")
+    return path
+
+
+def test_ood_and_shift_identify_a_run(shift_preset, preset_file, shifted_data):
+    plain = bench.expand(str(preset_file))[0]
+    config = plain.config
+    assert bench.run_hash(config) == bench.run_hash(config, None, None) == plain.hash  # unset: hashes as before
+    shift, ood = shifted_data
+    hashes = {bench.run_hash(config), bench.run_hash(config, ood=ood), bench.run_hash(config, shift=shift),
+              bench.run_hash(config, ood=ood, shift=shift), bench.run_hash(config, ood=shift),
+              bench.run_hash(config, shift=ood)}
+    assert len(hashes) == 6
+    specs = bench.expand(str(shift_preset))
+    assert [(s.ood, s.shift) for s in specs] == [(ood, shift)] * 2
+    assert specs[0].hash == bench.run_hash(config, ood=ood, shift=shift)
+    assert specs[0].outputs() == [specs[0].folder / "metrics.json", specs[0].folder / "shift_metrics.json"]
+    assert plain.outputs() == [plain.folder / "metrics.json"]
+
+
+def _table_cells(text: str, heading: str) -> dict[str, dict[str, str]]:
+    """The first markdown table after ``heading``: variant -> column -> cell."""
+    lines = text.split(heading, 1)[1].splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith("| variant |"))
+    columns = [c.strip() for c in lines[start].split("|")[1:-1]]
+    table = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        table[cells[0]] = dict(zip(columns, cells))
+    return table
+
+
+def test_bench_reports_ood_auroc_and_shift_and_finishes_interrupted_shift_runs(shift_preset, shifted_data,
+                                                                              tmp_path, monkeypatch):
+    shift, ood = shifted_data
+    out = tmp_path / "bench"
+    specs = bench.expand(str(shift_preset))
+    summary = bench.run_bench(str(shift_preset), out, progress=False)
+    assert (summary["trained"], summary["failed"]) == (2, [])
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    for row, spec in zip(rows, specs):
+        metrics = json.loads((out / spec.folder / "metrics.json").read_text())
+        shifted = json.loads((out / spec.folder / "shift_metrics.json").read_text())
+        assert 0 <= metrics["ood_auroc"] <= 1 and row["test_ood_auroc"] == metrics["ood_auroc"]
+        assert (shifted["data"], shifted["n_test"], row["shift_data"]) == ("toy-shift", 12, shift)
+        assert (row["shift_accuracy"], row["shift_nll"]) == (shifted["accuracy"], shifted["nll"])
+        assert metrics["n_test"] == 24  # the shift's 12 test examples are another test set
+        assert (row["test_accuracy"], row["test_nll"]) == (metrics["accuracy"], metrics["nll"])
+
+    results = (out / "results.md").read_text()
+    assert f"OOD set: `{ood}`" in results and f"Shift: also tested on `{shift}`" in results
+    main = _table_cells(results, "## toy (2 of 2 runs finished)")
+    aurocs = [r["test_ood_auroc"] for r in rows]
+    assert main["lora"]["OOD AUROC"].strip("*") == \
+        f"{statistics.fmean(aurocs):.3f} ± {statistics.stdev(aurocs):.3f}"
+    under = _table_cells(results, f"### toy under shift: tested on `{shift}`")
+    accuracies = [r["shift_accuracy"] for r in rows]
+    assert under["lora"]["n"] == "2" and set(under["lora"]) == {"variant", "n", "accuracy %", "ECE %", "NLL", "Brier"}
+    assert under["lora"]["accuracy %"].strip("*") == \
+        f"{100 * statistics.fmean(accuracies):.1f} ± {100 * statistics.stdev(accuracies):.1f}"
+
+    # Interrupted between training and the shift evaluation: not finished, not reported; the rerun only
+    # evaluates (no training), and the run is reported again.
+    (out / specs[1].folder / "shift_metrics.json").unlink()
+    bench.run_bench(str(shift_preset), out, report_only=True)
+    assert "finished runs: 1 of 2" in (out / "results.md").read_text()
+    assert len((out / "results.jsonl").read_text().splitlines()) == 1
+    trained, evaluated = [], []
+    real_eval = runs.run_eval
+    monkeypatch.setattr(runs, "run_train", lambda config, output, **kwargs: trained.append(output))
+    monkeypatch.setattr(runs, "run_eval", lambda adapter, **kwargs: evaluated.append(adapter) or
+                        real_eval(adapter, **kwargs))
+    summary = bench.run_bench(str(shift_preset), out, progress=False)
+    assert (trained, evaluated, summary["skipped"], summary["trained"]) == ([], [out / specs[1].folder], 1, 1)
+    assert json.loads((out / specs[1].folder / "shift_metrics.json").read_text())["accuracy"] == \
+        rows[1]["shift_accuracy"]  # the same adapter, the same seeded evaluation
+    assert "finished runs: 2 of 2" in (out / "results.md").read_text()
+
+    # A failed shift evaluation leaves the run unfinished, with its traceback.
+    (out / specs[0].folder / "shift_metrics.json").unlink()
+
+    def failing_eval(adapter, **kwargs):
+        raise BaraError("labels differ")
+
+    monkeypatch.setattr(runs, "run_eval", failing_eval)
+    with pytest.raises(BaraError, match="1 of 2 runs failed"):
+        bench.run_bench(str(shift_preset), out, progress=False)
+    assert "labels differ" in (out / specs[0].folder / bench.ERROR).read_text()
+    assert not (out / specs[0].folder / "shift_metrics.json").exists() and trained == []
+    assert "finished runs: 1 of 2" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('ood = "no-such-data"', r"ood 'no-such-data' is neither a built-in task .*bigbench/TASK"),
+    ('shift = "bigbench/nope"', r"shift 'bigbench/nope' is neither a built-in task"),
+    ("shift = 3", r"shift '3' is neither"),
+    ("SELF", r"shift = .* is the dataset it trains on"),
+])
+def test_ood_and_shift_settings_are_checked(tmp_path, tiny_bert, toy_data, extra, message):
+    path = tiny_preset(tmp_path, tiny_bert, toy_data, methods='["lora"]')
+    path.write_text(path.read_text() + (f"shift = {json.dumps(toy_data)}" if extra == "SELF" else extra) + "\n")
+    with pytest.raises(BaraError, match=message):
+        bench.expand(str(path))
+
+
+def test_multiple_choice_preset_needs_fetched_bigbench(tmp_path, monkeypatch):
+    monkeypatch.setenv("BARA_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(BaraError, match=r"bigbench/strategyqa is not fetched yet .*fix: run 'bara data fetch "
+                       r"bigbench'"):
+        bench.run_bench("multiple-choice", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_packaged_multiple_choice_preset_and_ood_in_standard():
+    specs = bench.expand("multiple-choice")
+    datasets = ["strategyqa", "social_iqa", "winowhy", "epistemic_reasoning", "fever"]
+    assert list(dict.fromkeys(s.dataset for s in specs)) == datasets
+    assert len(specs) == 5 * 3 * 3 and len({s.hash for s in specs}) == len(specs)
+    assert {s.variant for s in specs} == {"lora", "blob", "bara"} and {s.seed for s in specs} == {0, 1, 2}
+    for dataset in datasets:
+        mine = [s.config for s in specs if s.dataset == dataset]
+        assert len({json.dumps({**c.train.to_dict(), "lr": 0, "seed": 0}) for c in mine}) == 1
+        assert {(c.model, c.max_train, c.max_eval, c.data) for c in mine} == {
+            ("smollm2", 1000, 200, "bigbench/fact_checker/fever" if dataset == "fever" else f"bigbench/{dataset}")}
+        assert all(c.method_options["target_modules"] == ["q_proj", "v_proj"] for c in mine)
+        assert all(c.train.max_length == 128 and c.train.steps == 200 and c.train.batch_size == 8 for c in mine)
+    assert {(s.dataset, s.shift) for s in specs if s.shift} == {("fever", "bigbench/fact_checker/politifact")}
+    assert not any(s.ood for s in specs)
+    for name in ("standard", "quick"):
+        assert {(s.dataset, s.ood) for s in bench.expand(name) if s.ood} == {("banking77", "trec")}
+        assert not any(s.shift for s in bench.expand(name))
+
+
+def test_bench_help_explains_ood_and_shift(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = capsys.readouterr().out
+    for word in ("ood =", "shift =", "shift_metrics.json", "multiple-choice", "bara data fetch bigbench"):
+        assert word in text

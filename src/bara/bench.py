@@ -4,16 +4,21 @@ runs are summarised.
 
 Layout of the output folder ``DIR``::
 
-    runs/<dataset>/<variant>/seed<k>-<hash>/   one run; <hash> = run_hash(config), so a changed setting is a new run
+    runs/<dataset>/<variant>/seed<k>-<hash>/   one run; <hash> = run_hash(config, ood, shift), so a changed setting
+                                               is a new run; shift_metrics.json beside metrics.json when the
+                                               dataset sets `shift`
     results.jsonl   one line per finished run: report.row + dataset, variant, hash
-    results.md      per dataset: variant x metric, mean ± std over seeds, best in bold
+    results.md      per dataset: variant x metric, mean ± std over seeds, best in bold (OOD AUROC where the
+                    dataset sets `ood`); a table "under shift" where it sets `shift`
     cost.md         per dataset: variant x (train s/step, peak memory, trainable parameters, prediction time)
     preset.json     the preset as resolved for the last training call
     plots/          reliability-<dataset>-<variant>.png and rank-<dataset>-<variant>.png (copied from the
                     run of the lowest seed), accuracy-ece-<dataset>.png, accuracy-nll-<dataset>.png
 
-A run folder holding metrics.json is finished and skipped; any other is (re)started, from its checkpoint
-when it has one. The preset format is documented at the top of ``benchmarks/presets.toml``.
+A run is finished when all of its outputs exist: metrics.json (written last by training), and shift_metrics.json
+when its dataset sets ``shift``. Finished runs are skipped and are the only ones reported. Any other run is
+(re)started, from its checkpoint when it has one; one that has metrics.json but lacks its shift evaluation only
+runs that evaluation. The preset format is documented at the top of ``benchmarks/presets.toml``.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from . import checkpoint, report, runs
-from .data import builtin_tasks
+from .data import bigbench, builtin_tasks
 from .errors import BaraError
 from .methods import METHODS
 from .plots import scatter_methods
@@ -51,7 +56,8 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # dataset and variant names b
 PRESET_KEYS = ("model", "seeds", "max_train", "max_eval", "methods", "train", "lr", "shared_options", "options",
                "datasets", "extends")
 HARNESS_SET = ("lr", "seed", "checkpoint_every")  # TrainConfig fields a preset does not set in [P.train]
-DATASET_KEYS = ("data", "lr", "max_train", "max_eval", "text_column", "label_column")
+DATASET_KEYS = ("data", "lr", "max_train", "max_eval", "text_column", "label_column", "ood", "shift")
+SHIFT = "shift_metrics.json"  # run_eval's metrics of the trained adapter on the `shift` dataset's test split
 
 # (key in report.row, header, which mean is best); one-pass and diagnostics columns appear where present.
 METRICS = [("test_accuracy", "accuracy %", "max"), ("test_ece", "ECE %", "min"), ("test_nll", "NLL", "min"),
@@ -59,6 +65,9 @@ METRICS = [("test_accuracy", "accuracy %", "max"), ("test_ece", "ECE %", "min"),
 ONE_PASS = [("test_fast_accuracy", "one-pass accuracy %", "max"), ("test_fast_ece", "one-pass ECE %", "min"),
             ("test_fast_nll", "one-pass NLL", "min")]
 DIAGNOSTICS = [("selection_variability", "V"), ("hard_rank_std", "rank std"), ("joint_effective_rank", "s̄")]
+OOD = [("test_ood_auroc", "OOD AUROC", "max")]
+SHIFTED = [("shift_accuracy", "accuracy %", "max"), ("shift_ece", "ECE %", "min"), ("shift_nll", "NLL", "min"),
+           ("shift_brier", "Brier", "min")]
 COST = [("train_seconds_per_step", "train s/step"), ("peak_memory_mb", "peak memory MB"),
         ("trainable_params", "trainable params"), ("predict_seconds", "predict s (test)"), ("samples", "S")]
 PROTOCOL = ("Every method trains with the same steps, batch size, max length, target modules and seeds; only the "
@@ -82,6 +91,8 @@ class RunSpec:
     seed: int
     hash: str
     config: RunConfig = field(compare=False)
+    ood: str | None = None  # dataset whose test texts are the out-of-distribution inputs (AUROC)
+    shift: str | None = None  # dataset (same labels) the trained adapter is also evaluated on
 
     @property
     def folder(self) -> Path:
@@ -91,6 +102,14 @@ class RunSpec:
     @property
     def name(self) -> str:
         return f"{self.dataset}/{self.variant}/seed{self.seed}-{self.hash}"
+
+    def outputs(self) -> list[Path]:
+        """The files whose presence makes the run finished, relative to the benchmark's output folder."""
+        return [self.folder / runs.METRICS] + ([self.folder / SHIFT] if self.shift else [])
+
+
+def finished(output: Path, spec: RunSpec) -> bool:
+    return all((output / path).exists() for path in spec.outputs())
 
 
 # -- presets ------------------------------------------------------------------------------------------------
@@ -301,9 +320,14 @@ def expand(preset: Preset | str) -> list[RunSpec]:
             raise BaraError(f"{at}: unknown setting(s) {', '.join(unknown)}; fix: use "
                             f"{', '.join(DATASET_KEYS + tuple(sorted(train_fields)))}")
         data = settings.get("data", dataset)
-        if data not in builtin_tasks() and not Path(data).exists():
-            raise BaraError(f"{at}: data '{data}' is neither a built-in task ({', '.join(builtin_tasks())}) nor an "
-                            "existing file or folder; fix: set data = \"PATH\" in its table")
+        _check_data(data, "data", at)
+        ood, shift = settings.get("ood"), settings.get("shift")
+        for key, value in (("ood", ood), ("shift", shift)):
+            if value is not None:
+                _check_data(value, key, at)
+                if value == data:
+                    raise BaraError(f"{at}: {key} = {value!r} is the dataset it trains on; fix: name another "
+                                    "dataset, or leave it out")
         for key in ("max_train", "max_eval"):
             value = settings.get(key, p.get(key))
             if value is not None and (type(value) is not int or value < 1):
@@ -325,15 +349,25 @@ def expand(preset: Preset | str) -> list[RunSpec]:
                     max_eval=settings.get("max_eval", p.get("max_eval")),
                     text_column=settings.get("text_column", "text"), label_column=settings.get("label_column", "label"),
                     train=TrainConfig(**train, lr=lr, seed=seed, checkpoint_every=CHECKPOINT_EVERY))
-                specs.append(RunSpec(dataset, variant, seed, run_hash(config), config))
+                specs.append(RunSpec(dataset, variant, seed, run_hash(config, ood, shift), config, ood, shift))
     return specs
 
 
-def run_hash(config: RunConfig) -> str:
-    """First 12 hex digits of the SHA-256 of the config as canonical JSON (sorted keys, no spaces).
+def _check_data(data, key: str, where: str) -> None:
+    """A built-in task, a BIG-bench task name (fetched or not: that is checked before training) or a path."""
+    if isinstance(data, str) and (data in builtin_tasks() or data in bigbench.names() or Path(data).exists()):
+        return
+    raise BaraError(f"{where}: {key} '{data}' is neither a built-in task ({', '.join(builtin_tasks())}, "
+                    f"bigbench/TASK) nor an existing file or folder; fix: set {key} = \"PATH\" in its table")
+
+
+def run_hash(config: RunConfig, ood: str | None = None, shift: str | None = None) -> str:
+    """First 12 hex digits of the SHA-256 of the config as canonical JSON (sorted keys, no spaces), with the
+    run's ``ood`` and ``shift`` datasets when set (unset, they leave the hash as it was before they existed).
     ``checkpoint_every`` is left out: resuming is exact, so how often a run checkpoints does not change it."""
     values = config.to_dict()
     values["train"] = {k: v for k, v in values["train"].items() if k != "checkpoint_every"}
+    values.update({k: v for k, v in (("ood", ood), ("shift", shift)) if v is not None})
     text = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -357,7 +391,7 @@ def _select(specs: list[RunSpec], only_dataset: str | None, only_method: str | N
 def _train(selected: list[RunSpec], output: Path, progress: bool) -> dict:
     from tqdm.auto import tqdm
 
-    pending = [s for s in selected if not (output / s.folder / runs.METRICS).exists()]
+    pending = [s for s in selected if not finished(output, s)]
     bar = tqdm(total=len(selected), initial=len(selected) - len(pending), desc="bench", unit="run",
                disable=not progress, dynamic_ncols=True)
     failed = []
@@ -366,7 +400,12 @@ def _train(selected: list[RunSpec], output: Path, progress: bool) -> dict:
         bar.set_postfix_str(spec.name)
         (folder / ERROR).unlink(missing_ok=True)
         try:
-            runs.run_train(spec.config, folder, resume=checkpoint.find(folder) is not None, progress_bar=progress)
+            if not (folder / runs.METRICS).exists():
+                runs.run_train(spec.config, folder, resume=checkpoint.find(folder) is not None, ood_data=spec.ood,
+                               progress_bar=progress)
+            if spec.shift:  # from the saved adapter, so an interruption here costs no retraining
+                shifted = runs.run_eval(folder, data=spec.shift, progress_bar=progress)
+                runs.write_json(folder / SHIFT, shifted)
         except Exception as err:  # one failed run must not stop the others of a long benchmark
             folder.mkdir(parents=True, exist_ok=True)
             (folder / ERROR).write_text(traceback.format_exc())
@@ -392,11 +431,12 @@ def run_bench(preset: Preset | str, output: str | Path, progress: bool = True, r
         raise BaraError(f"--output {output} is a file; fix: give a folder path")
     summary = {"runs": len(specs), "selected": len(selected), "trained": 0, "skipped": 0, "failed": []}
     if not report_only:
+        _check_fetched(selected)
         output.mkdir(parents=True, exist_ok=True)
         runs.write_json(output / "preset.json", {"name": preset.name, "source": preset.source, "preset": preset.values})
         summary.update(_train(selected, output, progress))
     command = command or shlex.join(["bara", "bench", "--preset", given, "--output", str(output)])
-    if report_only or not summary["failed"] or any((output / s.folder / runs.METRICS).exists() for s in specs):
+    if report_only or not summary["failed"] or any(finished(output, s) for s in specs):
         summary["written"] = write_report(preset, specs, output, command)
     if summary["failed"]:
         first = summary["failed"][0]
@@ -406,6 +446,13 @@ def run_bench(preset: Preset | str, output: str | Path, progress: bool = True, r
     return summary
 
 
+def _check_fetched(specs: list[RunSpec]) -> None:
+    """Every BIG-bench dataset the runs need is fetched: one clear error now, not one per failed run later."""
+    for name in dict.fromkeys(n for s in specs for n in (s.config.data, s.ood, s.shift) if n):
+        if bigbench.is_bigbench(name):
+            bigbench.task_folder(name)
+
+
 # -- report -------------------------------------------------------------------------------------------------
 def _row(output: Path, spec: RunSpec, metrics: dict) -> dict:
     history = output / spec.folder / "history.jsonl"
@@ -413,6 +460,12 @@ def _row(output: Path, spec: RunSpec, metrics: dict) -> dict:
     row = {"dataset": spec.dataset, "variant": spec.variant, "hash": spec.hash, **report.row(metrics)}
     # train_seconds and history.jsonl both cover the session that finished the run (after a resume: its part).
     row["train_seconds_per_step"] = row["train_seconds"] / steps if steps and row.get("train_seconds") else None
+    if spec.ood:
+        row["ood_data"], row["test_ood_auroc"] = spec.ood, metrics.get("ood_auroc")
+    if spec.shift:
+        shifted = json.loads((output / spec.folder / SHIFT).read_text())
+        row["shift_data"] = spec.shift
+        row.update({f"shift_{k}": shifted.get(k) for k in ("accuracy", "ece", "nll", "brier")})
     return row
 
 
@@ -448,27 +501,31 @@ def _copy(source: Path, target: Path) -> Path:
 
 def write_report(preset: Preset, specs: list[RunSpec], output: Path, command: str) -> list[Path]:
     """results.jsonl, results.md, cost.md and plots/ from the finished runs of ``specs``; others are left out."""
-    finished = [(spec, metrics) for spec in specs for metrics in report.load_runs([output / spec.folder])]
-    if not finished:
+    done = [(spec, metrics) for spec in specs if finished(output, spec)
+            for metrics in report.load_runs([output / spec.folder])]
+    if not done:
         raise BaraError(f"no finished runs of preset '{preset.name}' in {output}; fix: run 'bara bench --preset "
                         f"{preset.name} --output {output}' without --report-only first")
-    rows = [_row(output, spec, metrics) for spec, metrics in finished]
+    rows = [_row(output, spec, metrics) for spec, metrics in done]
     written = [_write_text(output / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))]
 
     datasets = list(dict.fromkeys(s.dataset for s in specs))
     variants = list(dict.fromkeys(s.variant for s in specs))
     order = {v: i for i, v in enumerate(variants)}
-    results = _header("Results", preset, command, len(finished), len(specs))
+    results = _header("Results", preset, command, len(done), len(specs))
     results += ["## Protocol", "", f"- {PROTOCOL}", _scope(preset, specs),
                 "- Test split; mean ± sample std over seeds (one value: one seed). Accuracy and ECE (15 bins) in %, "
                 "NLL and Brier of the averaged predictive; the best mean per column in bold (max for accuracy, min "
                 "for the others). One-pass: the deterministic prediction beside the sampled one. V: selection "
-                "variability, rank std: std across instances of the hard effective rank, s̄: joint effective rank.",
+                "variability, rank std: std across instances of the hard effective rank, s̄: joint effective rank. "
+                "OOD AUROC (where a dataset names an OOD set): predictive entropy as the score separating its test "
+                "texts from the OOD set's. Under shift (where a dataset names a shift set): the adapter trained on "
+                "the dataset, evaluated on the test split of another dataset with the same labels.",
                 "", "| variant | method | options |", "|---|---|---|"]
     for variant in variants:
         spec = next(s for s in specs if s.variant == variant)
         results.append(f"| {variant} | {spec.config.method} | `{json.dumps(spec.config.method_options)}` |")
-    cost = _header("Cost", preset, command, len(finished), len(specs))
+    cost = _header("Cost", preset, command, len(done), len(specs))
     cost += ["Mean over seeds. train s/step: the run's train_seconds (data and model loading, training, any post-hoc "
              "fit) over the steps it trained, both in the session that finished it; peak memory: resident memory "
              "of the process during the run (CPU RAM); predict s: one prediction over the test split with S samples."]
@@ -481,20 +538,29 @@ def write_report(preset: Preset, specs: list[RunSpec], output: Path, command: st
         cost += ["", f"## {dataset}", ""]
         if not dataset_rows:
             continue
-        present = [c for c in ONE_PASS + [(k, h, None) for k, h in DIAGNOSTICS]
+        present = [c for c in OOD + ONE_PASS + [(k, h, None) for k, h in DIAGNOSTICS]
                    if any(r.get(c[0]) is not None for r in dataset_rows)]
         columns = METRICS + present
         groups = report.summarize(dataset_rows, "variant", [c[0] for c in columns])
-        results.append(report.summary_markdown(groups, "variant", [(k, h) for k, h, _ in columns],
-                                               best={k: b for k, _, b in columns if b}))
+        results.append(_table(groups, columns))
+        shifted = [r for r in dataset_rows if r.get("shift_data")]
+        for shift in dict.fromkeys(r["shift_data"] for r in shifted):
+            results += ["", f"### {dataset} under shift: tested on `{shift}`", "",
+                        _table(report.summarize([r for r in shifted if r["shift_data"] == shift], "variant",
+                                                [k for k, _, _ in SHIFTED]), SHIFTED)]
         cost_groups = report.summarize(dataset_rows, "variant", [k for k, _ in COST])
         cost.append(report.summary_markdown(cost_groups, "variant", COST, no_spread=("trainable_params", "samples")))
-        written += _dataset_plots(plots, dataset, groups, output, [(s, m) for s, m in finished if s.dataset == dataset])
+        written += _dataset_plots(plots, dataset, groups, output, [(s, m) for s, m in done if s.dataset == dataset])
     results += ["", "Plots in plots/: reliability-<dataset>-<variant>.png and rank-<dataset>-<variant>.png (the run "
                 "of the lowest finished seed), accuracy-ece-<dataset>.png and accuracy-nll-<dataset>.png (means)."]
     written.append(_write_text(output / "results.md", "\n".join(results) + "\n"))
     written.append(_write_text(output / "cost.md", "\n".join(cost) + "\n"))
     return written
+
+
+def _table(groups: list[dict], columns: list[tuple]) -> str:
+    return report.summary_markdown(groups, "variant", [(k, h) for k, h, _ in columns],
+                                   best={k: b for k, _, b in columns if b})
 
 
 def _scope(preset: Preset, specs: list[RunSpec]) -> str:
@@ -512,11 +578,13 @@ def _schedule(specs: list[RunSpec], dataset: str) -> str:
     rates = dict.fromkeys(f"{s.config.train.lr:g}" for s in mine)
     lr = next(iter(rates)) if len(rates) == 1 else ", ".join(
         f"{v} {r}" for v, r in dict.fromkeys((s.variant, f"{s.config.train.lr:g}") for s in mine))
+    extra = "".join(f" {label} `{value}`." for label, value in (("OOD set:", mine[0].ood),
+                                                                ("Shift: also tested on", mine[0].shift)) if value)
     return (f"Data `{mine[0].config.data}`: {length}, batch size {t.batch_size}, max length {t.max_length}, "
-            f"learning rate {lr}.")
+            f"learning rate {lr}.{extra}")
 
 
-def _dataset_plots(plots: Path, dataset: str, groups: list[dict], output: Path, finished: list) -> list[Path]:
+def _dataset_plots(plots: Path, dataset: str, groups: list[dict], output: Path, done: list) -> list[Path]:
     written = []
     points = [{"method": g["variant"], "accuracy %": 100 * g["test_accuracy"][0], "ECE %": 100 * g["test_ece"][0],
                "NLL": g["test_nll"][0]} for g in groups if None not in
@@ -527,7 +595,7 @@ def _dataset_plots(plots: Path, dataset: str, groups: list[dict], output: Path, 
         written.append(scatter_methods(points, "NLL", "accuracy %", plots / f"accuracy-nll-{dataset}.png",
                                        f"{dataset}: test accuracy against NLL (mean over seeds)"))
     lowest: dict[str, RunSpec] = {}
-    for spec, _ in finished:
+    for spec, _ in done:
         if spec.variant not in lowest or spec.seed < lowest[spec.variant].seed:
             lowest[spec.variant] = spec
     for variant, spec in lowest.items():

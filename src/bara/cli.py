@@ -1,4 +1,5 @@
-"""The ``bara`` command: ``bara train``, ``bara eval`` and ``bara bench``. User errors print one line and exit 2."""
+"""The ``bara`` command: ``bara train``, ``bara eval``, ``bara bench`` and ``bara data fetch``. User errors print
+one line and exit 2."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ EXAMPLES = """examples:
   bara eval --adapter runs/trec-lora
   bara eval --adapter runs/trec-lora --samples 10 --ood-data yahoo
   bara bench --preset quick --output runs/bench-quick
+  bara data fetch bigbench
 """
 
 BENCH_EXAMPLES = """examples:
@@ -24,9 +26,23 @@ BENCH_EXAMPLES = """examples:
   bara bench --preset standard --output runs/bench --only-dataset trec --only-method lora,bara
   bara bench --preset my-presets.toml:small --output runs/small
   bara bench --preset standard --output runs/bench --report-only
+  bara data fetch bigbench && bara bench --preset multiple-choice --output runs/bench-mc
 
 An interrupted benchmark continues where it stopped when the same command is run again: finished runs
-(folders with metrics.json) are skipped, unfinished ones resume from their last checkpoint.
+(folders with metrics.json, and shift_metrics.json when the dataset sets shift) are skipped, unfinished ones
+resume from their last checkpoint (or, when only the shift evaluation is missing, run just that).
+A dataset of a preset may set ood = "DATASET" (the report gets an OOD AUROC column: predictive entropy,
+its test texts against DATASET's) and shift = "DATASET" (the trained adapter is also evaluated on DATASET's
+test split, same labels; the report gets an "under shift" table). Both are part of what identifies a run.
+"""
+
+DATA_EXAMPLES = """examples:
+  bara data fetch bigbench                                  # every task (downloads about 360 MB once)
+  bara data fetch bigbench --tasks strategyqa,fact_checker  # some of them (fact_checker: its 3 subtasks)
+  bara data fetch bigbench --sdist bigbench-1.0.0.tar.gz    # from an sdist downloaded elsewhere (kept)
+
+The tasks then load as --data bigbench/TASK (multiple choice; question, choices, answer), split 80/20 into
+train and test (stratified by answer, seed 0); validation is carved from train at load time.
 """
 
 
@@ -63,7 +79,7 @@ def _comma_list(text: str) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    from .data import builtin_tasks
+    from .data import bigbench, builtin_tasks
     from .methods import METHODS
     from .trainer import TrainConfig
 
@@ -77,9 +93,10 @@ def parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     t.add_argument("--model", default="minilm", help="minilm (embedded BERT encoder, default), smollm2 "
                    "(embedded causal LM), a local model folder, or a hub id (needs network)")
-    t.add_argument("--data", default="trec", help=f"a built-in dataset ({', '.join(builtin_tasks())}), or a "
-                   "CSV/TSV/JSONL file or folder with text and label columns, or a multiple-choice JSONL "
-                   "(question, choices, answer)")
+    t.add_argument("--data", default="trec", help=f"a built-in dataset ({', '.join(builtin_tasks())}), a "
+                   "BIG-bench task after 'bara data fetch bigbench' (bigbench/strategyqa, ...), or a CSV/TSV/JSONL "
+                   "file or folder with text and label columns, or a multiple-choice JSONL (question, choices, "
+                   "answer)")
     t.add_argument("--method", default="lora", choices=sorted(METHODS), help="fine-tuning method (default lora)")
     t.add_argument("--output", required=True, type=Path, help="folder for the adapter, metrics.json and plots")
     t.add_argument("--max-train", type=int, help="subsample the training split to N examples (stratified, seeded)")
@@ -116,7 +133,8 @@ def parser() -> argparse.ArgumentParser:
                        description="Train every run of a preset that is not finished yet, then write results.md,\n"
                        "cost.md, results.jsonl and plots/ in --output over all finished runs of the preset.",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=BENCH_EXAMPLES)
-    b.add_argument("--preset", required=True, help="a packaged preset (quick, standard, ablations), a TOML file "
+    b.add_argument("--preset", required=True, help="a packaged preset (quick, standard, ablations, "
+                   "multiple-choice: needs 'bara data fetch bigbench'), a TOML file "
                    "with one preset, or FILE.toml:NAME for one of several (format: bara/benchmarks/presets.toml)")
     b.add_argument("--output", required=True, type=Path, help="folder for runs/, the report and plots/")
     b.add_argument("--report-only", action="store_true", help="only rebuild the report from the finished runs")
@@ -125,6 +143,24 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--only-method", metavar="M", help="train only the runs of these methods or variants "
                    "(comma-separated)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    data = sub.add_parser("data", help="fetch datasets that are not shipped with bara (BIG-bench)",
+                          description="Datasets that are downloaded once into the cache ($BARA_CACHE, default "
+                          "~/.cache/bara) and then load by name.",
+                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=DATA_EXAMPLES)
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    f = data_sub.add_parser("fetch", help="download and convert a dataset collection",
+                            description=f"Download bigbench=={bigbench.VERSION} from PyPI with pip, convert the "
+                            "task.json of the tasks to multiple-choice JSONL under $BARA_CACHE/bigbench/TASK/ and "
+                            "delete the download.",
+                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=DATA_EXAMPLES)
+    f.add_argument("source", choices=["bigbench"], help="what to fetch: bigbench (BIG-bench multiple-choice tasks)")
+    f.add_argument("--tasks", type=_comma_list,
+                   help=f"comma-separated tasks (default all: {', '.join(bigbench.TASKS)})")
+    f.add_argument("--force", action="store_true", help="fetch and convert again even if the tasks are there")
+    f.add_argument("--sdist", type=Path, help=f"use this bigbench-{bigbench.VERSION}.tar.gz (or its unpacked "
+                   "folder) instead of downloading; it is left in place")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
     return top
 
 
@@ -149,6 +185,23 @@ def _quiet() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+def _fetch(args: argparse.Namespace) -> None:
+    from .data import bigbench
+
+    summary = bigbench.fetch(args.tasks, args.force, args.sdist, not args.no_progress)
+    root = bigbench.cache_root()
+    if not summary:
+        print(f"already fetched into {root}: {', '.join(bigbench.resolve_tasks(args.tasks))} (--force fetches again)")
+        return
+    reasons = {"duplicates": "repeated", "conflicting": "repeated with another answer",
+               "no_single_answer": "without one right choice", "other_choice_count": "with another number of choices"}
+    for task, n in summary.items():
+        dropped = ", ".join(f"{n[k]} {why}" for k, why in reasons.items() if n[k])
+        print(f"{bigbench.PREFIX}{task}: {n['examples']} examples, {n['choices']} choices -> {n['train']} train, "
+              f"{n['test']} test" + (f" (dropped {dropped})" if dropped else ""))
+    print(f"wrote {root}/TASK/train.jsonl and test.jsonl; load them as --data {bigbench.PREFIX}TASK")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,12 +247,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{summary['selected']} runs: {summary['trained']} trained, "
                       f"{summary['skipped']} already finished")
             print(f"wrote {args.output}/results.md, cost.md, results.jsonl and plots/")
+        elif args.command == "data":
+            _fetch(args)
     except BaraError as err:
         print(f"bara: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        again = "the same command" if args.command == "bench" else "with --resume"
-        print(f"bara: interrupted; rerun {again} to continue from the last checkpoint", file=sys.stderr)
+        again = {"train": "with --resume to continue from the last checkpoint",
+                 "bench": "the same command to continue from the last checkpoint"}.get(args.command, "the same command")
+        print(f"bara: interrupted; rerun {again}", file=sys.stderr)
         return 130
     return 0
 

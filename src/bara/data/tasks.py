@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BaraError
-from . import sampling
+from . import bigbench, sampling
 from .bolt import BUILTINS, read_builtin
 from .files import LETTERS, RawSplit, RawTask, read_local
 
@@ -78,10 +78,12 @@ def load_task(spec: str, *, max_train: int | None = None, seed: int = 0, text_co
               label_column: str = "label", max_eval: int | None = None) -> Task:
     """Load a built-in task by name, or a local ``.csv``/``.tsv``/``.jsonl`` file or folder.
 
-    A folder holds ``train.*`` and optionally ``validation.*`` (or ``dev.*``, ``val.*``) and ``test.*``;
-    missing validation/test splits are carved from train (10% each, stratified, seeded). A built-in name
-    wins over a folder of the same name: write ``./trec`` for the folder. ``max_train`` subsamples the
-    training split and ``max_eval`` caps validation and test, both stratified by label and seeded.
+    BIG-bench tasks (``bigbench/strategyqa``, ...: :func:`bara.data.bigbench.names`) load once fetched with
+    ``bara data fetch bigbench``. A folder holds ``train.*`` and optionally ``validation.*`` (or ``dev.*``,
+    ``val.*``) and ``test.*``; missing validation/test splits are carved from train (10% each, stratified,
+    seeded). A built-in name wins over a folder of the same name: write ``./trec`` for the folder.
+    ``max_train`` subsamples the training split and ``max_eval`` caps validation and test, both stratified by
+    label and seeded.
     """
     for option, value in (("max_train", max_train), ("max_eval", max_eval)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -99,11 +101,13 @@ def load_task(spec: str, *, max_train: int | None = None, seed: int = 0, text_co
 def _read(spec: str, text_column: str, label_column: str) -> RawTask:
     if spec.lower() in BUILTINS:
         return read_builtin(spec.lower())
+    if bigbench.is_bigbench(spec):
+        return bigbench.read_bigbench(spec)
     path = Path(spec).expanduser()
     if not path.exists():
         raise BaraError(f"{spec}: no such file or folder, and not a built-in task; fix: pass one of "
-                        f"{', '.join(BUILTINS)}, or the path of a .csv/.tsv/.jsonl file or of a folder with "
-                        "train.csv/.tsv/.jsonl")
+                        f"{', '.join(BUILTINS)}, bigbench/TASK (after 'bara data fetch bigbench'), or the path of "
+                        "a .csv/.tsv/.jsonl file or of a folder with train.csv/.tsv/.jsonl")
     return read_local(path, text_column, label_column)
 
 

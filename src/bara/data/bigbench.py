@@ -1,0 +1,317 @@
+"""BIG-bench multiple-choice tasks, fetched once from the ``bigbench==1.0.0`` source distribution on PyPI.
+
+``bara data fetch bigbench`` downloads the sdist (358 MB) with pip, reads
+``*/bigbench/benchmark_tasks/<task>/task.json`` for the tasks in :data:`TASKS`, converts each to the package's
+multiple-choice JSONL and deletes the download. ``load_task("bigbench/<task>")`` then reads
+
+    $BARA_CACHE/bigbench/<task>/train.jsonl, test.jsonl      (default ~/.cache/bara, as for the models)
+
+one record per line: ``{"question": input, "choices": [...], "answer": index}``; the validation split is
+carved from train by :func:`bara.data.load_task` (10 %, stratified, seeded by the run's seed).
+
+Conversion of a ``task.json`` (every task here is scored by ``target_scores``):
+
+- question = the example's ``input``; choices = the keys of ``target_scores`` in their stored order (BIG-bench
+  already varies the position of the right answer; for yes/no tasks the order is the same in every example,
+  so "A" always means the same choice); answer = the index of the one choice with the top score.
+- Dropped: examples without exactly one top-scored choice; examples whose number of choices differs from the
+  task's usual one (a task needs one number of choices); repeated (question, choices) pairs, keeping one copy
+  when the copies agree on the answer and none when they disagree (a repeat could otherwise sit in train and
+  test at once).
+- The task's ``task_prefix`` (one instruction shared by every example) is left out: fine-tuning learns the
+  task from the labels, and the prefix would take 15 to 25 tokens of every prompt.
+- Split: test = 20 % of the examples, stratified by answer and seeded by 0, so the split is the same on
+  every machine and for every run seed; train = the rest, in the task's order.
+
+Tasks with subtasks (``fact_checker``: fever, politifact, covid19_scientific) have no examples of their own;
+each subtask is a task here (``bigbench/fact_checker/fever``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import BaraError
+from . import sampling
+from .files import RawTask, read_local
+
+VERSION = "1.0.0"
+PREFIX = "bigbench/"
+# Checked on bigbench 1.0.0: each is scored by target_scores with one right choice.
+TASKS = ("social_iqa", "strategyqa", "winowhy", "epistemic_reasoning", "fact_checker/fever",
+         "fact_checker/politifact", "fact_checker/covid19_scientific")
+TEST_FRACTION = 0.2
+SPLIT_SEED = 0
+SPLIT_STREAM = 100  # a stream of sampling's generator that no other split uses
+FILES = ("train.jsonl", "test.jsonl")
+FETCH_HINT = "run 'bara data fetch bigbench' (downloads the bigbench sdist from PyPI once, about 360 MB)"
+MEMBER = re.compile(r"(?:.*/)?bigbench/benchmark_tasks/(.+)/task\.json")
+
+
+def cache_root() -> Path:
+    """Where the converted tasks live: ``$BARA_CACHE/bigbench``, under the root of
+    :func:`bara.models.cache_dir` (spelled out here so that data never imports the model code)."""
+    return Path(os.environ.get("BARA_CACHE", Path.home() / ".cache" / "bara")) / "bigbench"
+
+
+def names() -> list[str]:
+    """The names ``load_task`` accepts for BIG-bench tasks, fetched or not."""
+    return [PREFIX + task for task in TASKS]
+
+
+def is_bigbench(spec: str) -> bool:
+    return str(spec).lower().startswith(PREFIX)
+
+
+def task_folder(spec: str) -> Path:
+    """The folder of a fetched task; a BaraError naming the fix when it is unknown or not fetched."""
+    task = str(spec)[len(PREFIX):].strip("/")
+    if task not in TASKS:
+        raise BaraError(f"{spec}: not a BIG-bench task of bara; fix: use one of {', '.join(names())}")
+    folder = cache_root() / task
+    if not all((folder / name).is_file() for name in FILES):
+        raise BaraError(f"{spec} is not fetched yet (no {folder / FILES[0]}); fix: {FETCH_HINT}")
+    return folder
+
+
+def read_bigbench(spec: str) -> RawTask:
+    raw = read_local(task_folder(spec))
+    raw.name = PREFIX + str(spec)[len(PREFIX):].strip("/")
+    return raw
+
+
+# -- conversion ---------------------------------------------------------------------------------------------
+@dataclass
+class Converted:
+    records: list[dict]  # question, choices, answer
+    examples: int  # in task.json
+    no_single_answer: int = 0
+    other_choice_count: int = 0
+    duplicates: int = 0
+    conflicting: int = 0
+
+    @property
+    def dropped(self) -> int:
+        return self.examples - len(self.records)
+
+
+def convert(task: dict, name: str = "task") -> Converted:
+    """A BIG-bench ``task.json`` (parsed) as multiple-choice records; see the module docstring for the rules."""
+    examples = task.get("examples")
+    if not isinstance(examples, list) or not examples:
+        subtasks = [s.get("name") for s in task.get("subtasks", []) if isinstance(s, dict)]
+        raise BaraError(f"{name}: task.json holds no examples" + (f" (its subtasks: {', '.join(subtasks)})"
+                        if subtasks else "") + "; fix: convert a task or subtask with examples")
+    out = Converted(records=[], examples=len(examples))
+    candidates = []
+    for example in examples:
+        scores = example.get("target_scores") if isinstance(example, dict) else None
+        question = example.get("input") if isinstance(example, dict) else None
+        if not isinstance(scores, dict) or len(scores) < 2 or not isinstance(question, str) or not question.strip():
+            out.no_single_answer += 1
+            continue
+        top = max(scores.values())
+        winners = [i for i, value in enumerate(scores.values()) if value == top]
+        if len(winners) != 1:
+            out.no_single_answer += 1
+            continue
+        candidates.append({"question": question.strip(), "choices": [str(c).strip() for c in scores],
+                           "answer": winners[0]})
+    if not candidates:
+        raise BaraError(f"{name}: no example of task.json has exactly one top-scored choice; fix: use a "
+                        "multiple-choice task scored by target_scores")
+    usual = Counter(len(r["choices"]) for r in candidates).most_common(1)[0][0]
+    kept = [r for r in candidates if len(r["choices"]) == usual]
+    out.other_choice_count = len(candidates) - len(kept)
+    copies: dict[tuple, list[dict]] = {}
+    for record in kept:
+        copies.setdefault((record["question"], tuple(record["choices"])), []).append(record)
+    for group in copies.values():  # dicts keep insertion order: the records stay in the task's order
+        if len({r["answer"] for r in group}) == 1:
+            out.records.append(group[0])
+            out.duplicates += len(group) - 1
+        else:
+            out.conflicting += len(group)
+    return out
+
+
+def split(records: list[dict], seed: int = SPLIT_SEED, test_fraction: float = TEST_FRACTION) \
+        -> tuple[list[dict], list[dict]]:
+    """(train, test): ``test_fraction`` of the records (at least 1), stratified by answer and seeded."""
+    answers = [r["answer"] for r in records]
+    n_test = min(max(1, math.floor(test_fraction * len(records) + 0.5)), len(records) - 1)
+    test = set(sampling.stratified_sample(answers, n_test, seed, SPLIT_STREAM))
+    return ([r for i, r in enumerate(records) if i not in test], [r for i, r in enumerate(records) if i in test])
+
+
+def write_task(records: list[dict], folder: Path) -> dict:
+    """train.jsonl and test.jsonl into ``folder``, replacing it whole (a half-written task is never seen)."""
+    train, test = split(records)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    tmp.chmod(0o755)  # mkdtemp's 0o700 would otherwise become the task folder's mode
+    try:
+        for name, part in zip(FILES, (train, test)):
+            (tmp / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"train": len(train), "test": len(test)}
+
+
+# -- extraction ---------------------------------------------------------------------------------------------
+def read_task_files(source: Path, tasks: list[str]) -> dict[str, dict]:
+    """The parsed ``task.json`` of each of ``tasks`` from the sdist ``source`` (a .tar.gz, read in place and
+    never unpacked) or from a folder that holds the unpacked sdist."""
+    wanted, found = set(tasks), {}
+    if source.is_dir():
+        for base in _benchmark_folders(source):
+            for task in wanted - set(found):
+                path = base / task / "task.json"
+                if path.is_file():
+                    found[task] = _parse(path.read_bytes(), path)
+    else:
+        try:
+            with tarfile.open(source, "r:*") as archive:
+                for member in archive:
+                    match = MEMBER.fullmatch(member.name)
+                    if match and match[1] in wanted and match[1] not in found and member.isfile():
+                        found[match[1]] = _parse(archive.extractfile(member).read(), f"{source}:{member.name}")
+        except (tarfile.TarError, OSError) as err:
+            raise BaraError(f"{source}: cannot read it as the bigbench sdist ({err}); fix: run 'bara data fetch "
+                            "bigbench --force' to download it again") from None
+    missing = [t for t in tasks if t not in found]
+    if missing:
+        raise BaraError(f"{source}: no bigbench/benchmark_tasks/{missing[0]}/task.json in it; fix: use the "
+                        f"bigbench {VERSION} sdist (pip download --no-deps --no-binary :all: bigbench=={VERSION})")
+    return found
+
+
+def _benchmark_folders(folder: Path) -> list[Path]:
+    """``bigbench/benchmark_tasks`` folders at most three levels below ``folder`` (pip's unpacked tree)."""
+    found = []
+    for depth in range(4):
+        found += [p for p in folder.glob("/".join(["*"] * depth + ["bigbench", "benchmark_tasks"])) if p.is_dir()]
+    return found
+
+
+def _parse(data: bytes, where) -> dict:
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BaraError(f"{where}: not valid JSON ({err}); fix: fetch again with --force") from None
+
+
+def extract(source: Path, tasks: list[str], root: Path | None = None) -> dict[str, dict]:
+    """Convert ``tasks`` from the sdist ``source`` into ``root`` (default :func:`cache_root`); per task the
+    counts of examples in task.json, kept, dropped, train and test."""
+    root = cache_root() if root is None else root
+    summary, contents = {}, read_task_files(source, tasks)
+    for task in tasks:
+        converted = convert(contents[task], task)
+        sizes = write_task(converted.records, root / task)
+        summary[task] = {"examples": converted.examples, "kept": len(converted.records),
+                         "dropped": converted.dropped, "no_single_answer": converted.no_single_answer,
+                         "other_choice_count": converted.other_choice_count, "duplicates": converted.duplicates,
+                         "conflicting": converted.conflicting,
+                         "choices": len(converted.records[0]["choices"]), **sizes}
+    return summary
+
+
+# -- download -----------------------------------------------------------------------------------------------
+def download(workdir: Path, progress: bool = True) -> Path:
+    """The bigbench sdist fetched by pip into ``workdir``: the .tar.gz, or the tree pip unpacked it into.
+
+    pip prepares the metadata of every sdist it downloads, and pip >= 26 then refuses bigbench 1.0.0 because
+    its metadata names a direct-URL dependency (bleurt @ file://...). ``--no-clean`` with ``TMPDIR`` inside
+    ``workdir`` keeps the tree pip had already unpacked, which holds the same files as the archive."""
+    from tqdm.auto import tqdm
+
+    dist, tmp = workdir / "dist", workdir / "pip-tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-clean",
+               "--progress-bar", "raw", "--disable-pip-version-check", f"bigbench=={VERSION}", "-d", str(dist)]
+    log = workdir / "pip-output.txt"
+    bar = None
+    with log.open("w") as output:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=output, text=True,
+                                   env={**os.environ, "TMPDIR": str(tmp)})
+        for line in process.stdout:
+            match = re.fullmatch(r"Progress (\d+) of (\d+)", line.strip())
+            if match:  # pip's --progress-bar raw: one line per update
+                if bar is None:
+                    bar = tqdm(total=int(match[2]) or None, desc=f"bigbench-{VERSION}.tar.gz", unit="B",
+                               unit_scale=True, unit_divisor=1024, disable=not progress)
+                bar.update(int(match[1]) - bar.n)
+                if bar.n == bar.total:
+                    bar.close()  # pip goes on to prepare the metadata, which is not download time
+                continue
+            output.write(line)
+            if line.strip().startswith("Downloading"):
+                print(f"pip: {line.strip()}", flush=True)
+        code = process.wait()
+    if bar is not None:
+        bar.close()
+    archives = sorted(dist.glob("bigbench-*.tar.gz")) if dist.is_dir() else []
+    if archives:
+        return archives[0]
+    if _benchmark_folders(tmp):
+        if code != 0:
+            print(f"pip stopped after unpacking the sdist (exit {code}: bigbench {VERSION} declares a direct-URL "
+                  "dependency, which recent pip refuses); reading the task files from the unpacked copy")
+        return tmp
+    message = " ".join(log.read_text().split())[-300:] or f"exit status {code}"
+    raise BaraError(f"pip could not download bigbench=={VERSION} ({message}); fix: check the connection to PyPI, "
+                    "or download the sdist elsewhere and pass it with --sdist FILE")
+
+
+def fetch(tasks: list[str] | None = None, force: bool = False, sdist: Path | None = None,
+          progress: bool = True, root: Path | None = None) -> dict[str, dict]:
+    """Fetch and convert ``tasks`` (default: all of :data:`TASKS`; a parent such as ``fact_checker`` means its
+    subtasks) into ``root``; tasks already there are kept unless ``force``. With ``sdist`` (a bigbench
+    .tar.gz or unpacked folder) nothing is downloaded and the file is left in place; a download is deleted
+    once converted. Returns the counts per converted task (empty when everything was there already)."""
+    root = cache_root() if root is None else root
+    chosen = resolve_tasks(tasks)
+    todo = [t for t in chosen if force or not all((root / t / f).is_file() for f in FILES)]
+    if not todo:
+        return {}
+    if sdist is not None:
+        if not Path(sdist).exists():
+            raise BaraError(f"--sdist {sdist}: no such file or folder; fix: give the path of bigbench-{VERSION}.tar.gz")
+        return extract(Path(sdist), todo, root)
+    root.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(dir=root, prefix=".download-"))  # beside the cache: same disk, cleaned up
+    try:
+        print(f"downloading bigbench=={VERSION} from PyPI with pip (about 360 MB; only {len(todo)} task.json "
+              "files are kept)", flush=True)
+        source = download(workdir, progress)
+        return extract(source, todo, root)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def resolve_tasks(tasks: list[str] | None) -> list[str]:
+    if not tasks:
+        return list(TASKS)
+    chosen = []
+    for name in tasks:
+        name = name[len(PREFIX):] if is_bigbench(name) else name
+        matches = [t for t in TASKS if t == name or t.startswith(name.rstrip("/") + "/")]
+        if not matches:
+            raise BaraError(f"--tasks: '{name}' is not a BIG-bench task of bara; fix: use some of {', '.join(TASKS)}")
+        chosen += [t for t in matches if t not in chosen]
+    return chosen

@@ -1,0 +1,198 @@
+"""BIG-bench tasks: conversion of task.json to multiple-choice JSONL, the fixed 80/20 split, reading the sdist
+(a .tar.gz or the tree pip unpacked) and the clear error before `bara data fetch bigbench`. No network: the
+sdist is a small fake with the real layout, and pip is replaced by a fake process."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from bara import cli, models
+from bara.data import bigbench, load_task
+from bara.errors import BaraError
+
+
+def yes_no_task(n: int = 50) -> dict:
+    """A strategyqa-like task: a fixed choice order, the answer in both positions."""
+    return {"name": "strategyqa", "examples": [
+        {"input": f"Is {i} an even number?", "target_scores": {"Yes": int(i % 2 == 0), "No": int(i % 2 == 1)},
+         "target": "an explanation that is not used"} for i in range(n)]}
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("BARA_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "bigbench"
+
+
+def test_cache_root_is_the_models_cache(cache):
+    assert bigbench.cache_root() == cache == models.cache_dir() / "bigbench"
+
+
+def test_convert_keeps_single_answer_questions_once():
+    task = {"examples": [
+        {"input": " Where is the cat? ", "target_scores": {"mat": 0, "roof": 1, "box": 0}},
+        {"input": "Where is the dog?", "target_scores": {"yard": 1, "roof": 0, "box": 0}},
+        {"input": "Where is the dog?", "target_scores": {"yard": 1, "roof": 0, "box": 0}},  # repeat, agrees
+        {"input": "Who won?", "target_scores": {"A team": 1, "B team": 0, "nobody": 0}},
+        {"input": "Who won?", "target_scores": {"A team": 0, "B team": 1, "nobody": 0}},  # repeat, disagrees
+        {"input": "Two right answers", "target_scores": {"x": 1, "y": 1, "z": 0}},
+        {"input": "Only two choices", "target_scores": {"x": 1, "y": 0}},
+        {"input": "No scores", "target": "free text"},
+        {"input": "Why?", "target_scores": {"because": 0.2, "never": 0.9, "always": 0.1}},
+    ]}
+    out = bigbench.convert(task)
+    assert out.records == [
+        {"question": "Where is the cat?", "choices": ["mat", "roof", "box"], "answer": 1},
+        {"question": "Where is the dog?", "choices": ["yard", "roof", "box"], "answer": 0},
+        {"question": "Why?", "choices": ["because", "never", "always"], "answer": 1}]
+    assert (out.examples, out.duplicates, out.conflicting, out.no_single_answer, out.other_choice_count,
+            out.dropped) == (9, 1, 2, 2, 1, 6)
+
+
+def test_convert_a_task_with_subtasks_names_them():
+    with pytest.raises(BaraError, match="holds no examples .its subtasks: fever, politifact."):
+        bigbench.convert({"name": "fact_checker", "subtasks": [{"name": "fever"}, {"name": "politifact"}]},
+                         "fact_checker")
+
+
+def test_split_is_fixed_stratified_and_disjoint():
+    records = bigbench.convert(yes_no_task(50)).records
+    train, test = bigbench.split(records)
+    assert (train, test) == bigbench.split(records)  # seeded: the same on every call and machine
+    assert len(test) == 10 and len(train) == 40
+    assert Counter(r["answer"] for r in test) == {0: 5, 1: 5}  # stratified by answer
+    assert sorted(r["question"] for r in train + test) == sorted(r["question"] for r in records)
+    assert [r for r in records if r in train] == train  # train keeps the task's order
+    assert bigbench.split(records, seed=1)[1] != test
+
+
+def test_load_task_before_fetch_says_how_to_fetch(cache, tmp_path, capsys):
+    with pytest.raises(BaraError) as err:
+        load_task("bigbench/strategyqa")
+    assert "bara data fetch bigbench" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(BaraError, match="not a BIG-bench task of bara; fix: use one of bigbench/social_iqa"):
+        load_task("bigbench/nope")
+    assert cli.main(["train", "--data", "bigbench/strategyqa", "--output", str(tmp_path / "run")]) == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("bara: error: bigbench/strategyqa is not fetched yet") and "\n" not in message
+    assert not (tmp_path / "run").exists()
+
+
+def fake_sdist(path: Path, tasks: dict[str, dict]) -> Path:
+    """A .tar.gz with the layout of the bigbench sdist: bigbench-1.0.0/bigbench/benchmark_tasks/<task>/task.json."""
+    with tarfile.open(path, "w:gz") as archive:
+        files = {"bigbench-1.0.0/setup.py": b"raise SystemExit('never run')\n",
+                 "bigbench-1.0.0/bigbench/benchmark_tasks/README.md": b"tasks\n",
+                 **{f"bigbench-1.0.0/bigbench/benchmark_tasks/{name}/task.json": json.dumps(task).encode()
+                    for name, task in tasks.items()}}
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def fact_checker_tasks() -> dict[str, dict]:
+    claims = lambda source, n: {"examples": [  # noqa: E731
+        {"input": f"{source} claim {i}. Q: Was this claim true or false?",
+         "target_scores": {"true": int(i % 3 == 0), "false": int(i % 3 != 0)}} for i in range(n)]}
+    return {"fact_checker": {"name": "fact_checker", "subtasks": [{"name": "fever"}]},
+            "fact_checker/fever": claims("wiki", 30), "fact_checker/politifact": claims("politics", 20),
+            "fact_checker/covid19_scientific": claims("covid", 10)}
+
+
+def test_fetch_from_an_sdist_archive_makes_the_tasks_loadable(cache, tmp_path, capsys):
+    sdist = fake_sdist(tmp_path / "bigbench-1.0.0.tar.gz", {"strategyqa": yes_no_task(50), **fact_checker_tasks()})
+    summary = bigbench.fetch(["strategyqa", "fact_checker"], sdist=sdist, progress=False)
+    assert list(summary) == ["strategyqa", "fact_checker/fever", "fact_checker/politifact",
+                             "fact_checker/covid19_scientific"]
+    assert {k: summary["strategyqa"][k] for k in ("examples", "kept", "train", "test", "choices")} == \
+        {"examples": 50, "kept": 50, "train": 40, "test": 10, "choices": 2}
+    assert sdist.exists()  # a given sdist is the user's: left in place
+    lines = (cache / "strategyqa" / "test.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == bigbench.split(bigbench.convert(yes_no_task(50)).records)[1]
+
+    task = load_task("bigbench/strategyqa", seed=3)
+    assert (task.name, task.kind, task.label_names) == ("bigbench/strategyqa", "multiple_choice", ["A", "B"])
+    assert (len(task.train), len(task.validation), len(task.test)) == (36, 4, 10)  # validation carved from train
+    assert task.test.choices[0] == ["Yes", "No"]
+    assert task.test.texts == [json.loads(line)["question"] for line in lines]
+    fever = load_task("bigbench/fact_checker/fever")
+    assert (fever.name, len(fever.test), fever.test.choices[0]) == ("bigbench/fact_checker/fever", 6, ["true", "false"])
+    with pytest.raises(BaraError, match="social_iqa is not fetched yet"):
+        load_task("bigbench/social_iqa")
+
+    # The command: already there, then --force converts again; a task missing from the sdist is named.
+    assert cli.main(["data", "fetch", "bigbench", "--sdist", str(sdist), "--tasks", "strategyqa"]) == 0
+    assert "already fetched" in capsys.readouterr().out
+    (cache / "strategyqa" / "train.jsonl").write_text("broken\n")
+    assert cli.main(["data", "fetch", "bigbench", "--sdist", str(sdist), "--tasks", "strategyqa", "--force",
+                     "--no-progress"]) == 0
+    assert "bigbench/strategyqa: 50 examples, 2 choices -> 40 train, 10 test\n" in capsys.readouterr().out
+    assert len(load_task("bigbench/strategyqa").train) == 36
+    assert cli.main(["data", "fetch", "bigbench", "--sdist", str(sdist), "--tasks", "winowhy"]) == 2
+    assert "no bigbench/benchmark_tasks/winowhy/task.json" in capsys.readouterr().err
+    assert cli.main(["data", "fetch", "bigbench", "--tasks", "nope"]) == 2
+    assert "'nope' is not a BIG-bench task of bara" in capsys.readouterr().err
+
+
+class FakePip:
+    """Stands in for ``python -m pip download``: unpacks a fake sdist under $TMPDIR, reports progress, then
+    refuses as pip >= 26 does (exit 1)."""
+
+    calls: list[list[str]] = []
+
+    def __init__(self, command, stdout, stderr, text, env):
+        FakePip.calls.append(command)
+        tree = Path(env["TMPDIR"]) / "pip-download-x1" / "bigbench_abc"
+        for name, task in {"strategyqa": yes_no_task(20), "winowhy": yes_no_task(30)}.items():
+            (tree / "bigbench" / "benchmark_tasks" / name).mkdir(parents=True)
+            (tree / "bigbench" / "benchmark_tasks" / name / "task.json").write_text(json.dumps(task))
+        stderr.write("ERROR: Distributions from PyPI cannot declare direct URL dependencies.\n")
+        self.stdout = iter(["Collecting bigbench==1.0.0\n", "  Downloading bigbench-1.0.0.tar.gz (1 kB)\n",
+                            "Progress 0 of 1000\n", "Progress 1000 of 1000\n"])
+
+    def wait(self) -> int:
+        return 1
+
+
+def test_fetch_downloads_with_pip_and_deletes_the_download(cache, monkeypatch, capsys):
+    FakePip.calls = []
+    monkeypatch.setattr(bigbench.subprocess, "Popen", FakePip)
+    summary = bigbench.fetch(["strategyqa", "winowhy"], progress=False)
+    assert {t: (s["train"], s["test"]) for t, s in summary.items()} == {"strategyqa": (16, 4), "winowhy": (24, 6)}
+    command = FakePip.calls[0]
+    assert command[1:4] == ["-m", "pip", "download"] and "bigbench==1.0.0" in command
+    assert {"--no-deps", ":all:", "--no-clean"} <= set(command)
+    out = capsys.readouterr().out
+    assert "downloading bigbench==1.0.0" in out and "Downloading bigbench-1.0.0.tar.gz" in out
+    assert "from the unpacked copy" in out
+    assert sorted(p.name for p in cache.iterdir()) == ["strategyqa", "winowhy"]  # the download is gone
+    assert len(load_task("bigbench/winowhy").test) == 6
+
+    class FailingPip(FakePip):
+        def __init__(self, command, stdout, stderr, text, env):
+            stderr.write("ERROR: Could not find a version that satisfies the requirement bigbench==1.0.0\n")
+            self.stdout = iter([])
+
+    monkeypatch.setattr(bigbench.subprocess, "Popen", FailingPip)
+    with pytest.raises(BaraError, match="pip could not download bigbench==1.0.0 .*Could not find a version"):
+        bigbench.fetch(["social_iqa"], progress=False)
+    assert sorted(p.name for p in cache.iterdir()) == ["strategyqa", "winowhy"]
+
+
+def test_data_help(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["data", "fetch", "--help"])
+    text = capsys.readouterr().out
+    for word in ("bigbench", "--tasks", "--force", "--sdist", "strategyqa", "fact_checker/fever"):
+        assert word in text
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "bara data fetch bigbench" in capsys.readouterr().out
