@@ -170,7 +170,7 @@ def _batch(classifier, n=6):
 
 
 def test_objective_warm_up_and_weights(tiny_bert):
-    classifier, method = _classifier(tiny_bert, "bara")
+    classifier, method = _classifier(tiny_bert, "bara", kl_step="loss")
     batch = _batch(classifier)
     torch.manual_seed(0)
     loss0, logs0 = method.loss(classifier, batch, Progress(0, 100, 1000))
@@ -223,9 +223,9 @@ def test_kl_step_sgd_takes_the_factor_kl_out_of_the_loss_into_an_sgd_step(tiny_b
         assert torch.allclose(p.detach(), b - step * g, atol=1e-7)
     assert any(not torch.equal(p.detach(), b) for p, b in zip(params, before))
     rho = [l.bara_A_rho.detach().clone() for l in layers]
-    get_method("bara", {}).on_step_end(classifier, progress)  # kl_step=loss (BaRA's default): nothing happens here
+    get_method("bara", {"kl_step": "loss"}).on_step_end(classifier, progress)  # KL_A in the loss: nothing here
     assert all(torch.equal(l.bara_A_rho, r) for l, r in zip(layers, rho))
-    assert get_method("blob", {}).config.kl_step == "sgd"
+    assert get_method("blob", {}).config.kl_step == get_method("bara", {}).config.kl_step == "sgd"
     assert linear_schedule(0, 100, 0.1) == 0 and linear_schedule(10, 100, 0.1) == 1 and linear_schedule(100, 100, 0.1) == 0
 
 

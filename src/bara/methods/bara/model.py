@@ -7,7 +7,7 @@ Objective for a minibatch of M instances, dataset size N, KL weight :math:`\beta
 
 with :math:`\omega_{loc} = 1/G` by default (G = local gates per instance): a tempered ELBO.
 
-``kl_step=sgd`` (BLoB's default) takes :math:`KL_A` out of J and minimises it as BLoB's code does: after each
+``kl_step=sgd`` (the default, as BLoB) takes :math:`KL_A` out of J and minimises it as BLoB's code does: after each
 AdamW step on J, one plain-SGD step on :math:`w_t\,KL_A` with lr ``kl_lr`` (linear warm-up and decay), where
 :math:`w_t = 2^i / (2^{M+1} - 1)`, :math:`i = t \bmod M`, :math:`M = 100 N^{\pi/\gamma} / b` (BLoB's KL
 reweighting; ``kl_gamma = 0``: :math:`w_t = 1/M`, M batches per epoch). Adam rescales every gradient to a
