@@ -17,12 +17,42 @@ CHOICES = {
     "estimator": ("concrete", "hard_concrete", "straight_through"),
     "allocation": ("independent", "stick"),
     "context_norm": ("layer", "batch"),
-    "kl_step": ("loss", "sgd"),
 }
 
 
 @dataclass
-class BaraConfig(LoraConfig):
+class FactorPosteriorConfig(LoraConfig):
+    """BLoB's Gaussian posterior on A and how its KL is minimised: the options BaRA and BLoB share."""
+
+    prior_sigma: float = option(0.2, "prior std of A: N(0, prior_sigma^2)")
+    init_sigma: float = option(0.05, "epsilon: posterior std parameter rho ~ U(eps/sqrt2, eps), sigma = rho^2")
+    kl_warmup: float = option(0.1, "fraction of training over which the KL weight rises 0 -> 1")
+    kl_scale: float = option(1.0, "extra multiplier on the global KL terms")
+    # Default "sgd" (as BLoB): on banking77's validation split it took BaRA from 81.1 % / ECE 24.7 % / NLL 0.869
+    # to 85.8 % / 15.6 % / 0.600 (one-pass 86.0 % / 8.3 % / 0.530), because with KL_A inside AdamW's step sigma_A
+    # went to the prior (A almost pure noise); V fell from 0.062 to 0.036 (docs/experiments.md, section 4).
+    kl_step: str = option("sgd", "how KL(q(A) || prior) is minimised: sgd (as BLoB's code: a separate plain-SGD "
+                                 "step after each AdamW step, lr kl_lr with warm-up and linear decay, weighted by "
+                                 "BLoB's KL reweighting) | loss (in the objective, with the data term, by AdamW: "
+                                 "the ELBO as written)")
+    kl_lr: float = option(0.002, "learning rate of the kl_step=sgd step (BLoB: 0.002 for RoBERTa, 0.01 for LLaMA)")
+    kl_gamma: float = option(8.0, "BLoB's reweighting: the KL weight of step t is 2^i / (2^(M+1) - 1), i = t mod "
+                                  "M, M = 100 N^(pi/gamma) / batch size; 0 = a weight 1/M with M = batches per "
+                                  "epoch")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.kl_step not in ("sgd", "loss"):
+            raise BaraError(f"kl_step={self.kl_step!r} is not one of ('sgd', 'loss'); fix: pass --kl-step sgd")
+        for name in ("prior_sigma", "init_sigma", "kl_lr"):
+            if getattr(self, name) <= 0:
+                raise BaraError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.kl_gamma < 0:
+            raise BaraError(f"kl_gamma must be >= 0 (0 = no reweighting), got {self.kl_gamma}")
+
+
+@dataclass
+class BaraConfig(FactorPosteriorConfig):
     r: int = option(16, "maximum rank r: the number of rank-1 factors each instance chooses from")
     gate: str = option("both", "gate: both (global-local, BaRA), global (per-layer only), local (per-instance "
                                "only), deterministic (no KL, L1 penalty: SoRA-like), none (z = 1: exactly BLoB)")
@@ -42,8 +72,6 @@ class BaraConfig(LoraConfig):
     gate_init: float = option(0.1, "std of the gate network's initial weights (0 = zero-initialised last layer)")
     gate_lr: float = option(1e-3, "learning rate of the gate network and q(pi) (no weight decay)")
     bayes_factors: bool = option(True, "Gaussian posterior on A with flipout (as BLoB); false = point estimate")
-    prior_sigma: float = option(0.2, "prior std of A: N(0, prior_sigma^2)")
-    init_sigma: float = option(0.05, "epsilon: posterior std parameter rho ~ U(eps/sqrt2, eps), sigma = rho^2")
     ibp_alpha: float = option(2.0, "IBP concentration alpha0: prior pi_k ~ Beta(alpha0 / r, 1)")
     pi_init: float = option(0.9, "initial E[pi] of the global gates (they start mostly on)")
     theta_shape: float = option(1.0, "Gamma prior shape of the local magnitude theta")
@@ -55,19 +83,6 @@ class BaraConfig(LoraConfig):
     estimator: str = option("concrete", "gradient estimator of the local gate: concrete, hard_concrete, "
                                         "straight_through")
     omega_loc: float = option(0.0, "weight of the local KL; 0 = 1/G (G = local gates per instance)")
-    kl_warmup: float = option(0.1, "fraction of training over which the KL weight rises 0 -> 1")
-    kl_scale: float = option(1.0, "extra multiplier on the global KL terms")
-    # Default "sgd" (as BLoB): on banking77's validation split it took BaRA from 81.1 % / ECE 24.7 % / NLL 0.869
-    # to 85.8 % / 15.6 % / 0.600 (one-pass 86.0 % / 8.3 % / 0.530), because with KL_A inside AdamW's step sigma_A
-    # went to the prior (A almost pure noise); V fell from 0.062 to 0.036 (docs/experiments.md, section 4).
-    kl_step: str = option("sgd", "how KL(q(A) || prior) is minimised: sgd (as BLoB's code: a separate plain-SGD "
-                                 "step after each AdamW step, lr kl_lr with warm-up and linear decay, weighted by "
-                                 "BLoB's KL reweighting) | loss (in the objective, with the data term, by AdamW: "
-                                 "the ELBO as written)")
-    kl_lr: float = option(0.002, "learning rate of the kl_step=sgd step (BLoB: 0.002 for RoBERTa, 0.01 for LLaMA)")
-    kl_gamma: float = option(8.0, "BLoB's reweighting: the KL weight of step t is 2^i / (2^(M+1) - 1), i = t mod "
-                                  "M, M = 100 N^(pi/gamma) / batch size; 0 = a weight 1/M with M = batches per "
-                                  "epoch")
     l1_weight: float = option(1e-3, "L1 weight on z for gate=deterministic")
     prune_threshold: float = option(0.01, "factors with E[pi] below this are pruned by 'prune'")
 
@@ -79,8 +94,7 @@ class BaraConfig(LoraConfig):
                                 f"pass --{name.replace('_', '-')} {allowed[0]}")
         if not 0 < self.pi_init < 1:
             raise BaraError(f"pi_init must be in (0, 1), got {self.pi_init}")
-        for name in ("prior_sigma", "init_sigma", "ibp_alpha", "theta_shape", "theta_rate", "temperature",
-                     "gate_lr", "kl_lr"):
+        for name in ("ibp_alpha", "theta_shape", "theta_rate", "temperature", "gate_lr"):
             if getattr(self, name) <= 0:
                 raise BaraError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.omega_loc < 0:
