@@ -8,6 +8,7 @@ and whatever plots the method adds (BaRA: ``rank.png``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -25,7 +26,7 @@ from . import checkpoint
 from .data import Split, Task, load_task
 from .errors import BaraError
 from .heads import Classifier
-from .methods import Method, get_method
+from .methods import METHODS, Method, get_method
 from .metrics import evaluate
 from .models import load_model
 from .plots import reliability_diagram
@@ -236,6 +237,13 @@ def load_adapter(path: str | Path) -> tuple[Classifier, Method, RunConfig]:
     try:
         meta = json.loads(config_file.read_text())
         config = RunConfig.from_dict(meta["run"])
+        saved = meta.get("method_config")
+        if isinstance(saved, dict) and config.method in METHODS:
+            # Every option as trained, so that a later change of a default does not change a saved adapter;
+            # options newer than the adapter take the behaviour it was saved with (config_class.legacy).
+            options = METHODS[config.method].config_class
+            known = {f.name for f in dataclasses.fields(options)}
+            config.method_options = {**options.legacy, **{k: v for k, v in saved.items() if k in known}}
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise BaraError(f"{config_file} is not a valid adapter config ({err}); fix: re-run 'bara train'") from None
     classifier, method = build(config, meta["label_names"])

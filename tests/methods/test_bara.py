@@ -117,12 +117,17 @@ def test_flipout_gradients_match_autograd_and_finite_differences():
     assert ours[1].abs().sum() > 0
 
 
-def test_gates_start_mostly_on_and_ablation_switches():
-    module = layer()
-    assert torch.allclose(module.expected_pi(), torch.full((4,), 0.9), atol=1e-4)
+def test_gates_never_start_off_and_ablation_switches():
+    module = layer()  # default: undecided gates, E[pi] = 0.5, and the expected one-pass gate
+    assert torch.allclose(module.expected_pi(), torch.full((4,), 0.5), atol=1e-4)
     module.mode = "mean"
     module(inputs())
-    assert module.last_g.mean() == 1.0  # rho = 0.9 > 0.5 for every instance at the start
+    assert (module.last_rho > 0.3).all()  # no factor starts switched off for any instance
+    on = layer(pi_init=0.9, fast_gate="hard")
+    assert torch.allclose(on.expected_pi(), torch.full((4,), 0.9), atol=1e-4)
+    on.mode = "mean"
+    on(inputs())
+    assert on.last_g.mean() == 1.0  # rho = 0.9 > 0.5 for every instance at the start
     g = layer(gate="global")
     g.mode = "mean"
     g(inputs())
@@ -140,6 +145,20 @@ def test_gates_start_mostly_on_and_ablation_switches():
     torch.manual_seed(0)
     a = no_bayes(inputs())
     assert torch.isfinite(a).all()
+
+
+def test_expected_fast_gate_weights_factors_by_rho():
+    x = inputs()
+    hard, expected = layer(pi_init=0.3, fast_gate="hard"), layer(pi_init=0.3, slab="binary")
+    assert expected.config.fast_gate == "expected"  # the default
+    for module in (hard, expected):
+        module.mode = "mean"
+    assert torch.allclose(hard(x), hard.base(x))  # rho ~ 0.3 < 0.5: every factor off in the hard one-pass
+    out = expected(x)
+    rho = expected.last_rho
+    assert (rho > 0.1).all() and (rho < 0.5).all() and (expected.last_g == 0).all()  # diagnostics stay hard
+    ax = (x @ expected.bara_A_mu.t()) * rho[:, None, :]  # z = rho (theta = 1 with slab=binary)
+    assert torch.allclose(out, expected.base(x) + expected.scaling * ax @ expected.bara_B.t(), atol=1e-5)
 
 
 def test_kl_global_matches_its_parts():
@@ -278,6 +297,23 @@ def test_non_finite_loss_stops_with_a_clear_message(tiny_bert, toy_data, tmp_pat
         runs.run_train(config, tmp_path / "nan", progress_bar=False)
     assert (tmp_path / "nan" / "checkpoint" / "state.json").exists()
     assert not (tmp_path / "nan" / "metrics.json").exists()
+
+
+def test_saved_adapters_keep_their_options_when_defaults_change(tiny_bert, toy_data, tmp_path):
+    import json
+
+    out = tmp_path / "bara"
+    config = RunConfig(model=tiny_bert, data=toy_data, method="bara", method_options={"r": 4},
+                       train=TrainConfig(steps=2, batch_size=8, max_length=16))
+    runs.run_train(config, out, progress_bar=False)
+    meta = json.loads((out / "adapter_config.json").read_text())
+    del meta["method_config"]["fast_gate"]  # as if saved before the option existed
+    (out / "adapter_config.json").write_text(json.dumps(meta))
+    _, method, loaded = runs.load_adapter(out)
+    # Every option comes from the adapter's own config, not from today's defaults.
+    assert loaded.method_options == {**meta["method_config"], "fast_gate": "hard"}
+    assert method.config.r == 4 and config.method_options == {"r": 4}
+    assert method.config.fast_gate == "hard" and loaded.method_options["fast_gate"] == "hard"
 
 
 @pytest.mark.parametrize("norm", ["layer", "batch"])

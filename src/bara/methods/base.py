@@ -29,6 +29,10 @@ def option(default, help: str):
 
 @dataclass
 class MethodConfig:
+    # Options added after adapters had been saved, with the value that reproduces those adapters' predictions
+    # (applied when an adapter whose config lacks them is loaded).
+    legacy: ClassVar[dict] = {}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -227,6 +227,7 @@ class BaraLinear(nn.Module):
                 g = torch.bernoulli(rho)
             else:
                 g = (rho > 0.5).float()
+            weight = rho if self.mode == "mean" and c.fast_gate == "expected" and c.slab != "magnitude" else g
             if c.slab == "binary":
                 theta = torch.ones_like(rho)
             else:
@@ -237,7 +238,7 @@ class BaraLinear(nn.Module):
                 kl = kl + on * kl_divergence(q_theta, prior)
             if c.gate in ("both", "local") and c.slab != "magnitude":
                 kl = kl + kl_bernoulli(rho, pi)
-            z = g * theta
+            z = weight * theta
             self.penalty = None
         self.kl_local = self._instance(kl.sum(-1), mask)
         self.last_rho = self._instance(rho.detach(), mask)
