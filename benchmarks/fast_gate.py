@@ -1,0 +1,34 @@
+"""One-pass metrics of saved BaRA adapters with the hard (SPEC's 1[rho > 0.5]) and the expected (rho) local gate,
+on the validation and test splits they were trained with.
+
+    python benchmarks/fast_gate.py runs/b77-bara runs/trec-bara
+
+Prints one line per adapter, gate and split: accuracy % / ECE % / NLL / Brier.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bara import runs  # noqa: E402
+from bara.data import load_task  # noqa: E402
+
+
+def main(folders: list[str]) -> None:
+    for folder in folders:
+        classifier, method, config = runs.load_adapter(folder)
+        task = load_task(config.data, max_train=config.max_train, seed=config.train.seed, max_eval=config.max_eval)
+        for gate in ("hard", "expected"):
+            for layer in method.layers.values():
+                layer.config.fast_gate = gate
+            for name, split in (("validation", task.validation), ("test", task.test)):
+                m = runs.score(classifier, method, split, config, 0, progress_bar=False)
+                print(f"{folder} {gate:8s} {name:10s} {m['accuracy'] * 100:.2f} / {m['ece'] * 100:.2f} / "
+                      f"{m['nll']:.3f} / {m['brier']:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
