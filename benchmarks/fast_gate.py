@@ -3,7 +3,9 @@ on the validation and test splits they were trained with.
 
     python benchmarks/fast_gate.py runs/b77-bara runs/trec-bara
 
-Prints one line per adapter, gate and split: accuracy % / ECE % / NLL / Brier.
+Prints one line per adapter, gate and split: accuracy % / ECE % / NLL / Brier, and the gate diagnostics of that
+one-pass prediction (V, mean per-layer std of the hard rank, joint effective rank s̄): deeper layers see the
+outputs of earlier ones, so the diagnostics depend on the gate too.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ def main(folders: list[str]) -> None:
                 layer.config.fast_gate = gate
             for name, split in (("validation", task.validation), ("test", task.test)):
                 m = runs.score(classifier, method, split, config, 0, progress_bar=False)
+                d = m.get("diagnostics", {})
                 print(f"{folder} {gate:8s} {name:10s} {m['accuracy'] * 100:.2f} / {m['ece'] * 100:.2f} / "
-                      f"{m['nll']:.3f} / {m['brier']:.3f}", flush=True)
+                      f"{m['nll']:.3f} / {m['brier']:.3f}   V {d.get('selection_variability', 0):.3f}  rank std "
+                      f"{d.get('hard_rank_std', 0):.2f}  s̄ {d.get('joint_effective_rank', 0):.2f}", flush=True)
 
 
 if __name__ == "__main__":
