@@ -484,7 +484,7 @@ def glm_logits(forward: Callable[[dict], torch.Tensor], modules: dict[str, nn.Li
     Instances go in chunks so that the per-class Jacobians held at once (C × P numbers per instance) stay
     within ``budget`` numbers."""
     size = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
-    chunk = max(1, budget // (max(posterior.num_params, 1) * num_classes))
+    chunk = jacobian_chunk(posterior, num_classes, budget)
     means, covariances = [], []
     for start in range(0, size, chunk):
         part = {k: v[start:start + chunk] if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -492,6 +492,11 @@ def glm_logits(forward: Callable[[dict], torch.Tensor], modules: dict[str, nn.Li
         means.append(mean)
         covariances.append(covariance)
     return torch.cat(means), torch.cat(covariances)
+
+
+def jacobian_chunk(posterior: LaplacePosterior, num_classes: int, budget: int) -> int:
+    """Instances per pass so that their per-class Jacobians (C × P numbers each) stay within ``budget``."""
+    return max(1, budget // (max(posterior.num_params, 1) * num_classes))
 
 
 def _glm_chunk(forward, modules, posterior, batch):
@@ -546,7 +551,7 @@ def validation_prior_precision(forward: Callable[[dict], torch.Tensor], modules:
         if used >= limit:
             break
         size = min(len(batch["labels"]), limit - used)
-        chunk = max(1, budget // (max(posterior.num_params, 1) * num_classes))
+        chunk = jacobian_chunk(posterior, num_classes, budget)
         for start in range(0, size, chunk):
             part = {k: v[start:min(start + chunk, size)] if torch.is_tensor(v) else v for k, v in batch.items()}
             mean, jacobians = rotated_jacobians(forward, modules, posterior, part)
@@ -642,6 +647,10 @@ def spread_batches(loader, n_fit: int) -> Iterable[dict]:
         yield batch
 
 
+def on_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def dataset_size(loader) -> int | None:
     try:
         return len(loader.dataset)
@@ -671,15 +680,13 @@ class Laplace(Lora):
         modules = adapted_layers(classifier)
         exact = c.ggn == "exact" or (c.ggn == "auto" and len(classifier.label_names) <= EXACT_GGN_MAX_CLASSES)
         device = next(classifier.parameters()).device
-        batches = ({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
-                   for b in spread_batches(train_batches, c.n_fit))
+        batches = (on_device(b, device) for b in spread_batches(train_batches, c.n_fit))
         self.posterior = fit_posterior(self._forward(classifier), modules, batches, c.hessian_structure,
                                        c.kfac_approx, exact, dataset_size(train_batches))
         if c.prior_precision > 0:
             self.posterior.prior_precision = c.prior_precision
         elif c.prior_fit == "val":
-            validation = ({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
-                          for b in spread_batches(validation_batches, c.prior_fit_max))
+            validation = (on_device(b, device) for b in spread_batches(validation_batches, c.prior_fit_max))
             self.posterior.prior_precision, _ = validation_prior_precision(
                 self._forward(classifier), modules, self.posterior, validation, len(classifier.label_names),
                 c.prior_fit_max)
