@@ -283,8 +283,9 @@ def test_packaged_presets_expand_under_the_fair_protocol():
             assert len({(c.model, c.max_train, c.max_eval, c.data) for c in mine}) == 1
             assert {c.train.seed for c in mine} == ({0} if specs is quick else {0, 1, 2})
     schedule = {(s.dataset, s.config.train.epochs, s.config.train.lr) for s in standard + quick + ablations}
-    assert schedule == {("trec", 20.0, 1e-3), ("banking77", 25.0, 5e-3), ("clinc150", 25.0, 5e-3),
-                        ("hwu64", 25.0, 5e-3)}
+    assert schedule == {("trec", 12.0, 1e-3), ("banking77", 15.0, 5e-3), ("clinc150", 15.0, 5e-3),
+                        ("hwu64", 15.0, 5e-3)}
+    assert {s.config.max_eval for s in quick} == {500} and {s.config.max_eval for s in standard} == {1000}
     options = {s.variant: s.config.method_options for s in ablations}
     assert options["bara"]["r"] == 16 and "gate" not in options["bara"]
     assert (options["bara-gate-none"]["gate"], options["bara-gate-none"]["r"]) == ("none", 16)
