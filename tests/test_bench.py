@@ -231,6 +231,68 @@ def test_preset_errors_name_the_fix(tmp_path, tiny_bert, toy_data, methods, extr
         bench.expand(str(path))
 
 
+@pytest.mark.parametrize("select, pick", [("nll", min), ("accuracy", max)])
+def test_learning_rate_grid_is_chosen_on_validation_then_fixed_for_every_seed(tmp_path, tiny_bert, toy_data,
+                                                                            monkeypatch, select, pick):
+    path = tiny_preset(tmp_path, tiny_bert, toy_data, methods='{ lora = "lora", follower = "temperature" }',
+                       extra=f'[tiny.tune]\nseed = 1\nselect = "{select}"')
+    path.write_text(path.read_text().replace("default = 5e-3\nbara = 1e-2", "lora = [1e-3, 5e-2]\nfollower = \"lora\""))
+    before = bench.expand(str(path))  # nothing is finished: every run waits for the choice
+    assert [(s.variant, s.seed, s.pending, s.hash) for s in before] == [
+        (v, seed, True, "") for v in ("lora", "follower") for seed in (0, 1)]
+    out = tmp_path / "bench"
+    calls = []
+    real_run_train = runs.run_train
+
+    def counting(config, output, **kwargs):
+        calls.append((config.method, config.train.lr, config.train.seed))
+        return real_run_train(config, output, **kwargs)
+
+    monkeypatch.setattr(runs, "run_train", counting)
+    summary = bench.run_bench(str(path), out, progress=False)
+    plan = bench.plan(str(path))
+    candidates = plan.candidates(plan.entries[0])
+    scores = {c.config.train.lr: json.loads((out / c.folder / "metrics.json").read_text())["validation"][select]
+              for c in candidates}
+    assert select != "nll" or scores[1e-3] != scores[5e-2]
+    best = pick(scores, key=scores.get)  # a tie goes to the grid's first rate
+    # The two candidates at the tuning seed first, then the other seed of lora and both of the follower, all at
+    # the chosen rate; the chosen candidate is not trained twice.
+    assert calls[:2] == [("lora", 1e-3, 1), ("lora", 5e-2, 1)]
+    assert sorted(calls[2:]) == sorted([("lora", best, 0), ("temperature", best, 0), ("temperature", best, 1)])
+    assert (summary["trained"], summary["skipped"], summary["failed"]) == (5, 0, [])
+    specs = bench.expand(str(path), out)
+    assert [(s.variant, s.seed, s.config.train.lr, s.pending) for s in specs] == [
+        (v, seed, best, False) for v in ("lora", "follower") for seed in (0, 1)]
+    assert next(s for s in specs if (s.variant, s.seed) == ("lora", 1)).hash == \
+        next(c for c in candidates if c.config.train.lr == best).hash
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["variant"], r["seed"], r["lr"]) for r in rows] == [(s.variant, s.seed, best) for s in specs]
+    results = (out / "results.md").read_text()
+    assert f"by validation {select}; the test split plays no part" in results
+    chosen_line = next(l for l in results.splitlines() if l.startswith(f"| lora | {best:g} |"))
+    other_line = next(l for l in results.splitlines() if l.startswith("| lora | ") and l != chosen_line
+                      and "**yes**" not in l and l.count("|") == 7)
+    assert chosen_line.endswith("| **yes** |") and other_line.endswith("|  |")
+    assert "follower takes lora's rate" in results and "finished runs: 4 of 4" in results
+    calls[:] = []
+    assert bench.run_bench(str(path), out, progress=False)["trained"] == 0 and calls == []
+
+
+@pytest.mark.parametrize("lr, extra, message", [
+    ('lora = [1e-3, 1e-3]', "", r"must be a positive number, a list of distinct positive numbers"),
+    ('lora = []', "", r"must be a positive number, a list of distinct"),
+    ('lora = "nope"', "", r"'lora' takes the learning rate of 'nope', which is not a variant"),
+    ('lora = [1e-3, 2e-3]', "[tiny.tune]\nseed = 5", r"tune.seed = 5 is not one of the seeds \[0, 1\]"),
+    ('lora = [1e-3, 2e-3]', '[tiny.tune]\nselect = "loss"', r"tune.select = 'loss'; fix: use one of nll"),
+])
+def test_grid_settings_are_checked(tmp_path, tiny_bert, toy_data, lr, extra, message):
+    path = tiny_preset(tmp_path, tiny_bert, toy_data, methods='["lora"]', extra=extra)
+    path.write_text(path.read_text().replace("default = 5e-3\nbara = 1e-2", lr))
+    with pytest.raises(BaraError, match=message):
+        bench.expand(str(path))
+
+
 def test_preset_lookup_errors(tmp_path, tiny_bert, toy_data, capsys):
     with pytest.raises(BaraError, match="unknown preset 'nope'; fix: use one of standard, quick, ablations"):
         bench.load_preset("nope")
@@ -267,8 +329,19 @@ def test_packaged_presets_expand_under_the_fair_protocol():
     assert len(quick) == 2 * 3 * 1
     assert len(standard) == 4 * 9 * 3
     assert len(ablations) == 2 * 11 * 3
-    for specs in (quick, standard, ablations):
-        assert len({s.hash for s in specs}) == len(specs)
+    assert len({s.hash for s in quick}) == len(quick) and not any(s.pending for s in quick)
+    # standard and ablations choose rates on validation first: every run waits for its grid's candidates.
+    assert all(s.pending for s in standard + ablations)
+    for name, tuned in (("standard", {"lora", "map", "mcdropout", "blob", "adalora", "bara"}), ("ablations", {"bara"})):
+        plan = bench.plan(name)
+        grids = {(e.dataset, e.variant): e.lr for e in plan.entries if isinstance(e.lr, tuple)}
+        assert {v for _, v in grids} == tuned and plan.select == "nll" and plan.tune_seed == 0
+        assert {d: g for (d, _), g in grids.items()} == {d: (1e-3, 3e-3) if d == "trec" else (5e-3, 1e-2)
+                                                          for d, _ in grids}
+        followed = {e.lr for e in plan.entries if isinstance(e.lr, str)}
+        assert followed == ({"lora"} if name == "standard" else {"bara"})
+        candidates = [c for e in plan.entries for c in plan.candidates(e)]
+        assert len({c.hash for c in candidates}) == len(candidates) == 2 * len(grids)
     assert list(dict.fromkeys(s.dataset for s in standard)) == ["banking77", "clinc150", "hwu64", "trec"]
     assert {s.variant for s in standard} == {"lora", "map", "mcdropout", "ensemble", "temperature", "laplace",
                                              "blob", "adalora", "bara"}
@@ -282,9 +355,9 @@ def test_packaged_presets_expand_under_the_fair_protocol():
             assert {c.method_options["target_modules"] == ["query", "value"] for c in mine} == {True}
             assert len({(c.model, c.max_train, c.max_eval, c.data) for c in mine}) == 1
             assert {c.train.seed for c in mine} == ({0} if specs is quick else {0, 1, 2})
-    schedule = {(s.dataset, s.config.train.epochs, s.config.train.lr) for s in standard + quick + ablations}
-    assert schedule == {("trec", 12.0, 1e-3), ("banking77", 15.0, 5e-3), ("clinc150", 15.0, 5e-3),
-                        ("hwu64", 15.0, 5e-3)}
+    schedule = {(s.dataset, s.config.train.epochs) for s in standard + quick + ablations}
+    assert schedule == {("trec", 12.0), ("banking77", 15.0), ("clinc150", 15.0), ("hwu64", 15.0)}
+    assert {(s.dataset, s.config.train.lr) for s in quick} == {("trec", 1e-3), ("banking77", 5e-3)}
     assert {s.config.max_eval for s in quick} == {500} and {s.config.max_eval for s in standard} == {1000}
     options = {s.variant: s.config.method_options for s in ablations}
     assert options["bara"]["r"] == 16 and "gate" not in options["bara"]

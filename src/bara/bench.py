@@ -53,8 +53,11 @@ from .trainer import TrainConfig
 CHECKPOINT_EVERY = 100  # steps between checkpoints, so an interrupted run loses at most this much
 ERROR = "error.txt"  # traceback of a failed run, beside its partial outputs
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # dataset and variant names become folder names
-PRESET_KEYS = ("model", "seeds", "max_train", "max_eval", "methods", "train", "lr", "shared_options", "options",
-               "datasets", "extends")
+PRESET_KEYS = ("model", "seeds", "max_train", "max_eval", "methods", "train", "lr", "tune", "shared_options",
+               "options", "datasets", "extends")
+TUNE_KEYS = ("seed", "select")
+# Validation metrics a learning-rate grid may be chosen by: metrics.json's validation block, and which way is best.
+SELECT = {"nll": min, "accuracy": max, "ece": min, "brier": min}
 HARNESS_SET = ("lr", "seed", "checkpoint_every")  # TrainConfig fields a preset does not set in [P.train]
 DATASET_KEYS = ("data", "lr", "max_train", "max_eval", "text_column", "label_column", "ood", "shift")
 SHIFT = "shift_metrics.json"  # run_eval's metrics of the trained adapter on the `shift` dataset's test split
@@ -93,6 +96,8 @@ class RunSpec:
     config: RunConfig = field(compare=False)
     ood: str | None = None  # dataset whose test texts are the out-of-distribution inputs (AUROC)
     shift: str | None = None  # dataset (same labels) the trained adapter is also evaluated on
+    # Waiting for its learning rate to be chosen on validation (hash "", config at the grid's first rate).
+    pending: bool = False
 
     @property
     def folder(self) -> Path:
@@ -109,7 +114,7 @@ class RunSpec:
 
 
 def finished(output: Path, spec: RunSpec) -> bool:
-    return all((output / path).exists() for path in spec.outputs())
+    return not spec.pending and all((output / path).exists() for path in spec.outputs())
 
 
 # -- presets ------------------------------------------------------------------------------------------------
@@ -271,19 +276,68 @@ def _learning_rate(preset_lr: dict, dataset_lr, variant: str, method: str, where
 
 
 def _check_lr_table(table, names: set, where: str) -> None:
+    """A rate is a positive number, a grid (a list of distinct positive numbers, chosen from on validation) or
+    the name of the variant whose chosen rate it takes (checked once the variants are known)."""
     if not isinstance(table, dict):
         table = {"default": table}
     for key, value in table.items():
         if key != "default" and key not in names and key not in METHODS:
             raise BaraError(f"{where}: lr for '{key}', which is neither a method nor a variant of this preset; "
                             f"fix: use default or one of {', '.join(sorted(names | set(METHODS)))}")
-        if type(value) not in (int, float) or value <= 0:
-            raise BaraError(f"{where}: lr {key} = {value!r} must be a positive number; fix: e.g. {key} = 1e-3")
+        grid = value if isinstance(value, list) else [value]
+        if isinstance(value, str) or (grid and all(type(v) in (int, float) and v > 0 for v in grid)
+                                      and len(set(grid)) == len(grid)):
+            continue
+        raise BaraError(f"{where}: lr {key} = {value!r} must be a positive number, a list of distinct positive "
+                        f"numbers (a grid, chosen from on the validation split) or a variant's name; fix: e.g. "
+                        f"{key} = 1e-3, {key} = [1e-3, 3e-3] or {key} = \"lora\"")
 
 
-def expand(preset: Preset | str) -> list[RunSpec]:
-    """Every run of ``preset``: datasets x variants x seeds, in that order, each with its full config.
-    Names, methods, options and learning rates are all checked here, before anything is trained."""
+@dataclass
+class Entry:
+    """One (dataset, variant) of a preset, before seeds and a learning rate make it runs."""
+
+    dataset: str
+    variant: str
+    # A rate; a grid of rates to choose from on the validation split; or the variant whose chosen rate it takes.
+    lr: float | tuple[float, ...] | str
+    seeds: tuple[int, ...]
+    config: RunConfig  # at lr 0 and seed 0, filled in by spec()
+    ood: str | None = None
+    shift: str | None = None
+
+    def spec(self, lr: float, seed: int, pending: bool = False) -> RunSpec:
+        config = dataclasses.replace(self.config, train=dataclasses.replace(self.config.train, lr=lr, seed=seed))
+        return RunSpec(self.dataset, self.variant, seed, "" if pending else run_hash(config, self.ood, self.shift),
+                       config, self.ood, self.shift, pending)
+
+
+@dataclass
+class Choice:
+    """The learning rate of an entry: set, chosen on validation (with every candidate's score), or not yet."""
+
+    lr: float | None
+    grid: tuple[float, ...] = ()
+    scores: dict = field(default_factory=dict)  # rate -> validation metric of its finished candidate run
+    follows: str | None = None
+
+
+@dataclass
+class Plan:
+    preset: Preset
+    entries: list[Entry]
+    tune_seed: int
+    select: str  # a key of SELECT
+
+    def candidates(self, entry: Entry) -> list[RunSpec]:
+        """The runs a grid is chosen from: one per rate, at the tuning seed (one of the preset's seeds, so the
+        chosen candidate is also that seed's run)."""
+        return [entry.spec(lr, self.tune_seed) for lr in entry.lr] if isinstance(entry.lr, tuple) else []
+
+
+def plan(preset: Preset | str) -> Plan:
+    """Every (dataset, variant) of ``preset`` with its config and learning-rate setting. Names, methods,
+    options, rates and grids are all checked here, before anything is trained."""
     if not isinstance(preset, Preset):
         preset = load_preset(preset)
     p, where = preset.values, f"preset '{preset.name}'"
@@ -294,6 +348,15 @@ def expand(preset: Preset | str) -> list[RunSpec]:
     if not isinstance(seeds, list) or not seeds or any(type(s) is not int for s in seeds) \
             or len(set(seeds)) < len(seeds):
         raise BaraError(f"{where}: seeds must be a list of distinct integers, got {seeds!r}; fix: seeds = [0, 1, 2]")
+    tune = p.get("tune", {})
+    if not isinstance(tune, dict) or set(tune) - set(TUNE_KEYS):
+        raise BaraError(f"{where}: [tune] takes only {', '.join(TUNE_KEYS)}; fix: e.g. [tune] seed = 0, "
+                        'select = "nll"')
+    tune_seed, select = tune.get("seed", seeds[0]), tune.get("select", "nll")
+    if tune_seed not in seeds:
+        raise BaraError(f"{where}: tune.seed = {tune_seed!r} is not one of the seeds {seeds}; fix: pick one of them")
+    if select not in SELECT:
+        raise BaraError(f"{where}: tune.select = {select!r}; fix: use one of {', '.join(SELECT)} (validation metrics)")
     variants = _variants(p["methods"], where)
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - set(HARNESS_SET)
     shared = _typed(TrainConfig, p.get("train", {}), f"{where}, [train]")
@@ -309,7 +372,7 @@ def expand(preset: Preset | str) -> list[RunSpec]:
     if not isinstance(datasets, dict) or not datasets:
         raise BaraError(f"{where}: datasets must hold at least one [datasets.NAME] table; fix: add [datasets.trec]")
 
-    specs = []
+    entries = []
     for dataset, settings in datasets.items():
         at = f"{where}, dataset '{dataset}'"
         _check_name(dataset, "dataset", where)
@@ -334,23 +397,75 @@ def expand(preset: Preset | str) -> list[RunSpec]:
                 raise BaraError(f"{at}: {key} = {value!r} must be a positive integer; fix: e.g. {key} = 1000, or "
                                 "leave it out to keep every example")
         train = {**shared, **_typed(TrainConfig, {k: v for k, v in settings.items() if k in train_fields}, at)}
+        rates = {}
         for variant, (method, own) in variants.items():
             merged = {**p.get("shared_options", {}), **options.get(method, {}), **own}
             merged = _typed(METHODS[method].config_class, merged, f"{where}, variant '{variant}'")
             METHODS[method].config_class.from_dict(merged)  # its own checks of the values
-            lr = _learning_rate(p.get("lr", {}), settings.get("lr"), variant, method, at)
-            if type(lr) not in (int, float) or lr <= 0:
-                raise BaraError(f"{at}: learning rate {lr!r} for '{variant}' is not a positive number; fix: e.g. 1e-3")
-            lr = float(lr)
-            for seed in seeds:
-                config = RunConfig(
-                    model=p["model"], data=data, method=method, method_options=merged,
-                    max_train=settings.get("max_train", p.get("max_train")),
-                    max_eval=settings.get("max_eval", p.get("max_eval")),
-                    text_column=settings.get("text_column", "text"), label_column=settings.get("label_column", "label"),
-                    train=TrainConfig(**train, lr=lr, seed=seed, checkpoint_every=CHECKPOINT_EVERY))
-                specs.append(RunSpec(dataset, variant, seed, run_hash(config, ood, shift), config, ood, shift))
+            rates[variant] = _learning_rate(p.get("lr", {}), settings.get("lr"), variant, method, at)
+            config = RunConfig(
+                model=p["model"], data=data, method=method, method_options=merged,
+                max_train=settings.get("max_train", p.get("max_train")),
+                max_eval=settings.get("max_eval", p.get("max_eval")),
+                text_column=settings.get("text_column", "text"), label_column=settings.get("label_column", "label"),
+                train=TrainConfig(**train, lr=0.0, seed=0, checkpoint_every=CHECKPOINT_EVERY))
+            entries.append(Entry(dataset, variant, _rate(rates[variant]), tuple(seeds), config, ood, shift))
+        for variant, lr in rates.items():
+            if isinstance(lr, str) and (lr not in rates or isinstance(rates[lr], str)):
+                raise BaraError(f"{at}: '{variant}' takes the learning rate of '{lr}', which is not a variant of "
+                                "this preset with a rate or grid of its own; fix: name one, e.g. lora")
+    return Plan(preset, entries, tune_seed, select)
+
+
+def _rate(lr):
+    """A grid of one rate is that rate; a grid keeps its order (ties are broken towards the first rate)."""
+    if isinstance(lr, list):
+        return float(lr[0]) if len(lr) == 1 else tuple(float(x) for x in lr)
+    return lr if isinstance(lr, str) else float(lr)
+
+
+def choices(plan_: Plan, output: Path | None = None) -> dict[tuple[str, str], Choice]:
+    """(dataset, variant) -> its learning rate: set by the preset, or chosen by the validation metric of the
+    finished candidate runs in ``output`` (None while one of them is unfinished)."""
+    pick = SELECT[plan_.select]
+    out = {}
+    for entry in plan_.entries:
+        if isinstance(entry.lr, float):
+            out[entry.dataset, entry.variant] = Choice(entry.lr)
+        elif isinstance(entry.lr, tuple):
+            scores = {}
+            for spec in plan_.candidates(entry):
+                if output is not None and finished(output, spec):
+                    metrics = json.loads((output / spec.folder / runs.METRICS).read_text())
+                    scores[spec.config.train.lr] = metrics["validation"][plan_.select]
+            done = len(scores) == len(entry.lr)
+            best = pick(entry.lr, key=lambda lr: scores[lr]) if done else None  # min/max keep the first of ties
+            out[entry.dataset, entry.variant] = Choice(best, entry.lr, scores)
+    for entry in plan_.entries:
+        if isinstance(entry.lr, str):
+            leader = out[entry.dataset, entry.lr]
+            out[entry.dataset, entry.variant] = Choice(leader.lr, leader.grid, follows=entry.lr)
+    return out
+
+
+def expand(preset: Preset | str | Plan, output: Path | None = None) -> list[RunSpec]:
+    """Every run of ``preset``: datasets x variants x seeds, in that order, each with its full config. A run
+    whose rate is still to be chosen on validation (candidates in ``output`` unfinished) is ``pending``."""
+    plan_ = preset if isinstance(preset, Plan) else plan(preset)
+    chosen = choices(plan_, output)
+    specs = []
+    for entry in plan_.entries:
+        lr = chosen[entry.dataset, entry.variant].lr
+        for seed in entry.seeds:
+            specs.append(entry.spec(lr, seed) if lr is not None else entry.spec(_first(entry, plan_), seed, True))
     return specs
+
+
+def _first(entry: Entry, plan_: Plan) -> float:
+    lr = entry.lr
+    if isinstance(lr, str):
+        lr = next(e.lr for e in plan_.entries if (e.dataset, e.variant) == (entry.dataset, lr))
+    return lr[0] if isinstance(lr, tuple) else lr
 
 
 def _check_data(data, key: str, where: str) -> None:
@@ -388,12 +503,13 @@ def _select(specs: list[RunSpec], only_dataset: str | None, only_method: str | N
     return chosen
 
 
-def _train(selected: list[RunSpec], output: Path, progress: bool) -> dict:
+def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "bench") -> dict:
     from tqdm.auto import tqdm
 
+    selected = [s for s in selected if not s.pending]
     pending = [s for s in selected if not finished(output, s)]
-    bar = tqdm(total=len(selected), initial=len(selected) - len(pending), desc="bench", unit="run",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(selected), initial=len(selected) - len(pending), desc=desc, unit="run",
+               disable=not progress or not selected, dynamic_ncols=True)
     failed = []
     for spec in pending:
         folder = output / spec.folder
@@ -421,28 +537,47 @@ def run_bench(preset: Preset | str, output: str | Path, progress: bool = True, r
               only_dataset: str | None = None, only_method: str | None = None, command: str | None = None) -> dict:
     """Train the runs of ``preset`` not yet finished in ``output`` (those of ``only_dataset`` / ``only_method``
     if given), then write the report over every finished run of the preset. Returns the counts and the
-    files written; raises BaraError at the end if a run failed."""
+    files written; raises BaraError at the end if a run failed.
+
+    Dataset by dataset: first the candidate runs of every learning-rate grid (at the tuning seed), then, with
+    the rates chosen on their validation metrics, the runs of every seed (the chosen candidate is one of them)."""
     given = preset.name if isinstance(preset, Preset) else str(preset)
-    preset = preset if isinstance(preset, Preset) else load_preset(preset)
-    specs = expand(preset)
-    selected = _select(specs, only_dataset, only_method)
+    plan_ = plan(preset)
+    preset = plan_.preset
+    specs = expand(plan_)
+    selected = _select(specs, only_dataset, only_method)  # checks the names
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise BaraError(f"--output {output} is a file; fix: give a folder path")
-    summary = {"runs": len(specs), "selected": len(selected), "trained": 0, "skipped": 0, "failed": []}
+    summary = {"runs": len(specs), "selected": 0, "trained": 0, "skipped": 0, "failed": []}
     if not report_only:
         _check_fetched(selected)
         output.mkdir(parents=True, exist_ok=True)
         runs.write_json(output / "preset.json", {"name": preset.name, "source": preset.source, "preset": preset.values})
-        summary.update(_train(selected, output, progress))
+        for dataset in dict.fromkeys(s.dataset for s in selected):
+            wanted = {s.variant for s in selected if s.dataset == dataset}
+            chosen = choices(plan_, output)
+            leaders = {chosen[dataset, v].follows or v for v in wanted}
+            tuning = [c for e in plan_.entries if e.dataset == dataset and e.variant in leaders
+                      for c in plan_.candidates(e)]
+            parts = [_train(tuning, output, progress, f"tune {dataset}")]
+            tried = {c.hash for c in tuning}  # the chosen candidates are runs of the tuning seed: done already
+            final = [s for s in _select(expand(plan_, output), dataset, only_method) if s.hash not in tried]
+            parts.append(_train(final, output, progress, f"bench {dataset}"))
+            for part in parts:
+                for key in ("trained", "skipped"):
+                    summary[key] += part[key]
+                summary["failed"] += part["failed"]
+        summary["selected"] = summary["trained"] + summary["skipped"] + len(summary["failed"])
+    specs = expand(plan_, output)
     command = command or shlex.join(["bara", "bench", "--preset", given, "--output", str(output)])
     if report_only or not summary["failed"] or any(finished(output, s) for s in specs):
-        summary["written"] = write_report(preset, specs, output, command)
+        summary["written"] = write_report(plan_, specs, output, command)
     if summary["failed"]:
         first = summary["failed"][0]
-        raise BaraError(f"{len(summary['failed'])} of {len(selected)} runs failed (first: {first}, traceback in "
-                        f"{output / 'runs' / first / ERROR}); fix: the cause, then rerun the same command (finished "
-                        "runs are skipped)")
+        raise BaraError(f"{len(summary['failed'])} of {summary['selected']} runs failed (first: {first}, traceback "
+                        f"in {output / 'runs' / first / ERROR}); fix: the cause, then rerun the same command "
+                        "(finished runs are skipped)")
     return summary
 
 
@@ -457,7 +592,8 @@ def _check_fetched(specs: list[RunSpec]) -> None:
 def _row(output: Path, spec: RunSpec, metrics: dict) -> dict:
     history = output / spec.folder / "history.jsonl"
     steps = len(history.read_text().splitlines()) if history.exists() else 0
-    row = {"dataset": spec.dataset, "variant": spec.variant, "hash": spec.hash, **report.row(metrics)}
+    row = {"dataset": spec.dataset, "variant": spec.variant, "hash": spec.hash, "lr": spec.config.train.lr,
+           **report.row(metrics)}
     # train_seconds and history.jsonl both cover the session that finished the run (after a resume: its part).
     row["train_seconds_per_step"] = row["train_seconds"] / steps if steps and row.get("train_seconds") else None
     if spec.ood:
@@ -499,8 +635,9 @@ def _copy(source: Path, target: Path) -> Path:
     return target
 
 
-def write_report(preset: Preset, specs: list[RunSpec], output: Path, command: str) -> list[Path]:
+def write_report(plan_: Plan, specs: list[RunSpec], output: Path, command: str) -> list[Path]:
     """results.jsonl, results.md, cost.md and plots/ from the finished runs of ``specs``; others are left out."""
+    preset = plan_.preset
     done = [(spec, metrics) for spec in specs if finished(output, spec)
             for metrics in report.load_runs([output / spec.folder])]
     if not done:
@@ -534,7 +671,7 @@ def write_report(preset: Preset, specs: list[RunSpec], output: Path, command: st
         dataset_rows = sorted((r for r in rows if r["dataset"] == dataset), key=lambda r: order[r["variant"]])
         n_runs = sum(s.dataset == dataset for s in specs)
         results += ["", f"## {dataset} ({len(dataset_rows)} of {n_runs} runs finished)", "",
-                    _schedule(specs, dataset), ""]
+                    _schedule(specs, dataset), ""] + _tuning(plan_, dataset, output)
         cost += ["", f"## {dataset}", ""]
         if not dataset_rows:
             continue
@@ -558,6 +695,31 @@ def write_report(preset: Preset, specs: list[RunSpec], output: Path, command: st
     return written
 
 
+def _tuning(plan_: Plan, dataset: str, output: Path) -> list[str]:
+    """The learning rates chosen on validation for ``dataset``: every candidate's validation metrics."""
+    chosen = choices(plan_, output)
+    entries = [e for e in plan_.entries if e.dataset == dataset and isinstance(e.lr, tuple)]
+    if not entries:
+        return []
+    lines = [f"Learning rates chosen on the validation split (seed {plan_.tune_seed}, by validation "
+             f"{plan_.select}; the test split plays no part):", "",
+             "| variant | lr | val accuracy % | val ECE % | val NLL | chosen |", "|---|---|---|---|---|---|"]
+    for entry in entries:
+        choice = chosen[dataset, entry.variant]
+        for spec in plan_.candidates(entry):
+            lr = spec.config.train.lr
+            if not finished(output, spec):
+                lines.append(f"| {entry.variant} | {lr:g} | — | — | — | (not finished) |")
+                continue
+            val = json.loads((output / spec.folder / runs.METRICS).read_text())["validation"]
+            lines.append(f"| {entry.variant} | {lr:g} | " + " | ".join(
+                report.fmt(k, val[k]) for k in ("accuracy", "ece", "nll")) + f" | {'**yes**' if lr == choice.lr else ''} |")
+    followers = [f"{e.variant} takes {e.lr}'s" for e in plan_.entries if e.dataset == dataset and isinstance(e.lr, str)]
+    if followers:
+        lines += ["", "; ".join(followers) + " rate (the same training objective, or a post-hoc step on it)."]
+    return lines + [""]
+
+
 def _table(groups: list[dict], columns: list[tuple]) -> str:
     return report.summary_markdown(groups, "variant", [(k, h) for k, h, _ in columns],
                                    best={k: b for k, _, b in columns if b})
@@ -575,9 +737,10 @@ def _schedule(specs: list[RunSpec], dataset: str) -> str:
     mine = [s for s in specs if s.dataset == dataset]
     t = mine[0].config.train
     length = f"{t.steps} steps" if t.steps > 0 else f"{t.epochs:g} epochs"
-    rates = dict.fromkeys(f"{s.config.train.lr:g}" for s in mine)
+    rate = lambda s: "not chosen yet" if s.pending else f"{s.config.train.lr:g}"  # noqa: E731
+    rates = dict.fromkeys(rate(s) for s in mine)
     lr = next(iter(rates)) if len(rates) == 1 else ", ".join(
-        f"{v} {r}" for v, r in dict.fromkeys((s.variant, f"{s.config.train.lr:g}") for s in mine))
+        f"{v} {r}" for v, r in dict.fromkeys((s.variant, rate(s)) for s in mine))
     extra = "".join(f" {label} `{value}`." for label, value in (("OOD set:", mine[0].ood),
                                                                 ("Shift: also tested on", mine[0].shift)) if value)
     return (f"Data `{mine[0].config.data}`: {length}, batch size {t.batch_size}, max length {t.max_length}, "
