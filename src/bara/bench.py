@@ -72,7 +72,8 @@ OOD = [("test_ood_auroc", "OOD AUROC", "max")]
 SHIFTED = [("shift_accuracy", "accuracy %", "max"), ("shift_ece", "ECE %", "min"), ("shift_nll", "NLL", "min"),
            ("shift_brier", "Brier", "min")]
 COST = [("train_seconds_per_step", "train s/step"), ("peak_memory_mb", "peak memory MB"),
-        ("trainable_params", "trainable params"), ("predict_seconds", "predict s (test)"), ("samples", "S")]
+        ("trainable_params", "trainable params"), ("predict_seconds", "predict s (test, S)"), ("samples", "S"),
+        ("predict_seconds_s1", "predict s (S = 1)"), ("fast_predict_seconds", "predict s (one-pass)")]
 PROTOCOL = ("Every method trains with the same steps, batch size, max length, target modules and seeds; only the "
             "learning rate and the method's own options differ. Learning rates and options are chosen on the "
             "validation split; the test split is never used for a choice.")
@@ -665,7 +666,9 @@ def write_report(plan_: Plan, specs: list[RunSpec], output: Path, command: str) 
     cost = _header("Cost", preset, command, len(done), len(specs))
     cost += ["Mean over seeds. train s/step: the run's train_seconds (data and model loading, training, any post-hoc "
              "fit) over the steps it trained, both in the session that finished it; peak memory: resident memory "
-             "of the process during the run (CPU RAM); predict s: one prediction over the test split with S samples."]
+             "of the process during the run (CPU RAM); predict s: one prediction over the test split with the method's S "
+             "samples (S = 0: one deterministic pass), with one sample, and the one-pass fast path (— where the "
+             "method predicts in one pass anyway)."]
     plots = output / "plots"
     for dataset in datasets:
         dataset_rows = sorted((r for r in rows if r["dataset"] == dataset), key=lambda r: order[r["variant"]])

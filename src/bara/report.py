@@ -35,8 +35,9 @@ def row(metrics: dict) -> dict:
                 "global_rank_mean"):
         if key in diag:
             out[key] = diag[key]
-    for key in ("train_seconds", "predict_seconds", "peak_memory_mb", "trainable_params"):
+    for key in ("train_seconds", "predict_seconds", "predict_seconds_s1", "peak_memory_mb", "trainable_params"):
         out[key] = metrics.get(key)
+    out["fast_predict_seconds"] = metrics.get("fast_path", {}).get("predict_seconds")
     return out
 
 
