@@ -369,6 +369,7 @@ def test_packaged_presets_expand_under_the_fair_protocol():
     assert schedule == {("trec", 12.0), ("banking77", 15.0), ("clinc150", 15.0), ("hwu64", 15.0)}
     assert {(s.dataset, s.config.train.lr) for s in quick} == {("trec", 1e-3), ("banking77", 5e-3)}
     assert {s.config.max_eval for s in quick} == {500} and {s.config.max_eval for s in standard} == {1000}
+    assert {s.config.method_options["prior_fit"] for s in standard if s.variant == "laplace"} == {"val"}
     options = {s.variant: s.config.method_options for s in ablations}
     assert options["bara"]["r"] == 16 and "gate" not in options["bara"]
     assert (options["bara-gate-none"]["gate"], options["bara-gate-none"]["r"]) == ("none", 16)
