@@ -16,6 +16,7 @@ from .data import Split
 from .errors import BaraError
 from .heads import Classifier
 from .methods import Method, Progress
+from .methods.base import to_device
 
 
 @dataclass
@@ -48,8 +49,7 @@ def batches(classifier: Classifier, split: Split, batch_size: int, order: list[i
 
 def on_device(batch: dict, module: torch.nn.Module) -> dict:
     """Move a batch to the device of ``module``'s parameters (evaluation runs outside accelerate's loaders)."""
-    device = next(module.parameters()).device
-    return {k: v.to(device) for k, v in batch.items()}
+    return to_device(batch, next(module.parameters()).device)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

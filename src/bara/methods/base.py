@@ -132,3 +132,8 @@ class Method:
                     raise BaraError(f"adapter tensor {name} has shape {tuple(value.shape)}, the model expects "
                                     f"{tuple(own[name].shape)}; fix: use the same base model and rank")
                 own[name].copy_(value)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A batch with its tensors on ``device`` (other values as they are)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

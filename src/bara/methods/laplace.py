@@ -75,7 +75,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import BaraError
 from ..heads import Classifier
-from .base import option
+from .base import option, to_device
 from .lora import Lora, LoraConfig
 
 PREFIX = "laplace_"
@@ -647,10 +647,6 @@ def spread_batches(loader, n_fit: int) -> Iterable[dict]:
         yield batch
 
 
-def on_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def dataset_size(loader) -> int | None:
     try:
         return len(loader.dataset)
@@ -680,13 +676,13 @@ class Laplace(Lora):
         modules = adapted_layers(classifier)
         exact = c.ggn == "exact" or (c.ggn == "auto" and len(classifier.label_names) <= EXACT_GGN_MAX_CLASSES)
         device = next(classifier.parameters()).device
-        batches = (on_device(b, device) for b in spread_batches(train_batches, c.n_fit))
+        batches = (to_device(b, device) for b in spread_batches(train_batches, c.n_fit))
         self.posterior = fit_posterior(self._forward(classifier), modules, batches, c.hessian_structure,
                                        c.kfac_approx, exact, dataset_size(train_batches))
         if c.prior_precision > 0:
             self.posterior.prior_precision = c.prior_precision
         elif c.prior_fit == "val":
-            validation = (on_device(b, device) for b in spread_batches(validation_batches, c.prior_fit_max))
+            validation = (to_device(b, device) for b in spread_batches(validation_batches, c.prior_fit_max))
             self.posterior.prior_precision, _ = validation_prior_precision(
                 self._forward(classifier), modules, self.posterior, validation, len(classifier.label_names),
                 c.prior_fit_max)
