@@ -365,8 +365,9 @@ def test_packaged_presets_expand_under_the_fair_protocol():
             assert {c.method_options["target_modules"] == ["query", "value"] for c in mine} == {True}
             assert len({(c.model, c.max_train, c.max_eval, c.data) for c in mine}) == 1
             assert {c.train.seed for c in mine} == ({0} if specs is quick else {0, 1, 2})
-    schedule = {(s.dataset, s.config.train.epochs) for s in standard + quick + ablations}
-    assert schedule == {("trec", 12.0), ("banking77", 15.0), ("clinc150", 15.0), ("hwu64", 15.0)}
+    schedule = {(s.dataset, s.config.train.epochs) for s in standard + ablations}
+    assert schedule == {("trec", 12.0), ("banking77", 20.0), ("clinc150", 20.0), ("hwu64", 20.0)}
+    assert {(s.dataset, s.config.train.epochs) for s in quick} == {("trec", 12.0), ("banking77", 15.0)}
     assert {(s.dataset, s.config.train.lr) for s in quick} == {("trec", 1e-3), ("banking77", 5e-3)}
     assert {s.config.max_eval for s in quick} == {500} and {s.config.max_eval for s in standard} == {1000}
     assert {s.config.method_options["prior_fit"] for s in standard if s.variant == "laplace"} == {"val"}
