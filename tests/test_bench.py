@@ -243,7 +243,7 @@ def test_preset_errors_name_the_fix(tmp_path, tiny_bert, toy_data, methods, extr
 
 @pytest.mark.parametrize("select, pick", [("nll", min), ("accuracy", max)])
 def test_learning_rate_grid_is_chosen_on_validation_then_fixed_for_every_seed(tmp_path, tiny_bert, toy_data,
-                                                                            monkeypatch, select, pick):
+                                                                            monkeypatch, capsys, select, pick):
     path = tiny_preset(tmp_path, tiny_bert, toy_data, methods='{ lora = "lora", follower = "temperature" }',
                        extra=f'[tiny.tune]\nseed = 1\nselect = "{select}"')
     path.write_text(path.read_text().replace("default = 5e-3\nbara = 1e-2", "lora = [1e-3, 5e-2]\nfollower = \"lora\""))
@@ -285,6 +285,10 @@ def test_learning_rate_grid_is_chosen_on_validation_then_fixed_for_every_seed(tm
                       and "**yes**" not in l and l.count("|") == 7)
     assert chosen_line.endswith("| **yes** |") and other_line.endswith("|  |")
     assert "follower takes lora's rate" in results and "finished runs: 4 of 4" in results
+    log = capsys.readouterr().out.splitlines()  # without progress bars, a line per finished run
+    assert [line.split(" finished in ")[0] for line in log] == [f"tune toy: {c.name}" for c in candidates] + [
+        f"bench toy: {s.name}" for s in specs if s.hash not in {c.hash for c in candidates}]
+    assert log[0].endswith("min (1 of 2)") and log[-1].endswith("min (3 of 3)")
     calls[:] = []
     assert bench.run_bench(str(path), out, progress=False)["trained"] == 0 and calls == []
 

@@ -31,6 +31,7 @@ import platform
 import re
 import shlex
 import shutil
+import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -512,10 +513,11 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
     bar = tqdm(total=len(selected), initial=len(selected) - len(pending), desc=desc, unit="run",
                disable=not progress or not selected, dynamic_ncols=True)
     failed = []
-    for spec in pending:
+    for i, spec in enumerate(pending, 1):
         folder = output / spec.folder
         bar.set_postfix_str(spec.name)
         (folder / ERROR).unlink(missing_ok=True)
+        start = time.perf_counter()
         try:
             if not (folder / runs.METRICS).exists():
                 runs.run_train(spec.config, folder, resume=checkpoint.find(folder) is not None, ood_data=spec.ood,
@@ -529,6 +531,10 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
             failed.append(spec.name)
             message = " ".join(str(err).split()) or type(err).__name__
             bar.write(f"bench: {spec.name} failed: {message} (traceback in {folder / ERROR})")
+        else:
+            if not progress:  # a line per run for logs of background benchmarks
+                print(f"{desc}: {spec.name} finished in {(time.perf_counter() - start) / 60:.1f} min "
+                      f"({i} of {len(pending)})", flush=True)
         bar.update(1)
     bar.close()
     return {"trained": len(pending) - len(failed), "skipped": len(selected) - len(pending), "failed": failed}
