@@ -316,12 +316,10 @@ class Entry:
 
 @dataclass
 class Choice:
-    """The learning rate of an entry: set, chosen on validation (with every candidate's score), or not yet."""
+    """The learning rate of an entry: set, chosen on validation, or not yet (None)."""
 
     lr: float | None
-    grid: tuple[float, ...] = ()
-    scores: dict = field(default_factory=dict)  # rate -> validation metric of its finished candidate run
-    follows: str | None = None
+    follows: str | None = None  # the variant whose chosen rate this is
 
 
 @dataclass
@@ -442,11 +440,11 @@ def choices(plan_: Plan, output: Path | None = None) -> dict[tuple[str, str], Ch
                     scores[spec.config.train.lr] = metrics["validation"][plan_.select]
             done = len(scores) == len(entry.lr)
             best = pick(entry.lr, key=lambda lr: scores[lr]) if done else None  # min/max keep the first of ties
-            out[entry.dataset, entry.variant] = Choice(best, entry.lr, scores)
+            out[entry.dataset, entry.variant] = Choice(best)
     for entry in plan_.entries:
         if isinstance(entry.lr, str):
             leader = out[entry.dataset, entry.lr]
-            out[entry.dataset, entry.variant] = Choice(leader.lr, leader.grid, follows=entry.lr)
+            out[entry.dataset, entry.variant] = Choice(leader.lr, follows=entry.lr)
     return out
 
 
@@ -672,9 +670,9 @@ def write_report(plan_: Plan, specs: list[RunSpec], output: Path, command: str) 
     cost = _header("Cost", preset, command, len(done), len(specs))
     cost += ["Mean over seeds. train s/step: the run's train_seconds (data and model loading, training, any post-hoc "
              "fit) over the steps it trained, both in the session that finished it; peak memory: resident memory "
-             "of the process during the run (CPU RAM); predict s: one prediction over the test split with the method's S "
-             "samples (S = 0: one deterministic pass), with one sample, and the one-pass fast path (— where the "
-             "method predicts in one pass anyway)."]
+             "of the process during the run (CPU RAM); predict s: one prediction over the test split with the "
+             "method's S samples (S = 0: one deterministic pass), with one sample, and the one-pass fast path (— "
+             "where the method predicts in one pass anyway)."]
     plots = output / "plots"
     for dataset in datasets:
         dataset_rows = sorted((r for r in rows if r["dataset"] == dataset), key=lambda r: order[r["variant"]])
@@ -721,8 +719,8 @@ def _tuning(plan_: Plan, dataset: str, output: Path) -> list[str]:
                 lines.append(f"| {entry.variant} | {lr:g} | — | — | — | (not finished) |")
                 continue
             val = json.loads((output / spec.folder / runs.METRICS).read_text())["validation"]
-            lines.append(f"| {entry.variant} | {lr:g} | " + " | ".join(
-                report.fmt(k, val[k]) for k in ("accuracy", "ece", "nll")) + f" | {'**yes**' if lr == choice.lr else ''} |")
+            numbers = " | ".join(report.fmt(k, val[k]) for k in ("accuracy", "ece", "nll"))
+            lines.append(f"| {entry.variant} | {lr:g} | {numbers} | {'**yes**' if lr == choice.lr else ''} |")
     followers = [f"{e.variant} takes {e.lr}'s" for e in plan_.entries if e.dataset == dataset and isinstance(e.lr, str)]
     if followers:
         lines += ["", "; ".join(followers) + " rate (the same training objective, or a post-hoc step on it)."]
