@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from bara import plots
 from bara.metrics import reliability_bins
-from bara.plots import rank_plots, reliability_diagram, scatter_methods
+from bara.plots import learning_curve, rank_plots, reliability_diagram, scatter_methods
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -124,6 +124,22 @@ def test_scatter_methods_writes_png(tmp_path, drawn):
     assert [tuple(c.get_offsets()[0]) for c in ax.collections] == [(0.09, 0.81), (0.04, 0.80), (0.03, 0.82)]
     with pytest.raises(ValueError, match="lacks"):
         scatter_methods([{"method": "lora", "ece": 0.1}], "ece", "accuracy", tmp_path / "x.png", "t")
+
+
+def test_learning_curve_plots_the_validation_records(tmp_path, drawn):
+    history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "val_accuracy": 0.5, "val_nll": 1.2, "val_ece": 0.2},
+               {"step": 3, "loss": 1.0}, {"step": 4, "loss": 0.8, "val_accuracy": 0.75, "val_nll": 0.7, "val_ece": 0.1}]
+    path = tmp_path / "curve.png"
+    assert learning_curve(history, path, "lora on toy") == path
+    assert_png(path)
+    assert_only(tmp_path, "curve.png")
+    axes = drawn[0].axes
+    assert [ax.get_ylabel() for ax in axes] == ["validation accuracy %", "validation NLL", "validation ECE %"]
+    assert [list(ax.lines[0].get_ydata()) for ax in axes] == [[50.0, 75.0], [1.2, 0.7], [20.0, 10.0]]
+    assert list(axes[0].lines[0].get_xdata()) == [2, 4]
+    with pytest.raises(ValueError, match="eval_every"):
+        learning_curve(history[:1], tmp_path / "none.png")
+    assert_only(tmp_path, "curve.png")
 
 
 def test_failed_write_keeps_the_old_file_and_no_temp_file(tmp_path, probs_labels, monkeypatch):

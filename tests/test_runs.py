@@ -35,9 +35,21 @@ def test_train_writes_outputs_and_eval_reproduces(tiny_bert, toy_data, tmp_path)
     assert saved["trainable_params"] == metrics["trainable_params"] > 0
     assert saved["versions"]["torch"].startswith("2.13")
     assert len((out / "history.jsonl").read_text().splitlines()) == 12
+    assert not (out / "curve.png").exists()  # no validation during training: no learning curve
     again = runs.run_eval(out, progress_bar=False)
     for key in ("accuracy", "ece", "nll", "brier"):
         assert again[key] == pytest.approx(saved[key], abs=1e-6), key
+
+
+def test_validation_during_training_is_logged_and_plotted(tiny_bert, toy_data, tmp_path):
+    run = config(tiny_bert, toy_data, steps=6)
+    run.train.eval_every = 3
+    out = tmp_path / "curve"
+    runs.run_train(run, out, progress_bar=False)
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if "val_accuracy" in h] == [3, 6]
+    assert all(0 <= h["val_accuracy"] <= 1 and h["val_nll"] > 0 for h in history if "val_accuracy" in h)
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_causal_lm_multiple_choice(tiny_llama, toy_choices, tmp_path):

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from .metrics import expected_calibration_error, reliability_bins
 
-__all__ = ["rank_plots", "reliability_diagram", "scatter_methods"]
+__all__ = ["learning_curve", "rank_plots", "reliability_diagram", "scatter_methods"]
 
 DPI = 110
 
@@ -140,4 +140,26 @@ def scatter_methods(points: list[dict], x: str, y: str, path, title: str) -> Pat
     ax.set_ylabel(y)
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+CURVE = (("val_accuracy", "validation accuracy %", 100.0), ("val_nll", "validation NLL", 1.0),
+         ("val_ece", "validation ECE %", 100.0))
+
+
+def learning_curve(history: list[dict], path, title: str | None = None) -> Path:
+    """Validation accuracy, NLL and ECE against the training step, from the records of ``history`` that hold
+    them (``bara train --eval-every N``): the plot that shows whether a step budget has converged."""
+    points = [h for h in history if all(key in h for key, _, _ in CURVE)]
+    if not points:
+        raise ValueError("no record of history holds validation metrics; train with eval_every > 0")
+    steps = [h["step"] for h in points]
+    fig = _figure(figsize=(12, 3.6))
+    for ax, (key, label, scale) in zip(fig.subplots(1, 3), CURVE):
+        ax.plot(steps, [scale * h[key] for h in points], marker="o")
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
     return _save(fig, path)

@@ -29,7 +29,7 @@ from .heads import Classifier
 from .methods import METHODS, Method, get_method
 from .metrics import evaluate
 from .models import load_model
-from .plots import reliability_diagram
+from .plots import learning_curve, reliability_diagram
 from .trainer import TrainConfig, batches, distributed_state, on_device, train
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS = "adapter_config.json", "adapter_model.safetensors", "metrics.json"
@@ -205,6 +205,8 @@ def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: 
     save_adapter(classifier, method, config, task, output)
     write_atomic(output / "history.jsonl",
                  lambda tmp: tmp.write_text("".join(json.dumps(h) + "\n" for h in history)))
+    if any("val_accuracy" in h for h in history):
+        learning_curve(history, output / "curve.png", f"{method.name} on {task.name}: validation during training")
     train_seconds = time.perf_counter() - t0
     metrics = score(classifier, method, task.test, config, None, ood.test if ood else None, output, progress_bar,
                     task.name)
