@@ -261,7 +261,7 @@ def test_learning_rate_grid_is_chosen_on_validation_then_fixed_for_every_seed(tm
     monkeypatch.setattr(runs, "run_train", counting)
     summary = bench.run_bench(str(path), out, progress=False)
     plan = bench.plan(str(path))
-    candidates = plan.candidates(plan.entries[0])
+    candidates = [c for c, _, _ in plan.candidates(plan.entries[0])]
     scores = {c.config.train.lr: json.loads((out / c.folder / "metrics.json").read_text())["validation"][select]
               for c in candidates}
     assert select != "nll" or scores[1e-3] != scores[5e-2]
@@ -282,7 +282,7 @@ def test_learning_rate_grid_is_chosen_on_validation_then_fixed_for_every_seed(tm
     assert f"by validation {select}; the test split plays no part" in results
     chosen_line = next(l for l in results.splitlines() if l.startswith(f"| lora | {best:g} |"))
     other_line = next(l for l in results.splitlines() if l.startswith("| lora | ") and l != chosen_line
-                      and "**yes**" not in l and l.count("|") == 7)
+                      and "**yes**" not in l and l.count("|") == 8)
     assert chosen_line.endswith("| **yes** |") and other_line.endswith("|  |")
     assert "follower takes lora's rate" in results and "finished runs: 4 of 4" in results
     log = capsys.readouterr().out.splitlines()  # without progress bars, a line per finished run
@@ -293,12 +293,56 @@ def test_learning_rate_grid_is_chosen_on_validation_then_fixed_for_every_seed(tm
     assert bench.run_bench(str(path), out, progress=False)["trained"] == 0 and calls == []
 
 
+def test_option_grids_are_chosen_with_the_rate_and_keep_the_usual_run(tmp_path, tiny_bert, toy_data):
+    methods = ('{ blob = "blob", small = { method = "blob", options = { r = 4 } }, '
+               'own = { method = "blob", options = { kl_lr = 0.03 } } }')
+    path = tiny_preset(tmp_path, tiny_bert, toy_data, methods=methods,
+                       extra="[tiny.tune.options.blob]\nkl_lr = [0.002, 0.05]")
+    path.write_text(path.read_text().replace("default = 5e-3\nbara = 1e-2",
+                                             'blob = [1e-3, 5e-2]\nsmall = "blob"\nown = "blob"'))
+    plan = bench.plan(str(path))
+    candidates = plan.candidates(plan.entries[0])
+    assert [(lr, options) for _, lr, options in candidates] == [
+        (1e-3, {"kl_lr": 0.002}), (1e-3, {"kl_lr": 0.05}), (5e-2, {"kl_lr": 0.002}), (5e-2, {"kl_lr": 0.05})]
+    assert {c.seed for c, _, _ in candidates} == {0}
+    # The default kl_lr is left out of the options, so that candidate is the run the preset made without a grid.
+    assert "kl_lr" not in candidates[0][0].config.method_options
+    assert candidates[1][0].config.method_options["kl_lr"] == 0.05
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    no_grid = tiny_preset(plain, tiny_bert, toy_data, methods='["blob"]')
+    no_grid.write_text(no_grid.read_text().replace("default = 5e-3\nbara = 1e-2", "blob = [1e-3, 5e-2]"))
+    plain_plan = bench.plan(str(no_grid))
+    assert [c.hash for c, _, _ in plain_plan.candidates(plain_plan.entries[0])] == [
+        candidates[0][0].hash, candidates[2][0].hash]
+    assert [plan.candidates(e) for e in plan.entries[1:]] == [[], []]  # followers have no candidates
+
+    out = tmp_path / "bench"
+    bench.run_bench(str(path), out, progress=False)
+    nll = [json.loads((out / c.folder / "metrics.json").read_text())["validation"]["nll"] for c, _, _ in candidates]
+    best = min(range(4), key=nll.__getitem__)
+    _, lr, options = candidates[best]
+    specs = bench.expand(str(path), out)
+    # Followers of the same method take the chosen rate and options, except an option they set themselves.
+    assert [(s.variant, s.seed, s.config.train.lr, s.config.method_options.get("kl_lr", 0.002)) for s in specs] == [
+        (v, seed, lr, 0.03 if v == "own" else options["kl_lr"]) for v in ("blob", "small", "own") for seed in (0, 1)]
+    assert {s.config.method_options["r"] for s in specs if s.variant == "small"} == {4}
+    assert specs[0].hash == candidates[best][0].hash
+    results = (out / "results.md").read_text()
+    assert sum("**yes**" in line for line in results.splitlines()) == 1
+    assert f"| blob | {lr:g} | kl_lr {options['kl_lr']} |" in next(l for l in results.splitlines() if "**yes**" in l)
+
+
 @pytest.mark.parametrize("lr, extra, message", [
     ('lora = [1e-3, 1e-3]', "", r"must be a positive number, a list of distinct positive numbers"),
     ('lora = []', "", r"must be a positive number, a list of distinct"),
     ('lora = "nope"', "", r"'lora' takes the learning rate of 'nope', which is not a variant"),
     ('lora = [1e-3, 2e-3]', "[tiny.tune]\nseed = 5", r"tune.seed = 5 is not one of the seeds \[0, 1\]"),
     ('lora = [1e-3, 2e-3]', '[tiny.tune]\nselect = "loss"', r"tune.select = 'loss'; fix: use one of nll"),
+    ('lora = 1e-3', '[tiny.tune.options.lora]\nr = [4, 4]', r"r = \[4, 4\] must be a list of distinct values"),
+    ('lora = 1e-3', '[tiny.tune.options.lora]\nr = [4, "x"]', r"r = 'x' should be of type int"),
+    ('lora = 1e-3', '[tiny.tune.options.lora]\nrank = [4, 8]', r"unknown setting 'rank'"),
+    ('lora = 1e-3', '[tiny.tune.options.lorra]\nr = [4, 8]', r"\[tune.options.lorra\] is for neither a method"),
 ])
 def test_grid_settings_are_checked(tmp_path, tiny_bert, toy_data, lr, extra, message):
     path = tiny_preset(tmp_path, tiny_bert, toy_data, methods='["lora"]', extra=extra)
@@ -354,8 +398,12 @@ def test_packaged_presets_expand_under_the_fair_protocol():
                                                           for d, _ in grids}
         followed = {e.lr for e in plan.entries if isinstance(e.lr, str)}
         assert followed == ({"lora"} if name == "standard" else {"bara"})
-        candidates = [c for e in plan.entries for c in plan.candidates(e)]
-        assert len({c.hash for c in candidates}) == len(candidates) == 2 * len(grids)
+        candidates = [c for e in plan.entries for c, _, _ in plan.candidates(e)]
+        knobs = {"blob": {"kl_lr": [0.002, 0.01]}, "bara": {"omega_loc": [0.0, 0.05]}}
+        assert {(e.dataset, e.variant): e.option_grid for e in plan.entries if e.option_grid} == {
+            key: knobs[key[1]] for key in grids if key[1] in knobs}
+        assert len({c.hash for c in candidates}) == len(candidates) == 2 * len(grids) + 2 * sum(
+            key[1] in knobs for key in grids)
     assert list(dict.fromkeys(s.dataset for s in standard)) == ["banking77", "clinc150", "hwu64", "trec"]
     assert {s.variant for s in standard} == {"lora", "map", "mcdropout", "ensemble", "temperature", "laplace",
                                              "blob", "adalora", "bara"}

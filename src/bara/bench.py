@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -56,7 +57,7 @@ ERROR = "error.txt"  # traceback of a failed run, beside its partial outputs
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # dataset and variant names become folder names
 PRESET_KEYS = ("model", "seeds", "max_train", "max_eval", "methods", "train", "lr", "tune", "shared_options",
                "options", "datasets", "extends")
-TUNE_KEYS = ("seed", "select")
+TUNE_KEYS = ("seed", "select", "options")
 # Validation metrics a learning-rate grid may be chosen by: metrics.json's validation block, and which way is best.
 SELECT = {"nll": min, "accuracy": max, "ece": min, "brier": min}
 HARNESS_SET = ("lr", "seed", "checkpoint_every")  # TrainConfig fields a preset does not set in [P.train]
@@ -167,7 +168,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def _resolve(presets: dict, name: str, chain: tuple) -> dict:
-    """The preset's table with ``extends`` applied: tables merged key by key, ``methods`` replaced, and
+    """The preset's table with ``extends`` applied: tables merged key by key, ``methods`` and ``tune`` replaced, and
     ``datasets`` naming which of the parent's datasets run (their settings merged)."""
     if name in chain:
         raise BaraError(f"presets extend each other in a cycle: {' -> '.join(chain + (name,))}; fix: break it")
@@ -182,8 +183,10 @@ def _resolve(presets: dict, name: str, chain: tuple) -> dict:
         raise BaraError(f"preset '{name}' extends '{parent}', which is not in the same file; fix: use one of "
                         f"{', '.join(p for p in presets if p != name)}")
     base = _resolve(presets, parent, chain + (name,))
-    merged = _merge(base, {k: v for k, v in table.items() if k not in ("extends", "methods", "datasets")})
+    merged = _merge(base, {k: v for k, v in table.items() if k not in ("extends", "methods", "tune", "datasets")})
     merged["methods"] = table.get("methods", base.get("methods"))
+    if "tune" in table or "tune" in base:  # replaced as a whole: an empty [P.tune] drops the parent's option grids
+        merged["tune"] = table.get("tune", base.get("tune"))
     if "datasets" in table:
         inherited = base.get("datasets", {})
         merged["datasets"] = {d: _merge(inherited.get(d, {}), s) if isinstance(s, dict) else s
@@ -307,11 +310,27 @@ class Entry:
     config: RunConfig  # at lr 0 and seed 0, filled in by spec()
     ood: str | None = None
     shift: str | None = None
+    # Method options to choose on the validation split together with the rate: option -> values.
+    option_grid: dict = field(default_factory=dict)
 
-    def spec(self, lr: float, seed: int, pending: bool = False) -> RunSpec:
-        config = dataclasses.replace(self.config, train=dataclasses.replace(self.config.train, lr=lr, seed=seed))
+    def spec(self, lr: float, seed: int, options: dict | None = None, pending: bool = False) -> RunSpec:
+        method_options = dict(self.config.method_options)
+        defaults = METHODS[self.config.method].config_class().to_dict()
+        for key, value in (options or {}).items():
+            # A value equal to the option's default is left out, so that the candidate with the usual options is
+            # the very run (same hash) it was before the option had a grid.
+            method_options.pop(key, None)
+            if value != defaults[key]:
+                method_options[key] = value
+        config = dataclasses.replace(self.config, method_options=method_options,
+                                     train=dataclasses.replace(self.config.train, lr=lr, seed=seed))
         return RunSpec(self.dataset, self.variant, seed, "" if pending else run_hash(config, self.ood, self.shift),
                        config, self.ood, self.shift, pending)
+
+    def option_sets(self) -> list[dict]:
+        """Every combination of the option grid ([{}] without one), in the grid's order."""
+        keys = list(self.option_grid)
+        return [dict(zip(keys, values)) for values in itertools.product(*self.option_grid.values())]
 
 
 @dataclass
@@ -319,6 +338,7 @@ class Choice:
     """The learning rate of an entry: set, chosen on validation, or not yet (None)."""
 
     lr: float | None
+    options: dict = field(default_factory=dict)  # options chosen from the entry's option grid
     follows: str | None = None  # the variant whose chosen rate this is
 
 
@@ -329,10 +349,15 @@ class Plan:
     tune_seed: int
     select: str  # a key of SELECT
 
-    def candidates(self, entry: Entry) -> list[RunSpec]:
-        """The runs a grid is chosen from: one per rate, at the tuning seed (one of the preset's seeds, so the
-        chosen candidate is also that seed's run)."""
-        return [entry.spec(lr, self.tune_seed) for lr in entry.lr] if isinstance(entry.lr, tuple) else []
+    def candidates(self, entry: Entry) -> list[tuple[RunSpec, float, dict]]:
+        """The runs a grid is chosen from, with their rate and options: one per rate and combination of the
+        option grid, at the tuning seed (one of the preset's seeds, so the chosen candidate is also that
+        seed's run). None for an entry without a grid, or whose rate follows another variant's."""
+        if isinstance(entry.lr, str) or (isinstance(entry.lr, float) and not entry.option_grid):
+            return []
+        rates = entry.lr if isinstance(entry.lr, tuple) else (entry.lr,)
+        return [(entry.spec(lr, self.tune_seed, options), lr, options)
+                for lr in rates for options in entry.option_sets()]
 
 
 def plan(preset: Preset | str) -> Plan:
@@ -353,6 +378,14 @@ def plan(preset: Preset | str) -> Plan:
         raise BaraError(f"{where}: [tune] takes only {', '.join(TUNE_KEYS)}; fix: e.g. [tune] seed = 0, "
                         'select = "nll"')
     tune_seed, select = tune.get("seed", seeds[0]), tune.get("select", "nll")
+    option_grids = tune.get("options", {})
+    if not isinstance(option_grids, dict) or not all(isinstance(g, dict) for g in option_grids.values()):
+        raise BaraError(f"{where}: [tune.options.METHOD] tables give grids of a method's options; fix: e.g. "
+                        "[tune.options.blob] kl_lr = [0.002, 0.01]")
+    for name in option_grids:
+        if name not in METHODS and name not in (p["methods"] if isinstance(p["methods"], (list, dict)) else ()):
+            raise BaraError(f"{where}: [tune.options.{name}] is for neither a method nor a variant of this preset; "
+                            f"fix: use one of {', '.join(sorted(METHODS))}")
     if tune_seed not in seeds:
         raise BaraError(f"{where}: tune.seed = {tune_seed!r} is not one of the seeds {seeds}; fix: pick one of them")
     if select not in SELECT:
@@ -403,18 +436,34 @@ def plan(preset: Preset | str) -> Plan:
             merged = _typed(METHODS[method].config_class, merged, f"{where}, variant '{variant}'")
             METHODS[method].config_class.from_dict(merged)  # its own checks of the values
             rates[variant] = _learning_rate(p.get("lr", {}), settings.get("lr"), variant, method, at)
+            grid = {} if isinstance(rates[variant], str) else _option_grid(
+                option_grids.get(variant, option_grids.get(method, {})), method, merged,
+                f"{where}, [tune.options] for '{variant}'")
             config = RunConfig(
                 model=p["model"], data=data, method=method, method_options=merged,
                 max_train=settings.get("max_train", p.get("max_train")),
                 max_eval=settings.get("max_eval", p.get("max_eval")),
                 text_column=settings.get("text_column", "text"), label_column=settings.get("label_column", "label"),
                 train=TrainConfig(**train, lr=0.0, seed=0, checkpoint_every=CHECKPOINT_EVERY))
-            entries.append(Entry(dataset, variant, _rate(rates[variant]), tuple(seeds), config, ood, shift))
+            entries.append(Entry(dataset, variant, _rate(rates[variant]), tuple(seeds), config, ood, shift, grid))
         for variant, lr in rates.items():
             if isinstance(lr, str) and (lr not in rates or isinstance(rates[lr], str)):
                 raise BaraError(f"{at}: '{variant}' takes the learning rate of '{lr}', which is not a variant of "
                                 "this preset with a rate or grid of its own; fix: name one, e.g. lora")
     return Plan(preset, entries, tune_seed, select)
+
+
+def _option_grid(table: dict, method: str, merged: dict, where: str) -> dict:
+    """An option grid checked against the method's options: every value of the right type and valid."""
+    grid = {}
+    for key, values in table.items():
+        if not isinstance(values, list) or not values or len(set(map(json.dumps, values))) < len(values):
+            raise BaraError(f"{where}: {key} = {values!r} must be a list of distinct values; fix: e.g. "
+                            f"{key} = [0.002, 0.01]")
+        grid[key] = [_typed(METHODS[method].config_class, {key: v}, where)[key] for v in values]
+        for value in grid[key]:
+            METHODS[method].config_class.from_dict({**merged, key: value})
+    return grid
 
 
 def _rate(lr):
@@ -430,21 +479,26 @@ def choices(plan_: Plan, output: Path | None = None) -> dict[tuple[str, str], Ch
     pick = SELECT[plan_.select]
     out = {}
     for entry in plan_.entries:
-        if isinstance(entry.lr, float):
+        candidates = plan_.candidates(entry)
+        if candidates:
+            scores = [json.loads((output / spec.folder / runs.METRICS).read_text())["validation"][plan_.select]
+                      for spec, _, _ in candidates if output is not None and finished(output, spec)]
+            if len(scores) == len(candidates):
+                best = pick(range(len(candidates)), key=scores.__getitem__)  # min/max keep the first of ties
+                out[entry.dataset, entry.variant] = Choice(candidates[best][1], candidates[best][2])
+            else:
+                out[entry.dataset, entry.variant] = Choice(None)
+        elif isinstance(entry.lr, float):
             out[entry.dataset, entry.variant] = Choice(entry.lr)
-        elif isinstance(entry.lr, tuple):
-            scores = {}
-            for spec in plan_.candidates(entry):
-                if output is not None and finished(output, spec):
-                    metrics = json.loads((output / spec.folder / runs.METRICS).read_text())
-                    scores[spec.config.train.lr] = metrics["validation"][plan_.select]
-            done = len(scores) == len(entry.lr)
-            best = pick(entry.lr, key=lambda lr: scores[lr]) if done else None  # min/max keep the first of ties
-            out[entry.dataset, entry.variant] = Choice(best)
+    configs = {(e.dataset, e.variant): e.config for e in plan_.entries}
     for entry in plan_.entries:
         if isinstance(entry.lr, str):
-            leader = out[entry.dataset, entry.lr]
-            out[entry.dataset, entry.variant] = Choice(leader.lr, follows=entry.lr)
+            leader, theirs = out[entry.dataset, entry.lr], configs[entry.dataset, entry.lr]
+            # Of the leader's chosen options, those of the same method that this variant leaves as the leader has
+            # them (an ablation that sets an option itself keeps its own value).
+            options = {k: v for k, v in leader.options.items() if theirs.method == entry.config.method
+                       and entry.config.method_options.get(k) == theirs.method_options.get(k)}
+            out[entry.dataset, entry.variant] = Choice(leader.lr, options, follows=entry.lr)
     return out
 
 
@@ -455,9 +509,10 @@ def expand(preset: Preset | str | Plan, output: Path | None = None) -> list[RunS
     chosen = choices(plan_, output)
     specs = []
     for entry in plan_.entries:
-        lr = chosen[entry.dataset, entry.variant].lr
+        choice = chosen[entry.dataset, entry.variant]
         for seed in entry.seeds:
-            specs.append(entry.spec(lr, seed) if lr is not None else entry.spec(_first(entry, plan_), seed, True))
+            specs.append(entry.spec(choice.lr, seed, choice.options) if choice.lr is not None
+                         else entry.spec(_first(entry, plan_), seed, pending=True))
     return specs
 
 
@@ -564,7 +619,7 @@ def run_bench(preset: Preset | str, output: str | Path, progress: bool = True, r
             chosen = choices(plan_, output)
             leaders = {chosen[dataset, v].follows or v for v in wanted}
             tuning = [c for e in plan_.entries if e.dataset == dataset and e.variant in leaders
-                      for c in plan_.candidates(e)]
+                      for c, _, _ in plan_.candidates(e)]
             parts = [_train(tuning, output, progress, f"tune {dataset}")]
             tried = {c.hash for c in tuning}  # the chosen candidates are runs of the tuning seed: done already
             final = [s for s in _select(expand(plan_, output), dataset, only_method) if s.hash not in tried]
@@ -705,22 +760,24 @@ def write_report(plan_: Plan, specs: list[RunSpec], output: Path, command: str) 
 def _tuning(plan_: Plan, dataset: str, output: Path) -> list[str]:
     """The learning rates chosen on validation for ``dataset``: every candidate's validation metrics."""
     chosen = choices(plan_, output)
-    entries = [e for e in plan_.entries if e.dataset == dataset and isinstance(e.lr, tuple)]
+    entries = [e for e in plan_.entries if e.dataset == dataset and plan_.candidates(e)]
     if not entries:
         return []
-    lines = [f"Learning rates chosen on the validation split (seed {plan_.tune_seed}, by validation "
-             f"{plan_.select}; the test split plays no part):", "",
-             "| variant | lr | val accuracy % | val ECE % | val NLL | chosen |", "|---|---|---|---|---|---|"]
+    lines = [f"Learning rates (and options with a grid) chosen on the validation split (seed {plan_.tune_seed}, "
+             f"by validation {plan_.select}; the test split plays no part):", "",
+             "| variant | lr | options | val accuracy % | val ECE % | val NLL | chosen |",
+             "|---|---|---|---|---|---|---|"]
     for entry in entries:
         choice = chosen[dataset, entry.variant]
-        for spec in plan_.candidates(entry):
-            lr = spec.config.train.lr
+        for spec, lr, options in plan_.candidates(entry):
+            shown = ", ".join(f"{k} {v}" for k, v in options.items()) or "—"
             if not finished(output, spec):
-                lines.append(f"| {entry.variant} | {lr:g} | — | — | — | (not finished) |")
+                lines.append(f"| {entry.variant} | {lr:g} | {shown} | — | — | — | (not finished) |")
                 continue
             val = json.loads((output / spec.folder / runs.METRICS).read_text())["validation"]
             numbers = " | ".join(report.fmt(k, val[k]) for k in ("accuracy", "ece", "nll"))
-            lines.append(f"| {entry.variant} | {lr:g} | {numbers} | {'**yes**' if lr == choice.lr else ''} |")
+            mark = "**yes**" if (lr, options) == (choice.lr, choice.options) else ""
+            lines.append(f"| {entry.variant} | {lr:g} | {shown} | {numbers} | {mark} |")
     followers = [f"{e.variant} takes {e.lr}'s" for e in plan_.entries if e.dataset == dataset and isinstance(e.lr, str)]
     if followers:
         lines += ["", "; ".join(followers) + " rate (the same training objective, or a post-hoc step on it)."]
