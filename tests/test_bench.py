@@ -446,7 +446,8 @@ def test_bench_help_lists_its_options(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--help"])
     text = capsys.readouterr().out
-    for word in ("--preset", "--output", "--report-only", "--only-dataset", "--only-method", "--no-progress"):
+    for word in ("--preset", "--output", "--report-only", "--only-dataset", "--only-method", "--no-progress",
+                 "[tune.options.METHOD]", "chosen on the validation"):
         assert word in text
 
 
