@@ -267,7 +267,7 @@ def test_learning_rate_grid_is_chosen_on_validation_then_fixed_for_every_seed(tm
     real_run_train = runs.run_train
 
     def counting(config, output, **kwargs):
-        calls.append((config.method, config.train.lr, config.train.seed))
+        calls.append((config.method, config.train.lr, config.train.seed, kwargs["validation"]))
         return real_run_train(config, output, **kwargs)
 
     monkeypatch.setattr(runs, "run_train", counting)
@@ -280,14 +280,19 @@ def test_learning_rate_grid_is_chosen_on_validation_then_fixed_for_every_seed(tm
     best = pick(scores, key=scores.get)  # a tie goes to the grid's first rate
     # The two candidates at the tuning seed first, then the other seed of lora and both of the follower, all at
     # the chosen rate; the chosen candidate is not trained twice.
-    assert calls[:2] == [("lora", 1e-3, 1), ("lora", 5e-2, 1)]
-    assert sorted(calls[2:]) == sorted([("lora", best, 0), ("temperature", best, 0), ("temperature", best, 1)])
+    # Only the candidates score the validation split: no choice is made on the other runs.
+    assert calls[:2] == [("lora", 1e-3, 1, True), ("lora", 5e-2, 1, True)]
+    assert sorted(calls[2:]) == sorted([("lora", best, 0, False), ("temperature", best, 0, False),
+                                        ("temperature", best, 1, False)])
     assert (summary["trained"], summary["skipped"], summary["failed"]) == (5, 0, [])
     specs = bench.expand(str(path), out)
     assert [(s.variant, s.seed, s.config.train.lr, s.pending) for s in specs] == [
         (v, seed, best, False) for v in ("lora", "follower") for seed in (0, 1)]
     assert next(s for s in specs if (s.variant, s.seed) == ("lora", 1)).hash == \
         next(c for c in candidates if c.config.train.lr == best).hash
+    tried = {c.hash for c in candidates}
+    assert [("validation" in json.loads((out / s.folder / "metrics.json").read_text())) for s in specs] == [
+        s.hash in tried for s in specs]
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [(r["variant"], r["seed"], r["lr"]) for r in rows] == [(s.variant, s.seed, best) for s in specs]
     results = (out / "results.md").read_text()
@@ -607,3 +612,28 @@ def test_bench_help_explains_ood_and_shift(capsys):
     text = capsys.readouterr().out
     for word in ("ood =", "shift =", "shift_metrics.json", "multiple-choice", "bara data fetch bigbench"):
         assert word in text
+
+
+def test_finished_run_that_becomes_a_candidate_gets_its_validation_scored_without_retraining(tmp_path, tiny_bert,
+                                                                                           toy_data, monkeypatch):
+    fixed = tiny_preset(tmp_path, tiny_bert, toy_data, methods='["lora"]', lr="lora = 1e-3")
+    out = tmp_path / "bench"
+    bench.run_bench(str(fixed), out, progress=False)
+    run = out / next(s for s in bench.expand(str(fixed)) if s.seed == 0).folder
+    before = json.loads((run / "metrics.json").read_text())
+    assert "validation" not in before  # no choice is made on it
+    weights = (run / "adapter_model.safetensors").stat().st_mtime_ns
+
+    grid = tiny_preset(tmp_path, tiny_bert, toy_data, methods='["lora"]', lr="lora = [1e-3, 5e-2]",
+                       extra="[tiny.tune]\nseed = 0")
+    trained = []
+    real_run_train = runs.run_train
+    monkeypatch.setattr(runs, "run_train", lambda config, output, **kw: trained.append(config.train.lr)
+                        or real_run_train(config, output, **kw))
+    bench.run_bench(str(grid), out, progress=False)
+    after = json.loads((run / "metrics.json").read_text())
+    assert set(after["validation"]) >= {"accuracy", "ece", "nll", "brier"} and 0 <= after["validation"]["accuracy"] <= 1
+    assert after["nll"] == before["nll"] and (run / "adapter_model.safetensors").stat().st_mtime_ns == weights
+    assert trained[0] == 5e-2 and 1e-3 not in trained  # the other candidate trains; the finished runs do not
+    plan = bench.plan(str(grid))
+    assert bench.choices(plan, out)["toy", "lora"].lr in (1e-3, 5e-2)

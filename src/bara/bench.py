@@ -481,9 +481,8 @@ def choices(plan_: Plan, output: Path | None = None) -> dict[tuple[str, str], Ch
     for entry in plan_.entries:
         candidates = plan_.candidates(entry)
         if candidates:
-            scores = [json.loads((output / spec.folder / runs.METRICS).read_text())["validation"][plan_.select]
-                      for spec, _, _ in candidates if output is not None and finished(output, spec)]
-            if len(scores) == len(candidates):
+            scores = [_validation(output, spec).get(plan_.select) for spec, _, _ in candidates]
+            if None not in scores:
                 best = pick(range(len(candidates)), key=scores.__getitem__)  # min/max keep the first of ties
                 out[entry.dataset, entry.variant] = Choice(candidates[best][1], candidates[best][2])
             else:
@@ -500,6 +499,13 @@ def choices(plan_: Plan, output: Path | None = None) -> dict[tuple[str, str], Ch
                        and entry.config.method_options.get(k) == theirs.method_options.get(k)}
             out[entry.dataset, entry.variant] = Choice(leader.lr, options, follows=entry.lr)
     return out
+
+
+def _validation(output: Path | None, spec: RunSpec) -> dict:
+    """The validation metrics of a finished run; {} while it is unfinished or has none (not yet scored)."""
+    if output is None or not finished(output, spec):
+        return {}
+    return json.loads((output / spec.folder / runs.METRICS).read_text()).get("validation", {})
 
 
 def expand(preset: Preset | str | Plan, output: Path | None = None) -> list[RunSpec]:
@@ -558,10 +564,16 @@ def _select(specs: list[RunSpec], only_dataset: str | None, only_method: str | N
     return chosen
 
 
-def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "bench") -> dict:
+def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "bench",
+           validation: bool = False) -> dict:
+    """Train the unfinished runs of ``selected``, one after another. ``validation``: they are candidates of a
+    grid, chosen on their validation metrics (the other runs skip scoring the validation split)."""
     from tqdm.auto import tqdm
 
     selected = [s for s in selected if not s.pending]
+    if validation:  # a finished run that becomes a candidate after a change of the preset
+        for spec in (s for s in selected if finished(output, s) and not _validation(output, s)):
+            runs.add_validation(output / spec.folder, progress_bar=progress)
     pending = [s for s in selected if not finished(output, s)]
     bar = tqdm(total=len(selected), initial=len(selected) - len(pending), desc=desc, unit="run",
                disable=not progress or not selected, dynamic_ncols=True)
@@ -574,7 +586,7 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
         try:
             if not (folder / runs.METRICS).exists():
                 runs.run_train(spec.config, folder, resume=checkpoint.find(folder) is not None, ood_data=spec.ood,
-                               progress_bar=progress)
+                               progress_bar=progress, validation=validation)
             if spec.shift:  # from the saved adapter, so an interruption here costs no retraining
                 shifted = runs.run_eval(folder, data=spec.shift, progress_bar=progress)
                 runs.write_json(folder / SHIFT, shifted)
@@ -620,7 +632,7 @@ def run_bench(preset: Preset | str, output: str | Path, progress: bool = True, r
             leaders = {chosen[dataset, v].follows or v for v in wanted}
             tuning = [c for e in plan_.entries if e.dataset == dataset and e.variant in leaders
                       for c, _, _ in plan_.candidates(e)]
-            parts = [_train(tuning, output, progress, f"tune {dataset}")]
+            parts = [_train(tuning, output, progress, f"tune {dataset}", validation=True)]
             tried = {c.hash for c in tuning}  # the chosen candidates are runs of the tuning seed: done already
             final = [s for s in _select(expand(plan_, output), dataset, only_method) if s.hash not in tried]
             parts.append(_train(final, output, progress, f"bench {dataset}"))
@@ -771,10 +783,10 @@ def _tuning(plan_: Plan, dataset: str, output: Path) -> list[str]:
         choice = chosen[dataset, entry.variant]
         for spec, lr, options in plan_.candidates(entry):
             shown = ", ".join(f"{k} {v}" for k, v in options.items()) or "—"
-            if not finished(output, spec):
+            val = _validation(output, spec)
+            if not val:
                 lines.append(f"| {entry.variant} | {lr:g} | {shown} | — | — | — | (not finished) |")
                 continue
-            val = json.loads((output / spec.folder / runs.METRICS).read_text())["validation"]
             numbers = " | ".join(report.fmt(k, val[k]) for k in ("accuracy", "ece", "nll"))
             mark = "**yes**" if (lr, options) == (choice.lr, choice.options) else ""
             lines.append(f"| {entry.variant} | {lr:g} | {shown} | {numbers} | {mark} |")

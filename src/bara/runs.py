@@ -155,8 +155,9 @@ def predict(classifier: Classifier, method: Method, split: Split, samples: int, 
 
 def score(classifier: Classifier, method: Method, split: Split, config: RunConfig, samples: int | None,
           ood: Split | None = None, output: Path | None = None, progress_bar: bool = True,
-          title: str = "") -> dict:
-    """Metrics on ``split`` at the method's sample count (and the one-pass prediction beside it when sampling)."""
+          title: str = "", timing: bool = True) -> dict:
+    """Metrics on ``split`` at the method's sample count (and the one-pass prediction beside it when sampling);
+    ``timing`` adds the time of one sampled pass (for the cost table: the test split's is enough)."""
     samples = method.default_samples if samples is None else samples
     labels = torch.tensor(split.labels)
     batch_size, seed = config.train.eval_batch_size, config.train.seed
@@ -171,7 +172,7 @@ def score(classifier: Classifier, method: Method, split: Split, config: RunConfi
         fast_seconds = time.perf_counter() - t0
         ood_fast = predict(classifier, method, ood, 0, batch_size, seed, progress_bar) if ood else None
         result["fast_path"] = {**evaluate(fast, labels, ood_fast), "predict_seconds": fast_seconds}
-        if samples > 1:  # the cost of one sampled pass, for the cost table (its predictions are not scored)
+        if samples > 1 and timing:  # the cost of one sampled pass, for the cost table (its predictions are not scored)
             t0 = time.perf_counter()
             predict(classifier, method, split, 1, batch_size, seed, progress_bar)
             result["predict_seconds_s1"] = time.perf_counter() - t0
@@ -186,7 +187,10 @@ def score(classifier: Classifier, method: Method, split: Split, config: RunConfi
 
 
 def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: bool = False,
-              ood_data: str | None = None, progress_bar: bool = True) -> dict:
+              ood_data: str | None = None, progress_bar: bool = True, validation: bool = True) -> dict:
+    """Train, save the adapter and write metrics.json: test metrics, and the validation split's under
+    "validation" unless ``validation`` is False (a benchmark run no choice is made on: 12 extra passes over the
+    split for a sampling method; :func:`add_validation` scores it later from the saved adapter)."""
     t0 = time.perf_counter()
     reset_peak_memory()
     task = load_task(config.data, max_train=config.max_train, seed=config.train.seed, max_eval=config.max_eval,
@@ -210,8 +214,9 @@ def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: 
     train_seconds = time.perf_counter() - t0
     metrics = score(classifier, method, task.test, config, None, ood.test if ood else None, output, progress_bar,
                     task.name)
-    # Choices (learning rates, BaRA's design) are made on these, never on the test metrics.
-    metrics["validation"] = score(classifier, method, task.validation, config, None, progress_bar=progress_bar)
+    if validation:  # choices (learning rates, BaRA's design) are made on these, never on the test metrics
+        metrics["validation"] = score(classifier, method, task.validation, config, None, progress_bar=progress_bar,
+                                      timing=False)
     metrics.update({
         "method": method.name, "model": config.model, "data": task.name, "seed": config.train.seed,
         "n_train": len(task.train), "n_test": len(task.test), "num_labels": task.num_labels,
@@ -258,6 +263,18 @@ def load_adapter(path: str | Path) -> tuple[Classifier, Method, RunConfig]:
     method.load_adapter_state(classifier, load_file(weights))
     classifier.eval()
     return classifier, method, config
+
+
+def add_validation(folder: Path, progress_bar: bool = True) -> dict:
+    """Score the validation split of a finished run trained with ``validation=False`` into its metrics.json."""
+    metrics = json.loads((folder / METRICS).read_text())
+    classifier, method, config = load_adapter(folder)
+    task = load_task(config.data, max_train=config.max_train, seed=config.train.seed, max_eval=config.max_eval,
+                     text_column=config.text_column, label_column=config.label_column)
+    metrics["validation"] = score(classifier, method, task.validation, config, None, progress_bar=progress_bar,
+                                  timing=False)
+    write_json(folder / METRICS, metrics)
+    return metrics
 
 
 def run_eval(adapter: str | Path, data: str | None = None, samples: int | None = None,
