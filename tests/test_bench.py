@@ -637,3 +637,22 @@ def test_finished_run_that_becomes_a_candidate_gets_its_validation_scored_withou
     assert trained[0] == 5e-2 and 1e-3 not in trained  # the other candidate trains; the finished runs do not
     plan = bench.plan(str(grid))
     assert bench.choices(plan, out)["toy", "lora"].lr in (1e-3, 5e-2)
+
+
+def test_reuse_copies_finished_runs_of_the_same_config_from_another_output(preset_file, tmp_path, monkeypatch):
+    first, second = tmp_path / "first", tmp_path / "second"
+    bench.run_bench(str(preset_file), first, progress=False, only_method="lora")
+    trained = []
+    real_run_train = runs.run_train
+    monkeypatch.setattr(runs, "run_train", lambda config, output, **kw: trained.append(config.method)
+                        or real_run_train(config, output, **kw))
+    summary = bench.run_bench(str(preset_file), second, progress=False, reuse=first)
+    assert trained == ["bara", "bara"] and (summary["trained"], summary["reused"], summary["skipped"]) == (2, 2, 0)
+    for spec in bench.expand(str(preset_file)):
+        if spec.variant == "lora":
+            assert (second / spec.folder / "metrics.json").read_bytes() == \
+                (first / spec.folder / "metrics.json").read_bytes()
+    assert not list(second.glob("runs/*/*/*.partial"))
+    assert len((second / "results.jsonl").read_text().splitlines()) == 4
+    with pytest.raises(BaraError, match="--reuse .* holds no runs/ folder"):
+        bench.run_bench(str(preset_file), second, progress=False, reuse=tmp_path / "nowhere")

@@ -565,12 +565,21 @@ def _select(specs: list[RunSpec], only_dataset: str | None, only_method: str | N
 
 
 def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "bench",
-           validation: bool = False) -> dict:
-    """Train the unfinished runs of ``selected``, one after another. ``validation``: they are candidates of a
-    grid, chosen on their validation metrics (the other runs skip scoring the validation split)."""
+           validation: bool = False, reuse: Path | None = None) -> dict:
+    """Train the unfinished runs of ``selected``, one after another, or copy them from ``reuse`` where it holds
+    them finished. ``validation``: they are candidates of a grid, chosen on their validation metrics (the other
+    runs skip scoring the validation split)."""
     from tqdm.auto import tqdm
 
     selected = [s for s in selected if not s.pending]
+    reused = [s for s in selected if reuse is not None and not finished(output, s) and finished(reuse, s)]
+    for spec in reused:  # the same hash: the same config, data, seed and evaluation sets
+        target = output / spec.folder
+        shutil.rmtree(target, ignore_errors=True)  # a checkpoint of an unfinished run of it
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(reuse / spec.folder, partial)
+        partial.rename(target)
     if validation:  # a finished run that becomes a candidate after a change of the preset
         for spec in (s for s in selected if finished(output, s) and not _validation(output, s)):
             runs.add_validation(output / spec.folder, progress_bar=progress)
@@ -602,11 +611,13 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
                       f"({i} of {len(pending)})", flush=True)
         bar.update(1)
     bar.close()
-    return {"trained": len(pending) - len(failed), "skipped": len(selected) - len(pending), "failed": failed}
+    return {"trained": len(pending) - len(failed), "reused": len(reused),
+            "skipped": len(selected) - len(pending) - len(reused), "failed": failed}
 
 
 def run_bench(preset: Preset | str, output: str | Path, progress: bool = True, report_only: bool = False,
-              only_dataset: str | None = None, only_method: str | None = None, command: str | None = None) -> dict:
+              only_dataset: str | None = None, only_method: str | None = None, command: str | None = None,
+              reuse: str | Path | None = None) -> dict:
     """Train the runs of ``preset`` not yet finished in ``output`` (those of ``only_dataset`` / ``only_method``
     if given), then write the report over every finished run of the preset. Returns the counts and the
     files written; raises BaraError at the end if a run failed.
@@ -621,7 +632,10 @@ def run_bench(preset: Preset | str, output: str | Path, progress: bool = True, r
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise BaraError(f"--output {output} is a file; fix: give a folder path")
-    summary = {"runs": len(specs), "selected": 0, "trained": 0, "skipped": 0, "failed": []}
+    reuse = Path(reuse) if reuse is not None else None
+    if reuse is not None and not (reuse / "runs").is_dir():
+        raise BaraError(f"--reuse {reuse} holds no runs/ folder; fix: give the --output folder of another 'bara bench'")
+    summary = {"runs": len(specs), "selected": 0, "trained": 0, "reused": 0, "skipped": 0, "failed": []}
     if not report_only:
         _check_fetched(selected)
         output.mkdir(parents=True, exist_ok=True)
@@ -632,15 +646,15 @@ def run_bench(preset: Preset | str, output: str | Path, progress: bool = True, r
             leaders = {chosen[dataset, v].follows or v for v in wanted}
             tuning = [c for e in plan_.entries if e.dataset == dataset and e.variant in leaders
                       for c, _, _ in plan_.candidates(e)]
-            parts = [_train(tuning, output, progress, f"tune {dataset}", validation=True)]
+            parts = [_train(tuning, output, progress, f"tune {dataset}", validation=True, reuse=reuse)]
             tried = {c.hash for c in tuning}  # the chosen candidates are runs of the tuning seed: done already
             final = [s for s in _select(expand(plan_, output), dataset, only_method) if s.hash not in tried]
-            parts.append(_train(final, output, progress, f"bench {dataset}"))
+            parts.append(_train(final, output, progress, f"bench {dataset}", reuse=reuse))
             for part in parts:
-                for key in ("trained", "skipped"):
+                for key in ("trained", "reused", "skipped"):
                     summary[key] += part[key]
                 summary["failed"] += part["failed"]
-        summary["selected"] = summary["trained"] + summary["skipped"] + len(summary["failed"])
+        summary["selected"] = summary["trained"] + summary["reused"] + summary["skipped"] + len(summary["failed"])
     specs = expand(plan_, output)
     command = command or shlex.join(["bara", "bench", "--preset", given, "--output", str(output)])
     if report_only or not summary["failed"] or any(finished(output, s) for s in specs):
@@ -740,12 +754,12 @@ def write_report(plan_: Plan, specs: list[RunSpec], output: Path, command: str) 
              "of the process during the run (CPU RAM); predict s: one prediction over the test split with the "
              "method's S samples (S = 0: one deterministic pass), with one sample, and the one-pass fast path (— "
              "where the method predicts in one pass anyway)."]
-    plots = output / "plots"
+    plots, chosen = output / "plots", choices(plan_, output)
     for dataset in datasets:
         dataset_rows = sorted((r for r in rows if r["dataset"] == dataset), key=lambda r: order[r["variant"]])
         n_runs = sum(s.dataset == dataset for s in specs)
         results += ["", f"## {dataset} ({len(dataset_rows)} of {n_runs} runs finished)", "",
-                    _schedule(specs, dataset), ""] + _tuning(plan_, dataset, output)
+                    _schedule(specs, dataset), ""] + _tuning(plan_, dataset, output, chosen)
         cost += ["", f"## {dataset}", ""]
         if not dataset_rows:
             continue
@@ -769,9 +783,8 @@ def write_report(plan_: Plan, specs: list[RunSpec], output: Path, command: str) 
     return written
 
 
-def _tuning(plan_: Plan, dataset: str, output: Path) -> list[str]:
+def _tuning(plan_: Plan, dataset: str, output: Path, chosen: dict[tuple[str, str], Choice]) -> list[str]:
     """The learning rates chosen on validation for ``dataset``: every candidate's validation metrics."""
-    chosen = choices(plan_, output)
     entries = [e for e in plan_.entries if e.dataset == dataset and plan_.candidates(e)]
     if not entries:
         return []

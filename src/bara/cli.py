@@ -26,6 +26,7 @@ BENCH_EXAMPLES = """examples:
   bara bench --preset standard --output runs/bench --only-dataset trec --only-method lora,bara
   bara bench --preset my-presets.toml:small --output runs/small
   bara bench --preset standard --output runs/bench --report-only
+  bara bench --preset ablations --output runs/bench-ablations --reuse runs/bench
   bara data fetch bigbench && bara bench --preset multiple-choice --output runs/bench-mc
 
 An interrupted benchmark continues where it stopped when the same command is run again: finished runs
@@ -145,6 +146,8 @@ def parser() -> argparse.ArgumentParser:
                    "the report still covers every finished run of the preset")
     b.add_argument("--only-method", metavar="M", help="train only the runs of these methods or variants "
                    "(comma-separated)")
+    b.add_argument("--reuse", metavar="DIR", type=Path, help="copy finished runs with the same config (hash) from "
+                   "another benchmark's --output instead of training them, e.g. standard's BaRA runs for ablations")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     data = sub.add_parser("data", help="fetch datasets that are not shipped with bara (BIG-bench)",
@@ -245,10 +248,10 @@ def main(argv: list[str] | None = None) -> int:
             from . import bench
 
             summary = bench.run_bench(args.preset, args.output, not args.no_progress, args.report_only,
-                                      args.only_dataset, args.only_method, shlex.join(["bara", *argv]))
+                                      args.only_dataset, args.only_method, shlex.join(["bara", *argv]), args.reuse)
             if not args.report_only:
-                print(f"{summary['selected']} runs: {summary['trained']} trained, "
-                      f"{summary['skipped']} already finished")
+                print(f"{summary['selected']} runs: {summary['trained']} trained, {summary['reused']} copied from "
+                      f"--reuse, {summary['skipped']} already finished")
             print(f"wrote {args.output}/results.md, cost.md, results.jsonl and plots/")
         elif args.command == "data":
             _fetch(args)
