@@ -120,7 +120,7 @@ def test_scatter_methods_writes_png(tmp_path, drawn):
     assert_png(path)
     assert_only(tmp_path, "scatter.png")
     ax = drawn[0].axes[0]
-    assert [t.get_text() for t in ax.texts] == ["lora", "blob", "bara"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["lora", "blob", "bara"]
     assert [tuple(c.get_offsets()[0]) for c in ax.collections] == [(0.09, 0.81), (0.04, 0.80), (0.03, 0.82)]
     with pytest.raises(ValueError, match="lacks"):
         scatter_methods([{"method": "lora", "ece": 0.1}], "ece", "accuracy", tmp_path / "x.png", "t")

@@ -127,15 +127,16 @@ def scatter_methods(points: list[dict], x: str, y: str, path, title: str) -> Pat
         missing = [key for key in ("method", x, y) if key not in point]
         if missing:
             raise ValueError(f"point {i} lacks {missing}: {point}")
-    fig = _figure(figsize=(5.5, 4.5))
+    fig = _figure(figsize=(6.5, 4.5))
     ax = fig.subplots()
-    methods = list(dict.fromkeys(point["method"] for point in points))  # one colour per method
+    methods = list(dict.fromkeys(point["method"] for point in points))  # one colour and marker per method
     for point in points:
-        colour = f"C{methods.index(point['method']) % 10}"
-        ax.scatter(float(point[x]), float(point[y]), s=40, color=colour)
-        ax.annotate(point["method"], (float(point[x]), float(point[y])), textcoords="offset points",
-                    xytext=(4, 4), fontsize=8)
-    ax.margins(0.15)  # room for the labels of points at the edges
+        i = methods.index(point["method"])
+        # A legend, not labels beside the points: methods with near-equal numbers would overprint each other.
+        ax.scatter(float(point[x]), float(point[y]), s=45, color=f"C{i % 10}", marker="osD^vPX*hp<>"[i % 12],
+                   label=point["method"], alpha=0.85)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    ax.margins(0.1)
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.set_title(title)
