@@ -166,12 +166,13 @@ def test_bench_trains_reports_and_skips_finished_runs(preset_file, tmp_path, mon
     assert "train s/step" in cost and "| lora | 2 |" in cost and "| bara-small | 2 |" in cost
     header = next(l for l in cost.splitlines() if l.startswith("| variant |"))
     columns = [c.strip() for c in header.split("|")[1:-1]]
-    assert {"predict s (test, S)", "predict s (S = 1)", "predict s (one-pass)"} <= set(columns)
+    assert {"predict s (test, S)", "predict s (S = 1)", "predict s (one-pass)", "threads"} <= set(columns)
     cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in cost.splitlines()
              if line.startswith(("| lora |", "| bara-small |"))}
     for variant, sampled in (("lora", False), ("bara-small", True)):
         for column in ("predict s (S = 1)", "predict s (one-pass)"):
             assert (cells[variant][columns.index(column)] != "—") == sampled, (variant, column)
+        assert cells[variant][columns.index("threads")] == "1"  # conftest runs torch on one thread
     bara_metrics = json.loads((out / specs[2].folder / "metrics.json").read_text())
     assert bara_metrics["fast_path"]["predict_seconds"] > 0 and bara_metrics["predict_seconds_s1"] > 0
     plots = out / "plots"

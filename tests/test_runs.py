@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bara import checkpoint, cli, runs
 from bara.errors import BaraError
@@ -34,6 +35,8 @@ def test_train_writes_outputs_and_eval_reproduces(tiny_bert, toy_data, tmp_path)
     assert 0 <= saved["accuracy"] <= 1 and 0 <= saved["ece"] <= 1 and saved["nll"] > 0
     assert saved["trainable_params"] == metrics["trainable_params"] > 0
     assert saved["versions"]["torch"].startswith("2.13")
+    assert saved["torch_threads"] == torch.get_num_threads() >= 1
+    assert set(saved["validation"]) >= {"accuracy", "ece", "nll", "brier"}  # bara train scores validation
     assert len((out / "history.jsonl").read_text().splitlines()) == 12
     assert not (out / "curve.png").exists()  # no validation during training: no learning curve
     again = runs.run_eval(out, progress_bar=False)

@@ -75,7 +75,8 @@ SHIFTED = [("shift_accuracy", "accuracy %", "max"), ("shift_ece", "ECE %", "min"
            ("shift_brier", "Brier", "min")]
 COST = [("train_seconds_per_step", "train s/step"), ("peak_memory_mb", "peak memory MB"),
         ("trainable_params", "trainable params"), ("predict_seconds", "predict s (test, S)"), ("samples", "S"),
-        ("predict_seconds_s1", "predict s (S = 1)"), ("fast_predict_seconds", "predict s (one-pass)")]
+        ("predict_seconds_s1", "predict s (S = 1)"), ("fast_predict_seconds", "predict s (one-pass)"),
+        ("torch_threads", "threads")]
 PROTOCOL = ("Every method trains with the same steps, batch size, max length, target modules and seeds; only the "
             "learning rate and the method's own options differ. Learning rates and options are chosen on the "
             "validation split; the test split is never used for a choice.")
@@ -753,7 +754,9 @@ def write_report(plan_: Plan, specs: list[RunSpec], output: Path, command: str) 
              "fit) over the steps it trained, both in the session that finished it; peak memory: resident memory "
              "of the process during the run (CPU RAM); predict s: one prediction over the test split with the "
              "method's S samples (S = 0: one deterministic pass), with one sample, and the one-pass fast path (— "
-             "where the method predicts in one pass anyway)."]
+             "where the method predicts in one pass anyway); threads: torch's intra-op threads in the run (— where "
+             "the run predates the column). Two runs side by side on one machine, one thread each, take longer per "
+             "step than one run with both threads, but finish more runs per hour."]
     plots, chosen = output / "plots", choices(plan_, output)
     for dataset in datasets:
         dataset_rows = sorted((r for r in rows if r["dataset"] == dataset), key=lambda r: order[r["variant"]])
@@ -774,7 +777,8 @@ def write_report(plan_: Plan, specs: list[RunSpec], output: Path, command: str) 
                         _table(report.summarize([r for r in shifted if r["shift_data"] == shift], "variant",
                                                 [k for k, _, _ in SHIFTED]), SHIFTED)]
         cost_groups = report.summarize(dataset_rows, "variant", [k for k, _ in COST])
-        cost.append(report.summary_markdown(cost_groups, "variant", COST, no_spread=("trainable_params", "samples")))
+        cost.append(report.summary_markdown(cost_groups, "variant", COST,
+                                            no_spread=("trainable_params", "samples", "torch_threads")))
         written += _dataset_plots(plots, dataset, groups, output, [(s, m) for s, m in done if s.dataset == dataset])
     results += ["", "Plots in plots/: reliability-<dataset>-<variant>.png and rank-<dataset>-<variant>.png (the run "
                 "of the lowest finished seed), accuracy-ece-<dataset>.png and accuracy-nll-<dataset>.png (means)."]

@@ -35,7 +35,8 @@ def row(metrics: dict) -> dict:
                 "global_rank_mean"):
         if key in diag:
             out[key] = diag[key]
-    for key in ("train_seconds", "predict_seconds", "predict_seconds_s1", "peak_memory_mb", "trainable_params"):
+    for key in ("train_seconds", "predict_seconds", "predict_seconds_s1", "peak_memory_mb", "trainable_params",
+                "torch_threads"):
         out[key] = metrics.get(key)
     out["fast_predict_seconds"] = metrics.get("fast_path", {}).get("predict_seconds")
     return out
@@ -52,7 +53,7 @@ def fmt(key: str, value) -> str:
             return f"{100 * value:.1f}"
         if key.endswith("_mb"):
             return f"{value:.0f}"
-        if key.endswith("_params") or key == "samples":
+        if key.endswith(("_params", "_threads")) or key == "samples":  # counts (a mean of equal ones is a float)
             return f"{value:,.0f}"
         return f"{value:.3f}"
     if isinstance(value, int) and key.endswith("_params"):

@@ -224,7 +224,8 @@ def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: 
         # Trained parameters, not what the adapter file holds (Laplace stores its posterior there too).
         "trainable_params": sum(p.numel() for p in classifier.parameters() if p.requires_grad),
         "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - t0,
-        "peak_memory_mb": peak_memory_mb(), "config": config.to_dict(), "versions": versions(),
+        "peak_memory_mb": peak_memory_mb(), "torch_threads": torch.get_num_threads(),  # what the times were
+        "config": config.to_dict(), "versions": versions(),
     })
     write_json(output / METRICS, metrics)
     shutil.rmtree(output / checkpoint.NAME, ignore_errors=True)  # the adapter is saved; the run is finished
