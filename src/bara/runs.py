@@ -186,6 +186,13 @@ def score(classifier: Classifier, method: Method, split: Split, config: RunConfi
     return result
 
 
+def task_of(config: RunConfig, data: str | None = None, max_eval: int | None = None) -> Task:
+    """The splits a run trains and is scored on (``data`` and ``max_eval`` in place of the run's own)."""
+    return load_task(data or config.data, max_train=config.max_train, seed=config.train.seed,
+                     max_eval=max_eval if max_eval is not None else config.max_eval,
+                     text_column=config.text_column, label_column=config.label_column)
+
+
 def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: bool = False,
               ood_data: str | None = None, progress_bar: bool = True, validation: bool = True) -> dict:
     """Train, save the adapter and write metrics.json: test metrics, and the validation split's under
@@ -193,8 +200,7 @@ def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: 
     split for a sampling method; :func:`add_validation` scores it later from the saved adapter)."""
     t0 = time.perf_counter()
     reset_peak_memory()
-    task = load_task(config.data, max_train=config.max_train, seed=config.train.seed, max_eval=config.max_eval,
-                     text_column=config.text_column, label_column=config.label_column)
+    task = task_of(config)
     ood = load_task(ood_data, max_eval=config.max_eval, seed=config.train.seed) if ood_data else None
     classifier, method = build(config, task.label_names)
     state = distributed_state()
@@ -270,8 +276,7 @@ def add_validation(folder: Path, progress_bar: bool = True) -> dict:
     """Score the validation split of a finished run trained with ``validation=False`` into its metrics.json."""
     metrics = json.loads((folder / METRICS).read_text())
     classifier, method, config = load_adapter(folder)
-    task = load_task(config.data, max_train=config.max_train, seed=config.train.seed, max_eval=config.max_eval,
-                     text_column=config.text_column, label_column=config.label_column)
+    task = task_of(config)
     metrics["validation"] = score(classifier, method, task.validation, config, None, progress_bar=progress_bar,
                                   timing=False)
     write_json(folder / METRICS, metrics)
@@ -283,9 +288,7 @@ def run_eval(adapter: str | Path, data: str | None = None, samples: int | None =
              progress_bar: bool = True) -> dict:
     classifier, method, config = load_adapter(adapter)
     spec = data or config.data
-    task = load_task(spec, max_train=config.max_train, seed=config.train.seed,
-                     max_eval=max_eval if max_eval is not None else config.max_eval,
-                     text_column=config.text_column, label_column=config.label_column)
+    task = task_of(config, spec, max_eval)
     if task.label_names != classifier.label_names:
         raise BaraError(f"{spec} has labels {task.label_names[:5]}..., the adapter was trained on "
                         f"{classifier.label_names[:5]}...; fix: evaluate on data with the same label set "
