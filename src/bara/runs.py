@@ -193,10 +193,16 @@ def task_of(config: RunConfig, data: str | None = None, max_eval: int | None = N
                      text_column=config.text_column, label_column=config.label_column)
 
 
+def score_validation(classifier: Classifier, method: Method, task: Task, config: RunConfig,
+                     progress_bar: bool = True) -> dict:
+    """The "validation" block of metrics.json: as the test metrics, without the cost table's timing pass."""
+    return score(classifier, method, task.validation, config, None, progress_bar=progress_bar, timing=False)
+
+
 def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: bool = False,
               ood_data: str | None = None, progress_bar: bool = True, validation: bool = True) -> dict:
     """Train, save the adapter and write metrics.json: test metrics, and the validation split's under
-    "validation" unless ``validation`` is False (a benchmark run no choice is made on: 12 extra passes over the
+    "validation" unless ``validation`` is False (a benchmark run no choice is made on: 11 extra passes over the
     split for a sampling method; :func:`add_validation` scores it later from the saved adapter)."""
     t0 = time.perf_counter()
     reset_peak_memory()
@@ -221,8 +227,7 @@ def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: 
     metrics = score(classifier, method, task.test, config, None, ood.test if ood else None, output, progress_bar,
                     task.name)
     if validation:  # choices (learning rates, BaRA's design) are made on these, never on the test metrics
-        metrics["validation"] = score(classifier, method, task.validation, config, None, progress_bar=progress_bar,
-                                      timing=False)
+        metrics["validation"] = score_validation(classifier, method, task, config, progress_bar)
     metrics.update({
         "method": method.name, "model": config.model, "data": task.name, "seed": config.train.seed,
         "n_train": len(task.train), "n_test": len(task.test), "num_labels": task.num_labels,
@@ -276,9 +281,7 @@ def add_validation(folder: Path, progress_bar: bool = True) -> dict:
     """Score the validation split of a finished run trained with ``validation=False`` into its metrics.json."""
     metrics = json.loads((folder / METRICS).read_text())
     classifier, method, config = load_adapter(folder)
-    task = task_of(config)
-    metrics["validation"] = score(classifier, method, task.validation, config, None, progress_bar=progress_bar,
-                                  timing=False)
+    metrics["validation"] = score_validation(classifier, method, task_of(config), config, progress_bar)
     write_json(folder / METRICS, metrics)
     return metrics
 
