@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -657,3 +658,26 @@ def test_reuse_copies_finished_runs_of_the_same_config_from_another_output(prese
     assert len((second / "results.jsonl").read_text().splitlines()) == 4
     with pytest.raises(BaraError, match="--reuse .* holds no runs/ folder"):
         bench.run_bench(str(preset_file), second, progress=False, reuse=tmp_path / "nowhere")
+
+
+def test_a_finished_run_trained_under_another_default_is_neither_skipped_nor_reused(preset_file, tmp_path):
+    output = tmp_path / "out"
+    bench.run_bench(str(preset_file), output, progress=False)
+    bara_run = next(s for s in bench.expand(str(preset_file)) if s.variant == "bara-small" and s.seed == 1)
+    config_file = output / bara_run.folder / "adapter_config.json"
+    meta = json.loads(config_file.read_text())
+    assert runs.changed_defaults(output / bara_run.folder) == {}
+    del meta["method_config"]["fast_gate"]  # saved before the option existed: the legacy hard gate, not today's
+    config_file.write_text(json.dumps(meta))
+    assert runs.changed_defaults(output / bara_run.folder) == {"fast_gate": ("hard", "expected")}
+    before = {p: p.read_bytes() for p in output.rglob("*") if p.is_file()}
+    for kwargs in ({}, {"report_only": True}, {"only_method": "bara-small"}):
+        with pytest.raises(BaraError, match=r"seed1-.* was trained with fast_gate = 'hard', but this version of "
+                                            r"bara defaults to 'expected'.*fix: move such runs out of"):
+            bench.run_bench(str(preset_file), output, progress=False, **kwargs)
+    with pytest.raises(BaraError, match="trained with fast_gate"):  # nor copied from another output
+        bench.run_bench(str(preset_file), tmp_path / "other", progress=False, reuse=output)
+    assert {p: p.read_bytes() for p in output.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "other").exists()
+    shutil.move(output / bara_run.folder, tmp_path / "old")  # the fix: it trains again
+    assert bench.run_bench(str(preset_file), output, progress=False)["trained"] == 1

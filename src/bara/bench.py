@@ -636,6 +636,8 @@ def run_bench(preset: Preset | str, output: str | Path, progress: bool = True, r
     reuse = Path(reuse) if reuse is not None else None
     if reuse is not None and not (reuse / "runs").is_dir():
         raise BaraError(f"--reuse {reuse} holds no runs/ folder; fix: give the --output folder of another 'bara bench'")
+    candidates = [c for e in plan_.entries for c, _, _ in plan_.candidates(e)]
+    _check_defaults(specs + candidates, [output] + ([reuse] if reuse is not None else []))
     summary = {"runs": len(specs), "selected": 0, "trained": 0, "reused": 0, "skipped": 0, "failed": []}
     if not report_only:
         _check_fetched(selected)
@@ -666,6 +668,21 @@ def run_bench(preset: Preset | str, output: str | Path, progress: bool = True, r
                         f"in {output / 'runs' / first / ERROR}); fix: the cause, then rerun the same command "
                         "(finished runs are skipped)")
     return summary
+
+
+def _check_defaults(specs: list[RunSpec], folders: list[Path]) -> None:
+    """No finished run of ``specs`` in ``folders`` was trained under a method default that has changed since: its
+    hash covers only the options the preset sets, so it would be skipped or reused as if it were this version's."""
+    for folder in folders:
+        for spec in (s for s in specs if finished(folder, s)):
+            changed = runs.changed_defaults(folder / spec.folder)
+            if changed:
+                option, (then, now) = next(iter(changed.items()))
+                raise BaraError(
+                    f"{folder / spec.folder} was trained with {option} = {then!r}, but this version of bara defaults "
+                    f"to {now!r} (a run's hash covers only the options the preset sets); fix: move such runs out of "
+                    f"{folder / 'runs'} to train them again, or finish this benchmark with the bara version that "
+                    "trained them")
 
 
 def _check_fetched(specs: list[RunSpec]) -> None:

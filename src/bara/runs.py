@@ -252,6 +252,37 @@ def save_adapter(classifier: Classifier, method: Method, config: RunConfig, task
     write_json(output / ADAPTER_CONFIG, meta)
 
 
+def _adapter_meta(config_file: Path) -> tuple[dict, RunConfig]:
+    try:
+        meta = json.loads(config_file.read_text())
+        return meta, RunConfig.from_dict(meta["run"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise BaraError(f"{config_file} is not a valid adapter config ({err}); fix: re-run 'bara train'") from None
+
+
+def trained_options(meta: dict, method: str) -> dict | None:
+    """Every option of ``method`` as the adapter of ``meta`` (its adapter_config.json) was trained with; options
+    newer than the adapter take the behaviour it was saved with (config_class.legacy). None if not recorded."""
+    saved = meta.get("method_config")
+    if not isinstance(saved, dict) or method not in METHODS:
+        return None
+    options = METHODS[method].config_class
+    known = {f.name for f in dataclasses.fields(options)}
+    return {**options.legacy, **{k: v for k, v in saved.items() if k in known}}
+
+
+def changed_defaults(folder: Path) -> dict[str, tuple]:
+    """Options of the finished run in ``folder`` whose value, as trained, differs from what its config resolves to
+    in this version of bara (a default changed since): {option: (as trained, now)}. A run's hash covers only the
+    options set explicitly, so this is how a benchmark tells such a run from one it may reuse."""
+    meta, config = _adapter_meta(folder / ADAPTER_CONFIG)
+    trained = trained_options(meta, config.method)
+    if trained is None:
+        return {}
+    now = get_method(config.method, config.method_options).config.to_dict()
+    return {k: (trained[k], v) for k, v in now.items() if trained.get(k, v) != v}
+
+
 def load_adapter(path: str | Path) -> tuple[Classifier, Method, RunConfig]:
     """Rebuild the base model, inject the method's adapter and load its tensors: one call."""
     path = Path(path)
@@ -259,18 +290,10 @@ def load_adapter(path: str | Path) -> tuple[Classifier, Method, RunConfig]:
     if not config_file.exists() or not weights.exists():
         raise BaraError(f"{path} has no {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}; fix: point --adapter at the "
                         "--output folder of a finished 'bara train'")
-    try:
-        meta = json.loads(config_file.read_text())
-        config = RunConfig.from_dict(meta["run"])
-        saved = meta.get("method_config")
-        if isinstance(saved, dict) and config.method in METHODS:
-            # Every option as trained, so that a later change of a default does not change a saved adapter;
-            # options newer than the adapter take the behaviour it was saved with (config_class.legacy).
-            options = METHODS[config.method].config_class
-            known = {f.name for f in dataclasses.fields(options)}
-            config.method_options = {**options.legacy, **{k: v for k, v in saved.items() if k in known}}
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise BaraError(f"{config_file} is not a valid adapter config ({err}); fix: re-run 'bara train'") from None
+    meta, config = _adapter_meta(config_file)
+    trained = trained_options(meta, config.method)
+    if trained is not None:  # every option as trained: a later change of a default does not change the adapter
+        config.method_options = trained
     classifier, method = build(config, meta["label_names"])
     method.load_adapter_state(classifier, load_file(weights))
     classifier.eval()
