@@ -193,6 +193,11 @@ def task_of(config: RunConfig, data: str | None = None, max_eval: int | None = N
                      text_column=config.text_column, label_column=config.label_column)
 
 
+def ood_test(config: RunConfig, ood_data: str | None) -> Split | None:
+    """The test split of ``ood_data`` (capped as the run's own) whose texts are the out-of-distribution inputs."""
+    return load_task(ood_data, max_eval=config.max_eval, seed=config.train.seed).test if ood_data else None
+
+
 def score_validation(classifier: Classifier, method: Method, task: Task, config: RunConfig,
                      progress_bar: bool = True) -> dict:
     """The "validation" block of metrics.json: as the test metrics, without the cost table's timing pass."""
@@ -207,7 +212,7 @@ def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: 
     t0 = time.perf_counter()
     reset_peak_memory()
     task = task_of(config)
-    ood = load_task(ood_data, max_eval=config.max_eval, seed=config.train.seed) if ood_data else None
+    ood = ood_test(config, ood_data)
     classifier, method = build(config, task.label_names)
     state = distributed_state()
     if state.is_main_process:
@@ -224,7 +229,7 @@ def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: 
     if any("val_accuracy" in h for h in history):
         learning_curve(history, output / "curve.png", f"{method.name} on {task.name}: validation during training")
     train_seconds = time.perf_counter() - t0
-    metrics = score(classifier, method, task.test, config, None, ood.test if ood else None, output, progress_bar,
+    metrics = score(classifier, method, task.test, config, None, ood, output, progress_bar,
                     task.name)
     if validation:  # choices (learning rates, BaRA's design) are made on these, never on the test metrics
         metrics["validation"] = score_validation(classifier, method, task, config, progress_bar)
@@ -319,10 +324,10 @@ def run_eval(adapter: str | Path, data: str | None = None, samples: int | None =
         raise BaraError(f"{spec} has labels {task.label_names[:5]}..., the adapter was trained on "
                         f"{classifier.label_names[:5]}...; fix: evaluate on data with the same label set "
                         "(use --ood-data for a dataset with other labels)")
-    ood = load_task(ood_data, max_eval=config.max_eval, seed=config.train.seed) if ood_data else None
+    ood = ood_test(config, ood_data)
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
-    metrics = score(classifier, method, task.test, config, samples, ood.test if ood else None, output,
+    metrics = score(classifier, method, task.test, config, samples, ood, output,
                     progress_bar, task.name)
     metrics.update({"method": method.name, "model": config.model, "data": task.name, "seed": config.train.seed,
                     "n_test": len(task.test), "adapter": str(adapter)})
