@@ -41,6 +41,8 @@ def test_shapes_and_per_instance_outputs(context, mode, norm):
     assert out.shape == (3, 4, 5)
     assert module.kl_local.shape == (3,) and module.last_rho.shape == (3, 4) and module.last_g.shape == (3, 4)
     assert torch.isfinite(out).all() and (module.kl_local >= 0).all()
+    # The local KL is a training term: positive there, not computed (zero) when predicting.
+    assert (module.kl_local > 0).all() if mode == "train" else (module.kl_local == 0).all()
 
 
 def test_stick_allocation_orders_factors():

@@ -228,15 +228,19 @@ class BaraLinear(nn.Module):
             else:
                 g = (rho > 0.5).float()
             weight = rho if self.mode == "mean" and c.fast_gate == "expected" and c.slab != "magnitude" else g
+            train = self.mode == "train"  # the local KL enters only the training loss: prediction skips it
             if c.slab == "binary":
                 theta = torch.ones_like(rho)
+            elif self.mode == "mean":
+                theta = magnitude
             else:
                 q_theta = Weibull(kappa, magnitude)
-                theta = q_theta.rsample() if self.mode != "mean" else magnitude
-                prior = Gamma(torch.full_like(kappa, c.theta_shape), torch.full_like(kappa, c.theta_rate))
-                on = rho if c.slab == "both" else torch.ones_like(rho)
-                kl = kl + on * kl_divergence(q_theta, prior)
-            if c.gate in ("both", "local") and c.slab != "magnitude":
+                theta = q_theta.rsample()
+                if train:
+                    prior = Gamma(torch.full_like(kappa, c.theta_shape), torch.full_like(kappa, c.theta_rate))
+                    on = rho if c.slab == "both" else torch.ones_like(rho)
+                    kl = kl + on * kl_divergence(q_theta, prior)
+            if train and c.gate in ("both", "local") and c.slab != "magnitude":
                 kl = kl + kl_bernoulli(rho, pi)
             z = weight * theta
             self.penalty = None
