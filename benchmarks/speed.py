@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py                 # MiniLM at 32x64 and SmolLM2 at 8x128
     python benchmarks/speed.py --models minilm --repeats 5
+    python benchmarks/speed.py --models minilm --max-rows 256   # S = 10 in passes of at most 256 rows
 
 Prints medians and ratios against LoRA measured in the same run:
   train step (forward + backward + AdamW) of blob and bara / lora         target bara <= 1.15
@@ -23,7 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from bara.data import Split  # noqa: E402
-from bara.methods import Progress  # noqa: E402
+from bara.methods import Progress, mcdropout  # noqa: E402
+from bara.methods.bara import model as bara_model  # noqa: E402
 from bara.runs import RunConfig, build  # noqa: E402
 from bara.trainer import TrainConfig  # noqa: E402
 
@@ -69,7 +71,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="minilm,smollm2")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--max-rows", type=int, default=None,
+                        help="rows per batched Monte-Carlo pass (default: the methods' MAX_ROWS, 1024); smaller "
+                             "values split S = 10 into several passes, between batched and looped")
     args = parser.parse_args()
+    if args.max_rows:
+        bara_model.MAX_ROWS = mcdropout.MAX_ROWS = args.max_rows
+    print(f"Monte-Carlo passes of at most {bara_model.MAX_ROWS} rows; torch threads {torch.get_num_threads()}")
     for model in args.models.split(","):
         batch_size, length = SHAPES[model]
         setups = {}
