@@ -6,6 +6,8 @@ import json
 import statistics
 from pathlib import Path
 
+from .methods import METHODS
+
 
 def load_runs(folders) -> list[dict]:
     """metrics.json of every finished run among ``folders`` (folders without one are unfinished: skipped)."""
@@ -23,11 +25,13 @@ def row(metrics: dict) -> dict:
     diag = metrics.get("diagnostics") or val.get("diagnostics") or {}
     out = {"run": metrics.get("run", ""), "method": metrics["method"], "data": metrics["data"],
            "seed": metrics["seed"], "samples": metrics["samples"]}
+    # Runs scored before Method.one_pass existed carry an ensemble's K-average twice: not a one-pass prediction.
+    one_pass = METHODS[metrics["method"]].one_pass if metrics["method"] in METHODS else True
     for prefix, block in (("val", val), ("test", metrics)):
         for key in ("accuracy", "ece", "nll", "brier"):
             if key in block:
                 out[f"{prefix}_{key}"] = block[key]
-        if "fast_path" in block:
+        if "fast_path" in block and one_pass:
             out[f"{prefix}_fast_accuracy"] = block["fast_path"]["accuracy"]
             out[f"{prefix}_fast_ece"] = block["fast_path"]["ece"]
             out[f"{prefix}_fast_nll"] = block["fast_path"]["nll"]
@@ -38,7 +42,9 @@ def row(metrics: dict) -> dict:
     for key in ("train_seconds", "predict_seconds", "predict_seconds_s1", "peak_memory_mb", "trainable_params",
                 "torch_threads"):
         out[key] = metrics.get(key)
-    out["fast_predict_seconds"] = metrics.get("fast_path", {}).get("predict_seconds")
+    out["fast_predict_seconds"] = metrics.get("fast_path", {}).get("predict_seconds") if one_pass else None
+    if not one_pass:
+        out["predict_seconds_s1"] = None
     return out
 
 

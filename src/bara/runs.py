@@ -166,7 +166,7 @@ def score(classifier: Classifier, method: Method, split: Split, config: RunConfi
     seconds = time.perf_counter() - t0
     ood_probs = predict(classifier, method, ood, samples, batch_size, seed, progress_bar) if ood else None
     result = {**evaluate(probs, labels, ood_probs), "samples": samples, "predict_seconds": seconds}
-    if samples > 0:
+    if samples > 0 and method.one_pass:
         t0 = time.perf_counter()
         fast = predict(classifier, method, split, 0, batch_size, seed, progress_bar)
         fast_seconds = time.perf_counter() - t0

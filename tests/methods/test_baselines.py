@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bara import cli, runs
+from bara import cli, report, runs
 from bara.data import Split, load_task
 from bara.errors import BaraError
 from bara.methods import Progress, get_method
@@ -186,6 +186,15 @@ def test_ensemble_members_stay_different_after_training(tiny_bert, toy_data, tmp
     metrics = runs.run_train(config(tiny_bert, toy_data, "ensemble", steps=6), out, progress_bar=False)
     diag = metrics["diagnostics"]
     assert diag["members"] == 3 and len(diag["member_accuracy"]) == 3 and 0 <= diag["disagreement"] <= 1
+    # No one-pass prediction of its own (it would be the same K-average), scored or timed; the report shows none
+    # even for runs scored before that was so.
+    assert metrics["samples"] == 3 and "fast_path" not in metrics and "predict_seconds_s1" not in metrics
+    old = {**metrics, "fast_path": {"accuracy": 0.5, "ece": 0.1, "nll": 1.0, "predict_seconds": 2.0},
+           "predict_seconds_s1": 2.0}
+    row = report.row(old)
+    assert "test_fast_accuracy" not in row and row["fast_predict_seconds"] is None and row["predict_seconds_s1"] is None
+    assert row["test_accuracy"] == metrics["accuracy"]
+    assert report.row({**old, "method": "mcdropout"})["test_fast_accuracy"] == 0.5  # sampling methods keep theirs
     classifier, method, _ = runs.load_adapter(out)
     from safetensors.torch import load_file
 

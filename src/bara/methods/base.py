@@ -68,6 +68,9 @@ class Method:
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
     default_samples: ClassVar[int] = 0  # test-time Monte-Carlo samples; 0 = one deterministic pass
+    # Whether a sampling method also has a one-pass prediction of its own (the means of its random variables),
+    # scored and timed beside the sampled one. An ensemble has none: its "one pass" would be the same K-average.
+    one_pass: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_class()

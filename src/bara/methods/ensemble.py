@@ -93,6 +93,7 @@ class Ensemble(Lora):
 
     name = "ensemble"
     config_class = EnsembleConfig
+    one_pass = False
 
     def __init__(self, config: EnsembleConfig | None = None):
         super().__init__(config)
