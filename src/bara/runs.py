@@ -280,6 +280,8 @@ def changed_defaults(folder: Path) -> dict[str, tuple]:
     """Options of the finished run in ``folder`` whose value, as trained, differs from what its config resolves to
     in this version of bara (a default changed since): {option: (as trained, now)}. A run's hash covers only the
     options set explicitly, so this is how a benchmark tells such a run from one it may reuse."""
+    if not (folder / ADAPTER_CONFIG).exists():
+        return {}
     meta, config = _adapter_meta(folder / ADAPTER_CONFIG)
     trained = trained_options(meta, config.method)
     if trained is None:
