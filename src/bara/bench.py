@@ -783,6 +783,7 @@ def write_report(plan_: Plan, specs: list[RunSpec], output: Path, command: str) 
         cost += ["", f"## {dataset}", ""]
         if not dataset_rows:
             continue
+        cost += [_wall_time(plan_, specs, output, dataset), ""]
         present = [c for c in OOD + ONE_PASS + [(k, h, None) for k, h in DIAGNOSTICS]
                    if any(r.get(c[0]) is not None for r in dataset_rows)]
         columns = METRICS + present
@@ -802,6 +803,17 @@ def write_report(plan_: Plan, specs: list[RunSpec], output: Path, command: str) 
     written.append(_write_text(output / "results.md", "\n".join(results) + "\n"))
     written.append(_write_text(output / "cost.md", "\n".join(cost) + "\n"))
     return written
+
+
+def _wall_time(plan_: Plan, specs: list[RunSpec], output: Path, dataset: str) -> str:
+    """What the dataset's finished runs cost in all, the grid's candidates that were not chosen included."""
+    every = {s.folder: s for s in specs if s.dataset == dataset}
+    every.update({c.folder: c for e in plan_.entries if e.dataset == dataset for c, _, _ in plan_.candidates(e)})
+    walls = [json.loads((output / s.folder / runs.METRICS).read_text()).get("wall_seconds") or 0.0
+             for s in every.values() if finished(output, s)]
+    return (f"Wall time: {sum(walls) / 3600:.2f} h over the {len(walls)} finished runs of this dataset (the grid's "
+            "candidates included): the sum of each run's wall time in the sitting that finished it, where it was "
+            "trained (a run copied by --reuse counts its original time).")
 
 
 def _tuning(plan_: Plan, dataset: str, output: Path, chosen: dict[tuple[str, str], Choice]) -> list[str]:
