@@ -360,6 +360,14 @@ class Plan:
         return [(entry.spec(lr, self.tune_seed, options), lr, options)
                 for lr in rates for options in entry.option_sets()]
 
+    def all_runs(self, specs: list[RunSpec], dataset: str | None = None) -> list[RunSpec]:
+        """``specs`` and every grid candidate (of ``dataset`` if given), each run folder once: all the runs a
+        benchmark of this plan trains, the unchosen candidates included."""
+        every = {s.folder: s for s in specs if dataset in (None, s.dataset)}
+        every.update({c.folder: c for e in self.entries if dataset in (None, e.dataset)
+                      for c, _, _ in self.candidates(e)})
+        return list(every.values())
+
 
 def plan(preset: Preset | str) -> Plan:
     """Every (dataset, variant) of ``preset`` with its config and learning-rate setting. Names, methods,
@@ -636,8 +644,7 @@ def run_bench(preset: Preset | str, output: str | Path, progress: bool = True, r
     reuse = Path(reuse) if reuse is not None else None
     if reuse is not None and not (reuse / "runs").is_dir():
         raise BaraError(f"--reuse {reuse} holds no runs/ folder; fix: give the --output folder of another 'bara bench'")
-    candidates = [c for e in plan_.entries for c, _, _ in plan_.candidates(e)]
-    _check_defaults(specs + candidates, [output] + ([reuse] if reuse is not None else []))
+    _check_defaults(plan_.all_runs(specs), [output] + ([reuse] if reuse is not None else []))
     summary = {"runs": len(specs), "selected": 0, "trained": 0, "reused": 0, "skipped": 0, "failed": []}
     if not report_only:
         _check_fetched(selected)
@@ -807,10 +814,8 @@ def write_report(plan_: Plan, specs: list[RunSpec], output: Path, command: str) 
 
 def _wall_time(plan_: Plan, specs: list[RunSpec], output: Path, dataset: str) -> str:
     """What the dataset's finished runs cost in all, the grid's candidates that were not chosen included."""
-    every = {s.folder: s for s in specs if s.dataset == dataset}
-    every.update({c.folder: c for e in plan_.entries if e.dataset == dataset for c, _, _ in plan_.candidates(e)})
     walls = [json.loads((output / s.folder / runs.METRICS).read_text()).get("wall_seconds") or 0.0
-             for s in every.values() if finished(output, s)]
+             for s in plan_.all_runs(specs, dataset) if finished(output, s)]
     return (f"Wall time: {sum(walls) / 3600:.2f} h over the {len(walls)} finished runs of this dataset (the grid's "
             "candidates included): the sum of each run's wall time in the sitting that finished it, where it was "
             "trained (a run copied by --reuse counts its original time).")
