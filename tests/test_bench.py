@@ -597,7 +597,7 @@ def test_packaged_multiple_choice_preset_and_ood_in_standard():
     specs = bench.expand("multiple-choice")
     datasets = ["strategyqa", "social_iqa", "winowhy", "epistemic_reasoning", "fever"]
     assert list(dict.fromkeys(s.dataset for s in specs)) == datasets
-    assert len(specs) == 5 * 3 * 3 and len({s.hash for s in specs}) == len(specs)
+    assert len(specs) == 5 * 3 * 3 and all(s.pending for s in specs)  # hashed once the rates are chosen
     assert {s.variant for s in specs} == {"lora", "blob", "bara"} and {s.seed for s in specs} == {0, 1, 2}
     for dataset in datasets:
         mine = [s.config for s in specs if s.dataset == dataset]
@@ -608,6 +608,15 @@ def test_packaged_multiple_choice_preset_and_ood_in_standard():
         assert all(c.train.max_length == 128 and c.train.steps == 200 and c.train.batch_size == 8 for c in mine)
     assert {(s.dataset, s.shift) for s in specs if s.shift} == {("fever", "bigbench/fact_checker/politifact")}
     assert not any(s.ood for s in specs)
+    # Fair protocol: every method's rate, and BLoB's and BaRA's knob, chosen on validation (10 candidates a dataset).
+    plan = bench.plan("multiple-choice")
+    assert plan.select == "nll" and plan.tune_seed == 0
+    assert {e.lr for e in plan.entries} == {(3e-4, 1e-3)}
+    assert {e.variant: e.option_grid for e in plan.entries} == {
+        "lora": {}, "blob": {"kl_lr": [0.002, 0.01]}, "bara": {"omega_loc": [0.0, 0.05]}}
+    candidates = [c for e in plan.entries for c, _, _ in plan.candidates(e)]
+    assert len({c.hash for c in candidates}) == len(candidates) == 5 * 10
+    assert {c.seed for c in candidates} == {0}
     for name in ("standard", "quick"):
         assert {(s.dataset, s.ood) for s in bench.expand(name) if s.ood} == {("banking77", "trec")}
         assert not any(s.shift for s in bench.expand(name))
