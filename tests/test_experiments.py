@@ -1,0 +1,75 @@
+"""benchmarks/experiments/mc_sources.py: its settings sample only what they say they sample."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from bara.methods.bara import BaraConfig, BaraLinear
+from bara.methods import mcdropout
+from bara.methods.bara import model as bara_model
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "experiments" / "mc_sources.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("mc_sources", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _outputs(module: BaraLinear, x: torch.Tensor, mode: str, draws: int = 3) -> list[torch.Tensor]:
+    module.mode = mode
+    outs = []
+    for seed in range(draws):
+        torch.manual_seed(seed)
+        outs.append((module(x), module.last_rho.clone()))
+    return outs
+
+
+def test_sources_settings_sample_only_a_or_only_the_gates():
+    script = _script()
+    torch.manual_seed(0)
+    module = BaraLinear(nn.Linear(6, 5), BaraConfig(r=4, alpha=8.0, pi_init=0.6))
+    with torch.no_grad():
+        module.bara_B.normal_()
+        module.bara_A_rho.fill_(0.5)  # visible noise on A
+    x = torch.randn(3, 4, 6)
+    method = SimpleNamespace(config=module.config)
+    (_, a_only), (_, gates_only) = script.settings("sources", method)
+    try:
+        one_pass, one_pass_rho = _outputs(module, x, "mean", 1)[0]
+        a_only()
+        sampled = _outputs(module, x, "sample")
+        assert all(torch.equal(rho, one_pass_rho) for _, rho in sampled)  # the gates of the one-pass prediction
+        assert not torch.allclose(sampled[0][0], sampled[1][0])  # ... and A drawn anew each time
+        module.config.bayes_factors = False  # nothing left to sample: exactly the one-pass prediction
+        assert torch.allclose(_outputs(module, x, "sample", 1)[0][0], one_pass, atol=1e-6)
+        gates_only()
+        sampled = _outputs(module, x, "sample")
+        assert not module.config.bayes_factors
+        assert not torch.allclose(sampled[0][0], sampled[1][0])  # the gates (and pi, theta) vary ...
+        module.mode = "mean"
+        module.config.bayes_factors = True
+        assert torch.allclose(module(x), one_pass, atol=1e-6)  # ... and the one-pass path is untouched
+    finally:
+        BaraLinear.local_weights = script.LOCAL_WEIGHTS
+        module.config.bayes_factors = True
+
+
+def test_rows_settings_set_the_rows_per_pass():
+    script = _script()
+    default = bara_model.MAX_ROWS
+    try:
+        (_, batched), (_, looped) = script.settings("rows", SimpleNamespace(config=None))
+        looped()
+        assert bara_model.MAX_ROWS == mcdropout.MAX_ROWS == 64
+        batched()
+        assert bara_model.MAX_ROWS == mcdropout.MAX_ROWS == 1024
+    finally:
+        bara_model.MAX_ROWS = mcdropout.MAX_ROWS = default
