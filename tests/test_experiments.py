@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from bara.methods.bara import BaraConfig, BaraLinear
 from bara.methods import mcdropout
+from bara.methods.bara import BaraConfig, BaraLinear
 from bara.methods.bara import model as bara_model
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "experiments" / "mc_sources.py"
@@ -23,7 +23,8 @@ def _script():
     return module
 
 
-def _outputs(module: BaraLinear, x: torch.Tensor, mode: str, draws: int = 3) -> list[torch.Tensor]:
+def _outputs(module: BaraLinear, x: torch.Tensor, mode: str, draws: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(output, gate probabilities rho) of ``draws`` seeded forward passes in ``mode``."""
     module.mode = mode
     outs = []
     for seed in range(draws):
