@@ -61,7 +61,8 @@ def main() -> None:
     for row in chosen:
         if row["dataset"] != args.dataset or row["variant"] not in args.methods.split(","):
             continue
-        classifier, method, config = runs.load_adapter(args.output / "runs" / args.dataset / row["variant"] / row["run"])
+        folder = args.output / "runs" / args.dataset / row["variant"] / row["run"]
+        classifier, method, config = runs.load_adapter(folder)
         task = runs.task_of(config)
         labels = torch.tensor(task.test.labels)
         for name, apply in settings(args.what, method):
