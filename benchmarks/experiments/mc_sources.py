@@ -46,7 +46,7 @@ def settings(what: str, method):
         return apply
 
     if what == "rows":
-        return [("S=10 in one pass", rows(1024)), ("one pass per sample", rows(64))]
+        return [("S=10 in one pass", rows(ROWS)), ("one pass per sample", rows(64))]
     return [("A only", sources(True)), ("gates only", sources(False))]
 
 

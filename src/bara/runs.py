@@ -176,7 +176,8 @@ def score(classifier: Classifier, method: Method, split: Split, config: RunConfi
             t0 = time.perf_counter()
             predict(classifier, method, split, 1, batch_size, seed, progress_bar)
             result["predict_seconds_s1"] = time.perf_counter() - t0
-    diagnostics = method.diagnostics(classifier, (on_device(b, classifier) for b in batches(classifier, split, batch_size)))
+    diagnostics = method.diagnostics(classifier, (on_device(b, classifier)
+                                                  for b in batches(classifier, split, batch_size)))
     if diagnostics:
         result["diagnostics"] = diagnostics
     if output is not None:
