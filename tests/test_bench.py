@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bara import bench, cli, report, runs
-from bara.errors import BaraError
+from bara.errors import BaraError, Diverged
 from bara.runs import RunConfig
 from bara.trainer import TrainConfig
 
@@ -315,6 +315,52 @@ def test_learning_rate_grid_is_chosen_on_validation_then_fixed_for_every_seed(tm
     assert log[0].endswith("min (1 of 2)") and log[-1].endswith("min (3 of 3)")
     calls[:] = []
     assert bench.run_bench(str(path), out, progress=False)["trained"] == 0 and calls == []
+
+
+def test_a_diverged_candidate_loses_the_choice_and_is_not_retried(tmp_path, tiny_bert, toy_data, monkeypatch,
+                                                                    capsys):
+    path = tiny_preset(tmp_path, tiny_bert, toy_data, methods='{ lora = "lora" }', lr="lora = [1e-3, 5e-2, 1e-1]")
+    out = tmp_path / "bench"
+    calls, diverging = [], {5e-2}
+    real_run_train = runs.run_train
+
+    def run_train(config, output, **kwargs):
+        calls.append((config.train.lr, config.train.seed))
+        if config.train.lr in diverging:
+            raise Diverged(f"non-finite training loss at step 2 (lr {config.train.lr})", 2)
+        return real_run_train(config, output, **kwargs)
+
+    monkeypatch.setattr(runs, "run_train", run_train)
+    summary = bench.run_bench(str(path), out, progress=False)
+    plan = bench.plan(str(path))
+    lost = next(c for c, lr, _ in plan.candidates(plan.entries[0]) if lr == 5e-2)
+    assert json.loads((out / lost.folder / bench.DIVERGED).read_text()) == {
+        "step": 2, "error": "non-finite training loss at step 2 (lr 0.05)"}
+    assert "Diverged: non-finite" in (out / lost.folder / bench.ERROR).read_text()
+    # The two others compete; the seed-1 run follows the better of them, the diverged one plays no part.
+    nll = {lr: json.loads((out / c.folder / "metrics.json").read_text())["validation"]["nll"]
+           for c, lr, _ in plan.candidates(plan.entries[0]) if lr != 5e-2}
+    best = min(nll, key=nll.get)
+    assert calls == [(1e-3, 0), (5e-2, 0), (1e-1, 0), (best, 1)]
+    assert (summary["trained"], summary["diverged"], summary["failed"]) == (3, 1, [])
+    assert [s.config.train.lr for s in bench.expand(str(path), out)] == [best, best]
+    results = (out / "results.md").read_text()
+    assert "| lora | 0.05 | — | — | — | — | diverged at step 2 |" in results and "finished runs: 2 of 2" in results
+    assert "diverged at step 2: this candidate loses the choice and is not retried" in capsys.readouterr().out
+
+    # A rerun does not train it again (the same settings diverge the same way).
+    calls[:] = []
+    summary = bench.run_bench(str(path), out, progress=False)
+    assert calls == [] and (summary["diverged"], summary["skipped"]) == (1, 3)
+    assert cli.main(["bench", "--preset", str(path), "--output", str(out), "--no-progress"]) == 0
+    assert "1 grid candidates diverged (they lose the choice)" in capsys.readouterr().out
+
+    # When every candidate diverges there is nothing to choose: the benchmark says so and names one of them.
+    diverging.update({1e-3, 1e-1})
+    shutil.rmtree(out)
+    with pytest.raises(BaraError, match=r"1 of 3 runs failed \(first: toy/lora/seed0-\w+, traceback in .*error.txt"):
+        bench.run_bench(str(path), out, progress=False)
+    assert [s.pending for s in bench.expand(str(path), out)] == [True, True]
 
 
 def test_option_grids_are_chosen_with_the_rate_and_keep_the_usual_run(tmp_path, tiny_bert, toy_data):

@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import os
 import platform
 import re
@@ -46,7 +47,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from . import checkpoint, report, runs
 from .data import bigbench, builtin_tasks
-from .errors import BaraError
+from .errors import BaraError, Diverged
 from .methods import METHODS
 from .plots import scatter_methods
 from .runs import RunConfig
@@ -54,12 +55,14 @@ from .trainer import TrainConfig
 
 CHECKPOINT_EVERY = 100  # steps between checkpoints, so an interrupted run loses at most this much
 ERROR = "error.txt"  # traceback of a failed run, beside its partial outputs
+DIVERGED = "diverged.json"  # a grid candidate whose training diverged: it loses the choice, is not retried
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # dataset and variant names become folder names
 PRESET_KEYS = ("model", "seeds", "max_train", "max_eval", "methods", "train", "lr", "tune", "shared_options",
                "options", "datasets", "extends")
 TUNE_KEYS = ("seed", "select", "options")
 # Validation metrics a learning-rate grid may be chosen by: metrics.json's validation block, and which way is best.
 SELECT = {"nll": min, "accuracy": max, "ece": min, "brier": min}
+WORST = {min: math.inf, max: -math.inf}  # the score of a candidate that diverged
 HARNESS_SET = ("lr", "seed", "checkpoint_every")  # TrainConfig fields a preset does not set in [P.train]
 DATASET_KEYS = ("data", "lr", "max_train", "max_eval", "text_column", "label_column", "ood", "shift")
 SHIFT = "shift_metrics.json"  # run_eval's metrics of the trained adapter on the `shift` dataset's test split
@@ -490,8 +493,9 @@ def choices(plan_: Plan, output: Path | None = None) -> dict[tuple[str, str], Ch
     for entry in plan_.entries:
         candidates = plan_.candidates(entry)
         if candidates:
-            scores = [_validation(output, spec).get(plan_.select) for spec, _, _ in candidates]
-            if None not in scores:
+            scores = [WORST[pick] if diverged(output, spec) else _validation(output, spec).get(plan_.select)
+                      for spec, _, _ in candidates]
+            if None not in scores and not all(s == WORST[pick] for s in scores):
                 best = pick(range(len(candidates)), key=scores.__getitem__)  # min/max keep the first of ties
                 out[entry.dataset, entry.variant] = Choice(candidates[best][1], candidates[best][2])
             else:
@@ -508,6 +512,12 @@ def choices(plan_: Plan, output: Path | None = None) -> dict[tuple[str, str], Ch
                        and entry.config.method_options.get(k) == theirs.method_options.get(k)}
             out[entry.dataset, entry.variant] = Choice(leader.lr, options, follows=entry.lr)
     return out
+
+
+def diverged(output: Path | None, spec: RunSpec) -> dict | None:
+    """What diverged.json says of a grid candidate whose training diverged ({"step", "error"}); None otherwise."""
+    path = None if output is None else output / spec.folder / DIVERGED
+    return json.loads(path.read_text()) if path is not None and path.exists() else None
 
 
 def _validation(output: Path | None, spec: RunSpec) -> dict:
@@ -592,10 +602,11 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
     if validation:  # a finished run that becomes a candidate after a change of the preset
         for spec in (s for s in selected if finished(output, s) and not _validation(output, s)):
             runs.add_validation(output / spec.folder, progress_bar=progress)
-    pending = [s for s in selected if not finished(output, s)]
+    lost_before = [s for s in selected if validation and diverged(output, s)]
+    pending = [s for s in selected if not finished(output, s) and s not in lost_before]
     bar = tqdm(total=len(selected), initial=len(selected) - len(pending), desc=desc, unit="run",
                disable=not progress or not selected, dynamic_ncols=True)
-    failed = []
+    failed, lost = [], []
     for i, spec in enumerate(pending, 1):
         folder = output / spec.folder
         bar.set_postfix_str(spec.name)
@@ -611,17 +622,24 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
         except Exception as err:  # one failed run must not stop the others of a long benchmark
             folder.mkdir(parents=True, exist_ok=True)
             (folder / ERROR).write_text(traceback.format_exc())
-            failed.append(spec.name)
             message = " ".join(str(err).split()) or type(err).__name__
-            bar.write(f"bench: {spec.name} failed: {message} (traceback in {folder / ERROR})")
+            if validation and isinstance(err, Diverged):  # a setting of the grid that does not train: it loses
+                runs.write_json(folder / DIVERGED, {"step": err.step, "error": message})
+                lost.append(spec)
+                bar.write(f"bench: {spec.name} diverged at step {err.step}: this candidate loses the choice and is "
+                          f"not retried (delete {folder} to try it again)")
+            else:
+                failed.append(spec.name)
+                bar.write(f"bench: {spec.name} failed: {message} (traceback in {folder / ERROR})")
         else:
             if not progress:  # a line per run for logs of background benchmarks
                 print(f"{desc}: {spec.name} finished in {(time.perf_counter() - start) / 60:.1f} min "
                       f"({i} of {len(pending)})", flush=True)
         bar.update(1)
     bar.close()
-    return {"trained": len(pending) - len(failed), "reused": len(reused),
-            "skipped": len(selected) - len(pending) - len(reused), "failed": failed}
+    return {"trained": len(pending) - len(failed) - len(lost), "reused": len(reused),
+            "diverged": len(lost_before) + len(lost),
+            "skipped": len(selected) - len(pending) - len(reused) - len(lost_before), "failed": failed}
 
 
 def run_bench(preset: Preset | str, output: str | Path, progress: bool = True, report_only: bool = False,
@@ -645,10 +663,12 @@ def run_bench(preset: Preset | str, output: str | Path, progress: bool = True, r
     if reuse is not None and not (reuse / "runs").is_dir():
         raise BaraError(f"--reuse {reuse} holds no runs/ folder; fix: give the --output folder of another 'bara bench'")
     _check_defaults(plan_.all_runs(specs), [output] + ([reuse] if reuse is not None else []))
-    summary = {"runs": len(specs), "selected": 0, "trained": 0, "reused": 0, "skipped": 0, "failed": []}
+    summary = {"runs": len(specs), "selected": 0, "trained": 0, "reused": 0, "skipped": 0, "diverged": 0,
+               "failed": []}
     if not report_only:
         _check_fetched(selected)
         output.mkdir(parents=True, exist_ok=True)
+        unchosen = []  # a grid whose every candidate diverged: its runs cannot start
         runs.write_json(output / "preset.json", {"name": preset.name, "source": preset.source, "preset": preset.values})
         for dataset in dict.fromkeys(s.dataset for s in selected):
             wanted = {s.variant for s in selected if s.dataset == dataset}
@@ -661,10 +681,18 @@ def run_bench(preset: Preset | str, output: str | Path, progress: bool = True, r
             final = [s for s in _select(expand(plan_, output), dataset, only_method) if s.hash not in tried]
             parts.append(_train(final, output, progress, f"bench {dataset}", reuse=reuse))
             for part in parts:
-                for key in ("trained", "reused", "skipped"):
+                for key in ("trained", "reused", "skipped", "diverged"):
                     summary[key] += part[key]
                 summary["failed"] += part["failed"]
-        summary["selected"] = summary["trained"] + summary["reused"] + summary["skipped"] + len(summary["failed"])
+            chosen = choices(plan_, output)
+            for variant in leaders:  # every candidate diverged: nothing to choose, so its runs cannot start
+                grid = [c for e in plan_.entries if (e.dataset, e.variant) == (dataset, variant)
+                        for c, _, _ in plan_.candidates(e)]
+                if grid and chosen[dataset, variant].lr is None and all(diverged(output, c) for c in grid):
+                    unchosen.append(grid[0].name)
+        summary["selected"] = (summary["trained"] + summary["reused"] + summary["skipped"] + summary["diverged"]
+                               + len(summary["failed"]))
+        summary["failed"] += unchosen
     specs = expand(plan_, output)
     command = command or shlex.join(["bara", "bench", "--preset", given, "--output", str(output)])
     if report_only or not summary["failed"] or any(finished(output, s) for s in specs):
@@ -834,7 +862,10 @@ def _tuning(plan_: Plan, dataset: str, output: Path, chosen: dict[tuple[str, str
         choice = chosen[dataset, entry.variant]
         for spec, lr, options in plan_.candidates(entry):
             shown = ", ".join(f"{k} {v}" for k, v in options.items()) or "—"
-            val = _validation(output, spec)
+            val, lost = _validation(output, spec), diverged(output, spec)
+            if lost:
+                lines.append(f"| {entry.variant} | {lr:g} | {shown} | — | — | — | diverged at step {lost['step']} |")
+                continue
             if not val:
                 lines.append(f"| {entry.variant} | {lr:g} | {shown} | — | — | — | (not finished) |")
                 continue

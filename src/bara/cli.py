@@ -253,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
                                       args.only_dataset, args.only_method, shlex.join(["bara", *argv]), args.reuse)
             if not args.report_only:
                 print(f"{summary['selected']} runs: {summary['trained']} trained, {summary['reused']} copied from "
-                      f"--reuse, {summary['skipped']} already finished")
+                      f"--reuse, {summary['skipped']} already finished"
+                      + (f", {summary['diverged']} grid candidates diverged (they lose the choice)"
+                         if summary.get("diverged") else ""))
             print(f"wrote {args.output}/results.md, cost.md, results.jsonl and plots/")
         elif args.command == "data":
             _fetch(args)

@@ -24,8 +24,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.distributions import Beta, Distribution, Gamma, RelaxedBernoulli, constraints
+from torch.distributions import Beta, Distribution, Gamma, RelaxedBernoulli, TransformedDistribution, constraints
 from torch.distributions.kl import register_kl
+from torch.distributions.relaxed_bernoulli import LogitRelaxedBernoulli
+from torch.distributions.transforms import SigmoidTransform
 from torch.distributions.utils import broadcast_all
 
 __all__ = [
@@ -274,7 +276,9 @@ class BinaryConcrete(RelaxedBernoulli):
     def __init__(self, logits, temperature: float = 2.0 / 3.0, validate_args=None):
         logits = _float32(logits)
         temperature = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
-        super().__init__(temperature, logits=logits, validate_args=validate_args)
+        # RelaxedBernoulli.__init__, but with validate_args passed on to the base distribution (torch does not).
+        base = LogitRelaxedBernoulli(temperature, logits=logits, validate_args=validate_args)
+        TransformedDistribution.__init__(self, base, SigmoidTransform(), validate_args=validate_args)
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         logits = self.logits.expand(self._extended_shape(sample_shape))

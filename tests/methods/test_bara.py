@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bara import runs
-from bara.errors import BaraError
+from bara.errors import BaraError, Diverged
 from bara.methods import Progress, get_method
 from bara.methods.bara import BaraConfig, BaraLinear
 from bara.methods.bara.layer import Flipout
@@ -299,6 +299,20 @@ def test_non_finite_loss_stops_with_a_clear_message(tiny_bert, toy_data, tmp_pat
         runs.run_train(config, tmp_path / "nan", progress_bar=False)
     assert (tmp_path / "nan" / "checkpoint" / "state.json").exists()
     assert not (tmp_path / "nan" / "metrics.json").exists()
+
+
+def test_an_exploding_kl_step_stops_with_the_step_and_the_fix(tiny_bert, toy_data, tmp_path):
+    # BLoB's plain-SGD KL step on rho (sigma_A = rho^2) has gradient -2/rho + 2 rho^3 / sigma_p^2: too large a step
+    # throws rho far out, and the cubic term then overshoots without bound (seen on clinc150 at lr 1e-2). The
+    # NaN must reach the loss (no ValueError from a distribution's argument check), where the trainer stops.
+    config = RunConfig(model=tiny_bert, data=toy_data, method="bara",
+                       method_options={"kl_lr": 1e6, "kl_gamma": 0.0},
+                       train=TrainConfig(steps=20, batch_size=8, max_length=16, checkpoint_every=1))
+    with pytest.raises(Diverged, match=r"non-finite training loss at step \d+ .*last good checkpoint.*fix: lower "
+                                       r"--lr \(or the method's kl_lr\)") as err:
+        runs.run_train(config, tmp_path / "kl", progress_bar=False)
+    assert 1 < err.value.step < 20
+    assert isinstance(err.value, BaraError) and not (tmp_path / "kl" / "metrics.json").exists()
 
 
 def test_saved_adapters_keep_their_options_when_defaults_change(tiny_bert, toy_data, tmp_path):

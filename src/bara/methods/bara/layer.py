@@ -112,9 +112,12 @@ class BaraLinear(nn.Module):
     def sigma_A(self) -> torch.Tensor:
         return self.bara_A_rho ** 2
 
+    # The distributions below skip torch's argument checks: a NaN from diverged training then reaches the loss,
+    # where the trainer stops with the step and the fix, instead of a ValueError deep inside torch.
+
     # -- the global gate ----------------------------------------------------------------------------
     def q_pi(self) -> Kumaraswamy:
-        return Kumaraswamy(*kumaraswamy_params(self.bara_pi_a, self.bara_pi_b))
+        return Kumaraswamy(*kumaraswamy_params(self.bara_pi_a, self.bara_pi_b), validate_args=False)
 
     def expected_pi(self) -> torch.Tensor:
         """E[pi_k] under q (the fixed prior gate probability for gate=local/deterministic)."""
@@ -131,7 +134,8 @@ class BaraLinear(nn.Module):
         if not c.uses_pi:
             return self.bara_A_mu.new_zeros((), dtype=torch.float32)
         q = self.q_pi()
-        return kl_divergence(q, Beta(torch.full_like(q.a, c.ibp_alpha / c.r), torch.ones_like(q.a))).sum()
+        return kl_divergence(q, Beta(torch.full_like(q.a, c.ibp_alpha / c.r), torch.ones_like(q.a),
+                                     validate_args=False)).sum()
 
     def kl_A(self) -> torch.Tensor:
         if not self.config.bayes_factors:
@@ -220,7 +224,7 @@ class BaraLinear(nn.Module):
             if c.slab == "magnitude":
                 g = torch.ones_like(rho)
             elif self.mode == "train":
-                g = {"concrete": lambda: BinaryConcrete(logit_rho, c.temperature).rsample(),
+                g = {"concrete": lambda: BinaryConcrete(logit_rho, c.temperature, validate_args=False).rsample(),
                      "hard_concrete": lambda: hard_concrete_sample(logit_rho, c.temperature),
                      "straight_through": lambda: straight_through_sample(logit_rho, c.temperature)}[c.estimator]()
             elif self.mode == "sample":
@@ -234,10 +238,11 @@ class BaraLinear(nn.Module):
             elif self.mode == "mean":
                 theta = magnitude
             else:
-                q_theta = Weibull(kappa, magnitude)
+                q_theta = Weibull(kappa, magnitude, validate_args=False)
                 theta = q_theta.rsample()
                 if train:
-                    prior = Gamma(torch.full_like(kappa, c.theta_shape), torch.full_like(kappa, c.theta_rate))
+                    prior = Gamma(torch.full_like(kappa, c.theta_shape), torch.full_like(kappa, c.theta_rate),
+                                  validate_args=False)
                     on = rho if c.slab == "both" else torch.ones_like(rho)
                     kl = kl + on * kl_divergence(q_theta, prior)
             if train and c.gate in ("both", "local") and c.slab != "magnitude":
