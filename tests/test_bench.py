@@ -363,6 +363,35 @@ def test_a_diverged_candidate_loses_the_choice_and_is_not_retried(tmp_path, tiny
     assert [s.pending for s in bench.expand(str(path), out)] == [True, True]
 
 
+def test_sampled_or_one_pass_prediction_is_chosen_on_validation(tmp_path, tiny_bert, toy_data):
+    path = tiny_preset(tmp_path, tiny_bert, toy_data, methods='{ mc = "mcdropout" }', lr="mc = [1e-3, 5e-2]")
+    out = tmp_path / "bench"
+    bench.run_bench(str(path), out, progress=False)
+    plan = bench.plan(str(path))
+    choice = bench.choices(plan, out)["toy", "mc"]
+    best = next(c for c, lr, options in plan.candidates(plan.entries[0]) if (lr, options) == (choice.lr, {}))
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    heading = "with the chosen predictive's test numbers:"
+
+    def table_row() -> list[str]:
+        text = (out / "results.md").read_text()
+        line = next(l for l in text.split(heading)[1].splitlines() if l.startswith("| mc |"))
+        return [c.strip() for c in line.strip("|").split("|")]
+
+    metrics_file = out / best.folder / "metrics.json"
+    metrics = json.loads(metrics_file.read_text())
+    for one_pass_nll, chosen, prefix in ((0.01, "one-pass", "test_fast_"), (99.0, "sampled (S = 10)", "test_")):
+        metrics["validation"]["fast_path"]["nll"] = one_pass_nll  # the choice follows validation, both ways
+        metrics_file.write_text(json.dumps(metrics))
+        bench.run_bench(str(path), out, report_only=True)
+        mean = {k: statistics.fmean(r[prefix + k] for r in rows) for k in ("accuracy", "ece", "nll")}
+        std = {k: statistics.stdev(r[prefix + k] for r in rows) for k in ("accuracy", "ece", "nll")}
+        assert table_row() == ["mc", "2", f"{metrics['validation']['nll']:.3f}", f"{one_pass_nll:.3f}", chosen,
+                               f"{100 * mean['accuracy']:.1f} ± {100 * std['accuracy']:.1f}",
+                               f"{100 * mean['ece']:.1f} ± {100 * std['ece']:.1f}",
+                               f"{mean['nll']:.3f} ± {std['nll']:.3f}"]
+
+
 def test_option_grids_are_chosen_with_the_rate_and_keep_the_usual_run(tmp_path, tiny_bert, toy_data):
     methods = ('{ blob = "blob", small = { method = "blob", options = { r = 4 } }, '
                'own = { method = "blob", options = { kl_lr = 0.03 } } }')

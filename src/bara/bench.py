@@ -824,6 +824,7 @@ def write_report(plan_: Plan, specs: list[RunSpec], output: Path, command: str) 
         columns = METRICS + present
         groups = report.summarize(dataset_rows, "variant", [c[0] for c in columns])
         results.append(_table(groups, columns))
+        results += _prediction_choice(plan_, dataset, output, chosen, groups)
         shifted = [r for r in dataset_rows if r.get("shift_data")]
         for shift in dict.fromkeys(r["shift_data"] for r in shifted):
             results += ["", f"### {dataset} under shift: tested on `{shift}`", "",
@@ -876,6 +877,34 @@ def _tuning(plan_: Plan, dataset: str, output: Path, chosen: dict[tuple[str, str
     if followers:
         lines += ["", "; ".join(followers) + " rate (the same training objective, or a post-hoc step on it)."]
     return lines + [""]
+
+
+def _prediction_choice(plan_: Plan, dataset: str, output: Path, chosen: dict[tuple[str, str], Choice],
+                       groups: list[dict]) -> list[str]:
+    """Sampled or one-pass prediction, chosen per variant like its rate: by the validation metric of the chosen
+    candidate. One number per method for readers who want one, without looking at the test split."""
+    select, rows = plan_.select, []
+    for entry in (e for e in plan_.entries if e.dataset == dataset and plan_.candidates(e)):
+        choice, group = chosen[dataset, entry.variant], next((g for g in groups if g["variant"] == entry.variant), None)
+        val = next((_validation(output, c) for c, lr, options in plan_.candidates(entry)
+                    if (lr, options) == (choice.lr, choice.options)), {})
+        if group is None or "fast_path" not in val or group["test_fast_nll"][0] is None:
+            continue
+        sampled, one_pass = val[select], val["fast_path"][select]
+        fast = one_pass != sampled and SELECT[select](sampled, one_pass) == one_pass  # a tie keeps the sampled one
+        test = "test_fast_" if fast else "test_"
+        rows.append({"variant": entry.variant, "n": group["n"], f"val_{select}": (sampled, None),
+                     f"val_fast_{select}": (one_pass, None),
+                     "chosen": ("one-pass" if fast else f"sampled (S = {val.get('samples', '?')})", None),
+                     **{f"test_{k}": group[test + k] for k in ("accuracy", "ece", "nll")}})
+    if not rows:
+        return []
+    name = {"nll": "NLL", "accuracy": "accuracy %", "ece": "ECE %", "brier": "Brier"}[select]
+    columns = [(f"val_{select}", f"val {name} sampled"), (f"val_fast_{select}", f"val {name} one-pass"),
+               ("chosen", "chosen"), ("test_accuracy", "accuracy %"), ("test_ece", "ECE %"), ("test_nll", "NLL")]
+    return ["", f"Sampled or one-pass, chosen on validation like the rates (validation {select} of the chosen "
+            f"candidate, seed {plan_.tune_seed}), with the chosen predictive's test numbers:", "",
+            report.summary_markdown(rows, "variant", columns)]
 
 
 def _table(groups: list[dict], columns: list[tuple]) -> str:
