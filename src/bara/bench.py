@@ -888,7 +888,7 @@ def _prediction_choice(plan_: Plan, dataset: str, output: Path, chosen: dict[tup
         choice, group = chosen[dataset, entry.variant], next((g for g in groups if g["variant"] == entry.variant), None)
         val = next((_validation(output, c) for c, lr, options in plan_.candidates(entry)
                     if (lr, options) == (choice.lr, choice.options)), {})
-        if group is None or "fast_path" not in val or group["test_fast_nll"][0] is None:
+        if group is None or "fast_path" not in val or group.get("test_fast_nll", (None,))[0] is None:
             continue
         sampled, one_pass = val[select], val["fast_path"][select]
         fast = one_pass != sampled and SELECT[select](sampled, one_pass) == one_pass  # a tie keeps the sampled one
