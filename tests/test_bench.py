@@ -317,17 +317,18 @@ def test_learning_rate_grid_is_chosen_on_validation_then_fixed_for_every_seed(tm
     assert bench.run_bench(str(path), out, progress=False)["trained"] == 0 and calls == []
 
 
-def test_a_diverged_candidate_loses_the_choice_and_is_not_retried(tmp_path, tiny_bert, toy_data, monkeypatch,
-                                                                    capsys):
+def test_diverged_runs_are_recorded_not_retried_and_a_diverged_candidate_loses(tmp_path, tiny_bert, toy_data,
+                                                                               monkeypatch, capsys):
     path = tiny_preset(tmp_path, tiny_bert, toy_data, methods='{ lora = "lora" }', lr="lora = [1e-3, 5e-2, 1e-1]")
     out = tmp_path / "bench"
-    calls, diverging = [], {5e-2}
+    calls, diverging = [], {(5e-2, 0), (None, 1)}  # (lr, seed); None: at any rate
     real_run_train = runs.run_train
 
     def run_train(config, output, **kwargs):
-        calls.append((config.train.lr, config.train.seed))
-        if config.train.lr in diverging:
-            raise Diverged(f"non-finite training loss at step 2 (lr {config.train.lr})", 2)
+        t = config.train
+        calls.append((t.lr, t.seed))
+        if (t.lr, t.seed) in diverging or (None, t.seed) in diverging:
+            raise Diverged(f"non-finite training loss at step 2 (lr {t.lr})", 2)
         return real_run_train(config, output, **kwargs)
 
     monkeypatch.setattr(runs, "run_train", run_train)
@@ -342,21 +343,29 @@ def test_a_diverged_candidate_loses_the_choice_and_is_not_retried(tmp_path, tiny
            for c, lr, _ in plan.candidates(plan.entries[0]) if lr != 5e-2}
     best = min(nll, key=nll.get)
     assert calls == [(1e-3, 0), (5e-2, 0), (1e-1, 0), (best, 1)]
-    assert (summary["trained"], summary["diverged"], summary["failed"]) == (3, 1, [])
-    assert [s.config.train.lr for s in bench.expand(str(path), out)] == [best, best]
+    # The seed-1 run diverged too: an outcome, reported, not a failure of the benchmark.
+    assert (summary["trained"], summary["diverged"], summary["failed"]) == (2, 2, [])
+    specs = bench.expand(str(path), out)
+    assert [s.config.train.lr for s in specs] == [best, best]
+    assert bench.diverged(out, specs[1])["step"] == 2 and not bench.finished(out, specs[1])
     results = (out / "results.md").read_text()
-    assert "| lora | 0.05 | — | — | — | — | diverged at step 2 |" in results and "finished runs: 2 of 2" in results
-    assert "diverged at step 2: this candidate loses the choice and is not retried" in capsys.readouterr().out
+    assert "| lora | 0.05 | — | — | — | — | diverged at step 2 |" in results
+    assert "finished runs: 1 of 2; 1 diverged (listed under their dataset)\n" in results
+    assert "not retried: the same settings diverge the same way): lora seed 1 (step 2)." in results
+    assert "| lora | 1 | " in results  # the mean is over the one finished seed
+    log = capsys.readouterr().out
+    assert "diverged at step 2: this candidate loses the choice and is not retried" in log
+    assert "seed1-" in log and "diverged at step 2: it is left out of the report's means and is not retried" in log
 
-    # A rerun does not train it again (the same settings diverge the same way).
+    # A rerun does not train them again (the same settings diverge the same way).
     calls[:] = []
     summary = bench.run_bench(str(path), out, progress=False)
-    assert calls == [] and (summary["diverged"], summary["skipped"]) == (1, 3)
+    assert calls == [] and (summary["diverged"], summary["skipped"]) == (2, 2)
     assert cli.main(["bench", "--preset", str(path), "--output", str(out), "--no-progress"]) == 0
-    assert "1 grid candidates diverged (they lose the choice)" in capsys.readouterr().out
+    assert "2 diverged (not retried; results.md lists them)" in capsys.readouterr().out
 
     # When every candidate diverges there is nothing to choose: the benchmark says so and names one of them.
-    diverging.update({1e-3, 1e-1})
+    diverging.update({(1e-3, 0), (1e-1, 0)})
     shutil.rmtree(out)
     with pytest.raises(BaraError, match=r"1 of 3 runs failed \(first: toy/lora/seed0-\w+, traceback in .*error.txt"):
         bench.run_bench(str(path), out, progress=False)

@@ -55,7 +55,7 @@ from .trainer import TrainConfig
 
 CHECKPOINT_EVERY = 100  # steps between checkpoints, so an interrupted run loses at most this much
 ERROR = "error.txt"  # traceback of a failed run, beside its partial outputs
-DIVERGED = "diverged.json"  # a grid candidate whose training diverged: it loses the choice, is not retried
+DIVERGED = "diverged.json"  # a run whose training diverged: not retried; a grid candidate loses the choice
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # dataset and variant names become folder names
 PRESET_KEYS = ("model", "seeds", "max_train", "max_eval", "methods", "train", "lr", "tune", "shared_options",
                "options", "datasets", "extends")
@@ -515,7 +515,7 @@ def choices(plan_: Plan, output: Path | None = None) -> dict[tuple[str, str], Ch
 
 
 def diverged(output: Path | None, spec: RunSpec) -> dict | None:
-    """What diverged.json says of a grid candidate whose training diverged ({"step", "error"}); None otherwise."""
+    """What diverged.json says of a run whose training diverged ({"step", "error"}); None otherwise."""
     path = None if output is None else output / spec.folder / DIVERGED
     return json.loads(path.read_text()) if path is not None and path.exists() else None
 
@@ -602,7 +602,7 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
     if validation:  # a finished run that becomes a candidate after a change of the preset
         for spec in (s for s in selected if finished(output, s) and not _validation(output, s)):
             runs.add_validation(output / spec.folder, progress_bar=progress)
-    lost_before = [s for s in selected if validation and diverged(output, s)]
+    lost_before = [s for s in selected if diverged(output, s)]  # the same settings diverge the same way again
     pending = [s for s in selected if not finished(output, s) and s not in lost_before]
     bar = tqdm(total=len(selected), initial=len(selected) - len(pending), desc=desc, unit="run",
                disable=not progress or not selected, dynamic_ncols=True)
@@ -623,11 +623,12 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
             folder.mkdir(parents=True, exist_ok=True)
             (folder / ERROR).write_text(traceback.format_exc())
             message = " ".join(str(err).split()) or type(err).__name__
-            if validation and isinstance(err, Diverged):  # a setting of the grid that does not train: it loses
+            if isinstance(err, Diverged):  # an outcome of the method at these settings, not of the harness
                 runs.write_json(folder / DIVERGED, {"step": err.step, "error": message})
                 lost.append(spec)
-                bar.write(f"bench: {spec.name} diverged at step {err.step}: this candidate loses the choice and is "
-                          f"not retried (delete {folder} to try it again)")
+                outcome = "this candidate loses the choice" if validation else "it is left out of the report's means"
+                bar.write(f"bench: {spec.name} diverged at step {err.step}: {outcome} and is not retried (delete "
+                          f"{folder} to try it again)")
             else:
                 failed.append(spec.name)
                 bar.write(f"bench: {spec.name} failed: {message} (traceback in {folder / ERROR})")
@@ -751,14 +752,15 @@ def _machine() -> str:
     return f"{platform.platform()}, {os.cpu_count()} CPUs{gpu}"
 
 
-def _header(title: str, preset: Preset, command: str, finished: int, total: int) -> list[str]:
+def _header(title: str, preset: Preset, command: str, finished: int, total: int, lost: int = 0) -> list[str]:
     lines = [f"# {title}: preset `{preset.name}`", "",
              f"- command: `{command}`",
              f"- date: {datetime.now().astimezone().isoformat(timespec='seconds')}",
              f"- machine: {_machine()} (where this report was written)",
              f"- preset: `{preset.name}` from {preset.source}",
              f"- finished runs: {finished} of {total}"
-             + ("" if finished == total else " (the others are not reported; rerun the command to train them)"),
+             + (f"; {lost} diverged (listed under their dataset)" if lost else "")
+             + ("" if finished + lost == total else " (the others are not reported; rerun the command to train them)"),
              ""]
     return lines
 
@@ -788,7 +790,8 @@ def write_report(plan_: Plan, specs: list[RunSpec], output: Path, command: str) 
     datasets = list(dict.fromkeys(s.dataset for s in specs))
     variants = list(dict.fromkeys(s.variant for s in specs))
     order = {v: i for i, v in enumerate(variants)}
-    results = _header("Results", preset, command, len(done), len(specs))
+    lost = {s.hash: d for s in specs if (d := diverged(output, s))}
+    results = _header("Results", preset, command, len(done), len(specs), len(lost))
     results += ["## Protocol", "", f"- {PROTOCOL}", _scope(preset, specs),
                 "- Test split; mean ± sample std over seeds (one value: one seed). Accuracy and ECE (15 bins) in %, "
                 "NLL and Brier of the averaged predictive; the best mean per column in bold (max for accuracy, min "
@@ -801,7 +804,7 @@ def write_report(plan_: Plan, specs: list[RunSpec], output: Path, command: str) 
     for variant in variants:
         spec = next(s for s in specs if s.variant == variant)
         results.append(f"| {variant} | {spec.config.method} | `{json.dumps(spec.config.method_options)}` |")
-    cost = _header("Cost", preset, command, len(done), len(specs))
+    cost = _header("Cost", preset, command, len(done), len(specs), len(lost))
     cost += ["Mean over seeds. train s/step: the run's train_seconds (data and model loading, training, any post-hoc "
              "fit) over the steps it trained, both in the session that finished it; peak memory: resident memory "
              "of the process during the run (CPU RAM); predict s: one prediction over the test split with the "
@@ -825,6 +828,11 @@ def write_report(plan_: Plan, specs: list[RunSpec], output: Path, command: str) 
         groups = report.summarize(dataset_rows, "variant", [c[0] for c in columns])
         results.append(_table(groups, columns))
         results += _prediction_choice(plan_, dataset, output, chosen, groups)
+        gone = [f"{s.variant} seed {s.seed} (step {lost[s.hash]['step']})" for s in specs
+                if s.dataset == dataset and s.hash in lost]
+        if gone:
+            results += ["", "Diverged (non-finite training loss; left out of the means above, and not retried: the "
+                        "same settings diverge the same way): " + ", ".join(gone) + "."]
         shifted = [r for r in dataset_rows if r.get("shift_data")]
         for shift in dict.fromkeys(r["shift_data"] for r in shifted):
             results += ["", f"### {dataset} under shift: tested on `{shift}`", "",
