@@ -124,8 +124,8 @@ def train(classifier: Classifier, method: Method, train_split: Split, validation
             if not torch.isfinite(loss):
                 kept = "the last good checkpoint is kept in " + str(output_dir / checkpoint.NAME) \
                     if checkpoint.find(output_dir) else "no checkpoint was written yet"
-                raise Diverged(f"non-finite training loss at step {step + 1} ({logs}); {kept}; fix: lower --lr "
-                               "(or the method's kl_lr) or check the data", step + 1)
+                raise Diverged(f"non-finite training loss at step {step + 1} ({logs}); {kept}; fix: lower --lr"
+                               f"{method.diverged_fix}, or check the data", step + 1)
             accelerator.backward(loss)
             if config.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)

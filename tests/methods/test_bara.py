@@ -301,18 +301,38 @@ def test_non_finite_loss_stops_with_a_clear_message(tiny_bert, toy_data, tmp_pat
     assert not (tmp_path / "nan" / "metrics.json").exists()
 
 
+# rho starts near 0 (sigma_A ~ 1e-8), where the KL step's -2/rho throws it far out; mu_A's part of the step
+# (lr * w * mu / sigma_p^2) stays stable at this kl_lr.
+EXPLODING_KL_STEP = {"kl_lr": 0.05, "kl_gamma": 0.0, "init_sigma": 1e-4}
+
+
 def test_an_exploding_kl_step_stops_with_the_step_and_the_fix(tiny_bert, toy_data, tmp_path):
     # BLoB's plain-SGD KL step on rho (sigma_A = rho^2) has gradient -2/rho + 2 rho^3 / sigma_p^2: too large a step
     # throws rho far out, and the cubic term then overshoots without bound (seen on clinc150 at lr 1e-2). The
     # NaN must reach the loss (no ValueError from a distribution's argument check), where the trainer stops.
     config = RunConfig(model=tiny_bert, data=toy_data, method="bara",
-                       method_options={"kl_lr": 1e6, "kl_gamma": 0.0},
+                       method_options=EXPLODING_KL_STEP,
                        train=TrainConfig(steps=20, batch_size=8, max_length=16, checkpoint_every=1))
     with pytest.raises(Diverged, match=r"non-finite training loss at step \d+ .*last good checkpoint.*fix: lower "
-                                       r"--lr \(or the method's kl_lr\)") as err:
+                                       r"--lr, or --kl-lr, or bound sigma_A with --max-sigma 0.2") as err:
         runs.run_train(config, tmp_path / "kl", progress_bar=False)
     assert 1 < err.value.step < 20
     assert isinstance(err.value, BaraError) and not (tmp_path / "kl" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("method", ["bara", "blob"])
+def test_max_sigma_bounds_sigma_A_and_keeps_the_exploding_kl_step_finite(tiny_bert, toy_data, tmp_path, method):
+    # The settings of the test above, which diverge without the bound.
+    config = RunConfig(model=tiny_bert, data=toy_data, method=method,
+                       method_options={**EXPLODING_KL_STEP, "max_sigma": 0.2},
+                       train=TrainConfig(steps=20, batch_size=8, max_length=16))
+    runs.run_train(config, tmp_path / "kl", progress_bar=False)
+    classifier, loaded, _ = runs.load_adapter(tmp_path / "kl")
+    sigmas = torch.cat([layer.sigma_A.flatten() for layer in loaded.layers.values()])
+    assert torch.isfinite(sigmas).all() and sigmas.max() <= 0.2 + 1e-6
+    assert sigmas.max() > 0.19  # the step pushed some to the bound: the bound did the work
+    with pytest.raises(BaraError, match="max_sigma must be >= 0"):
+        get_method(method, {"max_sigma": -1.0})
 
 
 def test_saved_adapters_keep_their_options_when_defaults_change(tiny_bert, toy_data, tmp_path):

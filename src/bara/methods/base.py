@@ -71,6 +71,8 @@ class Method:
     # Whether a sampling method also has a one-pass prediction of its own (the means of its random variables),
     # scored and timed beside the sampled one. An ensemble has none: its "one pass" would be the same K-average.
     one_pass: ClassVar[bool] = True
+    # What else to try when training diverges (after "lower --lr"), for the trainer's error message.
+    diverged_fix: ClassVar[str] = ""
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_class()

@@ -40,6 +40,10 @@ class FactorPosteriorConfig(LoraConfig):
     kl_gamma: float = option(8.0, "BLoB's reweighting: the KL weight of step t is 2^i / (2^(M+1) - 1), i = t mod "
                                   "M, M = 100 N^(pi/gamma) / batch size; 0 = a weight 1/M with M = batches per "
                                   "epoch")
+    # Off by default until the benchmark's runs are finished (they trained without it); then chosen on validation.
+    max_sigma: float = option(0.0, "upper bound on sigma_A after every step, 0 = none: keeps BLoB's SGD KL step from "
+                                   "blowing up at high learning rates (docs/experiments.md section 9); the prior's "
+                                   "prior_sigma is where the KL's pull on sigma_A vanishes")
 
     def validate(self) -> None:
         super().validate()
@@ -50,6 +54,8 @@ class FactorPosteriorConfig(LoraConfig):
                 raise BaraError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.kl_gamma < 0:
             raise BaraError(f"kl_gamma must be >= 0 (0 = no reweighting), got {self.kl_gamma}")
+        if self.max_sigma < 0:
+            raise BaraError(f"max_sigma must be >= 0 (0 = no bound), got {self.max_sigma}")
 
 
 @dataclass

@@ -64,6 +64,7 @@ class Bara(Method):
     name = "bara"
     config_class = BaraConfig
     default_samples = 10
+    diverged_fix = ", or --kl-lr, or bound sigma_A with --max-sigma 0.2 (docs/experiments.md section 9)"
 
     def wrap(self, classifier: Classifier) -> None:
         targets = target_modules(self.config, classifier)
@@ -129,8 +130,16 @@ class Bara(Method):
 
     def on_step_end(self, classifier: Classifier, progress: Progress) -> None:
         c = self.config
-        if c.kl_step != "sgd" or not c.bayes_factors:
-            return
+        if c.kl_step == "sgd" and c.bayes_factors:
+            self._kl_step(progress)
+        if c.max_sigma > 0 and c.bayes_factors:
+            bound = math.sqrt(c.max_sigma)  # sigma_A = rho^2
+            with torch.no_grad():
+                for layer in self.layers.values():
+                    layer.bara_A_rho.clamp_(-bound, bound)
+
+    def _kl_step(self, progress: Progress) -> None:
+        c = self.config
         lr = c.kl_lr * linear_schedule(progress.step - 1, progress.total_steps, c.kl_warmup)
         weight = blob_kl_weight(progress.step, progress.num_train, progress.batch_size, c.kl_gamma)
         params = [p for layer in self.layers.values() for p in (layer.bara_A_mu, layer.bara_A_rho)]
