@@ -6,7 +6,8 @@ class BaraError(Exception):
 
 
 class Diverged(BaraError):
-    """Training produced non-finite values (loss or adapter weights): the settings, not the data, are the problem."""
+    """Training produced a non-finite loss at ``step``: usually the settings (a rate too high), so the same run
+    diverges again; a benchmark records it as an outcome instead of retrying it."""
 
     def __init__(self, message: str, step: int):
         super().__init__(message)
