@@ -685,11 +685,9 @@ def run_bench(preset: Preset | str, output: str | Path, progress: bool = True, r
                 for key in ("trained", "reused", "skipped", "diverged"):
                     summary[key] += part[key]
                 summary["failed"] += part["failed"]
-            chosen = choices(plan_, output)
-            for variant in leaders:  # every candidate diverged: nothing to choose, so its runs cannot start
-                grid = [c for e in plan_.entries if (e.dataset, e.variant) == (dataset, variant)
-                        for c, _, _ in plan_.candidates(e)]
-                if grid and chosen[dataset, variant].lr is None and all(diverged(output, c) for c in grid):
+            for entry in (e for e in plan_.entries if e.dataset == dataset and e.variant in leaders):
+                grid = [c for c, _, _ in plan_.candidates(entry)]  # every one diverged: nothing to choose from
+                if grid and all(diverged(output, c) for c in grid):
                     unchosen.append(grid[0].name)
         summary["selected"] = (summary["trained"] + summary["reused"] + summary["skipped"] + summary["diverged"]
                                + len(summary["failed"]))
@@ -907,7 +905,7 @@ def _prediction_choice(plan_: Plan, dataset: str, output: Path, chosen: dict[tup
                      **{f"test_{k}": group[test + k] for k in ("accuracy", "ece", "nll")}})
     if not rows:
         return []
-    name = {"nll": "NLL", "accuracy": "accuracy %", "ece": "ECE %", "brier": "Brier"}[select]
+    name = next(header for key, header, _ in METRICS if key == f"test_{select}")
     columns = [(f"val_{select}", f"val {name} sampled"), (f"val_fast_{select}", f"val {name} one-pass"),
                ("chosen", "chosen"), ("test_accuracy", "accuracy %"), ("test_ece", "ECE %"), ("test_nll", "NLL")]
     return ["", f"Sampled or one-pass, chosen on validation like the rates (validation {select} of the chosen "

@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{summary['selected']} runs: {summary['trained']} trained, {summary['reused']} copied from "
                       f"--reuse, {summary['skipped']} already finished"
                       + (f", {summary['diverged']} diverged (not retried; results.md lists them)"
-                         if summary.get("diverged") else ""))
+                         if summary["diverged"] else ""))
             print(f"wrote {args.output}/results.md, cost.md, results.jsonl and plots/")
         elif args.command == "data":
             _fetch(args)
