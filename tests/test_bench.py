@@ -401,6 +401,34 @@ def test_sampled_or_one_pass_prediction_is_chosen_on_validation(tmp_path, tiny_b
                                f"{mean['nll']:.3f} ± {std['nll']:.3f}"]
 
 
+def test_report_lists_the_post_hoc_fits_seed_by_seed(tmp_path, tiny_bert, toy_data):
+    path = tiny_preset(tmp_path, tiny_bert, toy_data, methods='{ ts = "temperature", la = "laplace" }')
+    out = tmp_path / "bench"
+    bench.run_bench(str(path), out, progress=False)
+    specs = bench.expand(str(path), out)
+    fitted = {(s.variant, s.seed): json.loads((out / s.folder / "metrics.json").read_text())["diagnostics"]
+              for s in specs}
+
+    def lines() -> list[str]:
+        text = (out / "results.md").read_text()
+        return [l for l in text.split("Post-hoc fits on the validation split.")[1].splitlines() if l.startswith("- ")]
+
+    temperatures = ", ".join(f"{fitted['ts', seed]['temperature']:.2f}" for seed in (0, 1))
+    precisions = [fitted["la", seed]["prior_precision"] for seed in (0, 1)]
+    top = sum(p >= 1e6 / 1.01 for p in precisions)
+    assert lines() == [f"- ts: T = {temperatures} (seeds 0, 1)",
+                       f"- la: prior precision {', '.join(f'{p:.3g}' for p in precisions)} (seeds 0, 1; {top} of 2 "
+                       "at the top)"]
+    # A prior precision at the top of the search is counted as such.
+    laplace_run = out / next(s for s in specs if s.variant == "la" and s.seed == 1).folder / "metrics.json"
+    metrics = json.loads(laplace_run.read_text())
+    metrics["diagnostics"]["prior_precision"] = 1e6
+    laplace_run.write_text(json.dumps(metrics))
+    bench.run_bench(str(path), out, report_only=True)
+    assert lines()[1] == (f"- la: prior precision {precisions[0]:.3g}, 1e+06 (seeds 0, 1; "
+                          f"{int(precisions[0] >= 1e6 / 1.01) + 1} of 2 at the top)")
+
+
 def test_option_grids_are_chosen_with_the_rate_and_keep_the_usual_run(tmp_path, tiny_bert, toy_data):
     methods = ('{ blob = "blob", small = { method = "blob", options = { r = 4 } }, '
                'own = { method = "blob", options = { kl_lr = 0.03 } } }')

@@ -49,6 +49,7 @@ from . import checkpoint, report, runs
 from .data import bigbench, builtin_tasks
 from .errors import BaraError, Diverged
 from .methods import METHODS
+from .methods.laplace import PRIOR_GRID
 from .plots import scatter_methods
 from .runs import RunConfig
 from .trainer import TrainConfig
@@ -825,7 +826,7 @@ def write_report(plan_: Plan, specs: list[RunSpec], output: Path, command: str) 
         columns = METRICS + present
         groups = report.summarize(dataset_rows, "variant", [c[0] for c in columns])
         results.append(_table(groups, columns))
-        results += _prediction_choice(plan_, dataset, output, chosen, groups)
+        results += _prediction_choice(plan_, dataset, output, chosen, groups) + _post_hoc(dataset_rows)
         gone = [f"{s.variant} seed {s.seed} (step {lost[s.hash]['step']})" for s in specs
                 if s.dataset == dataset and s.hash in lost]
         if gone:
@@ -871,7 +872,8 @@ def _tuning(plan_: Plan, dataset: str, output: Path, chosen: dict[tuple[str, str
             shown = ", ".join(f"{k} {v}" for k, v in options.items()) or "—"
             val, lost = _validation(output, spec), diverged(output, spec)
             if lost:
-                lines.append(f"| {entry.variant} | {lr:g} | {shown} | — | — | — | diverged at step {lost['step']} |")
+                lines.append(f"| {entry.variant} | {lr:g} | {shown} | — | — | — "
+                             f"| diverged at step {lost['step']} |")
                 continue
             if not val:
                 lines.append(f"| {entry.variant} | {lr:g} | {shown} | — | — | — | (not finished) |")
@@ -911,6 +913,27 @@ def _prediction_choice(plan_: Plan, dataset: str, output: Path, chosen: dict[tup
     return ["", f"Sampled or one-pass, chosen on validation like the rates (validation {select} of the chosen "
             f"candidate, seed {plan_.tune_seed}), with the chosen predictive's test numbers:", "",
             report.summary_markdown(rows, "variant", columns)]
+
+
+def _post_hoc(rows: list[dict]) -> list[str]:
+    """What the post-hoc steps fitted on the validation split, seed by seed: temperature scaling's T and the
+    Laplace prior precision, so a reader sees why temperature moves the numbers and Laplace may not."""
+    lines = []
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        own = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["seed"])
+        seeds = ", ".join(str(r["seed"]) for r in own)
+        if all(r.get("temperature") is not None for r in own):
+            lines.append(f"- {variant}: T = {', '.join(format(r['temperature'], '.2f') for r in own)} (seeds {seeds})")
+        elif all(r.get("prior_precision") is not None for r in own):
+            top = sum(r["prior_precision"] >= PRIOR_GRID[1] / 1.01 for r in own)
+            lines.append(f"- {variant}: prior precision {', '.join(format(r['prior_precision'], '.3g') for r in own)} "
+                         f"(seeds {seeds}; {top} of {len(own)} at the top)")
+    if not lines:
+        return []
+    return ["", "Post-hoc fits on the validation split. Temperature scaling's T: below 1 sharpens the LoRA fit's "
+            "predictive (it was under-confident on validation), above 1 softens it. Laplace's prior precision: at the "
+            f"top of its search ({PRIOR_GRID[1]:g}) the posterior adds next to no spread, and the predictive is the "
+            "LoRA fit's.", "", *lines]
 
 
 def _table(groups: list[dict], columns: list[tuple]) -> str:
