@@ -24,8 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from bara.data import Split  # noqa: E402
-from bara.methods import Progress, mcdropout  # noqa: E402
-from bara.methods.bara import model as bara_model  # noqa: E402
+from bara.methods import Progress, base  # noqa: E402
 from bara.runs import RunConfig, build  # noqa: E402
 from bara.trainer import TrainConfig  # noqa: E402
 
@@ -76,8 +75,8 @@ def main() -> None:
                              "values split S = 10 into several passes, between batched and looped")
     args = parser.parse_args()
     if args.max_rows:
-        bara_model.MAX_ROWS = mcdropout.MAX_ROWS = args.max_rows
-    print(f"Monte-Carlo passes of at most {bara_model.MAX_ROWS} rows; torch threads {torch.get_num_threads()}")
+        base.MAX_ROWS = args.max_rows
+    print(f"Monte-Carlo passes of at most {base.MAX_ROWS} rows; torch threads {torch.get_num_threads()}")
     for model in args.models.split(","):
         batch_size, length = SHAPES[model]
         setups = {}

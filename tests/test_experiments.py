@@ -9,9 +9,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from bara.methods import mcdropout
+from bara.methods import base
 from bara.methods.bara import BaraConfig, BaraLinear
-from bara.methods.bara import model as bara_model
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "experiments" / "mc_sources.py"
 
@@ -65,12 +64,12 @@ def test_sources_settings_sample_only_a_or_only_the_gates():
 
 def test_rows_settings_set_the_rows_per_pass():
     script = _script()
-    default = bara_model.MAX_ROWS
+    default = base.MAX_ROWS
     try:
         (_, batched), (_, looped) = script.settings("rows", SimpleNamespace(config=None))
         looped()
-        assert bara_model.MAX_ROWS == mcdropout.MAX_ROWS == 64
+        assert base.MAX_ROWS == 64
         batched()
-        assert bara_model.MAX_ROWS == mcdropout.MAX_ROWS == 1024
+        assert base.MAX_ROWS == 1024
     finally:
-        bara_model.MAX_ROWS = mcdropout.MAX_ROWS = default
+        base.MAX_ROWS = default

@@ -15,12 +15,11 @@ from pathlib import Path
 import torch
 
 from bara import runs
-from bara.methods import mcdropout
-from bara.methods.bara import model as bara_model
+from bara.methods import base
 from bara.methods.bara.layer import BaraLinear
 from bara.metrics import evaluate
 
-LOCAL_WEIGHTS, ROWS = BaraLinear.local_weights, bara_model.MAX_ROWS
+LOCAL_WEIGHTS, ROWS = BaraLinear.local_weights, base.MAX_ROWS
 
 
 def one_pass_gates(self, *args):
@@ -36,7 +35,7 @@ def settings(what: str, method):
     """(name, set-up) pairs; each set-up changes the method or module state for one scoring."""
     def rows(n):
         def apply():
-            bara_model.MAX_ROWS = mcdropout.MAX_ROWS = n
+            base.MAX_ROWS = n
         return apply
 
     def sources(a_only):
@@ -72,7 +71,7 @@ def main() -> None:
             result = evaluate(probs, labels)
             print(json.dumps({"method": row["variant"], "run": row["run"], "setting": name,
                               **{k: result[k] for k in ("accuracy", "ece", "nll", "brier")}}), flush=True)
-        BaraLinear.local_weights, bara_model.MAX_ROWS, mcdropout.MAX_ROWS = LOCAL_WEIGHTS, ROWS, ROWS
+        BaraLinear.local_weights, base.MAX_ROWS = LOCAL_WEIGHTS, ROWS
 
 
 if __name__ == "__main__":

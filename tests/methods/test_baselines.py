@@ -37,11 +37,11 @@ def batch_of(classifier, n: int = 6) -> dict:
 
 
 def make_lora_visible(classifier) -> None:
-    """LoRA's B starts at zero, so the adapter changes nothing until trained; draw it instead."""
+    """LoRA's (and BaRA's) B starts at zero, so the adapter changes nothing until trained; draw it instead."""
     torch.manual_seed(3)
     with torch.no_grad():
         for name, p in classifier.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "bara_B" in name:
                 p.normal_(std=0.5)
 
 
@@ -116,16 +116,19 @@ def test_mcdropout_needs_dropout():
         get_method("mcdropout", {"lora_dropout": 0.0})
 
 
-def test_mcdropout_splits_many_copies_into_passes(tiny_bert, monkeypatch):
-    from bara.methods import mcdropout
+@pytest.mark.parametrize("name", ["mcdropout", "bara"])
+def test_sampling_methods_split_many_copies_into_passes(tiny_bert, monkeypatch, name):
+    from bara.methods import base
 
-    classifier, method = build(tiny_bert, "mcdropout")
+    classifier, method = build(tiny_bert, name)
     make_lora_visible(classifier)
     calls = []
     classifier.register_forward_hook(lambda module, args, out: calls.append(out.shape[0]))
-    monkeypatch.setattr(mcdropout, "MAX_ROWS", 12)
+    monkeypatch.setattr(base, "MAX_ROWS", 12)
     probs = method.predict(classifier, batch_of(classifier), 5)
     assert probs.shape == (5, 6, 3) and calls == [12, 12, 6]
+    assert torch.allclose(probs.sum(-1), torch.ones(5, 6))
+    assert not torch.allclose(probs[0], probs[1])  # each copy draws its own randomness
 
 
 # -- ensemble -----------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from ..heads import Classifier
 
 # Default LoRA targets per architecture (peft's own defaults cover the rest).
 TARGET_MODULES = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
+MAX_ROWS = 1024  # Monte-Carlo copies of a batch are stacked into passes of at most this many rows
 
 
 def option(default, help: str):
@@ -142,3 +143,16 @@ class Method:
 def to_device(batch: dict, device: torch.device) -> dict:
     """A batch with its tensors on ``device`` (other values as they are)."""
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def repeated_passes(classifier: Classifier, batch: dict, samples: int) -> torch.Tensor:
+    """Probabilities ``[samples, B, C]`` from ``samples`` copies of the batch, stacked into as few passes as
+    ``MAX_ROWS`` allows, so every copy draws its own randomness (dropout masks, BaRA's A and gates) in one forward."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    per_pass = max(1, MAX_ROWS // ids.shape[0])
+    probs = []
+    for start in range(0, samples, per_pass):
+        s = min(per_pass, samples - start)
+        logits = classifier(ids.repeat(s, 1), mask.repeat(s, 1)).float()
+        probs.append(torch.softmax(logits, -1).view(s, ids.shape[0], -1))
+    return torch.cat(probs)

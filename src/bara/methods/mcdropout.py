@@ -17,11 +17,8 @@ from torch import nn
 
 from ..errors import BaraError
 from ..heads import Classifier
-from .base import option
+from .base import option, repeated_passes
 from .lora import Lora, LoraConfig
-
-MAX_ROWS = 1024  # Monte-Carlo copies are batched into passes of at most this many rows
-
 
 @dataclass
 class McDropoutConfig(LoraConfig):
@@ -38,19 +35,6 @@ def lora_dropouts(classifier: Classifier) -> list[nn.Module]:
     from peft.tuners.lora import LoraLayer
 
     return [d for m in classifier.modules() if isinstance(m, LoraLayer) for d in m.lora_dropout.values()]
-
-
-def repeated_passes(classifier: Classifier, batch: dict, samples: int) -> torch.Tensor:
-    """Probabilities ``[samples, B, C]`` from ``samples`` copies of the batch, stacked into as few passes as
-    ``MAX_ROWS`` allows, so every copy draws its own randomness in one forward."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    per_pass = max(1, MAX_ROWS // ids.shape[0])
-    probs = []
-    for start in range(0, samples, per_pass):
-        s = min(per_pass, samples - start)
-        logits = classifier(ids.repeat(s, 1), mask.repeat(s, 1)).float()
-        probs.append(torch.softmax(logits, -1).view(s, ids.shape[0], -1))
-    return torch.cat(probs)
 
 
 class McDropout(Lora):

@@ -26,13 +26,12 @@ from torch import nn
 
 from ...errors import BaraError
 from ...heads import Classifier
-from ..base import Method, Progress
+from ..base import Method, Progress, repeated_passes
 from ..lora import target_modules
 from .config import BaraConfig
 from .layer import BaraLinear
 
 GATE_PARAMS = ("bara_gate", "bara_context", "bara_pi_")
-MAX_ROWS = 1024  # Monte-Carlo samples are batched into passes of at most this many rows
 
 
 def _matches(name: str, targets: list[str]) -> bool:
@@ -160,14 +159,9 @@ class Bara(Method):
             self.set_mode("mean")
             return torch.softmax(classifier(ids, mask).float(), -1)[None]
         self.set_mode("sample")
-        per_pass = max(1, MAX_ROWS // ids.shape[0])
-        probs = []
-        for start in range(0, samples, per_pass):
-            s = min(per_pass, samples - start)
-            logits = classifier(ids.repeat(s, 1), mask.repeat(s, 1)).float()
-            probs.append(torch.softmax(logits, -1).view(s, ids.shape[0], -1))
+        probs = repeated_passes(classifier, batch, samples)
         self.set_mode("train")
-        return torch.cat(probs)
+        return probs
 
     # -- diagnostics --------------------------------------------------------------------------------
     @torch.no_grad()
