@@ -239,13 +239,14 @@ def test_unfinished_runs_resume_and_failures_are_recorded(preset_file, tmp_path,
     ('["bara"]', RATES, "[tiny.options.bara]\ngate = \"sometimes\"", r"gate='sometimes' is not one of"),
     ('["lora"]', RATES, "epoch = 3", r"unknown key\(s\) epoch"),
     ('["lora"]', RATES, "seeds = []", r"seeds must be a list"),
-    ('["lora"]', RATES, "extends = \"other\"", r"extends 'other', which is not in the same file"),
+    ('["lora"]', RATES, "extends = \"other\"", r"extends 'other', which is neither in the same file nor a packaged preset"),
     # learning-rate grids and option grids
     ('["lora"]', "lora = [1e-3, 1e-3]", "", r"must be a positive number, a list of distinct positive numbers"),
     ('["lora"]', "lora = []", "", r"must be a positive number, a list of distinct"),
     ('["lora"]', 'lora = "nope"', "", r"'lora' takes the learning rate of 'nope', which is not a variant"),
     ('["lora"]', "lora = [1e-3, 2e-3]", "[tiny.tune]\nseed = 5", r"tune.seed = 5 is not one of the seeds \[0, 1\]"),
     ('["lora"]', "lora = [1e-3, 2e-3]", '[tiny.tune]\nselect = "loss"', r"tune.select = 'loss'; fix: use one of nll"),
+    ('["lora"]', "lora = 1e-3", '[tiny.tune]\nvalidate_all = "yes"', r"tune.validate_all = 'yes' must be true or false"),
     ('["lora"]', "lora = 1e-3", "[tiny.tune.options.lora]\nr = [4, 4]", r"r = \[4, 4\] must be a list of distinct"),
     ('["lora"]', "lora = 1e-3", '[tiny.tune.options.lora]\nr = [4, "x"]', r"r = 'x' should be of type int"),
     ('["lora"]', "lora = 1e-3", "[tiny.tune.options.lora]\nrank = [4, 8]", r"unknown setting 'rank'"),
@@ -544,6 +545,49 @@ def test_packaged_presets_expand_under_the_fair_protocol():
     assert (options["bara-gate-none"]["gate"], options["bara-gate-none"]["r"]) == ("none", 16)
     assert options["bara-point-factors"]["bayes_factors"] is False and options["bara-r32"]["r"] == 32
     assert {s.config.method for s in ablations} == {"bara"}
+
+
+def test_validate_all_scores_every_run_and_reports_validation_means(preset_file, tmp_path):
+    first = tmp_path / "first"
+    bench.run_bench(str(preset_file), first, progress=False)  # no grid: no run scores the validation split
+    specs = bench.expand(str(preset_file))
+    assert not any("validation" in json.loads((first / s.folder / "metrics.json").read_text()) for s in specs)
+    assert "Validation split, every seed" not in (first / "results.md").read_text()
+
+    every = tmp_path / "every.toml"
+    every.write_text(preset_file.read_text() + "\n[tiny.tune]\nvalidate_all = true\n")
+    assert [s.hash for s in bench.expand(str(every))] == [s.hash for s in specs]  # the same runs
+    out = tmp_path / "bench"
+    summary = bench.run_bench(str(every), out, progress=False, reuse=first)
+    assert (summary["trained"], summary["reused"]) == (0, 4)  # copied, then scored on validation
+    val = {(s.variant, s.seed): json.loads((out / s.folder / "metrics.json").read_text())["validation"] for s in specs}
+    text = (out / "results.md").read_text().split("Validation split, every seed")[1]
+    header = next(l for l in text.splitlines() if l.startswith("| variant |"))
+    assert [c.strip() for c in header.strip("|").split("|")] == ["variant", "n", "accuracy %", "ECE %", "NLL",
+                                                                 "Brier", "one-pass NLL"]
+    for variant in ("lora", "bara-small"):
+        line = next(l for l in text.splitlines() if l.startswith(f"| {variant} |"))
+        cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+        nll = [val[variant, seed]["nll"] for seed in (0, 1)]
+        assert cells[4] == f"{statistics.fmean(nll):.3f} ± {statistics.stdev(nll):.3f}"
+        assert (cells[6] == "—") == (variant == "lora")  # LoRA predicts in one pass anyway
+
+
+def test_a_preset_file_can_extend_a_packaged_preset(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('[mine]\nextends = "standard"\nmethods = { bara = "bara", bounded = { method = "bara", options = '
+                    '{ max_sigma = 0.2 } } }\n\n[mine.lr]\nbounded = "bara"\n\n[mine.datasets.trec]\n')
+    mine, standard = bench.plan(str(path)), bench.plan("standard")
+    # Its bara runs are standard's (same hashes: --reuse copies them); the variant follows bara's chosen rate.
+    ours = {c.hash for e in mine.entries for c, _, _ in mine.candidates(e)}
+    theirs = {c.hash for e in standard.entries if (e.dataset, e.variant) == ("trec", "bara")
+              for c, _, _ in standard.candidates(e)}
+    assert ours == theirs and len(ours) == 4
+    assert [(e.dataset, e.variant, e.lr) for e in mine.entries] == [("trec", "bara", (1e-3, 3e-3)),
+                                                                     ("trec", "bounded", "bara")]
+    specs = bench.expand(str(path))
+    assert {s.config.method_options.get("max_sigma") for s in specs if s.variant == "bounded"} == {0.2}
+    assert {s.config.train.epochs for s in specs} == {12.0}
 
 
 def test_summary_table_gives_mean_std_and_bolds_the_best():

@@ -73,3 +73,19 @@ def test_rows_settings_set_the_rows_per_pass():
         assert base.MAX_ROWS == 1024
     finally:
         base.MAX_ROWS = default
+
+
+def test_stability_experiment_shares_standard_runs_and_scores_validation_everywhere():
+    from bara import bench
+
+    path = Path(__file__).parents[1] / "benchmarks" / "experiments" / "stability.toml"
+    plan, standard = bench.plan(str(path)), bench.plan("standard")
+    assert plan.validate_all and not standard.validate_all
+    grids = {c.hash for e in plan.entries for c, _, _ in plan.candidates(e)}
+    assert grids == {c.hash for e in standard.entries if e.dataset in ("banking77", "clinc150")
+                     and e.variant in ("bara", "blob") for c, _, _ in standard.candidates(e)}
+    fixes = {e.variant: (e.lr, e.config.method_options) for e in plan.entries if e.dataset == "banking77"}
+    for method in ("bara", "blob"):
+        assert fixes[f"{method}-max-sigma"][0] == fixes[f"{method}-flat-kl"][0] == method  # its chosen rate
+        assert fixes[f"{method}-max-sigma"][1]["max_sigma"] == 0.2
+        assert fixes[f"{method}-flat-kl"][1]["kl_gamma"] == 0.0

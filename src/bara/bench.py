@@ -60,7 +60,7 @@ DIVERGED = "diverged.json"  # a run whose training diverged: not retried; a grid
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # dataset and variant names become folder names
 PRESET_KEYS = ("model", "seeds", "max_train", "max_eval", "methods", "train", "lr", "tune", "shared_options",
                "options", "datasets", "extends")
-TUNE_KEYS = ("seed", "select", "options")
+TUNE_KEYS = ("seed", "select", "options", "validate_all")
 # Validation metrics a learning-rate grid may be chosen by: metrics.json's validation block, and which way is best.
 SELECT = {"nll": min, "accuracy": max, "ece": min, "brier": min}
 WORST = {min: math.inf, max: -math.inf}  # the score of a candidate that diverged
@@ -71,6 +71,7 @@ SHIFT = "shift_metrics.json"  # run_eval's metrics of the trained adapter on the
 # (key in report.row, header, which mean is best); one-pass and diagnostics columns appear where present.
 METRICS = [("test_accuracy", "accuracy %", "max"), ("test_ece", "ECE %", "min"), ("test_nll", "NLL", "min"),
            ("test_brier", "Brier", "min")]
+VALIDATION = [(f"val_{k[5:]}", h, b) for k, h, b in METRICS] + [("val_fast_nll", "one-pass NLL", "min")]
 ONE_PASS = [("test_fast_accuracy", "one-pass accuracy %", "max"), ("test_fast_ece", "one-pass ECE %", "min"),
             ("test_fast_nll", "one-pass NLL", "min")]
 DIAGNOSTICS = [("selection_variability", "V"), ("hard_rank_std", "rank std"), ("joint_effective_rank", "s̄")]
@@ -144,7 +145,7 @@ def _parse(text: str, where: str) -> dict[str, dict]:
 
 def load_preset(spec: str | Path) -> Preset:
     """A packaged preset by name (``standard``), the only preset of a TOML file (``my.toml``) or one of several
-    (``my.toml:NAME``)."""
+    (``my.toml:NAME``). A file's preset may extend another of the file or a packaged one."""
     text = str(spec)
     match = re.fullmatch(r"(.+\.toml)(?::([^/\\]+))?", text)
     if match:
@@ -158,6 +159,7 @@ def load_preset(spec: str | Path) -> Preset:
                 raise BaraError(f"{path} holds the presets {', '.join(presets) or '(none)'}; fix: pick one with "
                                 f"--preset {path}:NAME")
             name = next(iter(presets))
+        presets = {**packaged_presets(), **presets}  # the file's own names win
     else:
         presets, source, name = packaged_presets(), "bara/benchmarks/presets.toml", text
     if name not in presets:
@@ -185,8 +187,8 @@ def _resolve(presets: dict, name: str, chain: tuple) -> dict:
     if parent is None:
         return _check_own_rates(name, table, dict(table))
     if parent not in presets:
-        raise BaraError(f"preset '{name}' extends '{parent}', which is not in the same file; fix: use one of "
-                        f"{', '.join(p for p in presets if p != name)}")
+        raise BaraError(f"preset '{name}' extends '{parent}', which is neither in the same file nor a packaged "
+                        f"preset; fix: use one of {', '.join(p for p in presets if p != name)}")
     base = _resolve(presets, parent, chain + (name,))
     merged = _merge(base, {k: v for k, v in table.items() if k not in ("extends", "methods", "tune", "datasets")})
     merged["methods"] = table.get("methods", base.get("methods"))
@@ -353,6 +355,7 @@ class Plan:
     entries: list[Entry]
     tune_seed: int
     select: str  # a key of SELECT
+    validate_all: bool = False  # every run scores the validation split, not only the grids' candidates
 
     def candidates(self, entry: Entry) -> list[tuple[RunSpec, float, dict]]:
         """The runs a grid is chosen from, with their rate and options: one per rate and combination of the
@@ -403,6 +406,10 @@ def plan(preset: Preset | str) -> Plan:
         raise BaraError(f"{where}: tune.seed = {tune_seed!r} is not one of the seeds {seeds}; fix: pick one of them")
     if select not in SELECT:
         raise BaraError(f"{where}: tune.select = {select!r}; fix: use one of {', '.join(SELECT)} (validation metrics)")
+    validate_all = tune.get("validate_all", False)
+    if not isinstance(validate_all, bool):
+        raise BaraError(f"{where}: tune.validate_all = {validate_all!r} must be true or false; fix: validate_all = "
+                        "true to score the validation split in every run")
     variants = _variants(p["methods"], where)
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - set(HARNESS_SET)
     shared = _typed(TrainConfig, p.get("train", {}), f"{where}, [train]")
@@ -463,7 +470,7 @@ def plan(preset: Preset | str) -> Plan:
             if isinstance(lr, str) and (lr not in rates or isinstance(rates[lr], str)):
                 raise BaraError(f"{at}: '{variant}' takes the learning rate of '{lr}', which is not a variant of "
                                 "this preset with a rate or grid of its own; fix: name one, e.g. lora")
-    return Plan(preset, entries, tune_seed, select)
+    return Plan(preset, entries, tune_seed, select, validate_all)
 
 
 def _option_grid(table: dict, method: str, merged: dict, where: str) -> dict:
@@ -585,10 +592,10 @@ def _select(specs: list[RunSpec], only_dataset: str | None, only_method: str | N
 
 
 def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "bench",
-           validation: bool = False, reuse: Path | None = None) -> dict:
+           validation: bool = False, reuse: Path | None = None, candidates: bool = False) -> dict:
     """Train the unfinished runs of ``selected``, one after another, or copy them from ``reuse`` where it holds
-    them finished. ``validation``: they are candidates of a grid, chosen on their validation metrics (the other
-    runs skip scoring the validation split)."""
+    them finished. ``validation``: they score the validation split (a grid's ``candidates`` are chosen on it; other
+    runs skip it unless the preset sets tune.validate_all)."""
     from tqdm.auto import tqdm
 
     selected = [s for s in selected if not s.pending]
@@ -600,7 +607,7 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
         shutil.rmtree(partial, ignore_errors=True)
         shutil.copytree(reuse / spec.folder, partial)
         partial.rename(target)
-    if validation:  # a finished run that becomes a candidate after a change of the preset
+    if validation:  # a finished run that becomes a candidate (or is reused) after a change of the preset
         for spec in (s for s in selected if finished(output, s) and not _validation(output, s)):
             runs.add_validation(output / spec.folder, progress_bar=progress)
     lost_before = [s for s in selected if diverged(output, s)]  # the same settings diverge the same way again
@@ -627,7 +634,7 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
             if isinstance(err, Diverged):  # an outcome of the method at these settings, not of the harness
                 runs.write_json(folder / DIVERGED, {"step": err.step, "error": message})
                 lost.append(spec)
-                outcome = "this candidate loses the choice" if validation else "it is left out of the report's means"
+                outcome = "this candidate loses the choice" if candidates else "it is left out of the report's means"
                 bar.write(f"bench: {spec.name} diverged at step {err.step}: {outcome} and is not retried (delete "
                           f"{folder} to try it again)")
             else:
@@ -678,10 +685,12 @@ def run_bench(preset: Preset | str, output: str | Path, progress: bool = True, r
             leaders = {chosen[dataset, v].follows or v for v in wanted}
             tuning = [c for e in plan_.entries if e.dataset == dataset and e.variant in leaders
                       for c, _, _ in plan_.candidates(e)]
-            parts = [_train(tuning, output, progress, f"tune {dataset}", validation=True, reuse=reuse)]
+            parts = [_train(tuning, output, progress, f"tune {dataset}", validation=True, reuse=reuse,
+                            candidates=True)]
             tried = {c.hash for c in tuning}  # the chosen candidates are runs of the tuning seed: done already
             final = [s for s in _select(expand(plan_, output), dataset, only_method) if s.hash not in tried]
-            parts.append(_train(final, output, progress, f"bench {dataset}", reuse=reuse))
+            parts.append(_train(final, output, progress, f"bench {dataset}", validation=plan_.validate_all,
+                                reuse=reuse))
             for part in parts:
                 for key in ("trained", "reused", "skipped", "diverged"):
                     summary[key] += part[key]
@@ -827,6 +836,11 @@ def write_report(plan_: Plan, specs: list[RunSpec], output: Path, command: str) 
         groups = report.summarize(dataset_rows, "variant", [c[0] for c in columns])
         results.append(_table(groups, columns))
         results += _prediction_choice(plan_, dataset, output, chosen, groups) + _post_hoc(dataset_rows)
+        if plan_.validate_all:
+            scored = [c for c in VALIDATION if any(r.get(c[0]) is not None for r in dataset_rows)]
+            results += ["", "Validation split, every seed (tune.validate_all), for choices between variants made on "
+                        "validation (one-pass NLL: the deterministic prediction of a sampling method):", "",
+                        _table(report.summarize(dataset_rows, "variant", [k for k, _, _ in scored]), scored)]
         gone = [f"{s.variant} seed {s.seed} (step {lost[s.hash]['step']})" for s in specs
                 if s.dataset == dataset and s.hash in lost]
         if gone:
