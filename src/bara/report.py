@@ -36,7 +36,7 @@ def row(metrics: dict) -> dict:
             out[f"{prefix}_fast_ece"] = block["fast_path"]["ece"]
             out[f"{prefix}_fast_nll"] = block["fast_path"]["nll"]
     for key in ("selection_variability", "hard_rank_std", "joint_effective_rank", "joint_effective_rank_std",
-                "global_rank_mean", "temperature", "prior_precision", "prior_precision_at_grid_edge"):
+                "global_rank_mean", "temperature", "prior_precision"):
         if key in diag:
             out[key] = diag[key]
     for key in ("train_seconds", "predict_seconds", "predict_seconds_s1", "peak_memory_mb", "trainable_params",

@@ -20,6 +20,7 @@ from ..heads import Classifier
 from .base import option, repeated_passes
 from .lora import Lora, LoraConfig
 
+
 @dataclass
 class McDropoutConfig(LoraConfig):
     lora_dropout: float = option(0.1, "dropout on the adapter's input")  # kept on at test time
