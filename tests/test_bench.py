@@ -607,7 +607,7 @@ def test_bench_help_lists_its_options(capsys):
         cli.main(["bench", "--help"])
     text = capsys.readouterr().out
     for word in ("--preset", "--output", "--report-only", "--only-dataset", "--only-method", "--no-progress",
-                 "[tune.options.METHOD]", "chosen on the validation"):
+                 "[tune.options.METHOD]", "chosen on the validation", "validate_all", "extends = \"standard\""):
         assert word in text
 
 

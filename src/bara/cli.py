@@ -38,6 +38,8 @@ test split, same labels; the report gets an "under shift" table). Both are part 
 Learning rates given as grids ([1e-3, 3e-3]) and [tune.options.METHOD] grids are chosen on the validation
 split, dataset by dataset: the candidates train first (at the tuning seed), then every other seed at the
 chosen settings; results.md lists each candidate's validation numbers and marks the choice.
+A preset of your own file may extend a packaged one (extends = "standard"); with [tune] validate_all = true
+every run scores the validation split and results.md adds validation means, to compare variants on validation.
 A run's hash covers the options a preset sets, not the methods' defaults: a finished run (here or in --reuse)
 trained under a default this version of bara has changed stops the benchmark with an error naming the option.
 """
