@@ -382,3 +382,68 @@ def test_straight_through_is_exactly_binary_with_concrete_gradient():
     assert g.mean().item() == pytest.approx(torch.sigmoid(logits.detach()).mean().item(), abs=0.01)
     (g * torch.linspace(1, 2, 100_000)).sum().backward()
     assert torch.isfinite(logits.grad).all() and (logits.grad > 0).mean(dtype=torch.float32) > 0.99
+
+
+def test_kumaraswamy_logit_sample_keeps_every_gradient_where_the_clamped_sample_lost_a_fifth():
+    from bara.distributions import _kumaraswamy_logit
+
+    a, b = torch.tensor(1.0, requires_grad=True), torch.tensor(0.11, requires_grad=True)  # --pi-init 0.9
+    torch.manual_seed(0)
+    clamped = Kumaraswamy(a, b).rsample((20_000,))
+    stuck = (clamped >= 1 - 1e-6).float().mean().item()
+    assert stuck > 0.15  # the old path: these draws carry no gradient and a logit of 13.8
+    torch.manual_seed(0)
+    logits = Kumaraswamy(a, b).rsample_logit((20_000,))
+    assert torch.isfinite(logits).all() and logits.max() > 14.0
+    grads = torch.autograd.grad(logits, (a, b), grad_outputs=torch.ones_like(logits), is_grads_batched=False)
+    assert all(torch.isfinite(g) for g in grads)
+    # every draw has a gradient of its own: the per-draw derivative w.r.t. b is never 0
+    per_draw = torch.func.vmap(lambda u: torch.func.grad(lambda bb: _kumaraswamy_logit(u, a.detach(), bb))(
+        b.detach()))(torch.rand(2_000).clamp(1e-6, 1 - 1e-6))
+    assert (per_draw.abs() > 0).all()
+    # and the logit is the logit of the (unclamped) sample
+    torch.manual_seed(1)
+    x = Kumaraswamy(torch.tensor(2.0), torch.tensor(3.0)).rsample((1000,))
+    torch.manual_seed(1)
+    lg = Kumaraswamy(torch.tensor(2.0), torch.tensor(3.0)).rsample_logit((1000,))
+    assert torch.allclose(torch.sigmoid(lg), x, atol=1e-5)
+
+
+@pytest.mark.parametrize("a, b", [(0.125, 1001.0), (1.0, 1.0), (500.0, 501.0), (3.0, 0.2)])
+def test_gate_beta_logit_sample_and_quadrature_match_the_beta(a, b):
+    from bara.distributions import GateBeta
+
+    q = GateBeta(torch.tensor([a]), torch.tensor([b]))
+    torch.manual_seed(0)
+    pi = torch.sigmoid(q.rsample_logit((200_000,)))
+    assert pi.mean().item() == pytest.approx(q.mean.item(), abs=3e-3 + 3 * q.variance.sqrt().item() / 400)
+    nodes, weights = q.logit_quadrature(64)
+    assert weights.sum().item() == pytest.approx(1.0)
+    for delta in (-2.0, 0.0, 2.0):
+        quad = (weights[:, None] * torch.sigmoid(nodes + delta)).sum(0).item()
+        mc = torch.sigmoid(torch.logit(pi.double().clamp(1e-300, 1 - 1e-16)) + delta).mean().item()
+        assert quad == pytest.approx(mc, abs=0.01)
+
+
+def test_kumaraswamy_quadrature_is_the_samplers_mean():
+    q = Kumaraswamy(torch.tensor([1.0]), torch.tensor([1.0]))  # pi ~ U(0, 1)
+    nodes, weights = q.logit_quadrature(64)
+    for delta in (-1.0, 1.0):
+        quad = (weights[:, None] * torch.sigmoid(nodes + delta)).sum(0).item()
+        # E[sigmoid(logit pi + d)] for pi ~ U(0,1) = integral of e^d pi / (1 - pi + e^d pi) d pi
+        c = math.exp(delta)
+        reference = c / (c - 1) ** 2 * ((c - 1) - math.log(c))
+        assert quad == pytest.approx(reference, abs=2e-3)
+    assert (weights[:, None] * torch.sigmoid(nodes - 1.0)).sum().item() == pytest.approx(0.344, abs=0.01)
+    assert torch.sigmoid(torch.logit(q.mean) - 1.0).item() == pytest.approx(0.269, abs=0.01)  # not the same
+
+
+def test_kl_bernoulli_logits_matches_probabilities_and_stays_finite():
+    from bara.distributions import kl_bernoulli_logits
+
+    lq, lp = torch.tensor([-3.0, 0.0, 2.0, 40.0, -120.0]), torch.tensor([1.0, 0.5, -2.0, -40.0, 120.0])
+    kl = kl_bernoulli_logits(lq, lp)
+    torch.testing.assert_close(kl[:3], kl_bernoulli(torch.sigmoid(lq[:3]), torch.sigmoid(lp[:3])), rtol=1e-4,
+                               atol=1e-6)
+    assert torch.isfinite(kl).all() and (kl >= 0).all()
+    assert kl[3].item() == pytest.approx(40.0, rel=1e-3) and kl[4].item() == pytest.approx(120.0, rel=1e-3)

@@ -74,7 +74,8 @@ METRICS = [("test_accuracy", "accuracy %", "max"), ("test_ece", "ECE %", "min"),
 VALIDATION = [(f"val_{k[5:]}", h, b) for k, h, b in METRICS] + [("val_fast_nll", "one-pass NLL", "min")]
 ONE_PASS = [("test_fast_accuracy", "one-pass accuracy %", "max"), ("test_fast_ece", "one-pass ECE %", "min"),
             ("test_fast_nll", "one-pass NLL", "min")]
-DIAGNOSTICS = [("selection_variability", "V"), ("hard_rank_std", "rank std"), ("joint_effective_rank", "s̄")]
+DIAGNOSTICS = [("decided_share", "decided"), ("gate_mi", "MI bits"), ("gate_mi_null", "MI null"),
+               ("shuffle_nll_one_pass", "shuffle ΔNLL"), ("joint_effective_rank", "s̄")]
 OOD = [("test_ood_auroc", "OOD AUROC", "max")]
 SHIFTED = [("shift_accuracy", "accuracy %", "max"), ("shift_ece", "ECE %", "min"), ("shift_nll", "NLL", "min"),
            ("shift_brier", "Brier", "min")]

@@ -19,6 +19,12 @@ def load_runs(folders) -> list[dict]:
     return runs
 
 
+# BaRA's gate, each beside its null (the gate network as initialised) or as the shuffle test's change in NLL.
+GATE_DIAGNOSTICS = ("decided_share", "decided_share_null", "gate_mi", "gate_mi_null", "shuffle_nll_one_pass",
+                    "shuffle_nll_sampled", "rank_std_between_inputs", "rank_std_between_samples",
+                    "joint_effective_rank", "selection_variability", "hard_rank_std")
+
+
 def row(metrics: dict) -> dict:
     """The numbers worth a table column: validation and test, sampled and one-pass, BaRA's diagnostics."""
     val = metrics.get("validation", {})
@@ -35,10 +41,12 @@ def row(metrics: dict) -> dict:
             out[f"{prefix}_fast_accuracy"] = block["fast_path"]["accuracy"]
             out[f"{prefix}_fast_ece"] = block["fast_path"]["ece"]
             out[f"{prefix}_fast_nll"] = block["fast_path"]["nll"]
-    for key in ("selection_variability", "hard_rank_std", "joint_effective_rank", "joint_effective_rank_std",
-                "global_rank_mean", "temperature", "prior_precision"):
+    for key in GATE_DIAGNOSTICS + ("joint_effective_rank_std", "global_rank_mean", "temperature", "prior_precision"):
         if key in diag:
             out[key] = diag[key]
+    for key in GATE_DIAGNOSTICS:  # the same numbers on the validation split, where choices are made
+        if key in val.get("diagnostics", {}):
+            out[f"val_{key}"] = val["diagnostics"][key]
     for key in ("train_seconds", "predict_seconds", "predict_seconds_s1", "peak_memory_mb", "trainable_params",
                 "torch_threads"):
         out[key] = metrics.get(key)
@@ -121,6 +129,7 @@ if __name__ == "__main__":  # python -m bara.report runs/exp/*  : a quick look a
 
     rows = [row(m) for m in load_runs(sys.argv[1:])]
     cols = ["run", "val_accuracy", "val_ece", "val_nll", "val_fast_accuracy", "val_fast_ece", "val_fast_nll",
-            "selection_variability", "hard_rank_std", "joint_effective_rank", "test_accuracy", "test_ece",
-            "test_nll", "train_seconds"]
+            "val_decided_share", "val_gate_mi", "val_gate_mi_null", "val_shuffle_nll_one_pass",
+            "val_shuffle_nll_sampled", "val_joint_effective_rank", "test_accuracy", "test_ece", "test_nll",
+            "train_seconds"]
     print(markdown(rows, cols))

@@ -190,8 +190,9 @@ def _batch(classifier, n=6):
     return classifier.encode(split, list(range(n)))
 
 
-def test_objective_warm_up_and_weights(tiny_bert):
-    classifier, method = _classifier(tiny_bert, "bara", kl_step="loss")
+@pytest.mark.parametrize("pi_update", ["svi", "gradient"])
+def test_objective_warm_up_and_weights(tiny_bert, pi_update):
+    classifier, method = _classifier(tiny_bert, "bara", kl_step="loss", pi_update=pi_update)
     batch = _batch(classifier)
     torch.manual_seed(0)
     loss0, logs0 = method.loss(classifier, batch, Progress(0, 100, 1000))
@@ -200,7 +201,9 @@ def test_objective_warm_up_and_weights(tiny_bert):
     loss, logs = method.loss(classifier, batch, Progress(50, 100, 1000))
     gates = method.gates_per_instance
     assert gates == 2 * 2 * 16  # query and value of 2 layers, r = 16
-    expected = logs["nll"] + logs["kl_local"] / gates + logs["kl_global"] / 1000
+    kl_pi = sum(l.kl_pi() for l in method.layers.values()).item()
+    in_loss = logs["kl_global"] - (kl_pi if pi_update == "svi" else 0.0)  # svi: q(pi) is not a gradient target
+    expected = logs["nll"] + logs["kl_local"] / gates + in_loss / 1000
     assert logs["beta"] == 1 and loss.item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -229,23 +232,34 @@ def test_kl_step_sgd_takes_the_factor_kl_out_of_the_loss_into_an_sgd_step(tiny_b
     kl_pi = sum(l.kl_pi() for l in layers).item()
     kl_a = sum(l.kl_A() for l in layers).item()
     assert kl_a > 0 and logs["kl_global"] == pytest.approx(kl_pi + kl_a, rel=1e-5)
-    expected = logs["nll"] + logs["kl_local"] / method.gates_per_instance + kl_pi / 1000
+    expected = logs["nll"] + logs["kl_local"] / method.gates_per_instance  # svi: KL_pi is no gradient target
     assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # sigma_A's parameter is never AdamW's with kl_step=sgd (it is with kl_step=loss)
+    groups = [p for g in method.param_groups(classifier, 1e-3, 0.0) for p in g["params"]]
+    assert not any(p is l.sigma_free for l in layers for p in groups)
+    loss_method = get_method("bara", {"kl_step": "loss"})
+    loss_method.layers = method.layers
+    assert any(p is layers[0].sigma_free for g in loss_method.param_groups(classifier, 1e-3, 0.0) for p in g["params"])
 
-    params = [p for l in layers for p in (l.bara_A_mu, l.bara_A_rho)]
+    params = [p for l in layers for p in (l.bara_A_mu, l.sigma_free)]
     before = [p.detach().clone() for p in params]
     kl = sum(l.kl_A() for l in layers)
     grads = torch.autograd.grad(kl, params)
+    for l in layers:  # the data term's gradient on sigma's parameter, left by the backward pass
+        l.sigma_free.grad = torch.full_like(l.sigma_free, 0.5)
     progress = Progress(47, 100, 1000, 32)  # the last step of BLoB's cycle of M = 47: weight ~1/2
-    step = 0.01 * linear_schedule(46, 100, 0.1) * blob_kl_weight(47, 1000, 32, 8.0)
+    lr = 0.01 * linear_schedule(46, 100, 0.1)
+    step = lr * blob_kl_weight(47, 1000, 32, 8.0)
     assert step > 0
     method.on_step_end(classifier, progress)
-    for p, b, g in zip(params, before, grads):
-        assert torch.allclose(p.detach(), b - step * g, atol=1e-7)
+    for i, (p, b, g) in enumerate(zip(params, before, grads)):
+        data = lr * 0.5 if i % 2 else 0.0  # plus the data gradient, at the SGD step's own rate, for sigma only
+        assert torch.allclose(p.detach(), b - step * g - data, atol=1e-7)
+    assert all(l.sigma_free.grad is None for l in layers)  # consumed: nothing else clears it
     assert any(not torch.equal(p.detach(), b) for p, b in zip(params, before))
-    rho = [l.bara_A_rho.detach().clone() for l in layers]
-    get_method("bara", {"kl_step": "loss"}).on_step_end(classifier, progress)  # KL_A in the loss: nothing here
-    assert all(torch.equal(l.bara_A_rho, r) for l, r in zip(layers, rho))
+    sigma = [l.sigma_free.detach().clone() for l in layers]
+    loss_method.on_step_end(classifier, progress)  # KL_A in the loss: nothing here
+    assert all(torch.equal(l.sigma_free, r) for l, r in zip(layers, sigma))
     assert get_method("blob", {}).config.kl_step == get_method("bara", {}).config.kl_step == "sgd"
     assert linear_schedule(0, 100, 0.1) == 0 and linear_schedule(10, 100, 0.1) == 1 and linear_schedule(100, 100, 0.1) == 0
 
@@ -301,9 +315,59 @@ def test_non_finite_loss_stops_with_a_clear_message(tiny_bert, toy_data, tmp_pat
     assert not (tmp_path / "nan" / "metrics.json").exists()
 
 
-# rho starts near 0 (sigma_A ~ 1e-8), where the KL step's -2/rho throws it far out; mu_A's part of the step
+# rho starts near 0 (sigma_A ~ 1e-8), where BLoB's KL step's -2/rho throws it far out; mu_A's part of the step
 # (lr * w * mu / sigma_p^2) stays stable at this kl_lr.
-EXPLODING_KL_STEP = {"kl_lr": 0.05, "kl_gamma": 0.0, "init_sigma": 1e-4}
+EXPLODING_KL_STEP = {"kl_lr": 2.0, "kl_gamma": 0.0, "init_sigma": 1e-4, "sigma_param": "rho2"}
+
+
+def test_the_log_sigma_default_trains_where_blobs_rho_explodes(tiny_bert, toy_data, tmp_path):
+    options = {**EXPLODING_KL_STEP, "sigma_param": "log"}
+    config = RunConfig(model=tiny_bert, data=toy_data, method="bara", method_options=options,
+                       train=TrainConfig(steps=20, batch_size=8, max_length=16))
+    runs.run_train(config, tmp_path / "log", progress_bar=False)
+    _, loaded, _ = runs.load_adapter(tmp_path / "log")
+    sigmas = torch.cat([layer.sigma_A.flatten() for layer in loaded.layers.values()])
+    assert torch.isfinite(sigmas).all() and sigmas.max() < 0.2 and get_method("bara").config.sigma_param == "log"
+
+
+def _rho_through_zero(sigma_in_adamw: bool, sigma_param: str = "rho2", steps: int = 300):
+    """A BLoB layer (gate none) fitted to noisy targets by AdamW at lr 1e-2 with BLoB's SGD KL step after each
+    step; returns (min |sigma parameter| reached, max sigma_A reached)."""
+    from bara.methods.bara.model import Bara
+
+    torch.manual_seed(0)
+    config = BaraConfig(r=4, alpha=8.0, gate="none", sigma_param=sigma_param, kl_lr=0.002, kl_gamma=8.0)
+    module = BaraLinear(nn.Linear(16, 8), config)
+    method = Bara(config)
+    method.layers = {"l": module}
+    groups = method.param_groups(module, 1e-2, 0.0)
+    if sigma_in_adamw:  # the old code: sigma's parameter in AdamW's "sigma" group at the main rate
+        groups.append({"params": [module.sigma_free], "lr": 1e-2, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups)
+    target = nn.Linear(16, 8)
+    smallest, largest = float("inf"), 0.0
+    module.mode = "train"
+    for step in range(1, steps + 1):
+        x = torch.randn(32, 1, 16)
+        loss = (module(x) - target(x) - 0.5 * torch.randn(32, 1, 8)).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        method.on_step_end(module, Progress(step, steps, 1000, 32))
+        optimizer.zero_grad(set_to_none=True)
+        smallest = min(smallest, module.sigma_free.detach().abs().min().item())
+        largest = max(largest, module.sigma_A.detach().max().item())
+    return smallest, largest
+
+
+def test_adamw_drove_rho_through_zero_and_the_sgd_only_step_does_not():
+    old_min, _ = _rho_through_zero(sigma_in_adamw=True)
+    new_min, new_max = _rho_through_zero(sigma_in_adamw=False)
+    # AdamW moves rho by ~lr a step whatever its gradient: it reaches ~0, where the KL's -2/rho (without BLoB's
+    # 1e-6) is a kick of over 2,000 times the step size.
+    assert old_min < 1e-3
+    assert new_min > 0.02 and new_max < 0.1  # BLoB's way: rho only moves by its (small) SGD step
+    _, log_max = _rho_through_zero(sigma_in_adamw=True, sigma_param="log")
+    assert log_max < 0.2  # log sigma has no singularity to fall into, even inside AdamW
 
 
 def test_an_exploding_kl_step_stops_with_the_step_and_the_fix(tiny_bert, toy_data, tmp_path):
@@ -375,8 +439,8 @@ def test_save_load_and_pruning_round_trips(tiny_bert, toy_data, tmp_path, norm):
     batch = classifier.encode(task.test, list(range(24)))
     before = method.predict(classifier, batch, 0)
     name, first = next(iter(method.layers.items()))
-    with torch.no_grad():  # switch two factors of one layer off for good: E[pi] ~ 1e-3
-        first.bara_pi_a[:2], first.bara_pi_b[:2] = -10.0, 200.0  # a = 0.01, b = 100: E[pi] ~ 0
+    with torch.no_grad():  # switch two factors of one layer off for good: q(pi) = Beta(0.01, 1e4), E[pi] ~ 1e-6
+        first.bara_pi_alpha[:2], first.bara_pi_beta[:2] = 0.01, 1e4
     method.set_mode("mean")
     reference = method.predict(classifier, batch, 0)
     kept = method.prune(0.01)
@@ -388,3 +452,124 @@ def test_save_load_and_pruning_round_trips(tiny_bert, toy_data, tmp_path, norm):
     assert method2.layers[name].rank == 14
     assert torch.allclose(method2.predict(reloaded, batch, 0), reference, atol=1e-6)
     assert not torch.equal(before, torch.zeros_like(before))
+
+
+def test_one_pass_gate_is_the_samplers_own_mean():
+    module = layer(slab="binary")
+    x = inputs(n=5)
+    module.mode = "mean"
+    module(x)
+    expected = module.last_rho
+    module.mode = "sample"
+    torch.manual_seed(0)
+    draws = []
+    for _ in range(4000):
+        module(x)
+        draws.append(module.last_g)
+    assert torch.allclose(torch.stack(draws).mean(0), expected, atol=0.03)
+    # ... which is not sigma(logit E[pi] + Delta) where q(pi) is undecided (0.34 against 0.27 at Delta = -1)
+    with torch.no_grad():
+        module.bara_pi_alpha.fill_(1.0), module.bara_pi_beta.fill_(1.0)
+    nodes, weights = module.pi_quadrature(1)
+    sampler = (weights * torch.sigmoid(nodes - 1.0)).sum(0)
+    assert torch.allclose(sampler, torch.full((1, 4), 0.339), atol=0.01)
+
+
+def test_svi_moves_q_pi_to_the_usage_and_the_trained_gate_away_from_its_start(tiny_bert):
+    module = layer()
+    assert module.config.pi_update == "svi" and not any("bara_pi" in n for n, _ in module.named_parameters())
+    module.usage = torch.tensor([0.05, 0.3, 0.7, 0.95])
+    for step in range(1, 200):
+        module.svi_step(1000, (1.0 + step) ** -0.7)
+    q = module.q_pi()
+    assert torch.allclose(q.mean, module.usage, atol=0.01) and (q.variance.sqrt() < 0.02).all()
+    # in training, after a few steps q(pi) follows the gates' usage: no longer its initial Beta(1, 1)
+    classifier, method = _classifier(tiny_bert, "bara")
+    batch = _batch(classifier)
+    for step in range(1, 6):
+        method.loss(classifier, batch, Progress(step, 10, 1000, 6))
+        method.on_step_end(classifier, Progress(step, 10, 1000, 6))
+    first = next(iter(method.layers.values()))
+    assert (first.q_pi().variance.sqrt() < 0.05).all()  # Beta(1, 1) has std 0.29
+    assert torch.allclose(first.expected_pi(), first.usage, atol=0.05)
+
+
+def test_hard_concrete_reports_the_probability_it_trains_with():
+    module = layer(estimator="hard_concrete", slab="binary")
+    x = inputs(n=200, t=2)
+    module.mode = "train"
+    torch.manual_seed(0)
+    nonzero = torch.stack([(module.local_weights(x, x @ module.bara_A_mu.t(), torch.ones(200, 2)) > 0).float()
+                           for _ in range(50)]).mean((0, 1))
+    reported = module.last_rho.mean(0)
+    assert torch.allclose(nonzero, reported, atol=0.03)
+    assert (reported > 0.6).all()  # sigma(0 + tau log 11) = 0.83, not sigma(0) = 0.5
+
+
+def test_stick_gates_are_nested_and_the_chain_kl_is_exact():
+    from bara.distributions import kl_bernoulli_logits
+
+    module = layer(allocation="stick", slab="binary")
+    x = inputs(n=50)
+    module.mode = "sample"
+    for _ in range(20):
+        module(x)
+        g = module.last_g
+        assert (g[:, 1:] <= g[:, :-1]).all()  # every sampled gate vector is nested
+    # the chain's KL: sum_k P(reach k) KL(Bern(cond_k) || Bern(pi_k)) equals the KL of the joint laws
+    cond, pi = torch.tensor([0.9, 0.6, 0.3]), torch.tensor([0.7, 0.5, 0.4])
+    chain = (torch.tensor([1.0, 0.9, 0.54]) * kl_bernoulli_logits(torch.logit(cond), torch.logit(pi))).sum()
+
+    def law(p):  # P(rank = j), j = 0..3, of the nested chain
+        reach = torch.cat([torch.ones(1), p.cumprod(0)])
+        return reach * torch.cat([1 - p, torch.ones(1)])
+
+    assert chain.item() == pytest.approx((law(cond) * (law(cond) / law(pi)).log()).sum().item(), rel=1e-5)
+
+
+def test_token_context_sums_the_local_kl_over_real_tokens_and_counts_its_gates():
+    module = layer(context="token")
+    module.mode = "train"
+    module.mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    module(inputs())
+    assert module.gates.tolist() == [16.0, 8.0, 4.0]  # r = 4 gates per real token
+    instance = layer()
+    instance.mode = "train"
+    instance(inputs())
+    assert instance.gates.tolist() == [4.0, 4.0, 4.0]
+    module.mask = torch.ones(2, 4)  # a mask of another input is an error, not silently all ones
+    with pytest.raises(ValueError, match="padding mask has shape"):
+        module(inputs())
+
+
+def test_block_roll_gives_every_row_another_of_its_block():
+    from bara.methods.bara.layer import block_roll
+
+    index = block_roll(7, 3)
+    assert index.tolist() == [1, 2, 0, 4, 5, 3, 6]  # the last block has one row: it keeps it
+    assert sorted(index.tolist()) == list(range(7))
+
+
+def test_diagnostics_report_gate_information_beside_its_null_and_a_shuffle_test(tiny_bert, toy_data, tmp_path):
+    config = RunConfig(model=tiny_bert, data=toy_data, method="bara", method_options={"r": 4, "gate_init": 1.0},
+                       train=TrainConfig(steps=4, batch_size=8, max_length=16))
+    diag = runs.run_train(config, tmp_path / "d", progress_bar=False)["diagnostics"]
+    for key in ("gate_entropy", "decided_share", "gate_mi"):
+        assert 0 <= diag[key] and 0 <= diag[key + "_null"]
+    assert diag["gate_entropy"] <= 1 and diag["decided_share"] <= 1 and diag["gate_mi"] <= 4  # r = 4 bits at most
+    for key in ("shuffle_nll_one_pass", "shuffle_nll_sampled", "shuffle_accuracy_one_pass"):
+        assert math.isfinite(diag[key])
+    assert diag["shuffle_nll_one_pass"] != 0  # with an input-dependent gate (gate_init 1), shuffling changes it
+    assert diag["rank_std_between_samples"] > 0 and diag["rank_std_between_inputs"] >= 0
+    assert all(len(l["pi_std"]) == 4 for l in diag["layers"].values())
+    classifier, method, _ = runs.load_adapter(tmp_path / "d")
+    from bara.data import load_task
+
+    batch = classifier.encode(load_task(toy_data).test, list(range(8)))
+    before = {n: l.bara_gate[-1].weight.clone() for n, l in method.layers.items()}
+    with method.initial_gates():
+        assert all(not torch.equal(l.bara_gate[-1].weight, before[n]) for n, l in method.layers.items())
+        null_a = method.predict(classifier, batch, 0)
+    with method.initial_gates():
+        assert torch.equal(method.predict(classifier, batch, 0), null_a)  # the null is seeded: repeatable
+    assert all(torch.equal(l.bara_gate[-1].weight, before[n]) for n, l in method.layers.items())  # restored

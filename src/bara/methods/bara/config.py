@@ -18,15 +18,24 @@ CHOICES = {
     "allocation": ("independent", "stick"),
     "context_norm": ("layer", "batch"),
     "fast_gate": ("hard", "expected"),
+    "pi_update": ("svi", "gradient"),
 }
+SIGMA_PARAMS = ("log", "rho2")
 
 
 @dataclass
 class FactorPosteriorConfig(LoraConfig):
     """BLoB's Gaussian posterior on A and how its KL is minimised: the options BaRA and BLoB share."""
 
+    legacy = {"sigma_param": "rho2"}  # adapters saved before sigma_param existed store BLoB's rho
+
     prior_sigma: float = option(0.2, "prior std of A: N(0, prior_sigma^2)")
-    init_sigma: float = option(0.05, "epsilon: posterior std parameter rho ~ U(eps/sqrt2, eps), sigma = rho^2")
+    init_sigma: float = option(0.05, "epsilon: sigma_A starts at rho^2 with rho ~ U(eps/sqrt2, eps), as BLoB")
+    sigma_param: str = option("log", "free parameter of sigma_A: log (log sigma: the KL's gradient sigma^2 / "
+                                     "prior_sigma^2 - 1 is bounded, no singularity) or rho2 (BLoB's sigma = rho^2 "
+                                     "and log(sigma + 1e-6) in the KL, the faithful option). With kl_step=sgd it "
+                                     "is never in AdamW: only the SGD step moves it, on its NLL gradient plus the "
+                                     "weighted KL's, as in BLoB's code")
     kl_warmup: float = option(0.1, "fraction of training over which the KL weight rises 0 -> 1")
     kl_scale: float = option(1.0, "extra multiplier on the global KL terms")
     # Default "sgd" (as BLoB): on banking77's validation split it took BaRA from 81.1 % / ECE 24.7 % / NLL 0.869
@@ -49,6 +58,9 @@ class FactorPosteriorConfig(LoraConfig):
         super().validate()
         if self.kl_step not in ("sgd", "loss"):
             raise BaraError(f"kl_step={self.kl_step!r} is not one of ('sgd', 'loss'); fix: pass --kl-step sgd")
+        if self.sigma_param not in SIGMA_PARAMS:
+            raise BaraError(f"sigma_param={self.sigma_param!r} is not one of {SIGMA_PARAMS}; fix: pass --sigma-param "
+                            "log")
         for name in ("prior_sigma", "init_sigma", "kl_lr"):
             if getattr(self, name) <= 0:
                 raise BaraError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -60,7 +72,8 @@ class FactorPosteriorConfig(LoraConfig):
 
 @dataclass
 class BaraConfig(FactorPosteriorConfig):
-    legacy = {"fast_gate": "hard"}  # adapters saved before fast_gate existed used the hard one-pass gate
+    # Adapters saved before these options existed: the hard one-pass gate, BLoB's rho, q(pi) trained by gradients.
+    legacy = {"fast_gate": "hard", "sigma_param": "rho2", "pi_update": "gradient"}
 
     r: int = option(16, "maximum rank r: the number of rank-1 factors each instance chooses from")
     gate: str = option("both", "gate: both (global-local, BaRA), global (per-layer only), local (per-instance "
@@ -79,7 +92,15 @@ class BaraConfig(FactorPosteriorConfig):
     context_dim: int = option(32, "size of the learned context projection (context_source=hidden)")
     gate_hidden: int = option(32, "hidden width of the gate network")
     gate_init: float = option(0.1, "std of the gate network's initial weights (0 = zero-initialised last layer)")
-    gate_lr: float = option(1e-3, "learning rate of the gate network and q(pi) (no weight decay)")
+    gate_lr: float = option(1e-3, "learning rate of the gate network (and of q(pi) with pi_update=gradient; no "
+                                  "weight decay)")
+    pi_update: str = option("svi", "how q(pi) is inferred: svi (q(pi) = Beta, moved after every step towards its "
+                                   "conjugate optimum Beta(alpha0/r + N * usage, 1 + N * (1 - usage)) by a "
+                                   "natural-gradient step of size (1 + t)^-pi_step_power, the way topic models "
+                                   "update global Beta/Dirichlet parameters) or gradient (q(pi) = Kumaraswamy(a, b) "
+                                   "with free a, b under Adam at gate_lr, SPEC's reparameterised form)")
+    pi_step_power: float = option(0.7, "pi_update=svi: the step at step t is (1 + t)^-power (Robbins-Monro: "
+                                       "0.5 < power <= 1)")
     bayes_factors: bool = option(True, "Gaussian posterior on A with flipout (as BLoB); false = point estimate")
     ibp_alpha: float = option(2.0, "IBP concentration alpha0: prior pi_k ~ Beta(alpha0 / r, 1)")
     # Default 0.5: with kl_step=sgd the gates that start at 0.9 stay on for every input (V 0.036, hard-rank std
@@ -103,7 +124,9 @@ class BaraConfig(FactorPosteriorConfig):
     fast_gate: str = option("expected", "local gate of the one-pass prediction: expected (g = rho, the mean gate) "
                                         "or hard (g = 1[rho > 0.5], as SPEC's fast path; pruning then keeps "
                                         "predictions exactly)")
-    omega_loc: float = option(0.0, "weight of the local KL; 0 = 1/G (G = local gates per instance)")
+    omega_loc: float = option(0.0, "weight of the local KL, summed over an instance's gates (every token's, with a "
+                                   "token or causal context); 0 = 1/G_n, G_n = the number of those gates: a "
+                                   "tempered ELBO (1 = the exact ELBO)")
     l1_weight: float = option(1e-3, "L1 weight on z for gate=deterministic")
     prune_threshold: float = option(0.01, "factors with E[pi] below this are pruned by 'prune'")
 
@@ -118,12 +141,20 @@ class BaraConfig(FactorPosteriorConfig):
         for name in ("ibp_alpha", "theta_shape", "theta_rate", "temperature", "gate_lr"):
             if getattr(self, name) <= 0:
                 raise BaraError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0.5 < self.pi_step_power <= 1:
+            raise BaraError(f"pi_step_power must be in (0.5, 1], got {self.pi_step_power}; fix: pass --pi-step-power "
+                            "0.7")
         if self.omega_loc < 0:
             raise BaraError(f"omega_loc must be >= 0 (0 = 1/G), got {self.omega_loc}")
 
     @property
     def uses_pi(self) -> bool:
         return self.gate in ("both", "global")
+
+    @property
+    def svi(self) -> bool:
+        """q(pi) is updated in closed form; it needs a local gate, through which the data reach the usage."""
+        return self.uses_pi and self.pi_update == "svi" and self.gate == "both"
 
     @property
     def uses_local(self) -> bool:

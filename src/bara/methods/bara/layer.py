@@ -10,8 +10,10 @@ r"""The BaRA layer: LoRA whose rank-1 factors are switched on per instance by a 
   prior :math:`\prod_{j \le k} \hat\pi_j`: an instance-specific stick-breaking construction of the IBP)
 - magnitude    :math:`\theta_{nk} \sim \mathrm{Weibull}(\kappa_{nk}, \lambda_{nk})` with mean :math:`m_{nk}`;
   prior :math:`\mathrm{Gamma}(a_\theta, b_\theta)`
-- factors      :math:`A \sim \mathcal N(\mu_A, \sigma_A^2)`, :math:`\sigma_A = \rho^2`, flipout (as BLoB);
-  prior :math:`\mathcal N(0, \sigma_p^2)`. B is a point estimate.
+- factors      :math:`A \sim \mathcal N(\mu_A, \sigma_A^2)`, free parameter :math:`\log\sigma_A` (or BLoB's
+  :math:`\sigma_A = \rho^2`), flipout (as BLoB); prior :math:`\mathcal N(0, \sigma_p^2)`. B is a point estimate.
+- ``pi_update=svi``: :math:`q(\pi_k) = \mathrm{Beta}(\alpha_k, \beta_k)`, moved after every step towards its
+  conjugate optimum given the batch's usage (:meth:`BaraLinear.svi_step`)
 
 :math:`(\Delta, \tilde\kappa, \tilde m)` come from a small gate network reading the context :math:`c_n`, a
 masked mean over the instance's tokens (padding never enters it). All gate maths runs in float32.
@@ -20,6 +22,7 @@ masked mean over the instance's tokens (padding never enters it). All gate maths
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +30,22 @@ from torch import nn
 from torch.distributions import Beta, Gamma, kl_divergence
 
 from ...distributions import (
-    BinaryConcrete, Kumaraswamy, Weibull, hard_concrete_sample, inverse_softplus, kl_bernoulli,
+    BinaryConcrete, GateBeta, Kumaraswamy, Weibull, hard_concrete_sample, inverse_softplus, kl_bernoulli_logits,
     kl_normal_normal_prior, kumaraswamy_params, straight_through_sample, weibull_params,
 )
 from .config import BaraConfig
 
 MODES = ("train", "sample", "mean")  # relaxed training sample, hard Monte-Carlo sample, one-pass fast path
+PI_QUADRATURE_NODES = 64  # quantiles (Kumaraswamy) or Gauss-Hermite nodes (Beta) of q(pi) for the expected gate
+
+
+def block_roll(n: int, block: int, device=None) -> torch.Tensor:
+    """Indices that give each of ``n`` rows the next row of its block of ``block`` consecutive rows (the last
+    one the first): a fixed permutation with no fixed point in blocks of two or more rows."""
+    index = torch.arange(n, device=device)
+    start = index - index % block
+    size = torch.clamp(n - start, max=block)
+    return start + (index - start + 1) % size
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, causal: bool = False) -> torch.Tensor:
@@ -79,44 +92,100 @@ class BaraLinear(nn.Module):
         nn.init.kaiming_uniform_(self.bara_A_mu, a=math.sqrt(5))  # as peft's LoRA A
         if config.bayes_factors:
             eps = config.init_sigma
-            self.bara_A_rho = nn.Parameter(torch.empty(r, d_in).uniform_(eps / math.sqrt(2), eps))
+            rho = torch.empty(r, d_in).uniform_(eps / math.sqrt(2), eps)  # BLoB's initial sigma = rho^2
+            if config.sigma_param == "rho2":
+                self.bara_A_rho = nn.Parameter(rho)
+            else:
+                self.bara_A_log_sigma = nn.Parameter(2.0 * torch.log(rho))
         self.bara_B = nn.Parameter(torch.zeros(base.out_features, r))
-        if config.uses_pi:  # q(pi) = Kumaraswamy(a, b): a = 1, b = 1/pi_init - 1 gives E[pi] = pi_init
+        if config.svi:  # q(pi) = Beta(alpha, beta), updated in closed form (buffers, saved with the adapter)
+            self.register_buffer("bara_pi_alpha", torch.full((r,), 2.0 * config.pi_init))
+            self.register_buffer("bara_pi_beta", torch.full((r,), 2.0 * (1.0 - config.pi_init)))
+        elif config.uses_pi:  # q(pi) = Kumaraswamy(a, b): a = 1, b = 1/pi_init - 1 gives E[pi] = pi_init
             self.bara_pi_a = nn.Parameter(inverse_softplus(torch.ones(r)))
             self.bara_pi_b = nn.Parameter(inverse_softplus(torch.full((r,), 1.0 / config.pi_init - 1.0)))
         if config.gate != "none":
-            if config.context_source == "hidden":
-                self.bara_context = nn.Linear(d_in, config.context_dim)
-            width = config.context_dim if config.context_source == "hidden" else r
-            last = nn.Linear(config.gate_hidden, 3 * r)
-            nn.init.normal_(last.weight, std=config.gate_init) if config.gate_init > 0 else nn.init.zeros_(last.weight)
-            with torch.no_grad():  # Delta = 0, kappa ~ 10, m = 1 at the start
-                last.bias.copy_(torch.cat([torch.zeros(r), inverse_softplus(torch.full((r,), 9.0)),
-                                           inverse_softplus(torch.ones(r))]))
-            # Pooled transformer states are anisotropic (all inputs share one dominant direction); batch
-            # normalisation removes the shared part so the gate reads what distinguishes an instance.
-            norm = nn.LayerNorm(width) if config.context_norm == "layer" else nn.BatchNorm1d(width, momentum=0.01)
-            self.bara_gate = nn.Sequential(norm, nn.Linear(width, config.gate_hidden), nn.GELU(), last)
+            for name, module in self._gate_modules().items():
+                setattr(self, name, module)
         self.mode = "train"
         self.mask: torch.Tensor | None = None  # [N, T], set by the method's hook before every forward
-        self.kl_local: torch.Tensor | None = None  # [N] after a forward
+        self.shuffle_block = 0  # > 0: each instance gets the local gate of another in its block (shuffle test)
+        self.kl_local: torch.Tensor | None = None  # [N] after a forward: the local KL summed over the instance's gates
+        self.gates: torch.Tensor | None = None  # [N] how many local gates the instance has (r, or r per token)
+        self.usage: torch.Tensor | None = None  # [r] mean gate probability over the batch (q(pi)'s SVI step)
         self.penalty: torch.Tensor | None = None  # [N] L1 of z for gate=deterministic
         self.last_rho: torch.Tensor | None = None  # [N, r] instance-level gate probabilities
         self.last_g: torch.Tensor | None = None  # [N, r] hard (or sampled) gates
+
+    def _gate_modules(self) -> dict[str, nn.Module]:
+        """The context projection and gate network as initialised (also the shuffle and null diagnostics' source)."""
+        c, r = self.config, self.config.r
+        modules = {}
+        if c.context_source == "hidden":
+            modules["bara_context"] = nn.Linear(self.in_features, c.context_dim)
+        width = c.context_dim if c.context_source == "hidden" else r
+        last = nn.Linear(c.gate_hidden, 3 * r)
+        nn.init.normal_(last.weight, std=c.gate_init) if c.gate_init > 0 else nn.init.zeros_(last.weight)
+        with torch.no_grad():  # Delta = 0, kappa ~ 10, m = 1 at the start
+            last.bias.copy_(torch.cat([torch.zeros(r), inverse_softplus(torch.full((r,), 9.0)),
+                                       inverse_softplus(torch.ones(r))]))
+        # Pooled transformer states are anisotropic (all inputs share one dominant direction); batch
+        # normalisation removes the shared part so the gate reads what distinguishes an instance.
+        norm = nn.LayerNorm(width) if c.context_norm == "layer" else nn.BatchNorm1d(width, momentum=0.01)
+        modules["bara_gate"] = nn.Sequential(norm, nn.Linear(width, c.gate_hidden), nn.GELU(), last)
+        return modules
+
+    @contextmanager
+    def initial_gate(self, seed: int = 0):
+        """Within the block the gate network and q(pi) are as initialised (seeded), the context normalisation
+        keeps its trained running statistics: the null of the gate diagnostics, on the same inputs."""
+        saved = {n: getattr(self, n) for n in ("bara_context", "bara_gate") if hasattr(self, n)}
+        pi_names = [n for n, _ in self.named_parameters(recurse=False) if n.startswith("bara_pi_")] + \
+            [n for n, _ in self.named_buffers(recurse=False) if n.startswith("bara_pi_")]
+        pi_saved = {n: getattr(self, n).detach().clone() for n in pi_names}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fresh = self._gate_modules()
+        init = {"bara_pi_alpha": 2.0 * self.config.pi_init, "bara_pi_beta": 2.0 * (1.0 - self.config.pi_init),
+                "bara_pi_a": inverse_softplus(torch.ones(())).item(),
+                "bara_pi_b": inverse_softplus(torch.tensor(1.0 / self.config.pi_init - 1.0)).item()}
+        device = self.bara_A_mu.device
+        if self.config.context_norm == "batch" and "bara_gate" in saved:
+            fresh["bara_gate"][0].load_state_dict(saved["bara_gate"][0].state_dict())
+        for name, module in fresh.items():
+            setattr(self, name, module.to(device))
+        with torch.no_grad():
+            for n in pi_names:
+                getattr(self, n).fill_(init[n])
+        try:
+            yield
+        finally:
+            for name, module in saved.items():
+                setattr(self, name, module)
+            with torch.no_grad():
+                for n, value in pi_saved.items():
+                    getattr(self, n).copy_(value)
 
     @property
     def rank(self) -> int:
         return self.bara_A_mu.shape[0]
 
     @property
+    def sigma_free(self) -> nn.Parameter:
+        """The free parameter of sigma_A: log sigma, or BLoB's rho."""
+        return self.bara_A_rho if self.config.sigma_param == "rho2" else self.bara_A_log_sigma
+
+    @property
     def sigma_A(self) -> torch.Tensor:
-        return self.bara_A_rho ** 2
+        return self.bara_A_rho ** 2 if self.config.sigma_param == "rho2" else self.bara_A_log_sigma.exp()
 
     # The distributions below skip torch's argument checks: a NaN from diverged training then reaches the loss,
     # where the trainer stops with the step and the fix, instead of a ValueError deep inside torch.
 
     # -- the global gate ----------------------------------------------------------------------------
-    def q_pi(self) -> Kumaraswamy:
+    def q_pi(self) -> Kumaraswamy | GateBeta:
+        if self.config.svi:
+            return GateBeta(self.bara_pi_alpha, self.bara_pi_beta, validate_args=False)
         return Kumaraswamy(*kumaraswamy_params(self.bara_pi_a, self.bara_pi_b), validate_args=False)
 
     def expected_pi(self) -> torch.Tensor:
@@ -124,6 +193,21 @@ class BaraLinear(nn.Module):
         if self.config.uses_pi:
             return self.q_pi().mean
         return torch.full((self.rank,), self.config.pi_init, device=self.bara_A_mu.device)
+
+    def logit_pi(self, shape: torch.Size) -> torch.Tensor:
+        """Sampled logit pi, ``[*shape, r]``: one draw per instance (and token); a constant without q(pi)."""
+        if self.config.uses_pi:
+            return self.q_pi().rsample_logit(shape)
+        return torch.full((*shape, self.rank), math.log(self.config.pi_init / (1 - self.config.pi_init)),
+                          device=self.bara_A_mu.device)
+
+    def pi_quadrature(self, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nodes ``[Q, 1 x dims, r]`` and weights ``[Q, 1 x (dims + 1)]`` on logit pi, for E_q(pi)[f(logit pi)]."""
+        if self.config.uses_pi:
+            nodes, weights = self.q_pi().logit_quadrature(PI_QUADRATURE_NODES)
+        else:
+            nodes, weights = self.logit_pi(torch.Size([1])), torch.ones(1, device=self.bara_A_mu.device)
+        return nodes.view(len(weights), *([1] * dims), -1), weights.view(-1, *([1] * (dims + 1)))
 
     def kl_global(self) -> torch.Tensor:
         """KL(q(pi) || Beta(alpha0/r, 1)) + KL(q(A) || N(0, sigma_p^2)), summed over the layer."""
@@ -134,13 +218,30 @@ class BaraLinear(nn.Module):
         if not c.uses_pi:
             return self.bara_A_mu.new_zeros((), dtype=torch.float32)
         q = self.q_pi()
-        return kl_divergence(q, Beta(torch.full_like(q.a, c.ibp_alpha / c.r), torch.ones_like(q.a),
+        return kl_divergence(q, Beta(torch.full_like(q.mean, c.ibp_alpha / c.r), torch.ones_like(q.mean),
                                      validate_args=False)).sum()
 
     def kl_A(self) -> torch.Tensor:
         if not self.config.bayes_factors:
             return self.bara_A_mu.new_zeros((), dtype=torch.float32)
-        return kl_normal_normal_prior(self.bara_A_mu, self.sigma_A, self.config.prior_sigma).sum().float()
+        if self.config.sigma_param == "rho2":  # BLoB's code: log(sigma + 1e-6) in the KL
+            return kl_normal_normal_prior(self.bara_A_mu, self.sigma_A, self.config.prior_sigma,
+                                          sigma_eps=1e-6).sum().float()
+        return kl_normal_normal_prior(self.bara_A_mu, self.sigma_A, self.config.prior_sigma,
+                                      log_sigma=self.bara_A_log_sigma).sum().float()
+
+    @torch.no_grad()
+    def svi_step(self, num_train: int, rate: float) -> None:
+        r"""One stochastic natural-gradient step of q(pi) = Beta(alpha, beta) towards its conjugate optimum given
+        this step's usage u_k (the batch mean of rho_nk): (alpha, beta) <- (1 - eta)(alpha, beta) + eta (alpha0/r +
+        N u_k, 1 + N (1 - u_k)), eta = ``rate`` (Hoffman et al. 2013, SVI for topic models)."""
+        if self.usage is None:
+            return
+        c = self.config
+        target_a = c.ibp_alpha / c.r + num_train * self.usage
+        target_b = 1.0 + num_train * (1.0 - self.usage)
+        self.bara_pi_alpha.mul_(1 - rate).add_(rate * target_a)
+        self.bara_pi_beta.mul_(1 - rate).add_(rate * target_b)
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,8 +250,13 @@ class BaraLinear(nn.Module):
         if squeeze:
             x = x.unsqueeze(1)
         mask = self.mask
-        if mask is None or mask.shape != x.shape[:2]:
+        if mask is None:
             mask = x.new_ones(x.shape[:2])
+        elif mask.shape != x.shape[:2]:
+            raise ValueError(f"BaRA's padding mask has shape {tuple(mask.shape)} but the layer's input has "
+                             f"{tuple(x.shape[:2])} (instances, tokens): the mask set before this forward belongs to "
+                             "another input; set layer.mask = attention_mask (or None) for every forward")
+        x = x.to(self.bara_A_mu.dtype)  # a half-precision base: the adapter computes in its own dtype
         ax_mean = x @ self.bara_A_mu.t()
         if self.config.lora_dropout and self.mode == "train":  # as LoRA: dropout on the adapter's input
             x_drop = F.dropout(x, self.config.lora_dropout, training=True)
@@ -169,15 +275,11 @@ class BaraLinear(nn.Module):
         delta = self.scaling * (ax @ self.bara_B.t())
         if squeeze:
             delta = delta.squeeze(1)
-        return out + delta
+        return out + delta.to(out.dtype)
 
-    def local_weights(self, x: torch.Tensor, ax_mean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
-        """z = g * theta, ``[N, r]`` (instance context) or ``[N, T, r]`` (token/causal); None when gate=none.
-        Also stores the per-instance local KL and the diagnostics of this pass."""
+    def gate_outputs(self, x: torch.Tensor, ax_mean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The gate network's raw outputs (Delta, kappa~, m~), ``[N, 3r]`` or ``[N, T, 3r]`` (token contexts)."""
         c = self.config
-        if c.gate == "none":
-            self.kl_local = self.penalty = None
-            return None
         source = (x if c.context_source == "hidden" else ax_mean).float()
         context = masked_mean(source, mask) if c.context == "instance" else \
             masked_mean(source, mask, causal=True) if c.context == "causal" else source
@@ -185,54 +287,76 @@ class BaraLinear(nn.Module):
             context = self.bara_context(context)
         if c.gate == "global":
             context = torch.zeros_like(context)  # nothing depends on the input
-        if c.context_norm == "batch":
-            norm = self.bara_gate[0]
-            # Batch statistics while training (one instance has none), running statistics otherwise.
-            norm.train(self.mode == "train" and context.shape[0] > 1)
-            flat = context.reshape(-1, context.shape[-1])
-            if context.dim() == 3:  # token/causal contexts: statistics over real tokens only
-                keep = mask.reshape(-1) > 0
-                normed = torch.zeros_like(flat)
-                normed[keep] = norm(flat[keep])
-            else:
-                normed = norm(flat)
-            raw = self.bara_gate[1:](normed.reshape(context.shape)).float()
+        if c.context_norm != "batch":
+            return self.bara_gate(context).float()
+        norm = self.bara_gate[0]
+        # Batch statistics while training (one instance has none), running statistics otherwise.
+        norm.train(self.mode == "train" and context.shape[0] > 1)
+        flat = context.reshape(-1, context.shape[-1])
+        if context.dim() == 3:  # token/causal contexts: statistics over real tokens only
+            keep = mask.reshape(-1) > 0
+            normed = torch.zeros_like(flat)
+            normed[keep] = norm(flat[keep])
         else:
-            raw = self.bara_gate(context).float()
+            normed = norm(flat)
+        return self.bara_gate[1:](normed.reshape(context.shape)).float()
+
+    def local_weights(self, x: torch.Tensor, ax_mean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """z = g * theta, ``[N, r]`` (instance context) or ``[N, T, r]`` (token/causal); None when gate=none.
+        Also stores the instance's local KL, its number of gates, the batch's usage and this pass's diagnostics."""
+        c = self.config
+        if c.gate == "none":
+            self.kl_local = self.penalty = self.gates = self.usage = None
+            return None
+        raw = self.gate_outputs(x, ax_mean, mask)
+        if self.shuffle_block:
+            raw = raw[block_roll(raw.shape[0], self.shuffle_block, raw.device)]
         delta, kappa_free, mean_free = raw.split(self.rank, dim=-1)
-        pi = self.expected_pi()
-        if c.uses_pi and self.mode != "mean":
-            pi = self.q_pi().rsample(delta.shape[:-1])  # one pi sample per instance (and token)
         if c.gate == "global":
             delta = torch.zeros_like(delta)
-        logit_rho = torch.logit(pi.clamp(1e-6, 1 - 1e-6)) + delta
-        if c.allocation == "stick":
-            # Stick-breaking IBP (Teh et al. 2007) per instance: rho_k = prod_{j<=k} sigmoid(l_j), and the prior
-            # probability likewise prod_{j<=k} pi_j. Factors are ordered; the gate network picks where to stop.
-            log_rho = F.logsigmoid(logit_rho).cumsum(-1)
-            logit_rho = log_rho - torch.log1p(-log_rho.exp().clamp(max=1 - 1e-6))
-            pi = torch.log(pi.clamp(1e-6, 1.0)).cumsum(-1).exp()
-        rho = torch.sigmoid(logit_rho)
         kappa, magnitude = weibull_params(kappa_free, mean_free)
-        kl = torch.zeros_like(rho)
-
+        # hard_concrete's gate is non-zero with probability sigma(l + tau log(-gamma/zeta)), not sigma(l): the
+        # KL, the sampled and the expected gate all use that probability.
+        shift = -c.temperature * math.log(0.1 / 1.1) if c.estimator == "hard_concrete" else 0.0
+        train = self.mode == "train"  # the local KL enters only the training loss: prediction skips it
+        kl = torch.zeros_like(delta)
+        if self.mode == "mean" or c.gate == "deterministic":
+            nodes, weights = self.pi_quadrature(delta.dim() - 1)
+            # The sampler's own mean E_q(pi)[sigma(logit pi + Delta)] (not sigma(logit E[pi] + Delta)).
+            cond = (weights * torch.sigmoid(nodes + delta + shift)).sum(0)
+            rho = cond.cumprod(-1) if c.allocation == "stick" else cond  # independent pi: E[prod] = prod E
+        else:
+            logit_pi = self.logit_pi(delta.shape[:-1])
+            logits = logit_pi + delta
+            cond = torch.sigmoid(logits + shift)
+            if c.slab == "magnitude":
+                v = torch.ones_like(cond)
+            elif train:
+                v = {"concrete": lambda: BinaryConcrete(logits, c.temperature, validate_args=False).rsample(),
+                     "hard_concrete": lambda: hard_concrete_sample(logits, c.temperature),
+                     "straight_through": lambda: straight_through_sample(logits, c.temperature)}[c.estimator]()
+            else:
+                v = torch.bernoulli(cond)
+            if c.allocation == "stick":
+                # Stick-breaking IBP (Teh et al. 2007) per instance: factor k is on only if factor k - 1 is and the
+                # instance keeps going (probability cond_k, prior pi_k). Gates are nested by construction, and the
+                # KL of the chain is sum_k P(g_{k-1} = 1) KL(Bern(cond_k) || Bern(pi_k)).
+                rho, g = cond.cumprod(-1), v.cumprod(-1)
+                reach = torch.cat([torch.ones_like(rho[..., :1]), rho[..., :-1]], -1)
+            else:
+                rho, g, reach = cond, v, torch.ones_like(cond)
+            if train and c.gate in ("both", "local") and c.slab != "magnitude":
+                kl = kl + reach * kl_bernoulli_logits(logits + shift, logit_pi)
         if c.gate == "deterministic":  # SoRA-like: no sampling, no KL, an L1 penalty on z
             z = rho * (magnitude if c.slab != "binary" else 1.0)
             g = (rho > 0.5).float()
             self.penalty = self._instance(z.abs().sum(-1), mask)
         else:
             if c.slab == "magnitude":
-                g = torch.ones_like(rho)
-            elif self.mode == "train":
-                g = {"concrete": lambda: BinaryConcrete(logit_rho, c.temperature, validate_args=False).rsample(),
-                     "hard_concrete": lambda: hard_concrete_sample(logit_rho, c.temperature),
-                     "straight_through": lambda: straight_through_sample(logit_rho, c.temperature)}[c.estimator]()
-            elif self.mode == "sample":
-                g = torch.bernoulli(rho)
-            else:
+                g = rho = torch.ones_like(delta)
+            elif self.mode == "mean":
                 g = (rho > 0.5).float()
-            weight = rho if self.mode == "mean" and c.fast_gate == "expected" and c.slab != "magnitude" else g
-            train = self.mode == "train"  # the local KL enters only the training loss: prediction skips it
+            weight = rho if self.mode == "mean" and c.fast_gate == "expected" else g
             if c.slab == "binary":
                 theta = torch.ones_like(rho)
             elif self.mode == "mean":
@@ -245,11 +369,12 @@ class BaraLinear(nn.Module):
                                   validate_args=False)
                     on = rho if c.slab == "both" else torch.ones_like(rho)
                     kl = kl + on * kl_divergence(q_theta, prior)
-            if train and c.gate in ("both", "local") and c.slab != "magnitude":
-                kl = kl + kl_bernoulli(rho, pi)
             z = weight * theta
             self.penalty = None
-        self.kl_local = self._instance(kl.sum(-1), mask)
+        token_level = c.context != "instance"
+        self.kl_local = (kl.sum(-1) * mask).sum(-1) if token_level else kl.sum(-1)  # summed over real tokens
+        self.gates = mask.sum(-1) * self.rank if token_level else torch.full_like(self.kl_local, self.rank)
+        self.usage = self._instance(rho.detach(), mask).mean(0) if train else None
         self.last_rho = self._instance(rho.detach(), mask)
         self.last_g = self._instance(g.detach(), mask)
         return z
@@ -272,8 +397,11 @@ class BaraLinear(nn.Module):
         self.bara_A_mu = cut(self.bara_A_mu, 0)
         self.bara_B = cut(self.bara_B, 1)
         if self.config.bayes_factors:
-            self.bara_A_rho = cut(self.bara_A_rho, 0)
-        if self.config.uses_pi:
+            name = "bara_A_rho" if self.config.sigma_param == "rho2" else "bara_A_log_sigma"
+            setattr(self, name, cut(getattr(self, name), 0))
+        if self.config.svi:
+            self.bara_pi_alpha, self.bara_pi_beta = self.bara_pi_alpha[index], self.bara_pi_beta[index]
+        elif self.config.uses_pi:
             self.bara_pi_a, self.bara_pi_b = cut(self.bara_pi_a, 0), cut(self.bara_pi_b, 0)
         if self.config.gate != "none":
             last = self.bara_gate[-1]

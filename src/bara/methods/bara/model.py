@@ -18,6 +18,7 @@ data's gradient on σ_A is small; the SGD step moves σ_A in proportion to the K
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack, contextmanager
 
 import numpy as np
 import torch
@@ -32,6 +33,30 @@ from .config import BaraConfig
 from .layer import BaraLinear
 
 GATE_PARAMS = ("bara_gate", "bara_context", "bara_pi_")
+SIGMA_PARAMS = ("bara_A_rho", "bara_A_log_sigma")
+
+
+def bernoulli_entropy_bits(p: torch.Tensor) -> torch.Tensor:
+    """H(p) = -p log2 p - (1 - p) log2(1 - p), 0 at p = 0 and 1."""
+    return -(torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p)) / math.log(2)
+
+
+def gate_information(stats: dict, layers) -> dict[str, float]:
+    r"""Is the gate decided, and does it depend on the input? From the one-pass gate probabilities
+    :math:`\bar\rho_{nk}` of every layer:
+
+    - ``gate_entropy``: mean over layers, factors and instances of :math:`H(\bar\rho_{nk})` (bits);
+    - ``decided_share``: share of :math:`\bar\rho_{nk}` outside (0.1, 0.9);
+    - ``gate_mi``: the mutual information between input and gate, :math:`\sum_k [H(\mathrm{mean}_n \bar\rho_{nk})
+      - \mathrm{mean}_n H(\bar\rho_{nk})]` (bits), mean over layers.
+    """
+    rho = [stats[n]["rho"].clamp(0, 1) for n in layers]
+    return {
+        "gate_entropy": float(np.mean([bernoulli_entropy_bits(r).mean().item() for r in rho])),
+        "decided_share": float(np.mean([((r <= 0.1) | (r >= 0.9)).float().mean().item() for r in rho])),
+        "gate_mi": float(np.mean([(bernoulli_entropy_bits(r.mean(0)) - bernoulli_entropy_bits(r).mean(0)).sum().item()
+                                  for r in rho])),
+    }
 
 
 def _matches(name: str, targets: list[str]) -> bool:
@@ -99,13 +124,18 @@ class Bara(Method):
         return sum(layer.rank for layer in self.layers.values())
 
     def param_groups(self, classifier, lr, weight_decay):
+        """AdamW's groups: factors and head at ``lr``; the gate network (and a Kumaraswamy q(pi)) at gate_lr, no
+        weight decay. sigma_A's parameter joins AdamW only with kl_step=loss: with kl_step=sgd only the SGD step of
+        :meth:`on_step_end` moves it, as in BLoB's code (AdamW moves every parameter by about lr a step, whatever
+        its gradient, which drove rho through 0 and then the KL's -2/rho term threw sigma_A out)."""
         groups = {"gate": [], "sigma": [], "factors": []}
         for name, p in classifier.named_parameters():
             if p.requires_grad:
-                key = "gate" if any(g in name for g in GATE_PARAMS) else "sigma" if "bara_A_rho" in name else "factors"
+                key = "gate" if any(g in name for g in GATE_PARAMS) else \
+                    "sigma" if any(k in name for k in SIGMA_PARAMS) else "factors"
                 groups[key].append(p)
-        return [{"params": groups["factors"], "lr": lr, "weight_decay": weight_decay},
-                {"params": groups["sigma"], "lr": lr, "weight_decay": 0.0},
+        sigma = [{"params": groups["sigma"], "lr": lr, "weight_decay": 0.0}] if self.config.kl_step == "loss" else []
+        return [{"params": groups["factors"], "lr": lr, "weight_decay": weight_decay}, *sigma,
                 {"params": groups["gate"], "lr": self.config.gate_lr, "weight_decay": 0.0}]
 
     def loss(self, model, batch: dict, progress: Progress) -> tuple[torch.Tensor, dict]:
@@ -113,14 +143,17 @@ class Bara(Method):
         self.set_mode("train")
         nll = F.cross_entropy(self.forward(model, batch), batch["labels"])
         beta = min(1.0, progress.fraction / c.kl_warmup) if c.kl_warmup > 0 else 1.0
-        omega = c.omega_loc or 1.0 / self.gates_per_instance
         layers = list(self.layers.values())
-        kl_local = sum(l.kl_local.mean() for l in layers) if c.gate not in ("none", "deterministic") else 0.0
+        if c.gate in ("none", "deterministic"):
+            kl_local = weighted_local = torch.zeros((), device=nll.device)
+        else:
+            per_instance = sum(l.kl_local for l in layers)  # [N]: summed over each instance's gates
+            weight = c.omega_loc or 1.0 / sum(l.gates for l in layers)  # 1/G_n, the instance's own gate count
+            kl_local, weighted_local = per_instance.mean(), (weight * per_instance).mean()
         kl_pi, kl_A = sum(l.kl_pi() for l in layers), sum(l.kl_A() for l in layers)
-        kl_in_loss = kl_pi + kl_A if c.kl_step == "loss" else kl_pi
-        loss = nll + beta * omega * kl_local + beta * c.kl_scale * kl_in_loss / progress.num_train
-        logs = {"nll": nll.item(), "kl_local": float(kl_local.detach() if torch.is_tensor(kl_local) else kl_local),
-                "kl_global": (kl_pi + kl_A).item(), "beta": beta}
+        kl_in_loss = (kl_pi if not c.svi else 0.0) + (kl_A if c.kl_step == "loss" else 0.0)
+        loss = nll + beta * weighted_local + beta * c.kl_scale * kl_in_loss / progress.num_train
+        logs = {"nll": nll.item(), "kl_local": kl_local.item(), "kl_global": (kl_pi + kl_A).item(), "beta": beta}
         if c.gate == "deterministic":
             penalty = sum(l.penalty.mean() for l in layers)
             loss = loss + c.l1_weight * penalty
@@ -131,28 +164,45 @@ class Bara(Method):
         c = self.config
         if c.kl_step == "sgd" and c.bayes_factors:
             self._kl_step(progress)
+        if c.svi:  # q(pi)'s natural-gradient step, from the usage of the step's training pass
+            rate = (1.0 + progress.step) ** -c.pi_step_power
+            for layer in self.layers.values():
+                layer.svi_step(progress.num_train, rate)
         if c.max_sigma > 0 and c.bayes_factors:
-            bound = math.sqrt(c.max_sigma)  # sigma_A = rho^2
             with torch.no_grad():
                 for layer in self.layers.values():
-                    layer.bara_A_rho.clamp_(-bound, bound)
+                    if c.sigma_param == "rho2":
+                        bound = math.sqrt(c.max_sigma)  # sigma_A = rho^2
+                        layer.bara_A_rho.clamp_(-bound, bound)
+                    else:
+                        layer.bara_A_log_sigma.clamp_(max=math.log(c.max_sigma))
 
     def _kl_step(self, progress: Progress) -> None:
+        """BLoB's second optimiser: plain SGD at kl_lr (linear warm-up and decay) on w_t KL_A for mu_A and sigma_A's
+        parameter, plus, for the latter, the data term's gradient from this step's backward pass (AdamW does not
+        own it, so nothing else steps or clears it)."""
         c = self.config
         lr = c.kl_lr * linear_schedule(progress.step - 1, progress.total_steps, c.kl_warmup)
         weight = blob_kl_weight(progress.step, progress.num_train, progress.batch_size, c.kl_gamma)
-        params = [p for layer in self.layers.values() for p in (layer.bara_A_mu, layer.bara_A_rho)]
+        layers = list(self.layers.values())
+        params = [p for layer in layers for p in (layer.bara_A_mu, layer.sigma_free)]
         with torch.enable_grad():
-            kl = c.kl_scale * sum(layer.kl_A() for layer in self.layers.values())
+            kl = c.kl_scale * sum(layer.kl_A() for layer in layers)
             grads = torch.autograd.grad(kl, params)
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p.sub_(lr * weight * g.to(p.dtype))
+            for layer in layers:
+                sigma = layer.sigma_free
+                if sigma.grad is not None:
+                    sigma.sub_(lr * sigma.grad)
+                    sigma.grad = None
 
     @torch.no_grad()
     def predict(self, classifier: Classifier, batch: dict, samples: int) -> torch.Tensor:
-        """``samples = 0``: one pass with A = mu_A, g = 1[rho > 0.5], theta = m. Otherwise S samples,
-        batched: the batch is repeated S times so each copy draws its own A, gates and magnitudes."""
+        """``samples = 0``: one pass with A = mu_A, theta = m and the gate at the sampler's own mean
+        E_q(pi)[sigma(logit pi + Delta)] (``fast_gate=hard``: its 0/1 threshold). Otherwise S samples, batched:
+        the batch is repeated S times so each copy draws its own A, pi, gates and magnitudes."""
         classifier.eval()
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if samples == 0:
@@ -166,12 +216,13 @@ class Bara(Method):
     # -- diagnostics --------------------------------------------------------------------------------
     @torch.no_grad()
     def gate_statistics(self, classifier: Classifier, batches) -> dict[str, dict[str, torch.Tensor]]:
-        """Per layer: expected gate probabilities rho_bar [N, r] and hard gates [N, r] of the fast path."""
+        """Per layer: expected gate probabilities rho_bar [N, r] and hard gates [N, r] of the one-pass prediction;
+        also the labels and the one-pass probabilities ``probs`` [1, N, C]."""
         rho = {n: [] for n in self.layers}
         hard = {n: [] for n in self.layers}
-        labels = []
+        labels, probs = [], []
         for batch in batches:
-            self.predict(classifier, batch, 0)
+            probs.append(self.predict(classifier, batch, 0).cpu())
             labels.append(batch["labels"].cpu())
             for name, layer in self.layers.items():
                 if layer.last_rho is None or self.config.gate == "none":
@@ -180,32 +231,92 @@ class Bara(Method):
                 else:
                     rho[name].append(layer.last_rho.float().cpu()), hard[name].append(layer.last_g.float().cpu())
         stats = {n: {"rho": torch.cat(rho[n]), "hard": torch.cat(hard[n])} for n in self.layers}
-        stats["labels"] = torch.cat(labels)
+        stats["labels"], stats["probs"] = torch.cat(labels), torch.cat(probs, dim=1)
         return stats
 
+    @contextmanager
+    def initial_gates(self):
+        """Every layer's gate network and q(pi) as initialised (the null of the gate diagnostics)."""
+        with ExitStack() as stack:
+            for i, layer in enumerate(self.layers.values()):
+                if self.config.gate != "none":
+                    stack.enter_context(layer.initial_gate(seed=i))
+            yield
+
+    @contextmanager
+    def shuffled_gates(self, block: int):
+        """Each instance's local gate (the gate network's output) replaced by another's in its batch of ``block``."""
+        for layer in self.layers.values():
+            layer.shuffle_block = block
+        try:
+            yield
+        finally:
+            for layer in self.layers.values():
+                layer.shuffle_block = 0
+
+    def sampled_ranks(self, classifier: Classifier, batches, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``samples`` Monte-Carlo passes: probabilities [S, N, C] and the joint hard rank of every sample [S, N]."""
+        probs, ranks = [], []
+        for batch in batches:
+            p, r = [], []
+            for _ in range(samples):
+                p.append(self.predict(classifier, batch, 1)[0].cpu())
+                r.append(torch.stack([l.last_g.float().sum(-1).cpu() for l in self.layers.values()]).mean(0)
+                         if self.config.gate != "none" else torch.full((len(p[-1]),), float(self.config.r)))
+            probs.append(torch.stack(p)), ranks.append(torch.stack(r))
+        return torch.cat(probs, 1), torch.cat(ranks, 1)
+
     def diagnostics(self, classifier: Classifier, batches) -> dict:
-        """Effective ranks (SPEC §1 Diagnostics) and the context dependence of the gate (SPEC §4)."""
+        """Effective ranks (the bound's complexity term) and whether the gate is decided and input-dependent,
+        each beside its null (docs/experiments.md section 10): the gate network as initialised on the same inputs,
+        and a shuffle test (each instance gets another instance's local gate)."""
+        from ...metrics import evaluate
+
+        batches = list(batches)
+        torch.manual_seed(0)
         stats = self.gate_statistics(classifier, batches)
+        with self.initial_gates():
+            null = self.gate_statistics(classifier, batches)
+        result = self._rank_summary(stats)
+        result.update(gate_information(stats, self.layers), **{f"{k}_null": v for k, v in
+                                                               gate_information(null, self.layers).items()})
+        if self.config.gate in ("none", "global"):
+            return result
+        labels, block = stats["labels"], len(batches[0]["labels"])
+        with self.shuffled_gates(block):
+            shuffled = self.gate_statistics(classifier, batches)["probs"]
+        samples = self.default_samples
+        torch.manual_seed(0)
+        sampled, ranks = self.sampled_ranks(classifier, batches, samples)
+        torch.manual_seed(0)
+        with self.shuffled_gates(block):
+            sampled_shuffled, _ = self.sampled_ranks(classifier, batches, samples)
+        scores = {name: evaluate(p, labels) for name, p in (("one_pass", stats["probs"]), ("one_pass_shuffled", shuffled),
+                                                             ("sampled", sampled), ("sampled_shuffled", sampled_shuffled))}
+        for kind in ("one_pass", "sampled"):
+            result[f"shuffle_nll_{kind}"] = scores[f"{kind}_shuffled"]["nll"] - scores[kind]["nll"]
+            result[f"shuffle_accuracy_{kind}"] = scores[f"{kind}_shuffled"]["accuracy"] - scores[kind]["accuracy"]
+        result["rank_std_between_inputs"] = ranks.mean(0).std().item()
+        result["rank_std_between_samples"] = ranks.std(0).mean().item()
+        return result
+
+    def _rank_summary(self, stats: dict) -> dict:
+        """Effective ranks per layer and jointly (SPEC's diagnostics), and the bound's complexity term."""
         layers = {}
         for name, layer in self.layers.items():
             rho, hard = stats[name]["rho"], stats[name]["hard"]
             expected_rank, hard_rank = rho.sum(1), hard.sum(1)
+            q = layer.q_pi() if self.config.uses_pi else None
             pi = layer.expected_pi().detach().float().cpu()
             layers[name] = {
                 "rank": layer.rank, "d_in": layer.in_features, "d_out": layer.out_features,
                 "expected_pi": pi.tolist(), "global_rank": int((pi > 0.5).sum()),
+                "pi_std": q.variance.sqrt().detach().float().cpu().tolist() if q is not None else None,
                 "mean_expected_rank": expected_rank.mean().item(), "std_expected_rank": expected_rank.std().item(),
                 "mean_hard_rank": hard_rank.mean().item(), "std_hard_rank": hard_rank.std().item(),
                 "selection_variability": rho.std(0).mean().item(),
             }
         joint_expected = torch.stack([stats[n]["rho"].sum(1) for n in self.layers]).mean(0)
-        # Share of the rank's variance across instances explained by the class: 0 when the gate's
-        # variation is noise around a threshold, larger when instances of a class choose alike.
-        y = stats["labels"]
-        class_means = torch.zeros(int(y.max()) + 1).index_add_(0, y, joint_expected) / \
-            torch.bincount(y, minlength=int(y.max()) + 1).clamp(min=1)
-        total = joint_expected.var(unbiased=False)
-        explained = (class_means[y] - joint_expected.mean()).pow(2).mean() / total if total > 0 else torch.tensor(0.0)
         joint_hard = torch.stack([stats[n]["hard"].sum(1) for n in self.layers]).mean(0)
         per_layer = layers.values()
         r_max = self.config.r
@@ -216,7 +327,6 @@ class Bara(Method):
             "joint_hard_rank_std": joint_hard.std().item(),
             "per_instance_joint_hard_rank": joint_hard.tolist(),
             "selection_variability": float(np.mean([l["selection_variability"] for l in per_layer])),
-            "rank_variance_explained_by_class": float(explained),
             "hard_rank_std": float(np.mean([l["std_hard_rank"] for l in per_layer])),
             "global_rank_mean": float(np.mean([l["global_rank"] for l in per_layer])),
             "complexity": sum(l["mean_expected_rank"] * (l["d_in"] + l["d_out"]) for l in per_layer),
@@ -232,7 +342,8 @@ class Bara(Method):
         names = [n.replace("base_model.model.", "") for n in diagnostics["layers"]]
         rank_plots(np.array(diagnostics["per_instance_joint_hard_rank"]), pi, output_dir / "rank.png",
                    title=f"BaRA: joint effective rank {diagnostics['joint_effective_rank']:.2f} of "
-                         f"{diagnostics['r_max']}, V = {diagnostics['selection_variability']:.3f}",
+                         f"{diagnostics['r_max']}, decided {diagnostics['decided_share']:.0%}, MI "
+                         f"{diagnostics['gate_mi']:.2f} bits (null {diagnostics['gate_mi_null']:.2f})",
                    layer_names=names)
         return ["rank.png"]
 
@@ -240,7 +351,7 @@ class Bara(Method):
     def adapter_state(self, classifier: Classifier) -> dict[str, torch.Tensor]:
         state = super().adapter_state(classifier)  # plus the gate's running statistics (context_norm=batch)
         state.update({n: b.detach().clone() for n, b in classifier.named_buffers()
-                      if ".bara_gate." in n and "running" in n})
+                      if (".bara_gate." in n and "running" in n) or ".bara_pi_" in n})  # q(pi) under svi
         return state
 
     def load_adapter_state(self, classifier: Classifier, state: dict[str, torch.Tensor]) -> None:
