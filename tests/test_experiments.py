@@ -38,7 +38,7 @@ def test_sources_settings_sample_only_a_or_only_the_gates():
     module = BaraLinear(nn.Linear(6, 5), BaraConfig(r=4, alpha=8.0, pi_init=0.6))
     with torch.no_grad():
         module.bara_B.normal_()
-        module.bara_A_rho.fill_(0.5)  # visible noise on A
+        module.bara_A_log_sigma.fill_(-0.7)  # visible noise on A (sigma 0.5)
     x = torch.randn(3, 4, 6)
     method = SimpleNamespace(config=module.config)
     (_, a_only), (_, gates_only) = script.settings("sources", method)

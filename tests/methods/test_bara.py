@@ -573,3 +573,36 @@ def test_diagnostics_report_gate_information_beside_its_null_and_a_shuffle_test(
     with method.initial_gates():
         assert torch.equal(method.predict(classifier, batch, 0), null_a)  # the null is seeded: repeatable
     assert all(torch.equal(l.bara_gate[-1].weight, before[n]) for n, l in method.layers.items())  # restored
+
+
+def test_k_sample_objective_is_the_log_of_the_averaged_predictive(tiny_bert):
+    classifier, method = _classifier(tiny_bert, "bara", train_samples=3)
+    for layer_ in method.layers.values():
+        torch.nn.init.normal_(layer_.bara_B, std=1.0)
+    batch = _batch(classifier)
+    method.set_mode("train")
+    torch.manual_seed(0)
+    nll = method.data_term(classifier, batch)
+    torch.manual_seed(0)
+    ids, mask = batch["input_ids"].repeat(3, 1), batch["attention_mask"].repeat(3, 1)
+    probs = torch.softmax(classifier(ids, mask).float(), -1).view(3, 6, -1).mean(0)
+    assert nll.item() == pytest.approx(-probs[torch.arange(6), batch["labels"]].log().mean().item(), rel=1e-5)
+    single = get_method("bara", {"train_samples": 1})
+    assert single.config.train_samples == 1
+    with pytest.raises(BaraError, match="train_samples must be >= 1"):
+        get_method("bara", {"train_samples": 0})
+
+
+def test_entanglement_is_zero_for_orthogonal_factors_and_enters_the_loss(tiny_bert):
+    module = layer()
+    with torch.no_grad():
+        module.bara_A_mu.copy_(3.0 * torch.eye(4, 6))  # orthogonal rows, any norm
+        module.bara_B.copy_(torch.eye(5, 4) * torch.tensor([1.0, 2.0, 0.5, 4.0]))
+    assert module.entanglement().item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        module.bara_A_mu[1] = module.bara_A_mu[0]  # two identical directions: cosine 1, twice off the diagonal
+    assert module.entanglement().item() == pytest.approx(math.sqrt(2), rel=1e-5)
+    classifier, method = _classifier(tiny_bert, "bara", orth_reg=0.5)
+    torch.manual_seed(0)
+    loss, logs = method.loss(classifier, _batch(classifier), Progress(0, 10, 1000))  # beta = 0: nll + 0.5 orth
+    assert logs["orth"] > 0 and loss.item() == pytest.approx(logs["nll"] + 0.5 * logs["orth"], rel=1e-5)

@@ -6,12 +6,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .bara import Bara, BaraConfig
+from .base import option
 from .bara.config import FactorPosteriorConfig
 
 
 @dataclass
 class BlobConfig(FactorPosteriorConfig):
-    """LoRA's options and those of BLoB's posterior on A (shared with BaRA)."""
+    """LoRA's options and those of BLoB's posterior on A (shared with BaRA). BLoB keeps its own sigma = rho^2,
+    stepped only by its SGD KL step, as in its code (BaRA's default is log sigma)."""
+
+    sigma_param: str = option("rho2", "free parameter of sigma_A: rho2 (BLoB's sigma = rho^2 and log(sigma + 1e-6) "
+                                      "in the KL, stepped only by the SGD KL step as in BLoB's code) or log")
 
 
 class Blob(Bara):

@@ -128,6 +128,12 @@ class BaraConfig(FactorPosteriorConfig):
                                    "token or causal context); 0 = 1/G_n, G_n = the number of those gates: a "
                                    "tempered ELBO (1 = the exact ELBO)")
     l1_weight: float = option(1e-3, "L1 weight on z for gate=deterministic")
+    train_samples: int = option(1, "K: the data term is -log (1/K) sum_k p(y | x, w_k) over K samples drawn in one "
+                                   "batched pass (K = 1: one sample): training the averaged predictive that is "
+                                   "scored; costs K times the forward and backward pass")
+    orth_reg: float = option(0.0, "weight of the disentanglement penalty: the Frobenius norm of the off-diagonal "
+                                  "cosine similarities between A's rows and between B's columns (AdaLoRA's "
+                                  "orthogonality of P and Q, without fixing their scale), mean over layers")
     prune_threshold: float = option(0.01, "factors with E[pi] below this are pruned by 'prune'")
 
     def validate(self) -> None:
@@ -141,6 +147,10 @@ class BaraConfig(FactorPosteriorConfig):
         for name in ("ibp_alpha", "theta_shape", "theta_rate", "temperature", "gate_lr"):
             if getattr(self, name) <= 0:
                 raise BaraError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.train_samples < 1:
+            raise BaraError(f"train_samples must be >= 1, got {self.train_samples}; fix: pass --train-samples 1")
+        if self.orth_reg < 0:
+            raise BaraError(f"orth_reg must be >= 0, got {self.orth_reg}; fix: pass --orth-reg 0")
         if not 0.5 < self.pi_step_power <= 1:
             raise BaraError(f"pi_step_power must be in (0.5, 1], got {self.pi_step_power}; fix: pass --pi-step-power "
                             "0.7")

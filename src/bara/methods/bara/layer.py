@@ -243,6 +243,16 @@ class BaraLinear(nn.Module):
         self.bara_pi_alpha.mul_(1 - rate).add_(rate * target_a)
         self.bara_pi_beta.mul_(1 - rate).add_(rate * target_b)
 
+    def entanglement(self) -> torch.Tensor:
+        """||offdiag(cos(A_i, A_j))||_F + ||offdiag(cos(B_i, B_j))||_F: 0 when the factors' directions are
+        orthogonal (AdaLoRA's P and Q), whatever their norms."""
+        def offdiag(rows: torch.Tensor) -> torch.Tensor:
+            unit = F.normalize(rows.float(), dim=1, eps=1e-8)
+            gram = unit @ unit.t()
+            return (gram - torch.diag_embed(torch.diagonal(gram))).norm()
+
+        return offdiag(self.bara_A_mu) + offdiag(self.bara_B.t())
+
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)

@@ -1,18 +1,30 @@
 r"""BaRA as a method: injection into a model, the objective, Monte-Carlo prediction, diagnostics, pruning.
 
-Objective for a minibatch of M instances, dataset size N, KL weight :math:`\beta_t` (linear warm-up):
+What is optimised (docs/experiments.md section 10 says why each weight is what it is). Minibatch of M instances,
+dataset size N, step t, KL warm-up :math:`\beta_t` (0 -> 1 over the first ``kl_warmup`` of training):
 
-.. math:: J = \frac1M \sum_n \big[-\log p(y_n \mid \text{one sample}) + \beta_t\,\omega_{loc}\,KL_{loc,n}\big]
-          + \beta_t\,\frac{KL_\pi + KL_A}{N}
+1. AdamW minimises
 
-with :math:`\omega_{loc} = 1/G` by default (G = local gates per instance): a tempered ELBO.
+   .. math:: J = \frac1M \sum_n \big[\ell_n + \beta_t\,w_n\,KL_{loc,n}\big]
+             + \beta_t \frac{[KL_\pi]_{gradient} + [KL_A]_{loss}}{N} + \lambda_{orth}\,E
 
-``kl_step=sgd`` (the default, as BLoB) takes :math:`KL_A` out of J and minimises it as BLoB's code does: after each
-AdamW step on J, one plain-SGD step on :math:`w_t\,KL_A` with lr ``kl_lr`` (linear warm-up and decay), where
-:math:`w_t = 2^i / (2^{M+1} - 1)`, :math:`i = t \bmod M`, :math:`M = 100 N^{\pi/\gamma} / b` (BLoB's KL
-reweighting; ``kl_gamma = 0``: :math:`w_t = 1/M`, M batches per epoch). Adam rescales every gradient to a
-step of about lr, so with KL_A in J the KL drives σ_A to the prior within a few hundred steps whenever the
-data's gradient on σ_A is small; the SGD step moves σ_A in proportion to the KL's gradient instead.
+   over mu_A, B, the head and the gate network (and a Kumaraswamy q(pi) with ``pi_update=gradient``), where
+   :math:`\ell_n = -\log p(y_n \mid x_n, w)` for one sample w (or :math:`-\log \frac1K\sum_k p(y_n \mid x_n, w_k)`,
+   ``train_samples`` = K); :math:`KL_{loc,n} = \sum_{\ell,k(,t)} [P(\text{reach}_k)\,KL(\mathrm{Bern}(\rho)
+   \,\|\,\mathrm{Bern}(\hat\pi)) + \rho\,KL(\mathrm{Weibull}\,\|\,\mathrm{Gamma})]`, summed over every
+   gate of the instance (every token's, with a token context); :math:`w_n = \omega_{loc}`, or :math:`1/G_n` with
+   :math:`G_n` the instance's number of gates (the default: a tempered ELBO, the local KL per gate); E is the
+   disentanglement penalty (``orth_reg``).
+2. ``kl_step=sgd`` (default, as BLoB's code): then one plain-SGD step, lr ``kl_lr`` with warm-up and linear decay,
+   on :math:`w_t\,KL_A` for mu_A and on :math:`\partial\ell/\partial s + w_t\,\partial KL_A/\partial s` for
+   sigma_A's parameter s (log sigma, or BLoB's rho), which AdamW never sees. :math:`w_t = 2^i/(2^{M+1} - 1)`,
+   :math:`i = t \bmod M`, :math:`M = 100 N^{\pi/\gamma}/b` (BLoB's KL reweighting: on average 1/M per step, about
+   21 times the ELBO's 1/N at N = 1,000; ``kl_gamma = 0``: :math:`1/M` with M batches per epoch).
+3. ``pi_update=svi`` (default): then q(pi_k) = Beta(alpha_k, beta_k) takes a stochastic natural-gradient step
+   towards its conjugate optimum given the step's usage :math:`u_k` (batch mean of rho): :math:`(\alpha, \beta)
+   \leftarrow (1 - \eta_t)(\alpha, \beta) + \eta_t(\alpha_0/r + N u_k,\ 1 + N(1 - u_k))`,
+   :math:`\eta_t = (1 + t)^{-0.7}`: KL_pi at the ELBO's own weight, reached in closed form instead of by Adam steps
+   of about gate_lr (which moved q(pi) by ~0.3 in 640 steps).
 """
 
 from __future__ import annotations
@@ -141,7 +153,7 @@ class Bara(Method):
     def loss(self, model, batch: dict, progress: Progress) -> tuple[torch.Tensor, dict]:
         c = self.config
         self.set_mode("train")
-        nll = F.cross_entropy(self.forward(model, batch), batch["labels"])
+        nll = self.data_term(model, batch)
         beta = min(1.0, progress.fraction / c.kl_warmup) if c.kl_warmup > 0 else 1.0
         layers = list(self.layers.values())
         if c.gate in ("none", "deterministic"):
@@ -158,7 +170,23 @@ class Bara(Method):
             penalty = sum(l.penalty.mean() for l in layers)
             loss = loss + c.l1_weight * penalty
             logs["l1"] = penalty.item()
+        if c.orth_reg > 0:
+            orth = sum(l.entanglement() for l in layers) / len(layers)
+            loss = loss + c.orth_reg * orth
+            logs["orth"] = orth.item()
         return loss, logs
+
+    def data_term(self, model, batch: dict) -> torch.Tensor:
+        """-log p(y | x, w) for one sample, or -log (1/K) sum_k p(y | x, w_k) for K = train_samples samples drawn
+        as K copies of the batch in one pass (each copy draws its own A, pi, gates and magnitudes)."""
+        k = self.config.train_samples
+        if k == 1:
+            return F.cross_entropy(self.forward(model, batch), batch["labels"])
+        repeated = {**batch, "input_ids": batch["input_ids"].repeat(k, 1),
+                    "attention_mask": batch["attention_mask"].repeat(k, 1)}
+        log_probs = F.log_softmax(self.forward(model, repeated).float(), -1).view(k, len(batch["labels"]), -1)
+        mixture = torch.logsumexp(log_probs, 0) - math.log(k)
+        return F.nll_loss(mixture, batch["labels"])
 
     def on_step_end(self, classifier: Classifier, progress: Progress) -> None:
         c = self.config
