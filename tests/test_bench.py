@@ -146,7 +146,8 @@ def test_bench_trains_reports_and_skips_finished_runs(preset_file, tmp_path, mon
     assert "finished runs: 4 of 4" in results and "Protocol" in results and "CPUs" in results
     lines = results.splitlines()
     columns = [c.strip() for c in next(l for l in lines if l.startswith("| variant | n |")).split("|")[1:-1]]
-    assert {"accuracy %", "ECE %", "NLL", "Brier", "one-pass accuracy %", "V", "rank std", "s̄"} <= set(columns)
+    assert {"accuracy %", "ECE %", "NLL", "Brier", "one-pass accuracy %", "decided", "MI bits", "MI null", "shuffle ΔNLL",
+            "s̄"} <= set(columns)
     table = {}
     for line in lines:
         cells = [c.strip() for c in line.split("|")[1:-1]]
@@ -157,8 +158,8 @@ def test_bench_trains_reports_and_skips_finished_runs(preset_file, tmp_path, mon
         expected = f"{100 * statistics.fmean(accuracies):.1f} ± {100 * statistics.stdev(accuracies):.1f}"
         assert table[variant]["accuracy %"].strip("*") == expected, variant
         assert table[variant]["n"] == "2"
-    assert table["lora"]["V"] == "—"  # LoRA has no gate
-    assert table["bara-small"]["V"] != "—" and table["bara-small"]["s̄"] != "—"
+    assert table["lora"]["MI bits"] == "—"  # LoRA has no gate
+    assert table["bara-small"]["MI bits"] != "—" and table["bara-small"]["s̄"] != "—"
     best_nll = min(("lora", "bara-small"), key=lambda v: statistics.fmean(
         r["test_nll"] for r in rows if r["variant"] == v))
     assert table[best_nll]["NLL"].startswith("**")

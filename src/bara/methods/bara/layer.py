@@ -150,8 +150,9 @@ class BaraLinear(nn.Module):
                 "bara_pi_a": inverse_softplus(torch.ones(())).item(),
                 "bara_pi_b": inverse_softplus(torch.tensor(1.0 / self.config.pi_init - 1.0)).item()}
         device = self.bara_A_mu.device
-        if self.config.context_norm == "batch" and "bara_gate" in saved:
-            fresh["bara_gate"][0].load_state_dict(saved["bara_gate"][0].state_dict())
+        if self.config.context_norm == "batch" and "bara_gate" in saved:  # running statistics, not the affine part
+            for name, buffer in saved["bara_gate"][0].named_buffers():
+                getattr(fresh["bara_gate"][0], name).copy_(buffer)
         for name, module in fresh.items():
             setattr(self, name, module.to(device))
         with torch.no_grad():
