@@ -246,10 +246,10 @@ def test_column_override(tmp_path):
 
 
 def test_multiline_quoted_text_is_one_example(tmp_path):
-    path = write(tmp_path / "m.csv", 'text,label\n"first line\nsecond line",a\nplain,a\nother,a\n')
+    path = write(tmp_path / "m.csv", 'text,label\n"first line\nsecond line",a\nplain,a\nother,b\nmore,b\n')
     task = load_task(str(path))
     texts = task.train.texts + task.validation.texts + task.test.texts
-    assert "first line\nsecond line" in texts and len(texts) == 3
+    assert "first line\nsecond line" in texts and len(texts) == 4
 
 
 # --- multiple choice -----------------------------------------------------------------------------------
@@ -344,7 +344,7 @@ def test_non_utf8_bytes(tmp_path):
 
 
 def test_utf8_bom_is_accepted(tmp_path):
-    path = write(tmp_path / "bom.csv", "\ufefftext,label\nhé,a\nb,a\nc,a\n".encode())
+    path = write(tmp_path / "bom.csv", "\ufefftext,label\nhé,a\nb,a\nc,b\nd,b\n".encode())
     task = load_task(str(path))
     assert "hé" in task.train.texts + task.validation.texts + task.test.texts
 
