@@ -13,8 +13,10 @@ import json
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -33,7 +35,9 @@ from .plots import learning_curve, reliability_diagram
 from .trainer import TrainConfig, batches, distributed_state, on_device, train
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS = "adapter_config.json", "adapter_model.safetensors", "metrics.json"
-OUR_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS, "history.jsonl", "reliability.png", "rank.png")
+# Files (and checkpoint folders) a run writes: an overwrite replaces them all, and keeps any other file.
+OUR_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS, "history.jsonl", "reliability.png", "rank.png", "curve.png",
+             "eval_metrics.json", checkpoint.NAME)
 PACKAGES = ("bara-peft", "torch", "transformers", "peft", "accelerate", "safetensors", "torchmetrics")
 
 
@@ -54,6 +58,18 @@ class RunConfig:
     def to_dict(self) -> dict:
         values = dict(self.__dict__)
         values["train"] = self.train.to_dict()
+        return values
+
+    def validate(self) -> None:
+        """Raise BaraError on an option that would crash mid-run or train silently wrong."""
+        self.train.validate()
+        get_method(self.method, self.method_options)
+
+    def resolved(self) -> dict[str, object]:
+        """Every option as a flat {flag name: value}, the method's defaults filled in (to compare two runs)."""
+        values = {k: v for k, v in self.to_dict().items() if k not in ("train", "method_options")}
+        values.update(self.train.to_dict())
+        values.update(get_method(self.method, self.method_options).config.to_dict())
         return values
 
     @classmethod
@@ -109,22 +125,79 @@ def write_json(path: Path, values) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(values, indent=2, default=str) + "\n"))
 
 
-def prepare_output(output: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber a finished or unfinished run unless asked; never delete files that are not ours."""
+def check_output(output: Path, resume: bool, overwrite: bool, config: RunConfig) -> tuple[Path, dict]:
+    """Before anything is loaded: refuse to clobber a run unless asked, refuse a --resume that does not match the
+    checkpoint, and check that the folder can be written. Return the folder to train in (beside ``output`` when
+    replacing a run: it is swapped in only when the new run is finished) and the checkpoint's state (resume)."""
     if output.exists() and not output.is_dir():
         raise BaraError(f"--output {output} is a file; fix: give a folder path")
-    if output.exists():
-        finished, unfinished = (output / METRICS).exists(), checkpoint.find(output) is not None
-        if overwrite:
-            for name in OUR_FILES:
-                (output / name).unlink(missing_ok=True)
-            for name in (checkpoint.NAME, f".{checkpoint.NAME}.old", f".{checkpoint.NAME}.tmp"):
-                shutil.rmtree(output / name, ignore_errors=True)
-        elif finished:
-            raise BaraError(f"{output} already holds a finished run; fix: choose another --output, or pass --overwrite")
-        elif unfinished and not resume:
-            raise BaraError(f"{output} holds an unfinished run; fix: pass --resume to continue it, or --overwrite")
-    output.mkdir(parents=True, exist_ok=True)
+    if resume and overwrite:
+        raise BaraError("--resume continues the run in --output, --overwrite replaces it; fix: pass one of them")
+    finished, unfinished = (output / METRICS).exists(), bool(checkpoint.candidates(output))
+    if finished and not overwrite:
+        raise BaraError(f"{output} already holds a finished run; fix: choose another --output, or pass --overwrite")
+    if unfinished and not (resume or overwrite):
+        raise BaraError(f"{output} holds an unfinished run; fix: pass --resume to continue it, or --overwrite")
+    _check_writable(output)
+    state = resumable(output, config) if resume else {}
+    replacing = overwrite and output.is_dir() and any(output.iterdir())
+    return (output.with_name(f".{output.name}.new") if replacing else output), state
+
+
+def _check_writable(output: Path) -> None:
+    existing = output
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BaraError(f"--output {output} is under {existing}, which is a file; fix: give a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BaraError(f"--output {output}: {existing} is not writable; fix: choose a folder you can write to")
+
+
+def resumable(output: Path, config: RunConfig) -> dict:
+    """The state.json of the newest whole checkpoint in ``output``, if it was written by the run ``config``
+    describes (checkpoint_every may differ: resuming is exact whatever it is)."""
+    damaged: list[str] = []
+    found = checkpoint.newest_whole(output, damaged)
+    if found is None:
+        reason = f"its checkpoints are damaged ({'; '.join(damaged)})" if damaged else "there is no checkpoint"
+        raise BaraError(f"--resume: {output} has no run to continue: {reason}; fix: drop --resume (to start a "
+                        "new run) or pass --overwrite (to replace a damaged one)")
+    if damaged:
+        warnings.warn(f"{damaged[0]}; resuming from the previous checkpoint, {found}", UserWarning, stacklevel=2)
+    state = checkpoint.read(found)
+    if "run" in state:  # checkpoints written before the run was stored in them are taken on trust
+        saved, now = RunConfig.from_dict(state["run"]).resolved(), config.resolved()
+        differ = [f"--{k.replace('_', '-')} {saved.get(k)} there, {now.get(k)} now"
+                  for k in sorted(set(saved) | set(now)) if k != "checkpoint_every" and saved.get(k) != now.get(k)]
+        if differ:
+            raise BaraError(f"--resume: the checkpoint in {output} belongs to another run ({'; '.join(differ)}); "
+                            "fix: resume with the options it was started with, or pass --overwrite to start again")
+    return state
+
+
+def make_output(work: Path) -> None:
+    """Create the folder to train in (a leftover of an interrupted replacement is started afresh)."""
+    try:
+        if work.name.startswith(".") and work.name.endswith(".new"):
+            shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BaraError(f"cannot create {work} ({err.strerror}); fix: choose a folder you can write to") from None
+
+
+def swap_in(work: Path, output: Path) -> None:
+    """Replace the run in ``output`` by the finished run in ``work``; files that bara did not write move along."""
+    for entry in output.iterdir():
+        ours = entry.name in OUR_FILES or entry.name.startswith(tuple(f".{name}." for name in OUR_FILES))
+        if not ours and not (work / entry.name).exists():
+            os.replace(entry, work / entry.name)
+    old = output.with_name(f".{output.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(output, old)
+    os.replace(work, output)
+    checkpoint.fsync(output.parent)
+    shutil.rmtree(old)
 
 
 def build(config: RunConfig, label_names: list[str]) -> tuple[Classifier, Method]:
@@ -209,29 +282,53 @@ def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: 
               ood_data: str | None = None, progress_bar: bool = True, validation: bool = True) -> dict:
     """Train, save the adapter and write metrics.json: test metrics, and the validation split's under
     "validation" unless ``validation`` is False (a benchmark run no choice is made on: 11 extra passes over the
-    split for a sampling method; :func:`add_validation` scores it later from the saved adapter)."""
+    split for a sampling method; :func:`add_validation` scores it later from the saved adapter).
+
+    ``overwrite`` builds the new run beside the old one and swaps it in once finished, so a failure keeps the
+    old run; ``resume`` continues the checkpoint in ``output`` and refuses one written with other options."""
     t0 = time.perf_counter()
     reset_peak_memory()
+    config.validate()
+    work, resumed = check_output(output, resume, overwrite, config)
+    state = distributed_state()
+    replacing = work != output and state.is_main_process
+    try:
+        metrics = _train_into(work, config, resumed, t0, ood_data, progress_bar, validation, state.is_main_process)
+        if replacing:
+            swap_in(work, output)
+        return metrics
+    except BaseException:
+        if replacing:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _train_into(work: Path, config: RunConfig, resumed: dict, t0: float, ood_data: str | None, progress_bar: bool,
+                validation: bool, is_main: bool) -> dict:
     task = task_of(config)
+    if is_main and progress_bar:
+        for note in task.notes:
+            print(f"bara: {note}")
     ood = ood_test(config, ood_data)
     classifier, method = build(config, task.label_names)
     state = distributed_state()
-    if state.is_main_process:
-        prepare_output(output, resume, overwrite)
+    if is_main:
+        make_output(work)
     state.wait_for_everyone()
-    history = train(classifier, method, task.train, task.validation, config.train, output, resume, progress_bar)
+    before = float(resumed.get("seconds", 0.0))  # training time of the sessions before the checkpoint
+    history = train(classifier, method, task.train, task.validation, config.train, work, bool(resumed), progress_bar,
+                    extra=lambda: {"run": config.to_dict(), "seconds": before + time.perf_counter() - t0})
     method.fit_posthoc(classifier, batches(classifier, task.train, config.train.eval_batch_size),
                        batches(classifier, task.validation, config.train.eval_batch_size))
-    if not state.is_main_process:
+    if not is_main:
         return {}
-    save_adapter(classifier, method, config, task, output)
-    write_atomic(output / "history.jsonl",
+    save_adapter(classifier, method, config, task, work)
+    write_atomic(work / "history.jsonl",
                  lambda tmp: tmp.write_text("".join(json.dumps(h) + "\n" for h in history)))
     if any("val_accuracy" in h for h in history):
-        learning_curve(history, output / "curve.png", f"{method.name} on {task.name}: validation during training")
-    train_seconds = time.perf_counter() - t0
-    metrics = score(classifier, method, task.test, config, None, ood, output, progress_bar,
-                    task.name)
+        learning_curve(history, work / "curve.png", f"{method.name} on {task.name}: validation during training")
+    train_seconds = before + time.perf_counter() - t0
+    metrics = score(classifier, method, task.test, config, None, ood, work, progress_bar, task.name)
     if validation:  # choices (learning rates, BaRA's design) are made on these, never on the test metrics
         metrics["validation"] = score_validation(classifier, method, task, config, progress_bar)
     metrics.update({
@@ -240,12 +337,14 @@ def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: 
         "num_processes": state.num_processes,
         # Trained parameters, not what the adapter file holds (Laplace stores its posterior there too).
         "trainable_params": sum(p.numel() for p in classifier.parameters() if p.requires_grad),
-        "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - t0,
+        # Over every session of a resumed run, as history.jsonl covers every step.
+        "train_seconds": train_seconds, "wall_seconds": before + time.perf_counter() - t0,
         "peak_memory_mb": peak_memory_mb(), "torch_threads": torch.get_num_threads(),  # what the times were
         "config": config.to_dict(), "versions": versions(),
     })
-    write_json(output / METRICS, metrics)
-    shutil.rmtree(output / checkpoint.NAME, ignore_errors=True)  # the adapter is saved; the run is finished
+    write_json(work / METRICS, metrics)
+    for name in checkpoint.candidates(work):  # the adapter is saved; the run is finished
+        shutil.rmtree(name, ignore_errors=True)
     return metrics
 
 
