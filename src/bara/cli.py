@@ -8,6 +8,7 @@ import dataclasses
 import os
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import BaraError
@@ -195,6 +196,12 @@ def _quiet() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    warnings.showwarning = _warning_line
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning of bara's (a known defect of a dataset, too few examples) as one line, like its errors."""
+    print(f"bara: warning: {message}", file=sys.stderr if file is None else file)
 
 
 def _fetch(args: argparse.Namespace) -> None:

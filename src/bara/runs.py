@@ -8,6 +8,7 @@ and whatever plots the method adds (BaRA: ``rank.png``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -22,15 +23,16 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import checkpoint
-from .data import Split, Task, load_task
+from .data import Split, Task, builtin_tasks, load_task
 from .errors import BaraError
 from .heads import Classifier
 from .methods import METHODS, Method, get_method
 from .metrics import evaluate
-from .models import load_model
+from .models import EMBEDDED, load_model
 from .plots import learning_curve, reliability_diagram
 from .trainer import TrainConfig, batches, distributed_state, on_device, train
 
@@ -68,6 +70,7 @@ class RunConfig:
     def resolved(self) -> dict[str, object]:
         """Every option as a flat {flag name: value}, the method's defaults filled in (to compare two runs)."""
         values = {k: v for k, v in self.to_dict().items() if k not in ("train", "method_options")}
+        values["model"], values["data"] = portable(self.model, EMBEDDED), portable(self.data, builtin_tasks())
         values.update(self.train.to_dict())
         values.update(get_method(self.method, self.method_options).config.to_dict())
         return values
@@ -110,12 +113,14 @@ def peak_memory_mb() -> float:
 
 
 def write_atomic(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename, so readers never see a half-written file."""
+    """``write(tmp_path)``, fsync, then rename, so readers (and a power cut) never see a half-written file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
         write(Path(tmp))
+        checkpoint.fsync(Path(tmp))
         os.replace(tmp, path)
+        checkpoint.fsync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -200,17 +205,32 @@ def swap_in(work: Path, output: Path) -> None:
     shutil.rmtree(old)
 
 
-def build(config: RunConfig, label_names: list[str]) -> tuple[Classifier, Method]:
-    """Base model + head + method adapter, seeded so the fresh head and adapter are reproducible."""
+def build(config: RunConfig, label_names: list[str], adapter_device: str | None = None) -> tuple[Classifier, Method]:
+    """Base model + head + method adapter, seeded so the fresh head and adapter are reproducible.
+    ``adapter_device="meta"``: the adapter's tensors get shapes but no memory (to check sizes before loading)."""
     from transformers import set_seed
 
     method = get_method(config.method, config.method_options)  # validates options before loading anything
     set_seed(config.train.seed)
     classifier = Classifier(load_model(config.model, len(label_names)), label_names, config.train.max_length)
+    positions = getattr(classifier.backbone.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and config.train.max_length > positions:
+        raise BaraError(f"--max-length {config.train.max_length} is more than the {positions} positions of "
+                        f"{config.model}; fix: pass --max-length {positions} or less")
     for p in classifier.parameters():
         p.requires_grad_(False)
-    method.wrap(classifier)
+    with torch.device(adapter_device) if adapter_device else contextlib.nullcontext():
+        method.wrap(classifier)
     return classifier, method
+
+
+def portable(spec: str, builtins) -> str:
+    """A model or dataset as an adapter should name it: a built-in name as it is, a local path made absolute
+    (so ``bara eval`` works from any folder), anything else (a hub id) as it is."""
+    path = Path(spec).expanduser()
+    if spec.lower() in builtins or not path.exists():
+        return spec
+    return str(path.resolve())
 
 
 @torch.no_grad()
@@ -349,8 +369,9 @@ def _train_into(work: Path, config: RunConfig, resumed: dict, t0: float, ood_dat
 
 
 def save_adapter(classifier: Classifier, method: Method, config: RunConfig, task: Task, output: Path) -> None:
-    meta = {"method": method.name, "method_config": method.config.to_dict(), "base_model": config.model,
-            "label_names": task.label_names, "task_kind": task.kind, "run": config.to_dict(),
+    run = {**config.to_dict(), "model": portable(config.model, EMBEDDED), "data": portable(config.data, builtin_tasks())}
+    meta = {"method": method.name, "method_config": method.config.to_dict(), "base_model": run["model"],
+            "label_names": task.label_names, "task_kind": task.kind, "run": run,
             "bara_version": versions()["bara-peft"]}
     write_atomic(output / ADAPTER_WEIGHTS, lambda tmp: save_file(
         {k: v.contiguous() for k, v in method.adapter_state(classifier).items()}, tmp, metadata={"format": "pt"}))
@@ -360,9 +381,40 @@ def save_adapter(classifier: Classifier, method: Method, config: RunConfig, task
 def _adapter_meta(config_file: Path) -> tuple[dict, RunConfig]:
     try:
         meta = json.loads(config_file.read_text())
-        return meta, RunConfig.from_dict(meta["run"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise BaraError(f"{config_file} is not a valid adapter config ({err}); fix: re-run 'bara train'") from None
+        config = RunConfig.from_dict(meta["run"])
+        labels = meta["label_names"]
+        if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+            raise ValueError(f"label_names is {json.dumps(labels)[:60]}, not a list of 2 or more strings")
+        return meta, config
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise BaraError(f"{config_file} is not a valid adapter config ({type(err).__name__}: {err}); fix: re-run "
+                        "'bara train'") from None
+
+
+def _saved_tensors(weights: Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors; a damaged file or a non-finite value is an error that names it."""
+    try:
+        tensors = load_file(weights)
+    except (SafetensorError, OSError) as err:
+        raise BaraError(f"{weights} is damaged or truncated ({err}); fix: re-run 'bara train'") from None
+    for name, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise BaraError(f"{weights}: tensor {name} holds NaN or infinite values; fix: re-run 'bara train' "
+                            "(with a lower --lr if training diverged)")
+    return tensors
+
+
+def _check_sizes(config: RunConfig, label_names: list[str], tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """The shapes the adapter config implies against the saved tensors, before any adapter memory is allocated
+    (an edited config with r = 1000000 would otherwise ask for gigabytes)."""
+    classifier, _ = build(config, label_names, adapter_device="meta")
+    wrong = [(name, tuple(p.shape), tuple(tensors[name].shape)) for name, p in classifier.named_parameters()
+             if name in tensors and p.shape != tensors[name].shape]
+    if wrong:
+        name, implied, saved = wrong[0]
+        raise BaraError(f"{where}: its config implies {name} of shape {implied}, the saved tensor is {saved} "
+                        f"({len(wrong)} tensors differ); fix: restore the adapter_config.json that was saved with "
+                        "the adapter, or re-run 'bara train'")
 
 
 def trained_options(meta: dict, method: str) -> dict | None:
@@ -401,8 +453,10 @@ def load_adapter(path: str | Path) -> tuple[Classifier, Method, RunConfig]:
     trained = trained_options(meta, config.method)
     if trained is not None:  # every option as trained: a later change of a default does not change the adapter
         config.method_options = trained
+    tensors = _saved_tensors(weights)
+    _check_sizes(config, meta["label_names"], tensors, config_file)
     classifier, method = build(config, meta["label_names"])
-    method.load_adapter_state(classifier, load_file(weights))
+    method.load_adapter_state(classifier, tensors)
     classifier.eval()
     return classifier, method, config
 
@@ -419,6 +473,13 @@ def add_validation(folder: Path, progress_bar: bool = True) -> dict:
 def run_eval(adapter: str | Path, data: str | None = None, samples: int | None = None,
              ood_data: str | None = None, max_eval: int | None = None, output: Path | None = None,
              progress_bar: bool = True) -> dict:
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 0):
+        raise BaraError(f"--samples must be a whole number >= 0 (0: one deterministic pass), got {samples!r}; fix: "
+                        "pass e.g. --samples 10, or leave it out for the method's own")
+    if output is not None:
+        if output.exists() and not output.is_dir():
+            raise BaraError(f"--output {output} is a file; fix: give a folder path")
+        _check_writable(output)
     classifier, method, config = load_adapter(adapter)
     spec = data or config.data
     task = task_of(config, spec, max_eval)
