@@ -144,3 +144,129 @@ def test_real_minilm_smoke(tmp_path):
     metrics = runs.run_train(cfg, out, progress_bar=False)
     assert metrics["n_test"] == 60 and metrics["num_labels"] == 20
     assert metrics["trainable_params"] == 2 * 6 * (8 * 384 * 2) + 384 * 20 + 20  # LoRA on q,v in 6 layers + head
+
+
+# --- nothing lost: overwrite and resume -------------------------------------------------------------------
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_is_finished(tiny_bert, toy_data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    first = config(tiny_bert, toy_data, steps=4)
+    first.train.eval_every = 2
+    runs.run_train(first, out, progress_bar=False)
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "curve.png" in before
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runs, "score", disk_full)  # fails after the new adapter is written
+    with pytest.raises(OSError):
+        runs.run_train(config(tiny_bert, toy_data, steps=3), out, overwrite=True, progress_bar=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing half-written beside it
+    monkeypatch.undo()
+    runs.run_train(config(tiny_bert, toy_data, steps=3), out, overwrite=True, progress_bar=False)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                      "history.jsonl", "metrics.json", "notes.txt",
+                                                      "reliability.png"]  # no stale curve.png
+    assert (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "metrics.json").read_text())["config"]["train"]["steps"] == 3
+    assert len((out / "history.jsonl").read_text().splitlines()) == 3
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _crash_at(monkeypatch, step: int) -> None:
+    real_save = checkpoint.save
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        if args[1] == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_crash)
+
+
+SCORES = ("accuracy", "ece", "nll", "brier")
+
+
+def _same_run(a: Path, b: Path) -> None:
+    """The same history, adapter and scores (timings aside; checkpoint_every may differ)."""
+    for name in ("history.jsonl", "adapter_model.safetensors"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    ca, cb = (json.loads((p / "adapter_config.json").read_text()) for p in (a, b))
+    ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (a, b))
+    for values in (ca["run"], cb["run"], ma["config"], mb["config"]):
+        values["train"].pop("checkpoint_every")
+    assert ca == cb
+    assert {k: ma[k] for k in SCORES + ("n_train", "n_test", "config")} == \
+        {k: mb[k] for k in SCORES + ("n_train", "n_test", "config")}
+    assert {k: ma["validation"][k] for k in SCORES} == {k: mb["validation"][k] for k in SCORES}
+
+
+@pytest.fixture()
+def cut_run(tiny_bert, toy_data, tmp_path, monkeypatch):
+    """A run of 14 steps (checkpoints every 5, validation every 7) finished, and the same run cut at step 10."""
+    cfg = config(tiny_bert, toy_data, steps=14, lora_dropout=0.1)
+    cfg.train.checkpoint_every, cfg.train.eval_every = 5, 7
+    runs.run_train(cfg, tmp_path / "full", progress_bar=False)
+    _crash_at(monkeypatch, 10)
+    with pytest.raises(KeyboardInterrupt):
+        runs.run_train(cfg, tmp_path / "cut", progress_bar=False)
+    monkeypatch.undo()
+    return cfg, tmp_path / "full", tmp_path / "cut"
+
+
+def test_resume_keeps_the_history_and_refuses_another_run(cut_run, toy_choices, tmp_path):
+    import copy
+
+    cfg, full, cut = cut_run
+    changes = [("lr", 1e-2, "--lr 0.005 there, 0.01 now"), ("seed", 1, "--seed 0 there, 1 now"),
+               ("batch_size", 4, "--batch-size 8 there, 4 now"), ("steps", 8, "--steps 14 there, 8 now")]
+    for option, value, expected in changes:
+        other = copy.deepcopy(cfg)
+        setattr(other.train, option, value)
+        with pytest.raises(BaraError, match=f"belongs to another run \\({expected}\\); fix: resume with") as err:
+            runs.run_train(other, cut, resume=True, progress_bar=False)
+        assert "\n" not in str(err.value)
+    for field, value, flag in (("method", "mcdropout", "--method lora there, mcdropout now"),
+                               ("data", toy_choices, "--data ")):
+        other = copy.deepcopy(cfg)
+        setattr(other, field, value)
+        with pytest.raises(BaraError, match=flag):
+            runs.run_train(other, cut, resume=True, progress_bar=False)
+    same = copy.deepcopy(cfg)
+    same.train.checkpoint_every = 4  # how often it checkpoints does not change the run
+    runs.run_train(same, cut, resume=True, progress_bar=False)
+    assert len((cut / "history.jsonl").read_text().splitlines()) == 14
+    _same_run(full, cut)
+
+
+def test_resume_without_a_checkpoint_is_refused(tiny_bert, toy_data, tmp_path):
+    cfg = config(tiny_bert, toy_data, steps=2)
+    with pytest.raises(BaraError, match="--resume: .* has no run to continue: there is no checkpoint; fix: drop"):
+        runs.run_train(cfg, tmp_path / "new", resume=True, progress_bar=False)
+    assert not (tmp_path / "new").exists()
+    runs.run_train(cfg, tmp_path / "done", progress_bar=False)
+    with pytest.raises(BaraError, match="already holds a finished run"):
+        runs.run_train(cfg, tmp_path / "done", resume=True, progress_bar=False)
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_one(cut_run):
+    cfg, full, cut = cut_run
+    weights = cut / checkpoint.NAME / "state.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    assert checkpoint.read(cut / f".{checkpoint.NAME}.old")["step"] == 5
+    with pytest.warns(UserWarning, match="state.safetensors is missing or not the file that was written; resuming "
+                                         "from the previous checkpoint"):
+        runs.run_train(cfg, cut, resume=True, progress_bar=False)
+    _same_run(full, cut)
+
+
+def test_empty_state_json_everywhere_is_one_error(cut_run):
+    cfg, _, cut = cut_run
+    for folder in checkpoint.candidates(cut):
+        (folder / "state.json").write_text("")
+    with pytest.raises(BaraError, match=r"its checkpoints are damaged \(.*state.json is unreadable.*fix: drop "
+                                        r"--resume .* or pass --overwrite"):
+        runs.run_train(cfg, cut, resume=True, progress_bar=False)
