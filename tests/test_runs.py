@@ -270,3 +270,94 @@ def test_empty_state_json_everywhere_is_one_error(cut_run):
     with pytest.raises(BaraError, match=r"its checkpoints are damaged \(.*state.json is unreadable.*fix: drop "
                                         r"--resume .* or pass --overwrite"):
         runs.run_train(cfg, cut, resume=True, progress_bar=False)
+
+
+# --- one line instead of a traceback -------------------------------------------------------------------------
+
+@pytest.fixture()
+def trained(tiny_bert, toy_data, tmp_path) -> Path:
+    out = tmp_path / "trained"
+    runs.run_train(config(tiny_bert, toy_data, steps=2), out, progress_bar=False)
+    return out
+
+
+def _damaged_copy(trained: Path, tmp_path: Path, name: str, damage) -> str:
+    import shutil
+
+    folder = tmp_path / name
+    shutil.copytree(trained, folder)
+    damage(folder)
+    return str(folder)
+
+
+def _edit_config(folder: Path, edit) -> None:
+    meta = json.loads((folder / runs.ADAPTER_CONFIG).read_text())
+    edit(meta)
+    (folder / runs.ADAPTER_CONFIG).write_text(json.dumps(meta))
+
+
+def _nan_weights(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / runs.ADAPTER_WEIGHTS)
+    next(iter(tensors.values()))[0] = float("nan")
+    save_file(tensors, folder / runs.ADAPTER_WEIGHTS)
+
+
+def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path, capsys, tiny_bert, toy_data, trained):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    train = ["train", "--model", tiny_bert, "--data", toy_data, "--steps", "2", "--output", str(tmp_path / "o")]
+    adapter = str(trained)
+    cases = [
+        (train + ["--batch-size", "0"], "--batch-size must be a whole number >= 1"),
+        (train + ["--batch-size", "-3"], "--batch-size must be"),
+        (train + ["--max-length", "0"], "--max-length must be a whole number >= 1"),
+        (train + ["--max-length", "1000"], "--max-length 1000 is more than the 128 positions"),
+        (train + ["--epochs", "0"], "--epochs must be a number above 0"),
+        (train + ["--epochs", "-1"], "--epochs must be"),
+        (train + ["--steps", "-5"], "--steps must be a whole number >= 0"),
+        (train + ["--lr", "-0.001"], "--lr must be a number above 0"),
+        (train + ["--lr", "nan"], "--lr must be a number above 0, got nan"),
+        (train + ["--warmup-ratio", "1.5"], "--warmup-ratio must be a fraction from 0 to 1"),
+        (train + ["--checkpoint-every", "-1"], "--checkpoint-every must be"),
+        (train + ["--text-column", "label"], "the text and the label column are both 'label'"),
+        (train + ["--resume"], "has no run to continue: there is no checkpoint"),
+        (["train", "--model", str(tmp_path / "no-model"), "--data", toy_data, "--output", str(afile / "o")],
+         "is under " + str(afile) + ", which is a file"),  # checked before the model is loaded
+        (["eval", "--adapter", adapter, "--output", str(afile)], f"--output {afile} is a file"),
+        (["eval", "--adapter", adapter, "--samples", "-1"], "--samples must be a whole number >= 0"),
+        (["eval", "--adapter", _damaged_copy(trained, tmp_path, "nolabels", lambda f: _edit_config(
+            f, lambda m: m.pop("label_names")))], "is not a valid adapter config (KeyError: 'label_names')"),
+        (["eval", "--adapter", _damaged_copy(trained, tmp_path, "onelabel", lambda f: _edit_config(
+            f, lambda m: m.update(label_names=["x"])))], "not a list of 2 or more strings"),
+        (["eval", "--adapter", _damaged_copy(trained, tmp_path, "truncated", lambda f: (f / runs.ADAPTER_WEIGHTS)
+                                             .write_bytes((f / runs.ADAPTER_WEIGHTS).read_bytes()[:200]))],
+         "adapter_model.safetensors is damaged or truncated"),
+        (["eval", "--adapter", _damaged_copy(trained, tmp_path, "nan", _nan_weights)], "holds NaN or infinite values"),
+        (["eval", "--adapter", _damaged_copy(trained, tmp_path, "huge", lambda f: _edit_config(
+            f, lambda m: (m["method_config"].update(r=1000000), m["run"]["method_options"].update(r=1000000))))],
+         "its config implies backbone.base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight of shape "
+         "(1000000, 32), the saved tensor is (8, 32)"),
+    ]
+    capsys.readouterr()  # what training the fixture printed
+    for argv, expected in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("bara: error:") and "\n" not in err and "fix:" in err, err
+        assert expected in err, err[-300:]
+    assert not (tmp_path / "o").exists()
+
+
+def test_adapter_loads_from_another_folder(tiny_bert, toy_data, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(toy_data, tmp_path / "work" / "toy")
+    shutil.copytree(tiny_bert, tmp_path / "work" / "model")
+    monkeypatch.chdir(tmp_path / "work")
+    metrics = runs.run_train(config("model", "toy", steps=2), Path("run"), progress_bar=False)
+    meta = json.loads(Path("run", runs.ADAPTER_CONFIG).read_text())
+    assert meta["base_model"] == meta["run"]["model"] == str(tmp_path / "work" / "model")
+    assert meta["run"]["data"] == str(tmp_path / "work" / "toy")
+    monkeypatch.chdir(tmp_path)
+    assert runs.run_eval(tmp_path / "work" / "run", progress_bar=False)["nll"] == pytest.approx(metrics["nll"], abs=1e-6)
