@@ -361,3 +361,45 @@ def test_adapter_loads_from_another_folder(tiny_bert, toy_data, tmp_path, monkey
     assert meta["run"]["data"] == str(tmp_path / "work" / "toy")
     monkeypatch.chdir(tmp_path)
     assert runs.run_eval(tmp_path / "work" / "run", progress_bar=False)["nll"] == pytest.approx(metrics["nll"], abs=1e-6)
+
+
+def test_killed_six_times_resumes_to_the_same_run(tiny_bert, toy_data, tmp_path, monkeypatch):
+    """Interrupted at random training steps and inside checkpoint writes (before each fsync of a file, of the
+    folder, and after the swap), then resumed: the same history, adapter and metrics as an uninterrupted run."""
+    import random
+
+    from bara import trainer
+
+    cfg = config(tiny_bert, toy_data, steps=16, lora_dropout=0.1)
+    cfg.train.checkpoint_every, cfg.train.eval_every = 3, 4
+    runs.run_train(cfg, tmp_path / "full", progress_bar=False)
+    out, rng, kills, reached = tmp_path / "killed", random.Random(0), [], []
+    real_progress, real_fsync = trainer.Progress, checkpoint.fsync
+
+    def killer(real, where: str, at: int):
+        calls = []
+
+        def wrapped(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == at:
+                kills.append(where)
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+        return wrapped
+
+    for session in range(6):
+        if session % 2:  # the n-th fsync of this session: inside the first or second checkpoint write
+            monkeypatch.setattr(checkpoint, "fsync", killer(real_fsync, "write", rng.randint(1, 12)))
+        else:  # Progress is made twice per training step
+            monkeypatch.setattr(trainer, "Progress", killer(real_progress, "step", rng.randint(1, 10)))
+        with pytest.raises(KeyboardInterrupt):
+            runs.run_train(cfg, out, resume=bool(checkpoint.candidates(out)), progress_bar=False)
+        monkeypatch.undo()
+        assert not (out / "metrics.json").exists()
+        whole = checkpoint.newest_whole(out)
+        reached.append(checkpoint.read(whole)["step"] if whole else 0)
+    assert kills == ["step", "write"] * 3
+    assert reached == [3, 6, 6, 6, 9, 12]  # the step of the newest whole checkpoint after each kill
+    runs.run_train(cfg, out, resume=True, progress_bar=False)
+    _same_run(tmp_path / "full", out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "full").iterdir())

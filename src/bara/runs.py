@@ -363,7 +363,7 @@ def _train_into(work: Path, config: RunConfig, resumed: dict, t0: float, ood_dat
         "config": config.to_dict(), "versions": versions(),
     })
     write_json(work / METRICS, metrics)
-    for name in checkpoint.candidates(work):  # the adapter is saved; the run is finished
+    for name in [*checkpoint.candidates(work), work / f".{checkpoint.NAME}.tmp"]:  # the run is finished
         shutil.rmtree(name, ignore_errors=True)
     return metrics
 
