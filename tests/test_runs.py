@@ -403,3 +403,13 @@ def test_killed_six_times_resumes_to_the_same_run(tiny_bert, toy_data, tmp_path,
     runs.run_train(cfg, out, resume=True, progress_bar=False)
     _same_run(tmp_path / "full", out)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "full").iterdir())
+
+
+def test_cli_prints_the_rows_read_and_keeps_them(tiny_bert, toy_data, tmp_path, capsys):
+    argv = ["train", "--model", tiny_bert, "--data", toy_data, "--steps", "2", "--output", str(tmp_path / "o"),
+            "--no-progress"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:3] == [f"data: {Path(toy_data) / name}: {n} rows read" for name, n in
+                       (("train.tsv", 60), ("dev.tsv", 15), ("test.tsv", 24))]
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["data_notes"] == [line[6:] for line in out[:3]]

@@ -199,8 +199,12 @@ def _quiet() -> None:
     warnings.showwarning = _warning_line
 
 
-def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
-    """A warning of bara's (a known defect of a dataset, too few examples) as one line, like its errors."""
+def _warning_line(message, category, filename, lineno, file=None, line=None,
+                  _default=warnings.showwarning) -> None:
+    """A warning of bara's (a known defect of a dataset, too few examples) as one line, like its errors;
+    other packages' warnings as Python shows them."""
+    if Path(__file__).parent not in Path(filename).resolve().parents:
+        return _default(message, category, filename, lineno, file, line)
     print(f"bara: warning: {message}", file=sys.stderr if file is None else file)
 
 
@@ -249,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics = runs.run_train(config, args.output, args.resume, args.overwrite, args.ood_data,
                                      not args.no_progress)
             if metrics:
+                for note in metrics["data_notes"]:
+                    print(f"data: {note}")
                 print(table(metrics))
                 print(f"wrote {args.output}/metrics.json, reliability.png and the adapter")
         elif args.command == "eval":

@@ -14,7 +14,6 @@ import json
 import os
 import resource
 import shutil
-import sys
 import tempfile
 import time
 import warnings
@@ -326,9 +325,6 @@ def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: 
 def _train_into(work: Path, config: RunConfig, resumed: dict, t0: float, ood_data: str | None, progress_bar: bool,
                 validation: bool, is_main: bool) -> dict:
     task = task_of(config)
-    if is_main and progress_bar:
-        for note in task.notes:
-            print(f"bara: {note}")
     ood = ood_test(config, ood_data)
     classifier, method = build(config, task.label_names)
     state = distributed_state()
@@ -354,6 +350,7 @@ def _train_into(work: Path, config: RunConfig, resumed: dict, t0: float, ood_dat
     metrics.update({
         "method": method.name, "model": config.model, "data": task.name, "seed": config.train.seed,
         "n_train": len(task.train), "n_test": len(task.test), "num_labels": task.num_labels,
+        "data_notes": task.notes,  # rows read per file, duplicate texts
         "num_processes": state.num_processes,
         # Trained parameters, not what the adapter file holds (Laplace stores its posterior there too).
         "trainable_params": sum(p.numel() for p in classifier.parameters() if p.requires_grad),
