@@ -161,9 +161,9 @@ def parser() -> argparse.ArgumentParser:
                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=DATA_EXAMPLES)
     data_sub = data.add_subparsers(dest="data_command", required=True)
     f = data_sub.add_parser("fetch", help="download and convert a dataset collection",
-                            description=f"Download bigbench=={bigbench.VERSION} from PyPI with pip, convert the "
-                            "task.json of the tasks to multiple-choice JSONL under $BARA_CACHE/bigbench/TASK/ and "
-                            "delete the download.",
+                            description=f"Download bigbench=={bigbench.VERSION} from PyPI (checked against its pinned "
+                            "sha256; nothing of it runs), convert the task.json of the tasks to multiple-choice JSONL "
+                            "under $BARA_CACHE/bigbench/TASK/ and delete the download.",
                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=DATA_EXAMPLES)
     f.add_argument("source", choices=["bigbench"], help="what to fetch: bigbench (BIG-bench multiple-choice tasks)")
     f.add_argument("--tasks", type=_comma_list,
