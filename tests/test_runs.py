@@ -157,11 +157,11 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_is_finished(tiny_bert, to
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert "curve.png" in before
 
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    def file_too_large(*args, **kwargs):
+        raise OSError(27, "File too large")  # as under prlimit --fsize
 
-    monkeypatch.setattr(runs, "score", disk_full)  # fails after the new adapter is written
-    with pytest.raises(OSError):
+    monkeypatch.setattr(runs, "save_file", file_too_large)  # the new run fails when it writes its adapter
+    with pytest.raises(BaraError, match=r"cannot write .*\.run\.new/adapter_model.safetensors .*File too large"):
         runs.run_train(config(tiny_bert, toy_data, steps=3), out, overwrite=True, progress_bar=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing half-written beside it

@@ -120,6 +120,9 @@ def write_atomic(path: Path, write) -> None:
         checkpoint.fsync(Path(tmp))
         os.replace(tmp, path)
         checkpoint.fsync(path.parent)
+    except (OSError, SafetensorError) as err:  # a full disk, a file size limit: the file before it is kept
+        raise BaraError(f"cannot write {path} ({err}); fix: free some disk space (or raise the file size "
+                        "limit) and run the command again") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
