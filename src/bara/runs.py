@@ -183,10 +183,11 @@ def resumable(output: Path, config: RunConfig) -> dict:
     return state
 
 
-def make_output(work: Path) -> None:
-    """Create the folder to train in (a leftover of an interrupted replacement is started afresh)."""
+def make_output(work: Path, replacing: bool) -> None:
+    """Create the folder to train in (``replacing``: the one beside the old run, where a leftover of an interrupted
+    replacement is started afresh)."""
     try:
-        if work.name.startswith(".") and work.name.endswith(".new"):
+        if replacing:
             shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -313,26 +314,26 @@ def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: 
     config.validate()
     work, resumed = check_output(output, resume, overwrite, config)
     state = distributed_state()
-    replacing = work != output and state.is_main_process
+    replacing = work != output
     try:
-        metrics = _train_into(work, config, resumed, t0, ood_data, progress_bar, validation, state.is_main_process)
-        if replacing:
+        metrics = _train_into(work, replacing, config, resumed, t0, ood_data, progress_bar, validation, state)
+        if replacing and state.is_main_process:
             swap_in(work, output)
         return metrics
     except BaseException:
-        if replacing:
+        if replacing and state.is_main_process:
             shutil.rmtree(work, ignore_errors=True)
         raise
 
 
-def _train_into(work: Path, config: RunConfig, resumed: dict, t0: float, ood_data: str | None, progress_bar: bool,
-                validation: bool, is_main: bool) -> dict:
+def _train_into(work: Path, replacing: bool, config: RunConfig, resumed: dict, t0: float, ood_data: str | None,
+                progress_bar: bool, validation: bool, state) -> dict:
     task = task_of(config)
     ood = ood_test(config, ood_data)
     classifier, method = build(config, task.label_names)
-    state = distributed_state()
+    is_main = state.is_main_process
     if is_main:
-        make_output(work)
+        make_output(work, replacing)
     state.wait_for_everyone()
     before = float(resumed.get("seconds", 0.0))  # training time of the sessions before the checkpoint
     history = train(classifier, method, task.train, task.validation, config.train, work, bool(resumed), progress_bar,
