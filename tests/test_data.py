@@ -484,3 +484,23 @@ def test_any_file_loads_or_raises_bara_error(tmp_path_factory, suffix, header, b
         return
     assert task.num_labels >= 2 and len(task.train) >= 1 and len(task.test) >= 1
     assert all(0 <= label < task.num_labels for label in task.train.labels + task.test.labels)
+
+
+_option = st.one_of(st.none(), st.integers(-5, 200), st.floats(allow_nan=True), st.booleans(), st.text(max_size=2))
+
+
+@settings(max_examples=40, deadline=None)
+@given(max_train=_option, max_eval=_option, seed=st.integers(0, 2**31),
+       columns=st.sampled_from([("text", "label"), ("label", "label"), ("text", "text"), ("nope", "label")]))
+def test_any_loader_options_load_or_raise_bara_error(tmp_path_factory, max_train, max_eval, seed, columns):
+    path = tmp_path_factory.getbasetemp() / "options.csv"
+    if not path.exists():
+        write_csv(path, imbalanced_rows({"a": 12, "b": 8, "c": 5}))
+    try:
+        task = load_task(str(path), max_train=max_train, max_eval=max_eval, seed=seed, text_column=columns[0],
+                         label_column=columns[1])
+    except BaraError as err:
+        assert "fix:" in str(err)
+        return
+    assert columns == ("text", "label") and task.num_labels == 3
+    assert len(task.train) == (19 if max_train is None or max_train >= 19 else max_train)  # 25 rows - 2 x 3 carved

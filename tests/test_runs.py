@@ -413,3 +413,15 @@ def test_cli_prints_the_rows_read_and_keeps_them(tiny_bert, toy_data, tmp_path, 
     assert out[:3] == [f"data: {Path(toy_data) / name}: {n} rows read" for name, n in
                        (("train.tsv", 60), ("dev.tsv", 15), ("test.tsv", 24))]
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["data_notes"] == [line[6:] for line in out[:3]]
+
+
+def test_unwritable_output_is_refused_before_loading(tmp_path, monkeypatch, toy_data):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.access(locked, os.W_OK):  # root writes anywhere: pretend the folder is read-only for it too
+        monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked)
+    cfg = config(str(tmp_path / "no-such-model"), toy_data)  # loading it would fail with another message
+    with pytest.raises(BaraError, match=f"--output {locked / 'run'}: {locked} is not writable; fix: choose"):
+        runs.run_train(cfg, locked / "run", progress_bar=False)
+    locked.chmod(0o755)
