@@ -406,15 +406,19 @@ def _saved_tensors(weights: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_sizes(config: RunConfig, label_names: list[str], tensors: dict[str, torch.Tensor], where: Path) -> None:
-    """The shapes the adapter config implies against the saved tensors, before any adapter memory is allocated
-    (an edited config with r = 1000000 would otherwise ask for gigabytes)."""
+    """The adapter size the config implies, before any of it is allocated: an edited config (r = 1000000) would
+    otherwise ask for gigabytes. Refused when it is larger than both the base model and the saved tensors (a
+    method may load fewer factors than its config names, as a pruned BaRA adapter does; never more)."""
     classifier, _ = build(config, label_names, adapter_device="meta")
-    wrong = [(name, tuple(p.shape), tuple(tensors[name].shape)) for name, p in classifier.named_parameters()
-             if name in tensors and p.shape != tensors[name].shape]
-    if wrong:
-        name, implied, saved = wrong[0]
-        raise BaraError(f"{where}: its config implies {name} of shape {implied}, the saved tensor is {saved} "
-                        f"({len(wrong)} tensors differ); fix: restore the adapter_config.json that was saved with "
+    implied = sum(p.numel() for p in classifier.parameters() if p.is_meta)
+    base = sum(p.numel() for p in classifier.parameters() if not p.is_meta)
+    saved = sum(t.numel() for t in tensors.values())
+    if implied > max(base, saved):
+        name, p = next((n, p) for n, p in classifier.named_parameters()
+                       if p.is_meta and n in tensors and p.shape != tensors[n].shape)
+        raise BaraError(f"{where}: its config implies an adapter of {implied:,} values ({name}: "
+                        f"{tuple(p.shape)}), more than the base model's {base:,} and the {saved:,} saved "
+                        f"({tuple(tensors[name].shape)}); fix: restore the adapter_config.json that was saved with "
                         "the adapter, or re-run 'bara train'")
 
 
