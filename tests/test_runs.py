@@ -425,3 +425,12 @@ def test_unwritable_output_is_refused_before_loading(tmp_path, monkeypatch, toy_
     with pytest.raises(BaraError, match=f"--output {locked / 'run'}: {locked} is not writable; fix: choose"):
         runs.run_train(cfg, locked / "run", progress_bar=False)
     locked.chmod(0o755)
+
+
+def test_overwrite_of_the_current_folder_is_refused(tiny_bert, toy_data, tmp_path, monkeypatch):
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "metrics.json").write_text("{}")
+    monkeypatch.chdir(tmp_path / "here")
+    with pytest.raises(BaraError, match="holds the current folder; fix: run the command from another folder"):
+        runs.run_train(config(tiny_bert, toy_data, steps=2), Path("."), overwrite=True, progress_bar=False)
+    assert (tmp_path / "here" / "metrics.json").read_text() == "{}"

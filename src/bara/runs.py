@@ -147,8 +147,13 @@ def check_output(output: Path, resume: bool, overwrite: bool, config: RunConfig)
         raise BaraError(f"{output} holds an unfinished run; fix: pass --resume to continue it, or --overwrite")
     _check_writable(output)
     state = resumable(output, config) if resume else {}
-    replacing = overwrite and output.is_dir() and any(output.iterdir())
-    return (output.with_name(f".{output.name}.new") if replacing else output), state
+    if not (overwrite and output.is_dir() and any(output.iterdir())):
+        return output, state
+    output = output.resolve()
+    if output == Path.cwd().resolve() or output in Path.cwd().resolve().parents:
+        raise BaraError(f"--overwrite replaces the folder {output}, which holds the current folder; fix: run the "
+                        "command from another folder")
+    return output.with_name(f".{output.name}.new"), state
 
 
 def _check_writable(output: Path) -> None:
