@@ -71,3 +71,21 @@ def test_a_checkpoint_without_hashes_is_taken_on_trust(tmp_path):
     (tmp_path / "checkpoint" / "history.jsonl").unlink()
     assert checkpoint.newest_whole(tmp_path) == tmp_path / "checkpoint"
     assert checkpoint.load(tmp_path / "checkpoint", optimizer, scheduler)[0::2] == (3, [])
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from bara.errors import BaraError
+
+    layer, optimizer, scheduler = _state()
+    checkpoint.save(tmp_path, 5, {"weight": layer.weight.detach()}, optimizer, scheduler)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoint").iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    with pytest.raises(BaraError, match="cannot write the checkpoint of step 10 .*No space left.*previous checkpoint "
+                                        "is kept; fix: free some disk space and rerun with --resume"):
+        checkpoint.save(tmp_path, 10, {"weight": layer.weight.detach()}, optimizer, scheduler)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoint").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]

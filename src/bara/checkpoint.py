@@ -19,7 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .errors import BaraError
 
 NAME = "checkpoint"
 STATE, HISTORY = "state.json", "history.jsonl"
@@ -78,16 +81,12 @@ def save(output_dir: Path, step: int, adapter: dict[str, torch.Tensor], optimize
     _write(tmp / f"rng-{rank}.json", json.dumps(_rng_state()))
     barrier()
     if is_main:
-        tensors, opt_meta = _optimizer_tensors(optimizer)
-        tensors.update({f"adapter.{k}": v.contiguous() for k, v in adapter.items()})
-        save_file(tensors, tmp / "state.safetensors")
-        fsync(tmp / "state.safetensors")
-        _write(tmp / HISTORY, "".join(json.dumps(h) + "\n" for h in history or []))
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-        meta = {**(extra or {}), "step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
-                "files": files}
-        _write(tmp / STATE, json.dumps(meta))  # last: a folder without it is never taken for a checkpoint
-        fsync(tmp)
+        try:
+            _write_state(tmp, step, adapter, optimizer, scheduler, history, extra)
+        except (OSError, SafetensorError) as err:  # a full disk: the checkpoints before it stay as they were
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise BaraError(f"cannot write the checkpoint of step {step} into {output_dir} ({err}); the previous "
+                            "checkpoint is kept; fix: free some disk space and rerun with --resume") from None
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             os.replace(final, old)  # kept until the next checkpoint is whole
@@ -95,6 +94,21 @@ def save(output_dir: Path, step: int, adapter: dict[str, torch.Tensor], optimize
         fsync(output_dir)
     barrier()
     return final
+
+
+def _write_state(tmp: Path, step: int, adapter: dict[str, torch.Tensor], optimizer, scheduler,
+                 history: list[dict] | None, extra: dict | None) -> None:
+    """The main process's files of a checkpoint, each fsynced; state.json last, with the sha256 of the others."""
+    tensors, opt_meta = _optimizer_tensors(optimizer)
+    tensors.update({f"adapter.{k}": v.contiguous() for k, v in adapter.items()})
+    save_file(tensors, tmp / "state.safetensors")
+    fsync(tmp / "state.safetensors")
+    _write(tmp / HISTORY, "".join(json.dumps(h) + "\n" for h in history or []))
+    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+    meta = {**(extra or {}), "step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+            "files": files}
+    _write(tmp / STATE, json.dumps(meta))  # last: a folder without it is never taken for a checkpoint
+    fsync(tmp)
 
 
 class Damaged(Exception):
