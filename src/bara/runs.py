@@ -375,7 +375,8 @@ def _train_into(work: Path, replacing: bool, config: RunConfig, resumed: dict, t
 
 
 def save_adapter(classifier: Classifier, method: Method, config: RunConfig, task: Task, output: Path) -> None:
-    run = {**config.to_dict(), "model": portable(config.model, EMBEDDED), "data": portable(config.data, builtin_tasks())}
+    run = {**config.to_dict(), "model": portable(config.model, EMBEDDED),
+           "data": portable(config.data, builtin_tasks())}
     meta = {"method": method.name, "method_config": method.config.to_dict(), "base_model": run["model"],
             "label_names": task.label_names, "task_kind": task.kind, "run": run,
             "bara_version": versions()["bara-peft"]}

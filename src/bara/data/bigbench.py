@@ -58,8 +58,8 @@ SPLIT_STREAM = 100  # a stream of sampling's generator that no other split uses
 FILES = ("train.jsonl", "test.jsonl")
 FETCH_HINT = "run 'bara data fetch bigbench' (downloads the bigbench sdist from PyPI once, about 360 MB)"
 # The sdist on PyPI (its sha256 as pip reported it when checking a download against a pinned hash, 2026-12-01).
-SDIST_URL = ("https://files.pythonhosted.org/packages/95/f8/c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/"
-             f"bigbench-{VERSION}.tar.gz")
+SDIST_URL = ("https://files.pythonhosted.org/packages/95/f8/"
+             f"c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/bigbench-{VERSION}.tar.gz")
 SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 MEMBER = re.compile(r"(?:.*/)?bigbench/benchmark_tasks/(.+)/task\.json")
 

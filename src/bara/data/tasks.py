@@ -18,7 +18,6 @@ import math
 import re
 from collections.abc import Sequence
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
