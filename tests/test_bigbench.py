@@ -1,6 +1,6 @@
 """BIG-bench tasks: conversion of task.json to multiple-choice JSONL, the fixed 80/20 split, reading the sdist
-(a .tar.gz or the tree pip unpacked) and the clear error before `bara data fetch bigbench`. No network: the
-sdist is a small fake with the real layout, and pip is replaced by a fake process."""
+(a .tar.gz or an unpacked tree) and the clear error before `bara data fetch bigbench`. No network: the
+sdist is a small fake with the real layout, served by a fake HTTP response."""
 
 from __future__ import annotations
 
@@ -142,47 +142,37 @@ def test_fetch_from_an_sdist_archive_makes_the_tasks_loadable(cache, tmp_path, c
     assert "'nope' is not a BIG-bench task of bara" in capsys.readouterr().err
 
 
-class FakePip:
-    """Stands in for ``python -m pip download``: unpacks a fake sdist under $TMPDIR, reports progress, then
-    refuses as pip >= 26 does (exit 1)."""
+class FakeResponse(io.BytesIO):
+    """Stands in for the HTTP response of PyPI's file host."""
 
-    calls: list[list[str]] = []
-
-    def __init__(self, command, stdout, stderr, text, env):
-        FakePip.calls.append(command)
-        tree = Path(env["TMPDIR"]) / "pip-download-x1" / "bigbench_abc"
-        for name, task in {"strategyqa": yes_no_task(20), "winowhy": yes_no_task(30)}.items():
-            (tree / "bigbench" / "benchmark_tasks" / name).mkdir(parents=True)
-            (tree / "bigbench" / "benchmark_tasks" / name / "task.json").write_text(json.dumps(task))
-        stderr.write("ERROR: Distributions from PyPI cannot declare direct URL dependencies.\n")
-        self.stdout = iter(["Collecting bigbench==1.0.0\n", "  Downloading bigbench-1.0.0.tar.gz (1 kB)\n",
-                            "Progress 0 of 1000\n", "Progress 1000 of 1000\n"])
-
-    def wait(self) -> int:
-        return 1
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.headers = {"Content-Length": str(len(data))}
 
 
-def test_fetch_downloads_with_pip_and_deletes_the_download(cache, monkeypatch, capsys):
-    FakePip.calls = []
-    monkeypatch.setattr(bigbench.subprocess, "Popen", FakePip)
+def test_fetch_downloads_checks_the_sha256_and_deletes_the_download(cache, tmp_path, monkeypatch, capsys):
+    import hashlib
+
+    sdist = fake_sdist(tmp_path / "fake.tar.gz", {"strategyqa": yes_no_task(20), "winowhy": yes_no_task(30)})
+    data, urls = sdist.read_bytes(), []
+    monkeypatch.setattr(bigbench, "urlopen", lambda url, timeout: urls.append(url) or FakeResponse(data))
+    with pytest.raises(BaraError, match=f"has sha256 {hashlib.sha256(data).hexdigest()}, not the pinned "
+                                        f"{bigbench.SDIST_SHA256}; fix: fetch again"):
+        bigbench.fetch(["strategyqa"], progress=False)
+    assert not cache.exists() or not any(cache.iterdir())  # nothing converted, the download deleted
+    monkeypatch.setattr(bigbench, "SDIST_SHA256", hashlib.sha256(data).hexdigest())
     summary = bigbench.fetch(["strategyqa", "winowhy"], progress=False)
+    assert urls == [bigbench.SDIST_URL] * 2 and bigbench.SDIST_URL.endswith("/bigbench-1.0.0.tar.gz")
     assert {t: (s["train"], s["test"]) for t, s in summary.items()} == {"strategyqa": (16, 4), "winowhy": (24, 6)}
-    command = FakePip.calls[0]
-    assert command[1:4] == ["-m", "pip", "download"] and "bigbench==1.0.0" in command
-    assert {"--no-deps", ":all:", "--no-clean"} <= set(command)
-    out = capsys.readouterr().out
-    assert "downloading bigbench==1.0.0" in out and "Downloading bigbench-1.0.0.tar.gz" in out
-    assert "from the unpacked copy" in out
+    assert "downloading bigbench==1.0.0 from PyPI" in capsys.readouterr().out
     assert sorted(p.name for p in cache.iterdir()) == ["strategyqa", "winowhy"]  # the download is gone
     assert len(load_task("bigbench/winowhy").test) == 6
 
-    class FailingPip(FakePip):
-        def __init__(self, command, stdout, stderr, text, env):
-            stderr.write("ERROR: Could not find a version that satisfies the requirement bigbench==1.0.0\n")
-            self.stdout = iter([])
+    def offline(url, timeout):
+        raise bigbench.URLError("no route to host")
 
-    monkeypatch.setattr(bigbench.subprocess, "Popen", FailingPip)
-    with pytest.raises(BaraError, match="pip could not download bigbench==1.0.0 .*Could not find a version"):
+    monkeypatch.setattr(bigbench, "urlopen", offline)
+    with pytest.raises(BaraError, match="could not download .*no route to host.*fix: check the connection"):
         bigbench.fetch(["social_iqa"], progress=False)
     assert sorted(p.name for p in cache.iterdir()) == ["strategyqa", "winowhy"]
 

@@ -8,6 +8,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bara.data import Split, Task, builtin_tasks, load_task
 from bara.data.sampling import allocate
@@ -246,10 +248,10 @@ def test_column_override(tmp_path):
 
 
 def test_multiline_quoted_text_is_one_example(tmp_path):
-    path = write(tmp_path / "m.csv", 'text,label\n"first line\nsecond line",a\nplain,a\nother,a\n')
+    path = write(tmp_path / "m.csv", 'text,label\n"first line\nsecond line",a\nplain,a\nother,b\nmore,b\n')
     task = load_task(str(path))
     texts = task.train.texts + task.validation.texts + task.test.texts
-    assert "first line\nsecond line" in texts and len(texts) == 3
+    assert "first line\nsecond line" in texts and len(texts) == 4
 
 
 # --- multiple choice -----------------------------------------------------------------------------------
@@ -344,7 +346,7 @@ def test_non_utf8_bytes(tmp_path):
 
 
 def test_utf8_bom_is_accepted(tmp_path):
-    path = write(tmp_path / "bom.csv", "\ufefftext,label\nhé,a\nb,a\nc,a\n".encode())
+    path = write(tmp_path / "bom.csv", "\ufefftext,label\nhé,a\nb,a\nc,b\nd,b\n".encode())
     task = load_task(str(path))
     assert "hé" in task.train.texts + task.validation.texts + task.test.texts
 
@@ -393,3 +395,112 @@ def test_trec_warns_that_its_labels_are_scrambled():
     # the defect itself: the majority class covers most of the test split
     counts = [task.test.labels.count(i) for i in range(task.num_labels)]
     assert task.label_names[counts.index(max(counts))] == "ENTY" and max(counts) / len(task.test) > 0.8
+
+
+# --- input that used to load silently wrong --------------------------------------------------------------
+
+def test_tsv_stray_quote_is_an_error_naming_the_line(tmp_path):
+    rows = [f"example {i}\t{'ab'[i % 2]}" for i in range(12)]
+    rows[3] = '"example 3 with a stray quote\tb'  # the quote swallows the rows below it
+    path = write(tmp_path / "q.tsv", "text\tlabel\n" + "\n".join(rows) + "\n")
+    raises(["q.tsv", "line 5", "stray double quote", "merging 9 lines"], load_task, str(path))
+
+
+def test_tsv_quoted_tab_on_one_line_still_loads(tmp_path):
+    rows = [f"example {i}\t{'ab'[i % 2]}" for i in range(12)] + ['"a tab\tinside"\ta']
+    task = load_task(str(write(tmp_path / "ok.tsv", "text\tlabel\n" + "\n".join(rows) + "\n")))
+    texts = task.train.texts + task.validation.texts + task.test.texts
+    assert len(texts) == 13 and "a tab\tinside" in texts
+    assert task.notes[0] == f"{tmp_path / 'ok.tsv'}: 13 rows read"
+
+
+@pytest.mark.parametrize("name, content", [
+    ("n.csv", "text,label\none,a\ntwo,b\nthree,NaN\nfour,a\n"),
+    ("n.jsonl", '{"text": "one", "label": "a"}\n{"text": "two", "label": "b"}\n{"text": "three", "label": NaN}\n'),
+])
+def test_nan_label_is_an_error(tmp_path, name, content):
+    raises([name, "line 4" if name.endswith(".csv") else "line 3", "missing value"], load_task,
+           str(write(tmp_path / name, content)))
+
+
+def test_one_class_is_an_error(tmp_path):
+    path = write_csv(tmp_path / "one.csv", [(f"text {i}", "same") for i in range(20)])
+    raises(["one.csv", "'same'", "nothing to learn"], load_task, str(path))
+
+
+def test_text_column_equal_to_label_column_is_an_error(tmp_path):
+    path = write_csv(tmp_path / "c.csv", imbalanced_rows({"a": 5, "b": 5}))
+    raises(["both 'label'"], load_task, str(path), text_column="label", label_column="label")
+
+
+def test_duplicates_are_carved_by_unique_text(tmp_path):
+    unique = [(f"{label} example {i}", label) for label in "ab" for i in range(45)]
+    rows = unique + unique[:30] * 2  # 60 rows repeat an earlier text
+    task = load_task(str(write_csv(tmp_path / "dup.csv", rows)), seed=0)
+    assert (len(task.validation), len(task.test)) >= (9, 9)
+    train = set(task.train.texts)
+    assert not train & set(task.test.texts) and not train & set(task.validation.texts)
+    assert len(task.train) + len(task.validation) + len(task.test) == 150  # every row kept, in one split
+    assert any("60 rows repeat the text of an earlier row" in note for note in task.notes), task.notes
+
+
+def test_carving_without_duplicates_is_unchanged(tmp_path):
+    path = write_csv(tmp_path / "u.csv", imbalanced_rows({"neg": 60, "pos": 40}))
+    task = load_task(str(path), seed=0)
+    # as carved before carving went by unique text (computed with the code of 8d48f96)
+    assert task.test.texts == ['neg example 5', 'neg example 10', 'neg example 25', 'neg example 26',
+                               'neg example 36', 'neg example 51', 'pos example 3', 'pos example 23',
+                               'pos example 31', 'pos example 38']
+    assert task.validation.texts == ['neg example 8', 'neg example 16', 'neg example 20', 'neg example 27',
+                                     'neg example 34', 'neg example 42', 'pos example 1', 'pos example 16',
+                                     'pos example 21', 'pos example 33']
+    assert not any("repeat" in note for note in task.notes)
+
+
+def test_max_train_below_the_classes_warns(tmp_path):
+    path = write_csv(tmp_path / "five.csv", imbalanced_rows({c: 6 for c in "abcde"}))
+    with pytest.warns(UserWarning, match=r"--max-train 3 is smaller than the 5 classes .*2 classes get no"):
+        task = load_task(str(path), max_train=3)
+    assert len(task.train) == 3
+
+
+# --- property: malformed files load or raise BaraError, nothing else ---------------------------------------
+
+_pieces = st.sampled_from(["a", "b", "text", "label", ",", "\t", '"', "\n", "\r\n", " ", "NaN", "{", "}", ":",
+                           "[", "]", '"text"', '"label"', "1", "é", "\x00", "null"])
+
+
+@settings(max_examples=80, deadline=None)
+@given(suffix=st.sampled_from([".csv", ".tsv", ".jsonl"]), header=st.booleans(),
+       body=st.lists(_pieces, max_size=60), junk=st.binary(max_size=3))
+def test_any_file_loads_or_raises_bara_error(tmp_path_factory, suffix, header, body, junk):
+    head = {".csv": "text,label\n", ".tsv": "text\tlabel\n", ".jsonl": '{"text": "x", "label": "a"}\n'}[suffix]
+    path = tmp_path_factory.mktemp("prop") / f"data{suffix}"
+    path.write_bytes((head if header else "").encode() + "".join(body).encode() + junk)
+    try:
+        task = load_task(str(path))
+    except BaraError as err:
+        assert "fix:" in str(err)
+        return
+    assert task.num_labels >= 2 and len(task.train) >= 1 and len(task.test) >= 1
+    assert all(0 <= label < task.num_labels for label in task.train.labels + task.test.labels)
+
+
+_option = st.one_of(st.none(), st.integers(-5, 200), st.floats(allow_nan=True), st.booleans(), st.text(max_size=2))
+
+
+@settings(max_examples=40, deadline=None)
+@given(max_train=_option, max_eval=_option, seed=st.integers(0, 2**31),
+       columns=st.sampled_from([("text", "label"), ("label", "label"), ("text", "text"), ("nope", "label")]))
+def test_any_loader_options_load_or_raise_bara_error(tmp_path_factory, max_train, max_eval, seed, columns):
+    path = tmp_path_factory.getbasetemp() / "options.csv"
+    if not path.exists():
+        write_csv(path, imbalanced_rows({"a": 12, "b": 8, "c": 5}))
+    try:
+        task = load_task(str(path), max_train=max_train, max_eval=max_eval, seed=seed, text_column=columns[0],
+                         label_column=columns[1])
+    except BaraError as err:
+        assert "fix:" in str(err)
+        return
+    assert columns == ("text", "label") and task.num_labels == 3
+    assert len(task.train) == (19 if max_train is None or max_train >= 19 else max_train)  # 25 rows - 2 x 3 carved

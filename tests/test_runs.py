@@ -144,3 +144,294 @@ def test_real_minilm_smoke(tmp_path):
     metrics = runs.run_train(cfg, out, progress_bar=False)
     assert metrics["n_test"] == 60 and metrics["num_labels"] == 20
     assert metrics["trainable_params"] == 2 * 6 * (8 * 384 * 2) + 384 * 20 + 20  # LoRA on q,v in 6 layers + head
+
+
+# --- nothing lost: overwrite and resume -------------------------------------------------------------------
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_is_finished(tiny_bert, toy_data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    first = config(tiny_bert, toy_data, steps=4)
+    first.train.eval_every = 2
+    runs.run_train(first, out, progress_bar=False)
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "curve.png" in before
+
+    def file_too_large(*args, **kwargs):
+        raise OSError(27, "File too large")  # as under prlimit --fsize
+
+    monkeypatch.setattr(runs, "save_file", file_too_large)  # the new run fails when it writes its adapter
+    with pytest.raises(BaraError, match=r"cannot write .*\.run\.new/adapter_model.safetensors .*File too large"):
+        runs.run_train(config(tiny_bert, toy_data, steps=3), out, overwrite=True, progress_bar=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing half-written beside it
+    monkeypatch.undo()
+    runs.run_train(config(tiny_bert, toy_data, steps=3), out, overwrite=True, progress_bar=False)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                      "history.jsonl", "metrics.json", "notes.txt",
+                                                      "reliability.png"]  # no stale curve.png
+    assert (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "metrics.json").read_text())["config"]["train"]["steps"] == 3
+    assert len((out / "history.jsonl").read_text().splitlines()) == 3
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _crash_at(monkeypatch, step: int) -> None:
+    real_save = checkpoint.save
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        if args[1] == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_crash)
+
+
+SCORES = ("accuracy", "ece", "nll", "brier")
+
+
+def _same_run(a: Path, b: Path) -> None:
+    """The same history, adapter and scores (timings aside; checkpoint_every may differ)."""
+    for name in ("history.jsonl", "adapter_model.safetensors"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    ca, cb = (json.loads((p / "adapter_config.json").read_text()) for p in (a, b))
+    ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (a, b))
+    for values in (ca["run"], cb["run"], ma["config"], mb["config"]):
+        values["train"].pop("checkpoint_every")
+    assert ca == cb
+    assert {k: ma[k] for k in SCORES + ("n_train", "n_test", "config")} == \
+        {k: mb[k] for k in SCORES + ("n_train", "n_test", "config")}
+    assert {k: ma["validation"][k] for k in SCORES} == {k: mb["validation"][k] for k in SCORES}
+
+
+@pytest.fixture()
+def cut_run(tiny_bert, toy_data, tmp_path, monkeypatch):
+    """A run of 14 steps (checkpoints every 5, validation every 7) finished, and the same run cut at step 10."""
+    cfg = config(tiny_bert, toy_data, steps=14, lora_dropout=0.1)
+    cfg.train.checkpoint_every, cfg.train.eval_every = 5, 7
+    runs.run_train(cfg, tmp_path / "full", progress_bar=False)
+    _crash_at(monkeypatch, 10)
+    with pytest.raises(KeyboardInterrupt):
+        runs.run_train(cfg, tmp_path / "cut", progress_bar=False)
+    monkeypatch.undo()
+    return cfg, tmp_path / "full", tmp_path / "cut"
+
+
+def test_resume_keeps_the_history_and_refuses_another_run(cut_run, toy_choices, tmp_path):
+    import copy
+
+    cfg, full, cut = cut_run
+    changes = [("lr", 1e-2, "--lr 0.005 there, 0.01 now"), ("seed", 1, "--seed 0 there, 1 now"),
+               ("batch_size", 4, "--batch-size 8 there, 4 now"), ("steps", 8, "--steps 14 there, 8 now")]
+    for option, value, expected in changes:
+        other = copy.deepcopy(cfg)
+        setattr(other.train, option, value)
+        with pytest.raises(BaraError, match=f"belongs to another run \\({expected}\\); fix: resume with") as err:
+            runs.run_train(other, cut, resume=True, progress_bar=False)
+        assert "\n" not in str(err.value)
+    for field, value, flag in (("method", "mcdropout", "--method lora there, mcdropout now"),
+                               ("data", toy_choices, "--data ")):
+        other = copy.deepcopy(cfg)
+        setattr(other, field, value)
+        with pytest.raises(BaraError, match=flag):
+            runs.run_train(other, cut, resume=True, progress_bar=False)
+    same = copy.deepcopy(cfg)
+    same.train.checkpoint_every = 4  # how often it checkpoints does not change the run
+    runs.run_train(same, cut, resume=True, progress_bar=False)
+    assert len((cut / "history.jsonl").read_text().splitlines()) == 14
+    _same_run(full, cut)
+
+
+def test_resume_without_a_checkpoint_is_refused(tiny_bert, toy_data, tmp_path):
+    cfg = config(tiny_bert, toy_data, steps=2)
+    with pytest.raises(BaraError, match="--resume: .* has no run to continue: there is no checkpoint; fix: drop"):
+        runs.run_train(cfg, tmp_path / "new", resume=True, progress_bar=False)
+    assert not (tmp_path / "new").exists()
+    runs.run_train(cfg, tmp_path / "done", progress_bar=False)
+    with pytest.raises(BaraError, match="already holds a finished run"):
+        runs.run_train(cfg, tmp_path / "done", resume=True, progress_bar=False)
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_one(cut_run):
+    cfg, full, cut = cut_run
+    weights = cut / checkpoint.NAME / "state.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    assert checkpoint.read(cut / f".{checkpoint.NAME}.old")["step"] == 5
+    with pytest.warns(UserWarning, match="state.safetensors is missing or not the file that was written; resuming "
+                                         "from the previous checkpoint"):
+        runs.run_train(cfg, cut, resume=True, progress_bar=False)
+    _same_run(full, cut)
+
+
+def test_empty_state_json_everywhere_is_one_error(cut_run):
+    cfg, _, cut = cut_run
+    for folder in checkpoint.candidates(cut):
+        (folder / "state.json").write_text("")
+    with pytest.raises(BaraError, match=r"its checkpoints are damaged \(.*state.json is unreadable.*fix: drop "
+                                        r"--resume .* or pass --overwrite"):
+        runs.run_train(cfg, cut, resume=True, progress_bar=False)
+
+
+# --- one line instead of a traceback -------------------------------------------------------------------------
+
+@pytest.fixture()
+def trained(tiny_bert, toy_data, tmp_path) -> Path:
+    out = tmp_path / "trained"
+    runs.run_train(config(tiny_bert, toy_data, steps=2), out, progress_bar=False)
+    return out
+
+
+def _damaged_copy(trained: Path, tmp_path: Path, name: str, damage) -> str:
+    import shutil
+
+    folder = tmp_path / name
+    shutil.copytree(trained, folder)
+    damage(folder)
+    return str(folder)
+
+
+def _edit_config(folder: Path, edit) -> None:
+    meta = json.loads((folder / runs.ADAPTER_CONFIG).read_text())
+    edit(meta)
+    (folder / runs.ADAPTER_CONFIG).write_text(json.dumps(meta))
+
+
+def _nan_weights(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / runs.ADAPTER_WEIGHTS)
+    next(iter(tensors.values()))[0] = float("nan")
+    save_file(tensors, folder / runs.ADAPTER_WEIGHTS)
+
+
+def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path, capsys, tiny_bert, toy_data, trained):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    train = ["train", "--model", tiny_bert, "--data", toy_data, "--steps", "2", "--output", str(tmp_path / "o")]
+    adapter = str(trained)
+    cases = [
+        (train + ["--batch-size", "0"], "--batch-size must be a whole number >= 1"),
+        (train + ["--batch-size", "-3"], "--batch-size must be"),
+        (train + ["--max-length", "0"], "--max-length must be a whole number >= 1"),
+        (train + ["--max-length", "1000"], "--max-length 1000 is more than the 128 positions"),
+        (train + ["--epochs", "0"], "--epochs must be a number above 0"),
+        (train + ["--epochs", "-1"], "--epochs must be"),
+        (train + ["--steps", "-5"], "--steps must be a whole number >= 0"),
+        (train + ["--lr", "-0.001"], "--lr must be a number above 0"),
+        (train + ["--lr", "nan"], "--lr must be a number above 0, got nan"),
+        (train + ["--warmup-ratio", "1.5"], "--warmup-ratio must be a fraction from 0 to 1"),
+        (train + ["--checkpoint-every", "-1"], "--checkpoint-every must be"),
+        (train + ["--text-column", "label"], "the text and the label column are both 'label'"),
+        (train + ["--resume"], "has no run to continue: there is no checkpoint"),
+        (["train", "--model", str(tmp_path / "no-model"), "--data", toy_data, "--output", str(afile / "o")],
+         "is under " + str(afile) + ", which is a file"),  # checked before the model is loaded
+        (["eval", "--adapter", adapter, "--output", str(afile)], f"--output {afile} is a file"),
+        (["eval", "--adapter", adapter, "--samples", "-1"], "--samples must be a whole number >= 0"),
+        (["eval", "--adapter", _damaged_copy(trained, tmp_path, "nolabels", lambda f: _edit_config(
+            f, lambda m: m.pop("label_names")))], "is not a valid adapter config (KeyError: 'label_names')"),
+        (["eval", "--adapter", _damaged_copy(trained, tmp_path, "onelabel", lambda f: _edit_config(
+            f, lambda m: m.update(label_names=["x"])))], "not a list of 2 or more strings"),
+        (["eval", "--adapter", _damaged_copy(trained, tmp_path, "truncated", lambda f: (f / runs.ADAPTER_WEIGHTS)
+                                             .write_bytes((f / runs.ADAPTER_WEIGHTS).read_bytes()[:200]))],
+         "adapter_model.safetensors is damaged or truncated"),
+        (["eval", "--adapter", _damaged_copy(trained, tmp_path, "nan", _nan_weights)], "holds NaN or infinite values"),
+        (["eval", "--adapter", _damaged_copy(trained, tmp_path, "huge", lambda f: _edit_config(
+            f, lambda m: (m["method_config"].update(r=1000000), m["run"]["method_options"].update(r=1000000))))],
+         "its config implies an adapter of 256,000,000 values (backbone.base_model.model.bert.encoder.layer.0."
+         "attention.self.query.lora_A.default.weight: (1000000, 32)), more than the base model's"),
+    ]
+    capsys.readouterr()  # what training the fixture printed
+    for argv, expected in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("bara: error:") and "\n" not in err and "fix:" in err, err
+        assert expected in err, err[-300:]
+    assert not (tmp_path / "o").exists()
+
+
+def test_adapter_loads_from_another_folder(tiny_bert, toy_data, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(toy_data, tmp_path / "work" / "toy")
+    shutil.copytree(tiny_bert, tmp_path / "work" / "model")
+    monkeypatch.chdir(tmp_path / "work")
+    metrics = runs.run_train(config("model", "toy", steps=2), Path("run"), progress_bar=False)
+    meta = json.loads(Path("run", runs.ADAPTER_CONFIG).read_text())
+    assert meta["base_model"] == meta["run"]["model"] == str(tmp_path / "work" / "model")
+    assert meta["run"]["data"] == str(tmp_path / "work" / "toy")
+    monkeypatch.chdir(tmp_path)
+    again = runs.run_eval(tmp_path / "work" / "run", progress_bar=False)
+    assert again["nll"] == pytest.approx(metrics["nll"], abs=1e-6)
+
+
+def test_killed_six_times_resumes_to_the_same_run(tiny_bert, toy_data, tmp_path, monkeypatch):
+    """Interrupted at random training steps and inside checkpoint writes (before each fsync of a file, of the
+    folder, and after the swap), then resumed: the same history, adapter and metrics as an uninterrupted run."""
+    import random
+
+    from bara import trainer
+
+    cfg = config(tiny_bert, toy_data, steps=16, lora_dropout=0.1)
+    cfg.train.checkpoint_every, cfg.train.eval_every = 3, 4
+    runs.run_train(cfg, tmp_path / "full", progress_bar=False)
+    out, rng, kills, reached = tmp_path / "killed", random.Random(0), [], []
+    real_progress, real_fsync = trainer.Progress, checkpoint.fsync
+
+    def killer(real, where: str, at: int):
+        calls = []
+
+        def wrapped(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == at:
+                kills.append(where)
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+        return wrapped
+
+    for session in range(6):
+        if session % 2:  # the n-th fsync of this session: inside the first or second checkpoint write
+            monkeypatch.setattr(checkpoint, "fsync", killer(real_fsync, "write", rng.randint(1, 12)))
+        else:  # Progress is made twice per training step
+            monkeypatch.setattr(trainer, "Progress", killer(real_progress, "step", rng.randint(1, 10)))
+        with pytest.raises(KeyboardInterrupt):
+            runs.run_train(cfg, out, resume=bool(checkpoint.candidates(out)), progress_bar=False)
+        monkeypatch.undo()
+        assert not (out / "metrics.json").exists()
+        whole = checkpoint.newest_whole(out)
+        reached.append(checkpoint.read(whole)["step"] if whole else 0)
+    assert kills == ["step", "write"] * 3
+    assert reached == [3, 6, 6, 6, 9, 12]  # the step of the newest whole checkpoint after each kill
+    runs.run_train(cfg, out, resume=True, progress_bar=False)
+    _same_run(tmp_path / "full", out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "full").iterdir())
+
+
+def test_cli_prints_the_rows_read_and_keeps_them(tiny_bert, toy_data, tmp_path, capsys):
+    argv = ["train", "--model", tiny_bert, "--data", toy_data, "--steps", "2", "--output", str(tmp_path / "o"),
+            "--no-progress"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:3] == [f"data: {Path(toy_data) / name}: {n} rows read" for name, n in
+                       (("train.tsv", 60), ("dev.tsv", 15), ("test.tsv", 24))]
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["data_notes"] == [line[6:] for line in out[:3]]
+
+
+def test_unwritable_output_is_refused_before_loading(tmp_path, monkeypatch, toy_data):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.access(locked, os.W_OK):  # root writes anywhere: pretend the folder is read-only for it too
+        monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked)
+    cfg = config(str(tmp_path / "no-such-model"), toy_data)  # loading it would fail with another message
+    with pytest.raises(BaraError, match=f"--output {locked / 'run'}: {locked} is not writable; fix: choose"):
+        runs.run_train(cfg, locked / "run", progress_bar=False)
+    locked.chmod(0o755)
+
+
+def test_overwrite_of_the_current_folder_is_refused(tiny_bert, toy_data, tmp_path, monkeypatch):
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "metrics.json").write_text("{}")
+    monkeypatch.chdir(tmp_path / "here")
+    with pytest.raises(BaraError, match="holds the current folder; fix: run the command from another folder"):
+        runs.run_train(config(tiny_bert, toy_data, steps=2), Path("."), overwrite=True, progress_bar=False)
+    assert (tmp_path / "here" / "metrics.json").read_text() == "{}"

@@ -1,13 +1,16 @@
 """Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
 
 A checkpoint is a folder ``checkpoint/`` with ``state.safetensors`` (adapter + optimiser tensors),
-``state.json`` (step, optimiser param groups, scheduler state) and ``rng-<rank>.json`` (random states of
-each process). It is written into a temporary folder and swapped in with renames, so a crash at any
-moment leaves either the previous or the new checkpoint, never a half-written one.
+``history.jsonl`` (the log of every step so far), ``rng-<rank>.json`` (random states of each process) and,
+written last, ``state.json`` (step, optimiser param groups, scheduler state, what the caller adds, e.g. the run
+config, and the sha256 of every other file). It is written into a temporary folder, fsynced and swapped in with
+renames; the previous checkpoint stays beside it as ``.checkpoint.old`` until the next one is whole, so a crash
+or a damaged file at any moment leaves a checkpoint to resume from.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -16,9 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .errors import BaraError
+
 NAME = "checkpoint"
+STATE, HISTORY = "state.json", "history.jsonl"
 
 
 def _rng_state() -> dict:
@@ -43,41 +50,111 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     return tensors, {"param_groups": state["param_groups"]}
 
 
+def fsync(path: Path) -> None:
+    """Flush a file or a folder (its entries: a rename) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, text: str) -> None:
+    path.write_text(text)
+    fsync(path)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def save(output_dir: Path, step: int, adapter: dict[str, torch.Tensor], optimizer, scheduler,
-         rank: int = 0, is_main: bool = True, barrier=lambda: None) -> Path:
-    """Write the checkpoint of ``step``; every process calls this (each saves its own random state)."""
+         rank: int = 0, is_main: bool = True, barrier=lambda: None, history: list[dict] | None = None,
+         extra: dict | None = None) -> Path:
+    """Write the checkpoint of ``step``; every process calls this (each saves its own random state).
+    ``extra``: JSON values stored in state.json beside the step (the run config, time spent)."""
     final, tmp, old = output_dir / NAME, output_dir / f".{NAME}.tmp", output_dir / f".{NAME}.old"
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    (tmp / f"rng-{rank}.json").write_text(json.dumps(_rng_state()))
-    if is_main:
-        tensors, opt_meta = _optimizer_tensors(optimizer)
-        tensors.update({f"adapter.{k}": v.contiguous() for k, v in adapter.items()})
-        save_file(tensors, tmp / "state.safetensors")
-        meta = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict()}
-        (tmp / "state.json").write_text(json.dumps(meta))
+    _write(tmp / f"rng-{rank}.json", json.dumps(_rng_state()))
     barrier()
     if is_main:
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
+        try:
+            _write_state(tmp, step, adapter, optimizer, scheduler, history, extra)
+        except (OSError, SafetensorError) as err:  # a full disk: the checkpoints before it stay as they were
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise BaraError(f"cannot write the checkpoint of step {step} into {output_dir} ({err}); the previous "
+                            "checkpoint is kept; fix: free some disk space and rerun with --resume") from None
         shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)  # kept until the next checkpoint is whole
+        os.replace(tmp, final)
+        fsync(output_dir)
     barrier()
     return final
 
 
+def _write_state(tmp: Path, step: int, adapter: dict[str, torch.Tensor], optimizer, scheduler,
+                 history: list[dict] | None, extra: dict | None) -> None:
+    """The main process's files of a checkpoint, each fsynced; state.json last, with the sha256 of the others."""
+    tensors, opt_meta = _optimizer_tensors(optimizer)
+    tensors.update({f"adapter.{k}": v.contiguous() for k, v in adapter.items()})
+    save_file(tensors, tmp / "state.safetensors")
+    fsync(tmp / "state.safetensors")
+    _write(tmp / HISTORY, "".join(json.dumps(h) + "\n" for h in history or []))
+    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+    meta = {**(extra or {}), "step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+            "files": files}
+    _write(tmp / STATE, json.dumps(meta))  # last: a folder without it is never taken for a checkpoint
+    fsync(tmp)
+
+
+class Damaged(Exception):
+    """A checkpoint folder whose files are missing, truncated or altered."""
+
+
+def read(path: Path) -> dict:
+    """The state.json of the checkpoint in ``path``, after checking every file against its sha256."""
+    try:
+        meta = json.loads((path / STATE).read_text())
+    except (OSError, ValueError) as err:
+        raise Damaged(f"{path / STATE} is unreadable ({err})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise Damaged(f"{path / STATE} has no step")
+    for name, digest in meta.get("files", {}).items():  # checkpoints before bara 0.x have no hashes
+        if not (path / name).is_file() or _sha256(path / name) != digest:
+            raise Damaged(f"{path / name} is missing or not the file that was written")
+    return meta
+
+
+def candidates(output_dir: Path) -> list[Path]:
+    """Checkpoint folders in ``output_dir``, newest first, whole or not."""
+    return [p for p in (output_dir / NAME, output_dir / f".{NAME}.old") if p.is_dir()]
+
+
 def find(output_dir: Path) -> Path | None:
-    for candidate in (output_dir / NAME, output_dir / f".{NAME}.old"):  # .old survives a crash mid-swap
-        if (candidate / "state.json").exists():
+    """The newest checkpoint folder in ``output_dir`` that has a state.json, whole or not (None if none)."""
+    return next((p for p in candidates(output_dir) if (p / STATE).exists()), None)
+
+
+def newest_whole(output_dir: Path, damaged: list[str] | None = None) -> Path | None:
+    """The newest whole checkpoint in ``output_dir`` (None if there is none); why others were passed over
+    is appended to ``damaged``."""
+    for candidate in candidates(output_dir):
+        try:
+            read(candidate)
             return candidate
+        except Damaged as err:
+            if damaged is not None:
+                damaged.append(str(err))
     return None
 
 
-def load(path: Path, optimizer, scheduler, rank: int = 0) -> tuple[int, dict[str, torch.Tensor]]:
-    """Restore optimiser, scheduler and random states; return the step and the adapter tensors."""
-    meta = json.loads((path / "state.json").read_text())
+def load(path: Path, optimizer, scheduler, rank: int = 0) -> tuple[int, dict[str, torch.Tensor], list[dict]]:
+    """Restore optimiser, scheduler and random states; return the step, the adapter tensors and the history."""
+    meta = read(path)
     tensors = load_file(path / "state.safetensors")
     adapter = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
     opt_state: dict = {}
@@ -90,4 +167,6 @@ def load(path: Path, optimizer, scheduler, rank: int = 0) -> tuple[int, dict[str
     rng_file = path / f"rng-{rank}.json"
     if rng_file.exists():
         _set_rng_state(json.loads(rng_file.read_text()))
-    return meta["step"], adapter
+    history_file = path / HISTORY
+    history = [json.loads(line) for line in history_file.read_text().splitlines()] if history_file.exists() else []
+    return meta["step"], adapter, history

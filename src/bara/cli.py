@@ -8,6 +8,7 @@ import dataclasses
 import os
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import BaraError
@@ -160,9 +161,9 @@ def parser() -> argparse.ArgumentParser:
                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=DATA_EXAMPLES)
     data_sub = data.add_subparsers(dest="data_command", required=True)
     f = data_sub.add_parser("fetch", help="download and convert a dataset collection",
-                            description=f"Download bigbench=={bigbench.VERSION} from PyPI with pip, convert the "
-                            "task.json of the tasks to multiple-choice JSONL under $BARA_CACHE/bigbench/TASK/ and "
-                            "delete the download.",
+                            description=f"Download bigbench=={bigbench.VERSION} from PyPI (checked against its pinned "
+                            "sha256; nothing of it runs), convert the task.json of the tasks to multiple-choice JSONL "
+                            "under $BARA_CACHE/bigbench/TASK/ and delete the download.",
                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=DATA_EXAMPLES)
     f.add_argument("source", choices=["bigbench"], help="what to fetch: bigbench (BIG-bench multiple-choice tasks)")
     f.add_argument("--tasks", type=_comma_list,
@@ -195,6 +196,16 @@ def _quiet() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    warnings.showwarning = _warning_line
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None,
+                  _default=warnings.showwarning) -> None:
+    """A warning of bara's (a known defect of a dataset, too few examples) as one line, like its errors;
+    other packages' warnings as Python shows them."""
+    if Path(__file__).parent not in Path(filename).resolve().parents:
+        return _default(message, category, filename, lineno, file, line)
+    print(f"bara: warning: {message}", file=sys.stderr if file is None else file)
 
 
 def _fetch(args: argparse.Namespace) -> None:
@@ -242,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics = runs.run_train(config, args.output, args.resume, args.overwrite, args.ood_data,
                                      not args.no_progress)
             if metrics:
+                for note in metrics["data_notes"]:
+                    print(f"data: {note}")
                 print(table(metrics))
                 print(f"wrote {args.output}/metrics.json, reliability.png and the adapter")
         elif args.command == "eval":

@@ -8,6 +8,7 @@ and whatever plots the method adds (BaRA: ``rank.png``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -15,25 +16,29 @@ import resource
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import checkpoint
-from .data import Split, Task, load_task
+from .data import Split, Task, builtin_tasks, load_task
 from .errors import BaraError
 from .heads import Classifier
 from .methods import METHODS, Method, get_method
 from .metrics import evaluate
-from .models import load_model
+from .models import EMBEDDED, load_model
 from .plots import learning_curve, reliability_diagram
 from .trainer import TrainConfig, batches, distributed_state, on_device, train
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS = "adapter_config.json", "adapter_model.safetensors", "metrics.json"
-OUR_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS, "history.jsonl", "reliability.png", "rank.png")
+# Files (and checkpoint folders) a run writes: an overwrite replaces them all, and keeps any other file.
+OUR_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS, "history.jsonl", "reliability.png", "rank.png", "curve.png",
+             "eval_metrics.json", checkpoint.NAME)
 PACKAGES = ("bara-peft", "torch", "transformers", "peft", "accelerate", "safetensors", "torchmetrics")
 
 
@@ -54,6 +59,19 @@ class RunConfig:
     def to_dict(self) -> dict:
         values = dict(self.__dict__)
         values["train"] = self.train.to_dict()
+        return values
+
+    def validate(self) -> None:
+        """Raise BaraError on an option that would crash mid-run or train silently wrong."""
+        self.train.validate()
+        get_method(self.method, self.method_options)
+
+    def resolved(self) -> dict[str, object]:
+        """Every option as a flat {flag name: value}, the method's defaults filled in (to compare two runs)."""
+        values = {k: v for k, v in self.to_dict().items() if k not in ("train", "method_options")}
+        values["model"], values["data"] = portable(self.model, EMBEDDED), portable(self.data, builtin_tasks())
+        values.update(self.train.to_dict())
+        values.update(get_method(self.method, self.method_options).config.to_dict())
         return values
 
     @classmethod
@@ -94,12 +112,17 @@ def peak_memory_mb() -> float:
 
 
 def write_atomic(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename, so readers never see a half-written file."""
+    """``write(tmp_path)``, fsync, then rename, so readers (and a power cut) never see a half-written file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
         write(Path(tmp))
+        checkpoint.fsync(Path(tmp))
         os.replace(tmp, path)
+        checkpoint.fsync(path.parent)
+    except (OSError, SafetensorError) as err:  # a full disk, a file size limit: the file before it is kept
+        raise BaraError(f"cannot write {path} ({err}); fix: free some disk space (or raise the file size "
+                        "limit) and run the command again") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -109,35 +132,113 @@ def write_json(path: Path, values) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(values, indent=2, default=str) + "\n"))
 
 
-def prepare_output(output: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber a finished or unfinished run unless asked; never delete files that are not ours."""
+def check_output(output: Path, resume: bool, overwrite: bool, config: RunConfig) -> tuple[Path, dict]:
+    """Before anything is loaded: refuse to clobber a run unless asked, refuse a --resume that does not match the
+    checkpoint, and check that the folder can be written. Return the folder to train in (beside ``output`` when
+    replacing a run: it is swapped in only when the new run is finished) and the checkpoint's state (resume)."""
     if output.exists() and not output.is_dir():
         raise BaraError(f"--output {output} is a file; fix: give a folder path")
-    if output.exists():
-        finished, unfinished = (output / METRICS).exists(), checkpoint.find(output) is not None
-        if overwrite:
-            for name in OUR_FILES:
-                (output / name).unlink(missing_ok=True)
-            for name in (checkpoint.NAME, f".{checkpoint.NAME}.old", f".{checkpoint.NAME}.tmp"):
-                shutil.rmtree(output / name, ignore_errors=True)
-        elif finished:
-            raise BaraError(f"{output} already holds a finished run; fix: choose another --output, or pass --overwrite")
-        elif unfinished and not resume:
-            raise BaraError(f"{output} holds an unfinished run; fix: pass --resume to continue it, or --overwrite")
-    output.mkdir(parents=True, exist_ok=True)
+    if resume and overwrite:
+        raise BaraError("--resume continues the run in --output, --overwrite replaces it; fix: pass one of them")
+    finished, unfinished = (output / METRICS).exists(), bool(checkpoint.candidates(output))
+    if finished and not overwrite:
+        raise BaraError(f"{output} already holds a finished run; fix: choose another --output, or pass --overwrite")
+    if unfinished and not (resume or overwrite):
+        raise BaraError(f"{output} holds an unfinished run; fix: pass --resume to continue it, or --overwrite")
+    _check_writable(output)
+    state = resumable(output, config) if resume else {}
+    if not (overwrite and output.is_dir() and any(output.iterdir())):
+        return output, state
+    output = output.resolve()
+    if output == Path.cwd().resolve() or output in Path.cwd().resolve().parents:
+        raise BaraError(f"--overwrite replaces the folder {output}, which holds the current folder; fix: run the "
+                        "command from another folder")
+    return output.with_name(f".{output.name}.new"), state
 
 
-def build(config: RunConfig, label_names: list[str]) -> tuple[Classifier, Method]:
-    """Base model + head + method adapter, seeded so the fresh head and adapter are reproducible."""
+def _check_writable(output: Path) -> None:
+    existing = output
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BaraError(f"--output {output} is under {existing}, which is a file; fix: give a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BaraError(f"--output {output}: {existing} is not writable; fix: choose a folder you can write to")
+
+
+def resumable(output: Path, config: RunConfig) -> dict:
+    """The state.json of the newest whole checkpoint in ``output``, if it was written by the run ``config``
+    describes (checkpoint_every may differ: resuming is exact whatever it is)."""
+    damaged: list[str] = []
+    found = checkpoint.newest_whole(output, damaged)
+    if found is None:
+        reason = f"its checkpoints are damaged ({'; '.join(damaged)})" if damaged else "there is no checkpoint"
+        raise BaraError(f"--resume: {output} has no run to continue: {reason}; fix: drop --resume (to start a "
+                        "new run) or pass --overwrite (to replace a damaged one)")
+    if damaged:
+        warnings.warn(f"{damaged[0]}; resuming from the previous checkpoint, {found}", UserWarning, stacklevel=2)
+    state = checkpoint.read(found)
+    if "run" in state:  # checkpoints written before the run was stored in them are taken on trust
+        saved, now = RunConfig.from_dict(state["run"]).resolved(), config.resolved()
+        differ = [f"--{k.replace('_', '-')} {saved.get(k)} there, {now.get(k)} now"
+                  for k in sorted(set(saved) | set(now)) if k != "checkpoint_every" and saved.get(k) != now.get(k)]
+        if differ:
+            raise BaraError(f"--resume: the checkpoint in {output} belongs to another run ({'; '.join(differ)}); "
+                            "fix: resume with the options it was started with, or pass --overwrite to start again")
+    return state
+
+
+def make_output(work: Path, replacing: bool) -> None:
+    """Create the folder to train in (``replacing``: the one beside the old run, where a leftover of an interrupted
+    replacement is started afresh)."""
+    try:
+        if replacing:
+            shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BaraError(f"cannot create {work} ({err.strerror}); fix: choose a folder you can write to") from None
+
+
+def swap_in(work: Path, output: Path) -> None:
+    """Replace the run in ``output`` by the finished run in ``work``; files that bara did not write move along."""
+    for entry in output.iterdir():
+        ours = entry.name in OUR_FILES or entry.name.startswith(tuple(f".{name}." for name in OUR_FILES))
+        if not ours and not (work / entry.name).exists():
+            os.replace(entry, work / entry.name)
+    old = output.with_name(f".{output.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(output, old)
+    os.replace(work, output)
+    checkpoint.fsync(output.parent)
+    shutil.rmtree(old)
+
+
+def build(config: RunConfig, label_names: list[str], adapter_device: str | None = None) -> tuple[Classifier, Method]:
+    """Base model + head + method adapter, seeded so the fresh head and adapter are reproducible.
+    ``adapter_device="meta"``: the adapter's tensors get shapes but no memory (to check sizes before loading)."""
     from transformers import set_seed
 
     method = get_method(config.method, config.method_options)  # validates options before loading anything
     set_seed(config.train.seed)
     classifier = Classifier(load_model(config.model, len(label_names)), label_names, config.train.max_length)
+    positions = getattr(classifier.backbone.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and config.train.max_length > positions:
+        raise BaraError(f"--max-length {config.train.max_length} is more than the {positions} positions of "
+                        f"{config.model}; fix: pass --max-length {positions} or less")
     for p in classifier.parameters():
         p.requires_grad_(False)
-    method.wrap(classifier)
+    with torch.device(adapter_device) if adapter_device else contextlib.nullcontext():
+        method.wrap(classifier)
     return classifier, method
+
+
+def portable(spec: str, builtins) -> str:
+    """A model or dataset as an adapter should name it: a built-in name as it is, a local path made absolute
+    (so ``bara eval`` works from any folder), anything else (a hub id) as it is."""
+    path = Path(spec).expanduser()
+    if spec.lower() in builtins or not path.exists():
+        return spec
+    return str(path.resolve())
 
 
 @torch.no_grad()
@@ -209,49 +310,75 @@ def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: 
               ood_data: str | None = None, progress_bar: bool = True, validation: bool = True) -> dict:
     """Train, save the adapter and write metrics.json: test metrics, and the validation split's under
     "validation" unless ``validation`` is False (a benchmark run no choice is made on: 11 extra passes over the
-    split for a sampling method; :func:`add_validation` scores it later from the saved adapter)."""
+    split for a sampling method; :func:`add_validation` scores it later from the saved adapter).
+
+    ``overwrite`` builds the new run beside the old one and swaps it in once finished, so a failure keeps the
+    old run; ``resume`` continues the checkpoint in ``output`` and refuses one written with other options."""
     t0 = time.perf_counter()
     reset_peak_memory()
+    config.validate()
+    work, resumed = check_output(output, resume, overwrite, config)
+    state = distributed_state()
+    replacing = work != output
+    try:
+        metrics = _train_into(work, replacing, config, resumed, t0, ood_data, progress_bar, validation, state)
+        if replacing and state.is_main_process:
+            swap_in(work, output)
+        return metrics
+    except BaseException:
+        if replacing and state.is_main_process:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _train_into(work: Path, replacing: bool, config: RunConfig, resumed: dict, t0: float, ood_data: str | None,
+                progress_bar: bool, validation: bool, state) -> dict:
     task = task_of(config)
     ood = ood_test(config, ood_data)
     classifier, method = build(config, task.label_names)
-    state = distributed_state()
-    if state.is_main_process:
-        prepare_output(output, resume, overwrite)
+    is_main = state.is_main_process
+    if is_main:
+        make_output(work, replacing)
     state.wait_for_everyone()
-    history = train(classifier, method, task.train, task.validation, config.train, output, resume, progress_bar)
+    before = float(resumed.get("seconds", 0.0))  # training time of the sessions before the checkpoint
+    history = train(classifier, method, task.train, task.validation, config.train, work, bool(resumed), progress_bar,
+                    extra=lambda: {"run": config.to_dict(), "seconds": before + time.perf_counter() - t0})
     method.fit_posthoc(classifier, batches(classifier, task.train, config.train.eval_batch_size),
                        batches(classifier, task.validation, config.train.eval_batch_size))
-    if not state.is_main_process:
+    if not is_main:
         return {}
-    save_adapter(classifier, method, config, task, output)
-    write_atomic(output / "history.jsonl",
+    save_adapter(classifier, method, config, task, work)
+    write_atomic(work / "history.jsonl",
                  lambda tmp: tmp.write_text("".join(json.dumps(h) + "\n" for h in history)))
     if any("val_accuracy" in h for h in history):
-        learning_curve(history, output / "curve.png", f"{method.name} on {task.name}: validation during training")
-    train_seconds = time.perf_counter() - t0
-    metrics = score(classifier, method, task.test, config, None, ood, output, progress_bar,
-                    task.name)
+        learning_curve(history, work / "curve.png", f"{method.name} on {task.name}: validation during training")
+    train_seconds = before + time.perf_counter() - t0
+    metrics = score(classifier, method, task.test, config, None, ood, work, progress_bar, task.name)
     if validation:  # choices (learning rates, BaRA's design) are made on these, never on the test metrics
         metrics["validation"] = score_validation(classifier, method, task, config, progress_bar)
     metrics.update({
         "method": method.name, "model": config.model, "data": task.name, "seed": config.train.seed,
         "n_train": len(task.train), "n_test": len(task.test), "num_labels": task.num_labels,
+        "data_notes": task.notes,  # rows read per file, duplicate texts
         "num_processes": state.num_processes,
         # Trained parameters, not what the adapter file holds (Laplace stores its posterior there too).
         "trainable_params": sum(p.numel() for p in classifier.parameters() if p.requires_grad),
-        "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - t0,
+        # Over every session of a resumed run, as history.jsonl covers every step.
+        "train_seconds": train_seconds, "wall_seconds": before + time.perf_counter() - t0,
         "peak_memory_mb": peak_memory_mb(), "torch_threads": torch.get_num_threads(),  # what the times were
         "config": config.to_dict(), "versions": versions(),
     })
-    write_json(output / METRICS, metrics)
-    shutil.rmtree(output / checkpoint.NAME, ignore_errors=True)  # the adapter is saved; the run is finished
+    write_json(work / METRICS, metrics)
+    for name in [*checkpoint.candidates(work), work / f".{checkpoint.NAME}.tmp"]:  # the run is finished
+        shutil.rmtree(name, ignore_errors=True)
     return metrics
 
 
 def save_adapter(classifier: Classifier, method: Method, config: RunConfig, task: Task, output: Path) -> None:
-    meta = {"method": method.name, "method_config": method.config.to_dict(), "base_model": config.model,
-            "label_names": task.label_names, "task_kind": task.kind, "run": config.to_dict(),
+    run = {**config.to_dict(), "model": portable(config.model, EMBEDDED),
+           "data": portable(config.data, builtin_tasks())}
+    meta = {"method": method.name, "method_config": method.config.to_dict(), "base_model": run["model"],
+            "label_names": task.label_names, "task_kind": task.kind, "run": run,
             "bara_version": versions()["bara-peft"]}
     write_atomic(output / ADAPTER_WEIGHTS, lambda tmp: save_file(
         {k: v.contiguous() for k, v in method.adapter_state(classifier).items()}, tmp, metadata={"format": "pt"}))
@@ -261,9 +388,44 @@ def save_adapter(classifier: Classifier, method: Method, config: RunConfig, task
 def _adapter_meta(config_file: Path) -> tuple[dict, RunConfig]:
     try:
         meta = json.loads(config_file.read_text())
-        return meta, RunConfig.from_dict(meta["run"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise BaraError(f"{config_file} is not a valid adapter config ({err}); fix: re-run 'bara train'") from None
+        config = RunConfig.from_dict(meta["run"])
+        labels = meta["label_names"]
+        if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+            raise ValueError(f"label_names is {json.dumps(labels)[:60]}, not a list of 2 or more strings")
+        return meta, config
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise BaraError(f"{config_file} is not a valid adapter config ({type(err).__name__}: {err}); fix: re-run "
+                        "'bara train'") from None
+
+
+def _saved_tensors(weights: Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors; a damaged file or a non-finite value is an error that names it."""
+    try:
+        tensors = load_file(weights)
+    except (SafetensorError, OSError) as err:
+        raise BaraError(f"{weights} is damaged or truncated ({err}); fix: re-run 'bara train'") from None
+    for name, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise BaraError(f"{weights}: tensor {name} holds NaN or infinite values; fix: re-run 'bara train' "
+                            "(with a lower --lr if training diverged)")
+    return tensors
+
+
+def _check_sizes(config: RunConfig, label_names: list[str], tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """The adapter size the config implies, before any of it is allocated: an edited config (r = 1000000) would
+    otherwise ask for gigabytes. Refused when it is larger than both the base model and the saved tensors (a
+    method may load fewer factors than its config names, as a pruned BaRA adapter does; never more)."""
+    classifier, _ = build(config, label_names, adapter_device="meta")
+    implied = sum(p.numel() for p in classifier.parameters() if p.is_meta)
+    base = sum(p.numel() for p in classifier.parameters() if not p.is_meta)
+    saved = sum(t.numel() for t in tensors.values())
+    if implied > max(base, saved):
+        name, p = next((n, p) for n, p in classifier.named_parameters()
+                       if p.is_meta and n in tensors and p.shape != tensors[n].shape)
+        raise BaraError(f"{where}: its config implies an adapter of {implied:,} values ({name}: "
+                        f"{tuple(p.shape)}), more than the base model's {base:,} and the {saved:,} saved "
+                        f"({tuple(tensors[name].shape)}); fix: restore the adapter_config.json that was saved with "
+                        "the adapter, or re-run 'bara train'")
 
 
 def trained_options(meta: dict, method: str) -> dict | None:
@@ -302,8 +464,10 @@ def load_adapter(path: str | Path) -> tuple[Classifier, Method, RunConfig]:
     trained = trained_options(meta, config.method)
     if trained is not None:  # every option as trained: a later change of a default does not change the adapter
         config.method_options = trained
+    tensors = _saved_tensors(weights)
+    _check_sizes(config, meta["label_names"], tensors, config_file)
     classifier, method = build(config, meta["label_names"])
-    method.load_adapter_state(classifier, load_file(weights))
+    method.load_adapter_state(classifier, tensors)
     classifier.eval()
     return classifier, method, config
 
@@ -320,6 +484,13 @@ def add_validation(folder: Path, progress_bar: bool = True) -> dict:
 def run_eval(adapter: str | Path, data: str | None = None, samples: int | None = None,
              ood_data: str | None = None, max_eval: int | None = None, output: Path | None = None,
              progress_bar: bool = True) -> dict:
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 0):
+        raise BaraError(f"--samples must be a whole number >= 0 (0: one deterministic pass), got {samples!r}; fix: "
+                        "pass e.g. --samples 10, or leave it out for the method's own")
+    if output is not None:
+        if output.exists() and not output.is_dir():
+            raise BaraError(f"--output {output} is a file; fix: give a folder path")
+        _check_writable(output)
     classifier, method, config = load_adapter(adapter)
     spec = data or config.data
     task = task_of(config, spec, max_eval)

@@ -4,6 +4,7 @@ seeded data order, atomic checkpoints and exact resume. Runs data-parallel under
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .data import Split
-from .errors import Diverged
+from .errors import BaraError, Diverged
 from .heads import Classifier
 from .methods import Method, Progress
 from .methods.base import to_device
@@ -36,6 +37,39 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def validate(self) -> None:
+        """Raise BaraError naming the first option whose value would train silently wrong or crash mid-run."""
+        for name, (ok, wanted, example) in RULES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+                flag = "--" + name.replace("_", "-")
+                raise BaraError(f"{flag} must be {wanted}, got {value!r}; fix: pass e.g. {flag} {example}")
+
+
+def _finite(check: Callable[[float], bool]) -> Callable[[float], bool]:
+    return lambda v: math.isfinite(v) and check(v)
+
+
+def _whole(check: Callable[[int], bool]) -> Callable[[float], bool]:
+    return lambda v: isinstance(v, int) and check(v)
+
+
+# option -> (check, what it must be, an example value)
+RULES = {
+    "epochs": (_finite(lambda v: v > 0), "a number above 0", "20"),
+    "steps": (_whole(lambda v: v >= 0), "a whole number >= 0 (0: use --epochs)", "200"),
+    "batch_size": (_whole(lambda v: v >= 1), "a whole number >= 1", "32"),
+    "eval_batch_size": (_whole(lambda v: v >= 1), "a whole number >= 1", "64"),
+    "lr": (_finite(lambda v: v > 0), "a number above 0", "1e-3"),
+    "weight_decay": (_finite(lambda v: v >= 0), "a number >= 0", "0.01"),
+    "warmup_ratio": (_finite(lambda v: 0 <= v <= 1), "a fraction from 0 to 1", "0.1"),
+    "max_grad_norm": (_finite(lambda v: v >= 0), "a number >= 0 (0: no clipping)", "1.0"),
+    "max_length": (_whole(lambda v: v >= 1), "a whole number >= 1 (tokens per input)", "64"),
+    "seed": (_whole(lambda v: 0 <= v < 2**32), "a whole number from 0 to 2**32 - 1", "0"),
+    "checkpoint_every": (_whole(lambda v: v >= 0), "a whole number >= 0 (0: no checkpoints)", "100"),
+    "eval_every": (_whole(lambda v: v >= 0), "a whole number >= 0 (0: no validation during training)", "50"),
+}
 
 
 def batches(classifier: Classifier, split: Split, batch_size: int, order: list[int] | None = None) -> DataLoader:
@@ -86,8 +120,11 @@ def validation_score(classifier: Classifier, method: Method, split: Split, batch
 
 
 def train(classifier: Classifier, method: Method, train_split: Split, validation_split: Split,
-          config: TrainConfig, output_dir: Path, resume: bool = False, progress_bar: bool = True) -> list[dict]:
-    """Train ``classifier`` (already wrapped by ``method``) in place; return the logged history."""
+          config: TrainConfig, output_dir: Path, resume: bool = False, progress_bar: bool = True,
+          extra: Callable[[], dict] | None = None) -> list[dict]:
+    """Train ``classifier`` (already wrapped by ``method``) in place; return the logged history of every step
+    (after a resume too: the checkpoint carries the steps before it). ``extra()``: JSON values each checkpoint
+    stores beside the step (the run config, time spent), read back with :func:`checkpoint.read`."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from transformers import get_linear_schedule_with_warmup
 
@@ -102,13 +139,14 @@ def train(classifier: Classifier, method: Method, train_split: Split, validation
 
     step, history = 0, []
     global_batch = config.batch_size * accelerator.num_processes
-    if resume and (found := checkpoint.find(output_dir)) is not None:
-        step, adapter = checkpoint.load(found, optimizer, scheduler, accelerator.process_index)
+    if resume and (found := checkpoint.newest_whole(output_dir)) is not None:
+        step, adapter, history = checkpoint.load(found, optimizer, scheduler, accelerator.process_index)
         method.load_adapter_state(classifier, adapter)
 
     def save_checkpoint():
         checkpoint.save(output_dir, step, method.adapter_state(classifier), optimizer, scheduler,
-                        accelerator.process_index, accelerator.is_main_process, accelerator.wait_for_everyone)
+                        accelerator.process_index, accelerator.is_main_process, accelerator.wait_for_everyone,
+                        history, extra() if extra else None)
 
     bar = tqdm(total=steps, initial=step, desc=f"train {method.name}", unit="step",
                disable=not (progress_bar and accelerator.is_main_process), dynamic_ncols=True)

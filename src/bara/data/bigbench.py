@@ -1,6 +1,6 @@
 """BIG-bench multiple-choice tasks, fetched once from the ``bigbench==1.0.0`` source distribution on PyPI.
 
-``bara data fetch bigbench`` downloads the sdist (358 MB) with pip, reads
+``bara data fetch bigbench`` downloads the sdist (358 MB) from PyPI, checks its pinned sha256, reads
 ``*/bigbench/benchmark_tasks/<task>/task.json`` for the tasks in :data:`TASKS`, converts each to the package's
 multiple-choice JSONL and deletes the download. ``load_task("bigbench/<task>")`` then reads
 
@@ -29,18 +29,19 @@ each subtask is a task here (``bigbench/fact_checker/fever``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.error import URLError
+from urllib.request import urlopen
 
 from ..errors import BaraError
 from . import sampling
@@ -56,6 +57,10 @@ SPLIT_SEED = 0
 SPLIT_STREAM = 100  # a stream of sampling's generator that no other split uses
 FILES = ("train.jsonl", "test.jsonl")
 FETCH_HINT = "run 'bara data fetch bigbench' (downloads the bigbench sdist from PyPI once, about 360 MB)"
+# The sdist on PyPI (its sha256 as pip reported it when checking a download against a pinned hash, 2026-12-01).
+SDIST_URL = ("https://files.pythonhosted.org/packages/95/f8/"
+             f"c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/bigbench-{VERSION}.tar.gz")
+SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 MEMBER = re.compile(r"(?:.*/)?bigbench/benchmark_tasks/(.+)/task\.json")
 
 
@@ -196,12 +201,12 @@ def read_task_files(source: Path, tasks: list[str]) -> dict[str, dict]:
     missing = [t for t in tasks if t not in found]
     if missing:
         raise BaraError(f"{source}: no bigbench/benchmark_tasks/{missing[0]}/task.json in it; fix: use the "
-                        f"bigbench {VERSION} sdist (pip download --no-deps --no-binary :all: bigbench=={VERSION})")
+                        f"bigbench {VERSION} sdist ({SDIST_URL})")
     return found
 
 
 def _benchmark_folders(folder: Path) -> list[Path]:
-    """``bigbench/benchmark_tasks`` folders at most three levels below ``folder`` (pip's unpacked tree)."""
+    """``bigbench/benchmark_tasks`` folders at most three levels below ``folder`` (an unpacked sdist)."""
     found = []
     for depth in range(4):
         found += [p for p in folder.glob("/".join(["*"] * depth + ["bigbench", "benchmark_tasks"])) if p.is_dir()]
@@ -233,49 +238,30 @@ def extract(source: Path, tasks: list[str], root: Path | None = None) -> dict[st
 
 # -- download -----------------------------------------------------------------------------------------------
 def download(workdir: Path, progress: bool = True) -> Path:
-    """The bigbench sdist fetched by pip into ``workdir``: the .tar.gz, or the tree pip unpacked it into.
+    """The bigbench sdist downloaded into ``workdir`` from PyPI's file host and checked against its pinned sha256.
 
-    pip prepares the metadata of every sdist it downloads, and pip >= 26 then refuses bigbench 1.0.0 because
-    its metadata names a direct-URL dependency (bleurt @ file://...). ``--no-clean`` with ``TMPDIR`` inside
-    ``workdir`` keeps the tree pip had already unpacked, which holds the same files as the archive."""
+    Nothing of it runs: no pip, no build, no ``setup.py``; :func:`read_task_files` reads the task.json files
+    out of the archive with tarfile, without unpacking it."""
     from tqdm.auto import tqdm
 
-    dist, tmp = workdir / "dist", workdir / "pip-tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-clean",
-               "--progress-bar", "raw", "--disable-pip-version-check", f"bigbench=={VERSION}", "-d", str(dist)]
-    log = workdir / "pip-output.txt"
-    bar = None
-    with log.open("w") as output:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=output, text=True,
-                                   env={**os.environ, "TMPDIR": str(tmp)})
-        for line in process.stdout:
-            match = re.fullmatch(r"Progress (\d+) of (\d+)", line.strip())
-            if match:  # pip's --progress-bar raw: one line per update
-                if bar is None:
-                    bar = tqdm(total=int(match[2]) or None, desc=f"bigbench-{VERSION}.tar.gz", unit="B",
-                               unit_scale=True, unit_divisor=1024, disable=not progress)
-                bar.update(int(match[1]) - bar.n)
-                if bar.n == bar.total:
-                    bar.close()  # pip goes on to prepare the metadata, which is not download time
-                continue
-            output.write(line)
-            if line.strip().startswith("Downloading"):
-                print(f"pip: {line.strip()}", flush=True)
-        code = process.wait()
-    if bar is not None:
-        bar.close()
-    archives = sorted(dist.glob("bigbench-*.tar.gz")) if dist.is_dir() else []
-    if archives:
-        return archives[0]
-    if _benchmark_folders(tmp):
-        if code != 0:
-            print(f"pip stopped after unpacking the sdist (exit {code}: bigbench {VERSION} declares a direct-URL "
-                  "dependency, which recent pip refuses); reading the task files from the unpacked copy")
-        return tmp
-    message = " ".join(log.read_text().split())[-300:] or f"exit status {code}"
-    raise BaraError(f"pip could not download bigbench=={VERSION} ({message}); fix: check the connection to PyPI, "
-                    "or download the sdist elsewhere and pass it with --sdist FILE")
+    target = workdir / SDIST_URL.rsplit("/", 1)[1]
+    digest = hashlib.sha256()
+    try:
+        with urlopen(SDIST_URL, timeout=60) as response, target.open("wb") as out:
+            size = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=size, desc=target.name, unit="B", unit_scale=True, unit_divisor=1024,
+                      disable=not progress) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    except (URLError, OSError) as err:
+        raise BaraError(f"could not download {SDIST_URL} ({getattr(err, 'reason', err)}); fix: check the connection "
+                        "to PyPI, or download the sdist elsewhere and pass it with --sdist FILE") from None
+    if digest.hexdigest() != SDIST_SHA256:
+        raise BaraError(f"the download of {SDIST_URL} has sha256 {digest.hexdigest()}, not the pinned {SDIST_SHA256}; "
+                        "fix: fetch again (a proxy may have changed it), or pass a verified sdist with --sdist FILE")
+    return target
 
 
 def fetch(tasks: list[str] | None = None, force: bool = False, sdist: Path | None = None,
@@ -296,8 +282,8 @@ def fetch(tasks: list[str] | None = None, force: bool = False, sdist: Path | Non
     root.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(dir=root, prefix=".download-"))  # beside the cache: same disk, cleaned up
     try:
-        print(f"downloading bigbench=={VERSION} from PyPI with pip (about 360 MB; only {len(todo)} task.json "
-              "files are kept)", flush=True)
+        print(f"downloading bigbench=={VERSION} from PyPI (about 360 MB, checked by sha256; only {len(todo)} "
+              "task.json files are kept)", flush=True)
         source = download(workdir, progress)
         return extract(source, todo, root)
     finally:

@@ -22,6 +22,7 @@ from ..errors import BaraError
 EXTENSIONS = (".csv", ".tsv", ".jsonl")
 SPLIT_STEMS = {"train": ("train",), "validation": ("validation", "dev", "val"), "test": ("test",)}
 LETTERS = string.ascii_uppercase
+MISSING = ("nan", "-nan", "+nan")  # how pandas, numpy and JSON's NaN write a missing label
 COLUMN_FLAGS = "--text-column/--label-column (text_column=/label_column= in Python)"
 
 
@@ -148,7 +149,7 @@ def _separator(path: Path) -> str:
     return "\t" if path.suffix.lower() == ".tsv" else ","
 
 
-def _scan_records(text: str, separator: str) -> tuple[list[str], list[int], list[int]]:
+def _scan_records(path: Path, text: str, separator: str) -> tuple[list[str], list[int], list[int]]:
     """The header, and the start line and number of fields of every data record (quoted fields may span
     lines, so a record's line is not its index + 2)."""
     csv.field_size_limit(2**31 - 1)
@@ -163,6 +164,12 @@ def _scan_records(text: str, separator: str) -> tuple[list[str], list[int], list
         else:
             starts.append(previous + 1)
             widths.append(len(row))
+        if separator == "\t" and any("\t" in f and "\n" in f for f in row):
+            # A TSV field that holds a tab and a line break is a stray double quote swallowing rows.
+            raise BaraError(f"{path}, line {previous + 1} (counting the header as line 1): a double quote opens a "
+                            f"field that runs to line {reader.line_num} over tabs and line breaks, merging "
+                            f"{reader.line_num - previous} lines into one; fix: remove the stray double quote "
+                            "(or close it on the same line)")
         previous = reader.line_num
     return header, starts, widths
 
@@ -183,7 +190,7 @@ def _detect_kind(path: Path) -> str:
 def _read_table(path: Path, text_column: str, label_column: str) -> RawSplit:
     text = _decode(path)
     separator = _separator(path)
-    header, starts, widths = _scan_records(text, separator)
+    header, starts, widths = _scan_records(path, text, separator)
     if not header:
         raise BaraError(f"{path}, line 1: the file is empty; fix: write a header line with the columns "
                         f"'{text_column}' and '{label_column}', then one line per example")
@@ -218,6 +225,9 @@ def check_filled(raw: RawSplit, text_column: str, label_column: str) -> None:
         if label == "":
             raise BaraError(f"{raw.source.where(i)}: the label ('{label_column}') is empty; fix: fill it in or "
                             "delete the row")
+        if label.lower() in MISSING:
+            raise BaraError(f"{raw.source.where(i)}: the label ('{label_column}') is '{label}', a missing value; "
+                            "fix: fill in the label or delete the row")
 
 
 # --- JSONL ---------------------------------------------------------------------------------------------

@@ -17,13 +17,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BaraError
 from . import bigbench, sampling
 from .bolt import BUILTINS, read_builtin
-from .files import LETTERS, RawSplit, RawTask, read_local
+from .files import COLUMN_FLAGS, LETTERS, RawSplit, RawTask, read_local
 
 KINDS = ("classification", "multiple_choice")
 CARVE_FRACTION = 0.1
@@ -59,6 +60,7 @@ class Task:
     train: Split
     validation: Split
     test: Split
+    notes: list[str] = field(default_factory=list)  # what loading did, for the user: rows read, duplicates
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -89,7 +91,13 @@ def load_task(spec: str, *, max_train: int | None = None, seed: int = 0, text_co
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise BaraError(f"{option} must be a positive whole number, got {value!r}; fix: pass e.g. "
                             f"{option}=1000, or leave it out to keep every example")
+    if text_column == label_column:
+        raise BaraError(f"the text and the label column are both '{text_column}', so the label would be the input; "
+                        f"fix: name two different columns with {COLUMN_FLAGS}")
     task = _build(_read(str(spec), text_column, label_column), seed)
+    if max_train is not None and max_train < task.num_labels < len(task.train):
+        warnings.warn(f"--max-train {max_train} is smaller than the {task.num_labels} classes of {task.name}: "
+                      f"{task.num_labels - max_train} classes get no training example", UserWarning, stacklevel=2)
     if max_train is not None:
         task.train = _cap(task.train, max_train, seed, sampling.SUBSAMPLE_TRAIN)
     if max_eval is not None:
@@ -116,6 +124,10 @@ def _build(raw: RawTask, seed: int) -> Task:
     train = raw.splits["train"]
     if raw.kind == "classification":
         label_names = sorted(set(train.labels), key=_label_order(train.labels))
+        if len(label_names) < 2:
+            raise BaraError(f"{train.source.path}: every training example has the label '{label_names[0]}', so "
+                            "there is nothing to learn (accuracy would be 100 %); fix: add examples of at least "
+                            "one other class")
         ids = {name: i for i, name in enumerate(label_names)}
         splits = {name: None if split is None else _to_ids(split, ids, train)
                   for name, split in raw.splits.items()}
@@ -124,9 +136,22 @@ def _build(raw: RawTask, seed: int) -> Task:
         splits = {name: None if split is None else Split(split.texts, split.labels, split.choices)
                   for name, split in raw.splits.items()}
     missing = [name for name in SPLITS if splits[name] is None]
+    notes = [f"{raw_split.source.path}: {len(raw_split)} rows read" for raw_split in raw.splits.values()
+             if raw_split is not None]
     if missing:
+        duplicates = len(train) - len(set(_keys(splits["train"])))
         splits.update(_carve(splits["train"], missing, seed, train))
-    return Task(name=raw.name, kind=raw.kind, label_names=label_names, **splits)
+        if duplicates:
+            notes.append(f"{train.source.path}: {duplicates} rows repeat the text of an earlier row; "
+                         f"{' and '.join(missing)} were carved by unique text, so none of them is in train")
+    return Task(name=raw.name, kind=raw.kind, label_names=label_names, notes=notes, **splits)
+
+
+def _keys(split: Split) -> list:
+    """What makes two examples the same input: the text (and the choices of a multiple-choice question)."""
+    if split.choices is None:
+        return list(split.texts)
+    return [(text, tuple(choices)) for text, choices in zip(split.texts, split.choices)]
 
 
 def _label_order(labels: list[str]):
@@ -145,18 +170,26 @@ def _to_ids(split: RawSplit, ids: dict[str, int], train: RawSplit) -> Split:
 
 
 def _carve(train: Split, missing: list[str], seed: int, raw_train: RawSplit) -> dict[str, Split]:
-    """Take each missing split out of train: 10% (at least 1), stratified, leaving every class in train."""
-    size = max(1, math.floor(CARVE_FRACTION * len(train) + 0.5))
+    """Take each missing split out of train: 10% of its unique texts (at least 1), stratified, leaving every class
+    in train; all rows of a chosen text move together, so no carved example is also a training example."""
     streams = {"validation": sampling.CARVE_VALIDATION, "test": sampling.CARVE_TEST}
+    size = max(1, math.floor(CARVE_FRACTION * len(set(_keys(train))) + 0.5))
     carved = {}
     for name in missing:
-        spare = len(train) - len(set(train.labels))  # examples beyond one per class
+        rows: dict = {}  # unique text -> its rows, in order of first appearance
+        for i, key in enumerate(_keys(train)):
+            rows.setdefault(key, []).append(i)
+        groups = list(rows.values())
+        firsts = [members[0] for members in groups]
+        labels = [train.labels[i] for i in firsts]
+        spare = len(firsts) - len(set(labels))  # unique texts beyond one per class
         if spare < 1:
             raise BaraError(f"{raw_train.source.path}: {len(raw_train)} training examples are too few to carve "
                             f"a {name} split from (every class keeps one for training); fix: add rows, or "
                             f"provide {' and '.join(missing)} files next to it (e.g. {name}.csv in a folder "
                             "with train.csv)")
-        index = sampling.stratified_sample(train.labels, min(size, spare), seed, streams[name], keep_per_class=1)
+        chosen = sampling.stratified_sample(labels, min(size, spare), seed, streams[name], keep_per_class=1)
+        index = sorted(i for j in chosen for i in groups[j])
         taken = set(index)
         carved[name] = train.subset(index)
         train = train.subset([i for i in range(len(train)) if i not in taken])

@@ -1,0 +1,51 @@
+"""bara.trainer: option checks (one BaraError naming the flag, before anything is loaded)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bara.errors import BaraError
+from bara.trainer import RULES, TrainConfig
+
+
+@pytest.mark.parametrize("option, value", [
+    ("epochs", 0), ("epochs", -2.0), ("epochs", math.nan), ("steps", -1), ("batch_size", 0), ("batch_size", -4),
+    ("lr", -1e-3), ("lr", 0.0), ("lr", math.nan), ("lr", math.inf), ("warmup_ratio", 1.5), ("warmup_ratio", -0.1),
+    ("max_grad_norm", -1.0), ("max_length", 0), ("seed", -1), ("checkpoint_every", -5), ("eval_every", -1),
+    ("weight_decay", -0.1), ("steps", 2.5), ("batch_size", True),
+])
+def test_bad_option_is_one_error_naming_the_flag(option, value):
+    config = dataclasses.replace(TrainConfig(), **{option: value})
+    with pytest.raises(BaraError) as info:
+        config.validate()
+    message = str(info.value)
+    flag = "--" + option.replace("_", "-")
+    assert message.startswith(f"{flag} must be") and f"fix: pass e.g. {flag} " in message, message
+
+
+@pytest.mark.parametrize("option, value", [("steps", 0), ("warmup_ratio", 1.0), ("warmup_ratio", 0.0),
+                                           ("max_grad_norm", 0.0), ("epochs", 0.5), ("seed", 2**32 - 1)])
+def test_edge_values_are_accepted(option, value):
+    dataclasses.replace(TrainConfig(), **{option: value}).validate()
+
+
+values = st.one_of(st.integers(-10**12, 10**12), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
+                   st.text(max_size=3), st.none())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(RULES)), values, max_size=4))
+def test_any_option_values_validate_or_raise_bara_error(options):
+    config = dataclasses.replace(TrainConfig(), **options)
+    try:
+        config.validate()
+    except BaraError as err:
+        assert "fix:" in str(err) and "\n" not in str(err)
+        return
+    for name, value in options.items():  # accepted: every value is a real number inside its rule
+        assert not isinstance(value, (bool, str, type(None))) and math.isfinite(value), (name, value)
