@@ -606,3 +606,20 @@ def test_entanglement_is_zero_for_orthogonal_factors_and_enters_the_loss(tiny_be
     torch.manual_seed(0)
     loss, logs = method.loss(classifier, _batch(classifier), Progress(0, 10, 1000))  # beta = 0: nll + 0.5 orth
     assert logs["orth"] > 0 and loss.item() == pytest.approx(logs["nll"] + 0.5 * logs["orth"], rel=1e-5)
+
+
+def test_tempered_pi_counts_weigh_the_usage_as_the_local_kl_does(tiny_bert):
+    targets = {}
+    for counts in ("full", "tempered"):
+        classifier, method = _classifier(tiny_bert, "bara", pi_counts=counts)
+        batch = _batch(classifier)
+        torch.manual_seed(0)
+        method.loss(classifier, batch, Progress(1, 10, 1000, 6))
+        first = next(iter(method.layers.values()))
+        first.usage = torch.full((16,), 0.25)
+        method.on_step_end(classifier, Progress(100_000, 200_000, 1000, 6))  # rate ~ 0: read the step's size
+        rate = (1.0 + 100_000) ** -0.7
+        targets[counts] = ((first.bara_pi_alpha - 1.0 * (1 - rate)) / rate)[0].item()
+    assert targets["full"] == pytest.approx(2 / 16 + 1000 * 0.25, rel=1e-3)
+    gates = 2 * 2 * 16  # r = 16 in 4 adapted layers: omega = 1/G
+    assert targets["tempered"] == pytest.approx(2 / 16 + 1000 / gates * 0.25, rel=1e-3)

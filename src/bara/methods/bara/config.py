@@ -19,6 +19,7 @@ CHOICES = {
     "context_norm": ("layer", "batch"),
     "fast_gate": ("hard", "expected"),
     "pi_update": ("svi", "gradient"),
+    "pi_counts": ("full", "tempered"),
 }
 SIGMA_PARAMS = ("log", "rho2")
 
@@ -99,6 +100,9 @@ class BaraConfig(FactorPosteriorConfig):
                                    "natural-gradient step of size (1 + t)^-pi_step_power, the way topic models "
                                    "update global Beta/Dirichlet parameters) or gradient (q(pi) = Kumaraswamy(a, b) "
                                    "with free a, b under Adam at gate_lr, SPEC's reparameterised form)")
+    pi_counts: str = option("full", "pi_update=svi: the conjugate target counts each instance's usage once (full: "
+                                    "N u) or at the local KL's weight (tempered: omega N u, the optimum of the "
+                                    "tempered objective J itself)")
     pi_step_power: float = option(0.7, "pi_update=svi: the step at step t is (1 + t)^-power (Robbins-Monro: "
                                        "0.5 < power <= 1)")
     bayes_factors: bool = option(True, "Gaussian posterior on A with flipout (as BLoB); false = point estimate")

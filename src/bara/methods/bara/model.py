@@ -22,7 +22,8 @@ dataset size N, step t, KL warm-up :math:`\beta_t` (0 -> 1 over the first ``kl_w
    21 times the ELBO's 1/N at N = 1,000; ``kl_gamma = 0``: :math:`1/M` with M batches per epoch).
 3. ``pi_update=svi`` (default): then q(pi_k) = Beta(alpha_k, beta_k) takes a stochastic natural-gradient step
    towards its conjugate optimum given the step's usage :math:`u_k` (batch mean of rho): :math:`(\alpha, \beta)
-   \leftarrow (1 - \eta_t)(\alpha, \beta) + \eta_t(\alpha_0/r + N u_k,\ 1 + N(1 - u_k))`,
+   \leftarrow (1 - \eta_t)(\alpha, \beta) + \eta_t(\alpha_0/r + N' u_k,\ 1 + N'(1 - u_k))`, N' = N
+   (``pi_counts=full``) or :math:`\bar w N` (``tempered``: the optimum of J itself, whose local KL is tempered),
    :math:`\eta_t = (1 + t)^{-0.7}`: KL_pi at the ELBO's own weight, reached in closed form instead of by Adam steps
    of about gate_lr (which moved q(pi) by ~0.3 in 640 steps).
 """
@@ -194,8 +195,12 @@ class Bara(Method):
             self._kl_step(progress)
         if c.svi:  # q(pi)'s natural-gradient step, from the usage of the step's training pass
             rate = (1.0 + progress.step) ** -c.pi_step_power
-            for layer in self.layers.values():
-                layer.svi_step(progress.num_train, rate)
+            layers = list(self.layers.values())
+            weight = 1.0
+            if c.pi_counts == "tempered" and layers[0].gates is not None:
+                weight = c.omega_loc or (1.0 / sum(l.gates for l in layers)).mean().item()
+            for layer in layers:
+                layer.svi_step(progress.num_train * weight, rate)
         if c.max_sigma > 0 and c.bayes_factors:
             with torch.no_grad():
                 for layer in self.layers.values():
