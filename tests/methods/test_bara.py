@@ -623,3 +623,10 @@ def test_tempered_pi_counts_weigh_the_usage_as_the_local_kl_does(tiny_bert):
     assert targets["full"] == pytest.approx(2 / 16 + 1000 * 0.25, rel=1e-3)
     gates = 2 * 2 * 16  # r = 16 in 4 adapted layers: omega = 1/G
     assert targets["tempered"] == pytest.approx(2 / 16 + 1000 / gates * 0.25, rel=1e-3)
+    classifier, method = _classifier(tiny_bert, "bara", pi_step_delay=1024.0)
+    method.loss(classifier, _batch(classifier), Progress(1, 10, 1000, 6))
+    first = next(iter(method.layers.values()))
+    first.usage = torch.full((16,), 0.25)
+    method.on_step_end(classifier, Progress(1, 10, 1000, 6))
+    rate = 1025.0 ** -0.7  # the delayed first step
+    assert first.bara_pi_alpha[0].item() == pytest.approx((1 - rate) + rate * (2 / 16 + 250), rel=1e-4)

@@ -103,8 +103,11 @@ class BaraConfig(FactorPosteriorConfig):
     pi_counts: str = option("full", "pi_update=svi: the conjugate target counts each instance's usage once (full: "
                                     "N u) or at the local KL's weight (tempered: omega N u, the optimum of the "
                                     "tempered objective J itself)")
-    pi_step_power: float = option(0.7, "pi_update=svi: the step at step t is (1 + t)^-power (Robbins-Monro: "
+    pi_step_power: float = option(0.7, "pi_update=svi: the step at step t is (delay + t)^-power (Robbins-Monro: "
                                        "0.5 < power <= 1)")
+    pi_step_delay: float = option(1.0, "pi_update=svi: tau_0 of the step (delay + t)^-power (Hoffman et al.'s "
+                                       "online LDA uses 1024): larger values move q(pi) less in the first steps, "
+                                       "while B is still near zero and the gates' usage says little")
     bayes_factors: bool = option(True, "Gaussian posterior on A with flipout (as BLoB); false = point estimate")
     ibp_alpha: float = option(2.0, "IBP concentration alpha0: prior pi_k ~ Beta(alpha0 / r, 1)")
     # Default 0.5: with kl_step=sgd the gates that start at 0.9 stay on for every input (V 0.036, hard-rank std
@@ -155,6 +158,8 @@ class BaraConfig(FactorPosteriorConfig):
             raise BaraError(f"train_samples must be >= 1, got {self.train_samples}; fix: pass --train-samples 1")
         if self.orth_reg < 0:
             raise BaraError(f"orth_reg must be >= 0, got {self.orth_reg}; fix: pass --orth-reg 0")
+        if self.pi_step_delay < 1:
+            raise BaraError(f"pi_step_delay must be >= 1, got {self.pi_step_delay}; fix: pass --pi-step-delay 1")
         if not 0.5 < self.pi_step_power <= 1:
             raise BaraError(f"pi_step_power must be in (0.5, 1], got {self.pi_step_power}; fix: pass --pi-step-power "
                             "0.7")
