@@ -24,8 +24,8 @@ dataset size N, step t, KL warm-up :math:`\beta_t` (0 -> 1 over the first ``kl_w
    towards its conjugate optimum given the step's usage :math:`u_k` (batch mean of rho): :math:`(\alpha, \beta)
    \leftarrow (1 - \eta_t)(\alpha, \beta) + \eta_t(\alpha_0/r + N' u_k,\ 1 + N'(1 - u_k))`, N' = N
    (``pi_counts=full``) or :math:`\bar w N` (``tempered``: the optimum of J itself, whose local KL is tempered),
-   :math:`\eta_t = (\tau_0 + t)^{-0.7}` (``pi_step_delay`` = τ0, 1 by default): KL_pi at the ELBO's own weight, reached in closed form instead of by Adam steps
-   of about gate_lr (which moved q(pi) by ~0.3 in 640 steps).
+   :math:`\eta_t = (\tau_0 + t)^{-0.7}` (``pi_step_delay`` = τ0, 1 by default): KL_pi at the ELBO's own weight,
+   reached in closed form instead of by Adam steps of about gate_lr (which moved q(pi) by ~0.3 in 640 steps).
 """
 
 from __future__ import annotations
