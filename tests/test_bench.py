@@ -146,8 +146,8 @@ def test_bench_trains_reports_and_skips_finished_runs(preset_file, tmp_path, mon
     assert "finished runs: 4 of 4" in results and "Protocol" in results and "CPUs" in results
     lines = results.splitlines()
     columns = [c.strip() for c in next(l for l in lines if l.startswith("| variant | n |")).split("|")[1:-1]]
-    assert {"accuracy %", "ECE %", "NLL", "Brier", "one-pass accuracy %", "decided", "MI bits", "MI null", "shuffle ΔNLL",
-            "s̄"} <= set(columns)
+    assert {"accuracy %", "ECE %", "NLL", "Brier", "one-pass accuracy %", "decided", "MI bits", "MI null",
+            "shuffle ΔNLL", "s̄"} <= set(columns)
     table = {}
     for line in lines:
         cells = [c.strip() for c in line.split("|")[1:-1]]

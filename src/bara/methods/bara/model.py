@@ -324,8 +324,9 @@ class Bara(Method):
         torch.manual_seed(0)
         with self.shuffled_gates(block):
             sampled_shuffled, _ = self.sampled_ranks(classifier, batches, samples)
-        scores = {name: evaluate(p, labels) for name, p in (("one_pass", stats["probs"]), ("one_pass_shuffled", shuffled),
-                                                             ("sampled", sampled), ("sampled_shuffled", sampled_shuffled))}
+        predictions = {"one_pass": stats["probs"], "one_pass_shuffled": shuffled, "sampled": sampled,
+                       "sampled_shuffled": sampled_shuffled}
+        scores = {name: evaluate(p, labels) for name, p in predictions.items()}
         for kind in ("one_pass", "sampled"):
             result[f"shuffle_nll_{kind}"] = scores[f"{kind}_shuffled"]["nll"] - scores[kind]["nll"]
             result[f"shuffle_accuracy_{kind}"] = scores[f"{kind}_shuffled"]["accuracy"] - scores[kind]["accuracy"]
