@@ -340,9 +340,11 @@ def _rho_through_zero(sigma_in_adamw: bool, sigma_param: str = "rho2", steps: in
     module = BaraLinear(nn.Linear(16, 8), config)
     method = Bara(config)
     method.layers = {"l": module}
-    groups = method.param_groups(module, 1e-2, 0.0)
     if sigma_in_adamw:  # the old code: sigma's parameter in AdamW's "sigma" group at the main rate
-        groups.append({"params": [module.sigma_free], "lr": 1e-2, "weight_decay": 0.0})
+        method = Bara(BaraConfig(**{**config.to_dict(), "sigma_optimizer": "adamw"}))
+        method.layers = {"l": module}
+    groups = method.param_groups(module, 1e-2, 0.0)
+    assert any(p is module.sigma_free for g in groups for p in g["params"]) == sigma_in_adamw
     optimizer = torch.optim.AdamW(groups)
     target = nn.Linear(16, 8)
     smallest, largest = float("inf"), 0.0
@@ -630,3 +632,21 @@ def test_tempered_pi_counts_weigh_the_usage_as_the_local_kl_does(tiny_bert):
     method.on_step_end(classifier, Progress(1, 10, 1000, 6))
     rate = 1025.0 ** -0.7  # the delayed first step
     assert first.bara_pi_alpha[0].item() == pytest.approx((1 - rate) + rate * (2 / 16 + 250), rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["blob", "bara"])
+def test_runs_trained_before_the_new_inference_are_told_apart(tiny_bert, toy_data, tmp_path, method):
+    import json
+
+    out = tmp_path / method
+    config = RunConfig(model=tiny_bert, data=toy_data, method=method, method_options={"r": 4},
+                       train=TrainConfig(steps=2, batch_size=8, max_length=16))
+    runs.run_train(config, out, progress_bar=False, validation=False)
+    assert runs.changed_defaults(out) == {}
+    meta = json.loads((out / "adapter_config.json").read_text())
+    for key in ("sigma_param", "sigma_optimizer", "pi_update"):  # as saved before these options existed
+        meta["method_config"].pop(key, None)
+    (out / "adapter_config.json").write_text(json.dumps(meta))
+    changed = runs.changed_defaults(out)
+    assert changed["sigma_optimizer"] == ("adamw", "sgd")  # BLoB too: its rho was AdamW's before
+    assert ("pi_update" in changed) == (method == "bara")

@@ -28,7 +28,8 @@ SIGMA_PARAMS = ("log", "rho2")
 class FactorPosteriorConfig(LoraConfig):
     """BLoB's Gaussian posterior on A and how its KL is minimised: the options BaRA and BLoB share."""
 
-    legacy = {"sigma_param": "rho2"}  # adapters saved before sigma_param existed store BLoB's rho
+    # Adapters saved before these options existed store BLoB's rho, which AdamW also stepped.
+    legacy = {"sigma_param": "rho2", "sigma_optimizer": "adamw"}
 
     prior_sigma: float = option(0.2, "prior std of A: N(0, prior_sigma^2)")
     init_sigma: float = option(0.05, "epsilon: sigma_A starts at rho^2 with rho ~ U(eps/sqrt2, eps), as BLoB")
@@ -46,6 +47,10 @@ class FactorPosteriorConfig(LoraConfig):
                                  "step after each AdamW step, lr kl_lr with warm-up and linear decay, weighted by "
                                  "BLoB's KL reweighting) | loss (in the objective, with the data term, by AdamW: "
                                  "the ELBO as written)")
+    sigma_optimizer: str = option("sgd", "with kl_step=sgd, what steps sigma_A's parameter: sgd (only the SGD KL "
+                                         "step, as BLoB's code) or adamw (AdamW at the main rate as well: bara "
+                                         "before 2026-12-01, which drove rho through 0 and diverged at high rates; "
+                                         "kept so those runs are told apart, docs/experiments.md section 10)")
     kl_lr: float = option(0.002, "learning rate of the kl_step=sgd step (BLoB: 0.002 for RoBERTa, 0.01 for LLaMA)")
     kl_gamma: float = option(8.0, "BLoB's reweighting: the KL weight of step t is 2^i / (2^(M+1) - 1), i = t mod "
                                   "M, M = 100 N^(pi/gamma) / batch size; 0 = a weight 1/M with M = batches per "
@@ -59,6 +64,9 @@ class FactorPosteriorConfig(LoraConfig):
         super().validate()
         if self.kl_step not in ("sgd", "loss"):
             raise BaraError(f"kl_step={self.kl_step!r} is not one of ('sgd', 'loss'); fix: pass --kl-step sgd")
+        if self.sigma_optimizer not in ("sgd", "adamw"):
+            raise BaraError(f"sigma_optimizer={self.sigma_optimizer!r} is not one of ('sgd', 'adamw'); fix: pass "
+                            "--sigma-optimizer sgd")
         if self.sigma_param not in SIGMA_PARAMS:
             raise BaraError(f"sigma_param={self.sigma_param!r} is not one of {SIGMA_PARAMS}; fix: pass --sigma-param "
                             "log")
@@ -74,7 +82,7 @@ class FactorPosteriorConfig(LoraConfig):
 @dataclass
 class BaraConfig(FactorPosteriorConfig):
     # Adapters saved before these options existed: the hard one-pass gate, BLoB's rho, q(pi) trained by gradients.
-    legacy = {"fast_gate": "hard", "sigma_param": "rho2", "pi_update": "gradient"}
+    legacy = {**FactorPosteriorConfig.legacy, "fast_gate": "hard", "pi_update": "gradient"}
 
     r: int = option(16, "maximum rank r: the number of rank-1 factors each instance chooses from")
     gate: str = option("both", "gate: both (global-local, BaRA), global (per-layer only), local (per-instance "

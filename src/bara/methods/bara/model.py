@@ -147,7 +147,8 @@ class Bara(Method):
                 key = "gate" if any(g in name for g in GATE_PARAMS) else \
                     "sigma" if any(k in name for k in SIGMA_PARAMS) else "factors"
                 groups[key].append(p)
-        sigma = [{"params": groups["sigma"], "lr": lr, "weight_decay": 0.0}] if self.config.kl_step == "loss" else []
+        adamw = self.config.kl_step == "loss" or self.config.sigma_optimizer == "adamw"
+        sigma = [{"params": groups["sigma"], "lr": lr, "weight_decay": 0.0}] if adamw else []
         return [{"params": groups["factors"], "lr": lr, "weight_decay": weight_decay}, *sigma,
                 {"params": groups["gate"], "lr": self.config.gate_lr, "weight_decay": 0.0}]
 
@@ -225,7 +226,7 @@ class Bara(Method):
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p.sub_(lr * weight * g.to(p.dtype))
-            for layer in layers:
+            for layer in layers if c.sigma_optimizer == "sgd" else ():  # else AdamW steps and clears it
                 sigma = layer.sigma_free
                 if sigma.grad is not None:
                     sigma.sub_(lr * sigma.grad)
