@@ -564,6 +564,9 @@ def test_diagnostics_report_gate_information_beside_its_null_and_a_shuffle_test(
     assert diag["shuffle_nll_one_pass"] != 0  # with an input-dependent gate (gate_init 1), shuffling changes it
     assert diag["rank_std_between_samples"] > 0 and diag["rank_std_between_inputs"] >= 0
     assert all(len(l["pi_std"]) == 4 for l in diag["layers"].values())
+    first = next(iter(diag["layers"].values()))
+    assert first["pi_std_initial"] == pytest.approx(math.sqrt(1 / 12), rel=1e-4)  # Beta(1, 1) at the start
+    assert first["pi_mean_moved"] > 0 and first["pi_std_mean"] < first["pi_std_initial"]  # svi moved q(pi)
     classifier, method, _ = runs.load_adapter(tmp_path / "d")
     from bara.data import load_task
 

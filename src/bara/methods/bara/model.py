@@ -335,6 +335,19 @@ class Bara(Method):
         result["rank_std_between_samples"] = ranks.std(0).mean().item()
         return result
 
+    @torch.no_grad()
+    def _pi_moved(self, layer: BaraLinear) -> dict:
+        """How far q(pi) moved from its initial value: mean over factors of |E[pi] - E_0[pi]| and of the std
+        now beside the initial std (a q(pi) that stays where it started was not inferred)."""
+        if not self.config.uses_pi:
+            return {}
+        now = layer.q_pi()
+        with layer.initial_gate():
+            start = layer.q_pi()
+            start_mean, start_std = start.mean.clone(), start.variance.sqrt().clone()
+        return {"pi_mean_moved": (now.mean - start_mean).abs().mean().item(),
+                "pi_std_mean": now.variance.sqrt().mean().item(), "pi_std_initial": start_std.mean().item()}
+
     def _rank_summary(self, stats: dict) -> dict:
         """Effective ranks per layer and jointly (SPEC's diagnostics), and the bound's complexity term."""
         layers = {}
@@ -347,6 +360,7 @@ class Bara(Method):
                 "rank": layer.rank, "d_in": layer.in_features, "d_out": layer.out_features,
                 "expected_pi": pi.tolist(), "global_rank": int((pi > 0.5).sum()),
                 "pi_std": q.variance.sqrt().detach().float().cpu().tolist() if q is not None else None,
+                **self._pi_moved(layer),
                 "mean_expected_rank": expected_rank.mean().item(), "std_expected_rank": expected_rank.std().item(),
                 "mean_hard_rank": hard_rank.mean().item(), "std_hard_rank": hard_rank.std().item(),
                 "selection_variability": rho.std(0).mean().item(),
