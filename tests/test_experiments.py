@@ -89,3 +89,18 @@ def test_stability_experiment_shares_standard_runs_and_scores_validation_everywh
         assert fixes[f"{method}-max-sigma"][0] == fixes[f"{method}-flat-kl"][0] == method  # its chosen rate
         assert fixes[f"{method}-max-sigma"][1]["max_sigma"] == 0.2
         assert fixes[f"{method}-flat-kl"][1]["kl_gamma"] == 0.0
+
+
+def test_gate_experiment_varies_one_default_at_a_time_on_validation():
+    from bara import bench
+
+    path = Path(__file__).parents[1] / "benchmarks" / "experiments" / "gate.toml"
+    plan = bench.plan(str(path))
+    assert plan.validate_all and not any(plan.candidates(e) for e in plan.entries)  # no grid: one rate, no choice
+    specs = bench.expand(plan)
+    assert len(specs) == 2 * 5 * 3 and {s.config.train.lr for s in specs} == {0.01}
+    options = {s.variant: s.config.method_options for s in specs if s.dataset == "hwu64" and s.seed == 0}
+    base = options.pop("bara")
+    changed = {v: {k: o[k] for k in o if base.get(k) != o[k]} for v, o in options.items()}
+    assert changed == {"bara-pi09": {"pi_init": 0.9}, "bara-gatelr": {"gate_lr": 0.01},
+                       "bara-pi09-gatelr": {"pi_init": 0.9, "gate_lr": 0.01}, "bara-gradient": {"pi_update": "gradient"}}
