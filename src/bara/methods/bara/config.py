@@ -105,9 +105,10 @@ class BaraConfig(FactorPosteriorConfig):
                                   "weight decay)")
     pi_update: str = option("svi", "how q(pi) is inferred: svi (q(pi) = Beta, moved after every step towards its "
                                    "conjugate optimum Beta(alpha0/r + N * usage, 1 + N * (1 - usage)) by a "
-                                   "natural-gradient step of size (1 + t)^-pi_step_power, the way topic models "
-                                   "update global Beta/Dirichlet parameters) or gradient (q(pi) = Kumaraswamy(a, b) "
-                                   "with free a, b under Adam at gate_lr, SPEC's reparameterised form)")
+                                   "natural-gradient step of size (pi_step_delay + t)^-pi_step_power, the way "
+                                   "topic models update global Beta/Dirichlet parameters) or gradient (q(pi) = "
+                                   "Kumaraswamy(a, b) with free a, b under Adam at gate_lr, SPEC's reparameterised "
+                                   "form; what gate=global always uses: without a local gate no usage reaches q(pi))")
     pi_counts: str = option("full", "pi_update=svi: the conjugate target counts each instance's usage once (full: "
                                     "N u) or at the local KL's weight (tempered: omega N u, the optimum of the "
                                     "tempered objective J itself)")
