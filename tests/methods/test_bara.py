@@ -653,3 +653,10 @@ def test_runs_trained_before_the_new_inference_are_told_apart(tiny_bert, toy_dat
     changed = runs.changed_defaults(out)
     assert changed["sigma_optimizer"] == ("adamw", "sgd")  # BLoB too: its rho was AdamW's before
     assert ("pi_update" in changed) == (method == "bara")
+
+
+def test_blob_reports_ranks_but_no_gate_information(tiny_bert, toy_data, tmp_path):
+    config = RunConfig(model=tiny_bert, data=toy_data, method="blob", method_options={"r": 4},
+                       train=TrainConfig(steps=2, batch_size=8, max_length=16))
+    diag = runs.run_train(config, tmp_path / "blob", progress_bar=False, validation=False)["diagnostics"]
+    assert diag["joint_effective_rank"] == 4 and "decided_share" not in diag and "gate_mi" not in diag

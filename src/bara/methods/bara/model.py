@@ -307,14 +307,15 @@ class Bara(Method):
         from ...metrics import evaluate
 
         batches = list(batches)
-        torch.manual_seed(0)
         stats = self.gate_statistics(classifier, batches)
+        result = self._rank_summary(stats)
+        if self.config.gate == "none":  # BLoB: no gate to be decided or input-dependent
+            return result
         with self.initial_gates():
             null = self.gate_statistics(classifier, batches)
-        result = self._rank_summary(stats)
         result.update(gate_information(stats, self.layers), **{f"{k}_null": v for k, v in
                                                                gate_information(null, self.layers).items()})
-        if self.config.gate in ("none", "global"):
+        if self.config.gate == "global":  # nothing depends on the input: nothing to shuffle
             return result
         labels, block = stats["labels"], len(batches[0]["labels"])
         with self.shuffled_gates(block):
@@ -389,10 +390,11 @@ class Bara(Method):
         pi = np.array([l["expected_pi"] + [np.nan] * (diagnostics["r_max"] - len(l["expected_pi"]))
                        for l in diagnostics["layers"].values()])
         names = [n.replace("base_model.model.", "") for n in diagnostics["layers"]]
-        rank_plots(np.array(diagnostics["per_instance_joint_hard_rank"]), pi, output_dir / "rank.png",
-                   title=f"BaRA: joint effective rank {diagnostics['joint_effective_rank']:.2f} of "
-                         f"{diagnostics['r_max']}, decided {diagnostics['decided_share']:.0%}, MI "
-                         f"{diagnostics['gate_mi']:.2f} bits (null {diagnostics['gate_mi_null']:.2f})",
+        title = f"BaRA: joint effective rank {diagnostics['joint_effective_rank']:.2f} of {diagnostics['r_max']}"
+        if "gate_mi" in diagnostics:
+            title += (f", decided {diagnostics['decided_share']:.0%}, MI {diagnostics['gate_mi']:.2f} bits "
+                      f"(null {diagnostics['gate_mi_null']:.2f})")
+        rank_plots(np.array(diagnostics["per_instance_joint_hard_rank"]), pi, output_dir / "rank.png", title=title,
                    layer_names=names)
         return ["rank.png"]
 
