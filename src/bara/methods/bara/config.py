@@ -21,7 +21,16 @@ CHOICES = {
     "pi_update": ("svi", "gradient"),
     "pi_counts": ("full", "tempered"),
 }
-SIGMA_PARAMS = ("log", "rho2")
+# The options of the Gaussian posterior on A that BaRA and BLoB share (the first value is the fix suggested).
+POSTERIOR_CHOICES = {"kl_step": ("sgd", "loss"), "sigma_optimizer": ("sgd", "adamw"), "sigma_param": ("log", "rho2")}
+
+
+def check_choices(config, choices: dict[str, tuple]) -> None:
+    """Raise BaraError for the first option whose value is not one of its choices, naming them and a fix."""
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise BaraError(f"{name}={getattr(config, name)!r} is not one of {allowed}; fix: "
+                            f"pass --{name.replace('_', '-')} {allowed[0]}")
 
 
 @dataclass
@@ -62,14 +71,7 @@ class FactorPosteriorConfig(LoraConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.kl_step not in ("sgd", "loss"):
-            raise BaraError(f"kl_step={self.kl_step!r} is not one of ('sgd', 'loss'); fix: pass --kl-step sgd")
-        if self.sigma_optimizer not in ("sgd", "adamw"):
-            raise BaraError(f"sigma_optimizer={self.sigma_optimizer!r} is not one of ('sgd', 'adamw'); fix: pass "
-                            "--sigma-optimizer sgd")
-        if self.sigma_param not in SIGMA_PARAMS:
-            raise BaraError(f"sigma_param={self.sigma_param!r} is not one of {SIGMA_PARAMS}; fix: pass --sigma-param "
-                            "log")
+        check_choices(self, POSTERIOR_CHOICES)
         for name in ("prior_sigma", "init_sigma", "kl_lr"):
             if getattr(self, name) <= 0:
                 raise BaraError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -154,10 +156,7 @@ class BaraConfig(FactorPosteriorConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise BaraError(f"{name}={getattr(self, name)!r} is not one of {allowed}; fix: "
-                                f"pass --{name.replace('_', '-')} {allowed[0]}")
+        check_choices(self, CHOICES)
         if not 0 < self.pi_init < 1:
             raise BaraError(f"pi_init must be in (0, 1), got {self.pi_init}")
         for name in ("ibp_alpha", "theta_shape", "theta_rate", "temperature", "gate_lr"):

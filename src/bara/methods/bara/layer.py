@@ -99,11 +99,11 @@ class BaraLinear(nn.Module):
                 self.bara_A_log_sigma = nn.Parameter(2.0 * torch.log(rho))
         self.bara_B = nn.Parameter(torch.zeros(base.out_features, r))
         if config.svi:  # q(pi) = Beta(alpha, beta), updated in closed form (buffers, saved with the adapter)
-            self.register_buffer("bara_pi_alpha", torch.full((r,), 2.0 * config.pi_init))
-            self.register_buffer("bara_pi_beta", torch.full((r,), 2.0 * (1.0 - config.pi_init)))
-        elif config.uses_pi:  # q(pi) = Kumaraswamy(a, b): a = 1, b = 1/pi_init - 1 gives E[pi] = pi_init
-            self.bara_pi_a = nn.Parameter(inverse_softplus(torch.ones(r)))
-            self.bara_pi_b = nn.Parameter(inverse_softplus(torch.full((r,), 1.0 / config.pi_init - 1.0)))
+            for name, value in self.initial_pi().items():
+                self.register_buffer(name, torch.full((r,), value))
+        elif config.uses_pi:  # q(pi) = Kumaraswamy(a, b) with free a, b
+            for name, value in self.initial_pi().items():
+                setattr(self, name, nn.Parameter(torch.full((r,), value)))
         if config.gate != "none":
             for name, module in self._gate_modules().items():
                 setattr(self, name, module)
@@ -116,6 +116,17 @@ class BaraLinear(nn.Module):
         self.penalty: torch.Tensor | None = None  # [N] L1 of z for gate=deterministic
         self.last_rho: torch.Tensor | None = None  # [N, r] instance-level gate probabilities
         self.last_g: torch.Tensor | None = None  # [N, r] hard (or sampled) gates
+
+    def initial_pi(self) -> dict[str, float]:
+        """q(pi)'s tensors at the start, E[pi] = pi_init: Beta(2 pi_init, 2 (1 - pi_init)), or the free parameters of
+        Kumaraswamy(1, 1/pi_init - 1); empty without q(pi)."""
+        c = self.config
+        if c.svi:
+            return {"bara_pi_alpha": 2.0 * c.pi_init, "bara_pi_beta": 2.0 * (1.0 - c.pi_init)}
+        if c.uses_pi:
+            return {"bara_pi_a": inverse_softplus(1.0).item(),
+                    "bara_pi_b": inverse_softplus(1.0 / c.pi_init - 1.0).item()}
+        return {}
 
     def _gate_modules(self) -> dict[str, nn.Module]:
         """The context projection and gate network as initialised (also the shuffle and null diagnostics' source)."""
@@ -140,15 +151,11 @@ class BaraLinear(nn.Module):
         """Within the block the gate network and q(pi) are as initialised (seeded), the context normalisation
         keeps its trained running statistics: the null of the gate diagnostics, on the same inputs."""
         saved = {n: getattr(self, n) for n in ("bara_context", "bara_gate") if hasattr(self, n)}
-        pi_names = [n for n, _ in self.named_parameters(recurse=False) if n.startswith("bara_pi_")] + \
-            [n for n, _ in self.named_buffers(recurse=False) if n.startswith("bara_pi_")]
-        pi_saved = {n: getattr(self, n).detach().clone() for n in pi_names}
+        init = self.initial_pi()
+        pi_saved = {n: getattr(self, n).detach().clone() for n in init}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             fresh = self._gate_modules()
-        init = {"bara_pi_alpha": 2.0 * self.config.pi_init, "bara_pi_beta": 2.0 * (1.0 - self.config.pi_init),
-                "bara_pi_a": inverse_softplus(torch.ones(())).item(),
-                "bara_pi_b": inverse_softplus(torch.tensor(1.0 / self.config.pi_init - 1.0)).item()}
         device = self.bara_A_mu.device
         if self.config.context_norm == "batch" and "bara_gate" in saved:  # running statistics, not the affine part
             for name, buffer in saved["bara_gate"][0].named_buffers():
@@ -156,8 +163,8 @@ class BaraLinear(nn.Module):
         for name, module in fresh.items():
             setattr(self, name, module.to(device))
         with torch.no_grad():
-            for n in pi_names:
-                getattr(self, n).fill_(init[n])
+            for n, value in init.items():
+                getattr(self, n).fill_(value)
         try:
             yield
         finally:
