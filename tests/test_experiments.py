@@ -62,6 +62,25 @@ def test_sources_settings_sample_only_a_or_only_the_gates():
         module.config.bayes_factors = True
 
 
+def test_relaxed_setting_samples_the_gates_as_in_training():
+    script = _script()
+    torch.manual_seed(0)
+    module = BaraLinear(nn.Linear(6, 5), BaraConfig(r=4, alpha=8.0, pi_init=0.6))
+    x = torch.randn(64, 4, 6)
+    (_, hard), (_, relaxed) = script.settings("relaxed", SimpleNamespace(config=module.config))
+    try:
+        relaxed()
+        _, rho = _outputs(module, x, "sample", 1)[0]
+        g = module.last_g
+        assert ((g > 0) & (g < 1)).float().mean() > 0.9  # Concrete draws, strictly inside (0, 1)
+        assert abs(g.mean().item() - rho.mean().item()) < 0.1  # ... around the gate probability
+        hard()
+        _outputs(module, x, "sample", 1)
+        assert set(module.last_g.unique().tolist()) <= {0.0, 1.0}  # the default: 0/1 gates
+    finally:
+        script.layer.torch.bernoulli = script.BERNOULLI
+
+
 def test_rows_settings_set_the_rows_per_pass():
     script = _script()
     default = base.MAX_ROWS
@@ -98,9 +117,10 @@ def test_gate_experiment_varies_one_default_at_a_time_on_validation():
     plan = bench.plan(str(path))
     assert plan.validate_all and not any(plan.candidates(e) for e in plan.entries)  # no grid: one rate, no choice
     specs = bench.expand(plan)
-    assert len(specs) == 2 * 5 * 3 and {s.config.train.lr for s in specs} == {0.01}
+    assert len(specs) == 2 * 6 * 3 and {s.config.train.lr for s in specs} == {0.01}
     options = {s.variant: s.config.method_options for s in specs if s.dataset == "hwu64" and s.seed == 0}
     base = options.pop("bara")
     changed = {v: {k: o[k] for k in o if base.get(k) != o[k]} for v, o in options.items()}
     assert changed == {"bara-pi09": {"pi_init": 0.9}, "bara-gatelr": {"gate_lr": 0.01},
-                       "bara-pi09-gatelr": {"pi_init": 0.9, "gate_lr": 0.01}, "bara-gradient": {"pi_update": "gradient"}}
+                       "bara-pi09-gatelr": {"pi_init": 0.9, "gate_lr": 0.01}, "bara-k2": {"train_samples": 2},
+                       "bara-gradient": {"pi_update": "gradient"}}
