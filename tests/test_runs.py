@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 
@@ -435,3 +436,26 @@ def test_overwrite_of_the_current_folder_is_refused(tiny_bert, toy_data, tmp_pat
     with pytest.raises(BaraError, match="holds the current folder; fix: run the command from another folder"):
         runs.run_train(config(tiny_bert, toy_data, steps=2), Path("."), overwrite=True, progress_bar=False)
     assert (tmp_path / "here" / "metrics.json").read_text() == "{}"
+
+
+def test_a_run_stopped_too_early_says_so_and_a_converged_one_does_not(tiny_bert, toy_data, tmp_path):
+    def run(steps: int, name: str) -> dict:
+        cfg = config(tiny_bert, toy_data, steps=steps)
+        cfg.train.lr = 2e-2
+        return runs.run_train(cfg, tmp_path / name, progress_bar=False)
+
+    # The toy task sits on a plateau at log 3 for its first ~40 steps, learns by step 100, is done by 150.
+    with pytest.warns(UserWarning, match=r"about the chance level log 3 = 1.099: the run has not learned the task"):
+        assert run(12, "stuck")["convergence"]["verdict"] == "not learning"
+    with pytest.warns(UserWarning, match="validation NLL still falling over the last 20 % of the steps"):
+        metrics = run(60, "short")
+    budget = metrics["convergence"]
+    assert budget["verdict"] == "still falling" and budget["change"] < -0.02
+    history = [json.loads(line) for line in (tmp_path / "short" / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if "val_nll" in h] == [48, 60]  # one-pass scores for the check only
+    assert budget["val_nll_at_end"] == history[-1]["val_nll"]
+    assert json.loads((tmp_path / "short" / "metrics.json").read_text())["convergence"] == budget
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no budget warning
+        metrics = run(150, "long")
+    assert metrics["convergence"]["verdict"] == "converged" and metrics["accuracy"] == 1.0

@@ -49,3 +49,26 @@ def test_any_option_values_validate_or_raise_bara_error(options):
         return
     for name, value in options.items():  # accepted: every value is a real number inside its rule
         assert not isinstance(value, (bool, str, type(None))) and math.isfinite(value), (name, value)
+
+
+def _history(nll_at: dict[int, float], steps: int) -> list[dict]:
+    return [{"step": s, "loss": 1.0, **({"val_nll": nll_at[s]} if s in nll_at else {})} for s in range(1, steps + 1)]
+
+
+def test_the_budget_check_reads_the_validation_nll_at_80_percent_and_at_the_end():
+    from bara.trainer import check_steps, convergence
+
+    assert check_steps(100) == (80, 100) and check_steps(12) == (10, 12) and check_steps(9) == ()
+    falling = convergence(_history({80: 1.00, 100: 0.90}, 100), 10)
+    assert falling["verdict"] == "still falling" and falling["change"] == pytest.approx(-0.10)
+    assert falling["advice"] == ("validation NLL still falling over the last 20 % of the steps (1 -> 0.9, -10.0 %): "
+                                 "more steps (--epochs / --steps) or a higher --lr may do better")
+    assert convergence(_history({80: 1.00, 100: 1.05}, 100), 10)["verdict"] == "rising"
+    assert convergence(_history({80: 0.100, 100: 0.095}, 100), 10)["verdict"] == "converged"  # 5 %, 0.005 nats
+    stuck = convergence(_history({80: 1.10, 100: 1.09}, 100), 3)  # log 3 = 1.0986
+    assert stuck["verdict"] == "not learning" and "chance level log 3" in stuck["advice"]
+    assert convergence(_history({80: 1.00, 100: 0.99}, 100), 10) == {
+        "val_nll_at_80": 1.0, "val_nll_at_end": 0.99, "change": pytest.approx(-0.01), "verdict": "converged",
+        "advice": ""}
+    assert convergence(_history({50: 1.0, 100: 0.5}, 100), 10) is None  # no score at step 80: nothing to say
+    assert convergence(_history({}, 5), 10) is None and convergence([], 10) is None

@@ -33,7 +33,7 @@ from .methods import METHODS, Method, get_method
 from .metrics import evaluate
 from .models import EMBEDDED, load_model
 from .plots import learning_curve, reliability_diagram
-from .trainer import TrainConfig, batches, distributed_state, on_device, train
+from .trainer import TrainConfig, batches, convergence, distributed_state, on_device, train
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS = "adapter_config.json", "adapter_model.safetensors", "metrics.json"
 # Files (and checkpoint folders) a run writes: an overwrite replaces them all, and keeps any other file.
@@ -350,7 +350,10 @@ def _train_into(work: Path, replacing: bool, config: RunConfig, resumed: dict, t
     save_adapter(classifier, method, config, task, work)
     write_atomic(work / "history.jsonl",
                  lambda tmp: tmp.write_text("".join(json.dumps(h) + "\n" for h in history)))
-    if any("val_accuracy" in h for h in history):
+    budget = convergence(history, task.num_labels)
+    if budget and budget["verdict"] != "converged":
+        warnings.warn(budget["advice"], UserWarning, stacklevel=2)
+    if config.train.eval_every:
         learning_curve(history, work / "curve.png", f"{method.name} on {task.name}: validation during training")
     train_seconds = before + time.perf_counter() - t0
     metrics = score(classifier, method, task.test, config, None, ood, work, progress_bar, task.name)
@@ -367,6 +370,7 @@ def _train_into(work: Path, replacing: bool, config: RunConfig, resumed: dict, t
         "train_seconds": train_seconds, "wall_seconds": before + time.perf_counter() - t0,
         "peak_memory_mb": peak_memory_mb(), "torch_threads": torch.get_num_threads(),  # what the times were
         "config": config.to_dict(), "versions": versions(),
+        "convergence": budget,  # one-pass validation NLL at 80 % of the steps and at the end (None under 10 steps)
     })
     write_json(work / METRICS, metrics)
     for name in [*checkpoint.candidates(work), work / f".{checkpoint.NAME}.tmp"]:  # the run is finished

@@ -119,6 +119,52 @@ def validation_score(classifier: Classifier, method: Method, split: Split, batch
     return {"val_accuracy": scores["accuracy"], "val_nll": scores["nll"], "val_ece": scores["ece"]}
 
 
+# The budget check: validation NLL at this fraction of the steps and at the end (one-pass, on the validation split).
+CHECK_AT = 0.8
+# A change of the validation NLL over the last 20 % of the steps beyond which the budget is called short (still
+# falling) or long (rising again): both 2 % and 0.01 nats (a smaller change matters to nobody). Converged runs change
+# by well under 1 % there, with the schedule's learning rate near 0; banking77's LoRA at lr 1e-3 still fell 4 %
+# (0.04 nats) over its last 10 % (docs/experiments.md section 1).
+CONVERGED_WITHIN, CONVERGED_WITHIN_NATS = 0.02, 0.01
+# At the end within this fraction of the uniform prediction's NLL, log C: the run has not learned anything yet.
+CHANCE_WITHIN = 0.02
+
+
+def check_steps(steps: int) -> tuple[int, ...]:
+    """Steps after which the validation split is scored for the budget check (none for runs under 10 steps)."""
+    return (max(1, round(CHECK_AT * steps)), steps) if steps >= 10 else ()
+
+
+def convergence(history: list[dict], num_labels: int) -> dict | None:
+    """Did the step budget suffice? From the validation NLL of :func:`check_steps` in the history:
+    ``{"val_nll_at_80": a, "val_nll_at_end": b, "change": (b - a) / a, "verdict": "converged" | "still
+    falling" | "rising" | "not learning", "advice": ...}`` ("not learning": b still near log C, the uniform
+    prediction's NLL over ``num_labels`` classes); None when the history has no such scores (under 10 steps)."""
+    scored = {h["step"]: h["val_nll"] for h in history if "val_nll" in h}
+    steps = history[-1]["step"] if history else 0
+    points = check_steps(steps)
+    if not points or any(p not in scored for p in points):
+        return None
+    before, after = (scored[p] for p in points)
+    change = (after - before) / before
+    moved = abs(after - before) > CONVERGED_WITHIN_NATS
+    trend = f"over the last 20 % of the steps ({before:.4g} -> {after:.4g}, {100 * change:+.1f} %)"
+    if after >= (1 - CHANCE_WITHIN) * math.log(num_labels):
+        verdict = "not learning"
+        advice = (f"validation NLL {after:.4g} at the end, about the chance level log {num_labels} = "
+                  f"{math.log(num_labels):.4g}: the run has not learned the task; a higher --lr or more steps")
+    elif moved and change < -CONVERGED_WITHIN:
+        verdict = "still falling"
+        advice = f"validation NLL still falling {trend}: more steps (--epochs / --steps) or a higher --lr may do better"
+    elif moved and change > CONVERGED_WITHIN:
+        verdict = "rising"
+        advice = f"validation NLL rising {trend}: fewer steps or a lower --lr may do better (over-fitting)"
+    else:
+        verdict, advice = "converged", ""
+    return {"val_nll_at_80": before, "val_nll_at_end": after, "change": change, "verdict": verdict,
+            "advice": advice}
+
+
 def train(classifier: Classifier, method: Method, train_split: Split, validation_split: Split,
           config: TrainConfig, output_dir: Path, resume: bool = False, progress_bar: bool = True,
           extra: Callable[[], dict] | None = None) -> list[dict]:
@@ -148,6 +194,7 @@ def train(classifier: Classifier, method: Method, train_split: Split, validation
                         accelerator.process_index, accelerator.is_main_process, accelerator.wait_for_everyone,
                         history, extra() if extra else None)
 
+    checks = check_steps(steps) if len(validation_split) else ()
     bar = tqdm(total=steps, initial=step, desc=f"train {method.name}", unit="step",
                disable=not (progress_bar and accelerator.is_main_process), dynamic_ncols=True)
     while step < steps:
@@ -176,9 +223,11 @@ def train(classifier: Classifier, method: Method, train_split: Split, validation
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch + 1)
             record = {"step": step, "loss": loss.item(), **logs}
-            if config.eval_every and (step % config.eval_every == 0 or step == steps) and accelerator.is_main_process:
+            curve = config.eval_every and (step % config.eval_every == 0 or step == steps)
+            if (curve or step in checks) and accelerator.is_main_process:
                 record.update(validation_score(classifier, method, validation_split, config.eval_batch_size))
-                bar.write(" ".join(f"{k}={v:.4g}" for k, v in record.items()))
+                if curve:
+                    bar.write(" ".join(f"{k}={v:.4g}" for k, v in record.items()))
             history.append(record)
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 save_checkpoint()
