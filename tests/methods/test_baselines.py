@@ -1,4 +1,5 @@
-"""The baselines of SPEC §2 beyond LoRA: MC dropout, deep ensemble, temperature scaling, AdaLoRA.
+"""The baselines of SPEC §2 beyond LoRA: MC dropout, deep ensemble, temperature scaling, AdaLoRA, and the newer
+Bayesian LoRAs MonteCLoRA (peft's) and TFB.
 Each trains, predicts, saves and reloads on the tiny models; each method's own mechanism is checked."""
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from bara.methods.temperature import fit_temperature
 from bara.runs import RunConfig
 from bara.trainer import TrainConfig
 
-BASELINES = {"mcdropout": 10, "ensemble": 3, "temperature": 0, "adalora": 0}  # method -> default samples
+# method -> default samples
+BASELINES = {"mcdropout": 10, "ensemble": 3, "temperature": 0, "adalora": 0, "monteclora": 10, "tfb": 10}
 FAST = {"adalora": {"r": 6, "target_r": 2, "tinit": 2, "tfinal": 2, "delta_t": 1}}
 
 
@@ -81,7 +83,8 @@ def test_cli_lists_the_baselines_and_their_options(capsys):
         cli.main(["train", "--help"])
     text = capsys.readouterr().out
     for word in ("mcdropout", "ensemble", "temperature", "adalora", "--members", "--target-r", "--tinit",
-                 "--tfinal", "--delta-t", "--orth-reg-weight", "--lbfgs-iters"):
+                 "--tfinal", "--delta-t", "--orth-reg-weight", "--lbfgs-iters", "monteclora", "--monteclora-samples",
+                 "--sample-scaler", "--kl-loss-weight", "tfb", "--tolerance", "--search-metric", "--sigma FLOAT"):
         assert word in text, word
 
 
@@ -330,3 +333,152 @@ def test_adalora_resume_in_the_final_phase_is_exact(tiny_bert, toy_data, tmp_pat
     assert resumed["diagnostics"] == full["diagnostics"]
     for key in ("accuracy", "ece", "nll", "brier"):
         assert resumed[key] == pytest.approx(full[key], abs=1e-6), key
+
+
+# -- MonteCLoRA ---------------------------------------------------------------------------------------
+def test_monteclora_is_peft_s_variant_and_samples_only_at_test_time(tiny_bert):
+    from peft.tuners.lora.monteclora import MontecloraSampler
+
+    classifier, method = build(tiny_bert, "monteclora", sample_scaler=0.05)
+    samplers = [m for m in classifier.modules() if isinstance(m, MontecloraSampler)]
+    assert len(samplers) == 4 and all(s.num_samples == 8 and s.sample_scaler == 0.05 for s in samplers)
+    make_lora_visible(classifier)
+    batch = batch_of(classifier)
+    torch.manual_seed(0)
+    probs = method.predict(classifier, batch, 4)
+    assert probs.shape == (4, 6, 3) and torch.allclose(probs.sum(-1), torch.ones(4, 6), atol=1e-5)
+    assert (probs[0] - probs[1]).abs().max() > 1e-4  # each pass draws its own perturbation of A
+    torch.manual_seed(0)
+    assert torch.equal(method.predict(classifier, batch, 4), probs)  # from the global generator: seeded
+    one = method.predict(classifier, batch, 0)
+    assert torch.equal(one, method.predict(classifier, batch, 0))  # samples = 0: plain LoRA, deterministic
+    assert not any(m.training for m in classifier.modules())
+    with torch.no_grad():
+        for sampler in samplers:
+            sampler.std_prior.fill_(-30.0)  # a collapsed posterior: the samples are the mean
+    torch.manual_seed(1)
+    collapsed = method.predict(classifier, batch, 3)
+    assert torch.allclose(collapsed, one.expand_as(collapsed), atol=1e-4)
+
+
+def test_monteclora_loss_adds_peft_s_variational_term(tiny_bert):
+    classifier, method = build(tiny_bert, "monteclora", kl_loss_weight=0.5)
+    make_lora_visible(classifier)
+    batch = batch_of(classifier)
+    classifier.train()
+    torch.manual_seed(0)
+    loss, logs = method.loss(classifier, batch, Progress(0, 10, 60))
+    assert logs["variational"] > 0
+    assert loss.item() == pytest.approx(logs["nll"] + logs["variational"], rel=1e-6)
+    # the same value from peft's own aggregate, after the pass that set the samplers' state
+    assert logs["variational"] == pytest.approx(classifier.backbone.base_model._get_monteclora_loss().item())
+    loss.backward()
+    for name, p in classifier.named_parameters():
+        if "std_prior" in name or "expert_weights_prior" in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    with pytest.raises(BaraError, match="dirichlet_prior"):
+        get_method("monteclora", {"dirichlet_prior": 0.0})
+
+
+def test_monteclora_resume_is_exact(tiny_bert, toy_data, tmp_path, monkeypatch):
+    """Each pass draws its noise from the generator the checkpoint restores, so a resumed run trains as one."""
+    from bara import checkpoint
+
+    cfg = config(tiny_bert, toy_data, "monteclora", steps=6, sample_scaler=0.05)
+    cfg.train.checkpoint_every = 3
+    full = runs.run_train(cfg, tmp_path / "full", progress_bar=False)
+    real_save = checkpoint.save
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        runs.run_train(cfg, tmp_path / "cut", progress_bar=False)
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    resumed = runs.run_train(cfg, tmp_path / "cut", resume=True, progress_bar=False)
+    for key in ("accuracy", "ece", "nll", "brier"):
+        assert resumed[key] == pytest.approx(full[key], abs=1e-6), key
+
+
+# -- TFB ----------------------------------------------------------------------------------------------
+def test_largest_within_finds_the_edge_of_the_accepted_interval():
+    from bara.methods.tfb import largest_within
+
+    tried = []
+
+    def accepted(sigma):
+        tried.append(sigma)
+        return sigma <= 0.037
+
+    best = largest_within(accepted, 1e-5, 10.0, 12)
+    assert len(tried) == 13 and tried[0] == 10.0
+    assert best <= 0.037 and best > 0.037 / (1e6 ** (1 / 2 ** 12)) ** 2  # within two final bracket widths
+    assert largest_within(lambda s: True, 1e-5, 10.0, 12) == 10.0
+    assert largest_within(lambda s: False, 1e-5, 10.0, 12) == 0.0
+
+
+def test_tfb_noise_is_isotropic_in_the_column_space_of_b(tiny_bert):
+    """One layer's sampled output minus its mean is σ s U z with z ~ N(0, ‖x‖² I): it lies in B's column space,
+    and its covariance over draws is σ² s² ‖x‖² U Uᵀ."""
+    from bara.methods.tfb import LowRankNoise, lora_layers
+
+    classifier, _ = build(tiny_bert, "tfb")
+    layer = next(iter(lora_layers(classifier).values()))
+    b = layer.lora_B["default"].weight
+    with torch.no_grad():
+        b.copy_(torch.randn(b.shape[0], 2) @ torch.randn(2, b.shape[1]))  # rank 2 of r = 8
+    x = torch.randn(1, 1, layer.in_features)
+    with torch.no_grad():
+        mean = layer(x)
+        torch.manual_seed(0)
+        with LowRankNoise(classifier, sigma=0.3):
+            draws = (layer(x.expand(4000, 1, -1)) - mean).reshape(4000, -1)
+    basis = torch.linalg.svd(b.detach())[0][:, :2]
+    assert torch.allclose(draws - draws @ basis @ basis.T, torch.zeros_like(draws), atol=1e-4)  # in span(U)
+    scale = 0.3 * layer.scaling["default"] * x.norm()
+    empirical = torch.einsum("ni,nj->ij", draws @ basis, draws @ basis) / 4000
+    assert torch.allclose(empirical / scale ** 2, torch.eye(2), atol=0.08)
+    with torch.no_grad():
+        assert torch.equal(layer(x), mean)  # the hooks are gone after the block
+
+
+def test_tfb_search_respects_the_tolerance(tiny_bert, toy_data, tmp_path):
+    out = tmp_path / "tfb"
+    metrics = runs.run_train(config(tiny_bert, toy_data, "tfb", steps=10, search_steps=6, tolerance=1e-3), out,
+                             progress_bar=False)
+    diag = metrics["diagnostics"]
+    assert diag["sigma_searched"] and diag["n_anchor"] == 15 and len(diag["search_curve"]) == 1 + 1 + 6
+    base, sigma = diag["validation_metric_lora"], diag["sigma"]
+    assert 0 < sigma < 10
+    curve = dict(map(tuple, diag["search_curve"]))
+    assert diag["validation_metric_tfb"] == curve[sigma] <= base * 1.001  # the chosen σ is within the tolerance
+    assert all(v > base * 1.001 for s, v in curve.items() if s > sigma)  # every larger σ tried is not
+    # samples = 0 is the LoRA adapter; the saved σ reproduces the sampled predictions after reloading
+    classifier, method, _ = runs.load_adapter(out)
+    assert classifier.tfb.sigma.item() == sigma
+    batch = classifier.encode(load_task(toy_data).test, list(range(8)))
+    torch.manual_seed(0)
+    probs = method.predict(classifier, batch, 5)
+    assert probs.shape == (5, 8, 3) and (probs[0] - probs[1]).abs().max() > 1e-4
+    with torch.no_grad():
+        lora = torch.softmax(classifier(batch["input_ids"], batch["attention_mask"]), -1)
+    assert torch.allclose(method.predict(classifier, batch, 0)[0], lora)
+
+
+def test_tfb_given_sigma_skips_the_search_and_unfitted_sampling_fails(tiny_bert):
+    classifier, method = build(tiny_bert, "tfb", sigma=0.2)
+    batch = batch_of(classifier)
+    with pytest.raises(BaraError, match="not fitted"):
+        method.predict(classifier, batch, 3)
+    make_lora_visible(classifier)
+    method.fit_posthoc(classifier, [], [])
+    assert method.diagnostics(classifier, []) == {"sigma": pytest.approx(0.2), "sigma_searched": False}
+    assert method.predict(classifier, batch, 3).shape == (3, 6, 3)
+    for bad, match in (({"search_metric": "ece"}, "search_metric"), ({"tolerance": -1.0}, "tolerance"),
+                       ({"sigma": -0.1}, "sigma")):
+        with pytest.raises(BaraError, match=match):
+            get_method("tfb", bad)
+    with pytest.raises(BaraError, match="validation split"):
+        build(tiny_bert, "tfb")[1].fit_posthoc(classifier, [], [])

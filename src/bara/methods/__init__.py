@@ -11,10 +11,12 @@ from .ensemble import Ensemble
 from .laplace import Laplace
 from .lora import Lora, Map
 from .mcdropout import McDropout
+from .monteclora import MonteCLora
 from .temperature import Temperature
+from .tfb import Tfb
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Lora, Map, Bara, Blob, McDropout, Ensemble, Temperature,
-                                                        AdaLora, Laplace)}
+                                                        AdaLora, Laplace, MonteCLora, Tfb)}
 
 
 def register(method: type[Method]) -> type[Method]:
