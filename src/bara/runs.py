@@ -380,8 +380,15 @@ def save_adapter(classifier: Classifier, method: Method, config: RunConfig, task
     meta = {"method": method.name, "method_config": method.config.to_dict(), "base_model": run["model"],
             "label_names": task.label_names, "task_kind": task.kind, "run": run,
             "bara_version": versions()["bara-peft"]}
+    if classifier.label_ids is not None:  # a causal LM's label tokens, for bara.from_pretrained without a tokenizer
+        meta["label_token_ids"] = classifier.label_ids.tolist()
+    write_adapter(method.adapter_state(classifier), meta, output)
+
+
+def write_adapter(tensors: dict[str, torch.Tensor], meta: dict, output: Path) -> None:
+    """``tensors`` as adapter_model.safetensors and ``meta`` as adapter_config.json in ``output``, each atomically."""
     write_atomic(output / ADAPTER_WEIGHTS, lambda tmp: save_file(
-        {k: v.contiguous() for k, v in method.adapter_state(classifier).items()}, tmp, metadata={"format": "pt"}))
+        {k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"}))
     write_json(output / ADAPTER_CONFIG, meta)
 
 
@@ -398,7 +405,7 @@ def _adapter_meta(config_file: Path) -> tuple[dict, RunConfig]:
                         "'bara train'") from None
 
 
-def _saved_tensors(weights: Path) -> dict[str, torch.Tensor]:
+def saved_tensors(weights: Path) -> dict[str, torch.Tensor]:
     """The adapter's tensors; a damaged file or a non-finite value is an error that names it."""
     try:
         tensors = load_file(weights)
@@ -464,7 +471,7 @@ def load_adapter(path: str | Path) -> tuple[Classifier, Method, RunConfig]:
     trained = trained_options(meta, config.method)
     if trained is not None:  # every option as trained: a later change of a default does not change the adapter
         config.method_options = trained
-    tensors = _saved_tensors(weights)
+    tensors = saved_tensors(weights)
     _check_sizes(config, meta["label_names"], tensors, config_file)
     classifier, method = build(config, meta["label_names"])
     method.load_adapter_state(classifier, tensors)

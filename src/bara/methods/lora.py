@@ -25,15 +25,19 @@ class LoraConfig(MethodConfig):
 
 
 def target_modules(config: LoraConfig, classifier: Classifier) -> list[str] | None:
-    return list(config.target_modules) or TARGET_MODULES.get(classifier.backbone.config.model_type)
+    """The configured targets, else bara's default for the architecture, else peft's (GPT-2's c_attn, ...)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    model_type = classifier.backbone.config.model_type
+    return list(config.target_modules) or TARGET_MODULES.get(model_type) or PEFT_TARGETS.get(model_type)
 
 
 def peft_wrap(classifier: Classifier, peft_config, adapter_name: str = "default") -> None:
     """Inject ``peft_config`` with peft; the encoder's fresh classification head is trained in full."""
     from peft import get_peft_model
 
-    if classifier.kind == "encoder":
-        peft_config.modules_to_save = ["classifier"]
+    if classifier.head_names:
+        peft_config.modules_to_save = classifier.head_names
     try:
         classifier.backbone = get_peft_model(classifier.backbone, peft_config, adapter_name=adapter_name)
     except ValueError as err:

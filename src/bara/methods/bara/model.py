@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ...errors import BaraError
 from ...heads import Classifier
@@ -108,7 +109,7 @@ class Bara(Method):
         if not targets:
             raise BaraError("no default target modules for this architecture; fix: pass --target-modules")
         found = [(n, m) for n, m in classifier.backbone.named_modules() if _matches(n, targets)
-                 and isinstance(m, nn.Linear)]
+                 and isinstance(m, (nn.Linear, Conv1D))]
         if not found:
             raise BaraError(f"no linear layer named {targets} in the model; fix: pass --target-modules")
         self.layers: dict[str, BaraLinear] = {}
@@ -117,8 +118,8 @@ class Bara(Method):
             layer = BaraLinear(module, self.config)
             setattr(classifier.backbone.get_submodule(parent_name), child, layer)
             self.layers[name] = layer
-        if classifier.kind == "encoder":  # the fresh classification head is trained in full
-            for p in classifier.backbone.classifier.parameters():
+        for head in classifier.head_names:  # the fresh classification head is trained in full
+            for p in classifier.backbone.get_submodule(head).parameters():
                 p.requires_grad_(True)
 
         def share_mask(module, args, kwargs):  # the padding mask reaches every adapted layer
