@@ -201,11 +201,11 @@ class BaraModel(nn.Module):
     # -- prediction -----------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, samples: int | None = None,
-                token_type_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None, labels=None, **kwargs) -> torch.Tensor:
         """Predictive probabilities ``[batch, classes]`` averaged over ``samples`` Monte-Carlo samples (default: the
         method's own, 10 for BaRA and BLoB); ``samples=0`` is the one-pass prediction. A classifier's classes are its
         labels, or the label tokens it was wrapped with; a language model's are the vocabulary, for the token after
-        the last real one."""
+        the last real one. ``labels`` (a whole batch may be passed) are not used."""
         if samples is None:
             samples = self.method.default_samples
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
