@@ -31,7 +31,7 @@ from .heads import Classifier
 from .methods import METHODS, Method, MethodConfig, Progress, get_method
 from .methods.base import to_device
 from .models import LoadedModel, load_model
-from .runs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, saved_tensors, trained_options, versions, write_adapter
+from .runs import ADAPTER_WEIGHTS, has_weights, meta_file, read_adapter, trained_options, versions, write_adapter
 
 # Keyword arguments of a transformers forward that change nothing here (HF Trainer and generate pass some of them).
 IGNORED_KWARGS = ("return_dict", "num_items_in_batch", "use_cache", "output_attentions", "output_hidden_states")
@@ -239,8 +239,10 @@ class BaraModel(nn.Module):
 
     # -- adapters -------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``adapter_config.json`` (the method, every option, the base model's name or absolute path, the
-        labels) and ``adapter_model.safetensors`` (every tensor the adapter adds or trains) into ``directory``."""
+        """Write the adapter into ``directory`` as ``bara train`` does: bara's config (the method, every option,
+        the base model's name or absolute path, the labels) and every tensor the adapter adds or trains; the
+        LoRA-family methods as a peft adapter (``peft.PeftModel.from_pretrained`` loads it) with bara's config in
+        bara_config.json."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         label_ids = self.classifier.label_ids
@@ -249,7 +251,7 @@ class BaraModel(nn.Module):
                 "label_names": self.classifier.label_names,
                 "label_token_ids": label_ids.tolist() if label_ids is not None else None,
                 "bara_version": versions()["bara-peft"]}
-        write_adapter(self.method.adapter_state(self.classifier), meta, directory)
+        write_adapter(self.classifier, self.method, meta, directory)
 
 
 def per_input(logits: torch.Tensor, n: int) -> torch.Tensor:
@@ -299,10 +301,10 @@ def from_pretrained(base_model: nn.Module | str | None, directory: str | Path, t
     ``base_model``: a transformers model (wrapped in place, as :func:`get_model`), a model name or folder, or None
     for the base the adapter records. Reads JSON and safetensors only."""
     directory = Path(directory)
-    config_file, weights = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
-    if not config_file.exists() or not weights.exists():
-        raise BaraError(f"{directory} has no {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}; fix: point at a folder written by "
-                        "model.save_pretrained or 'bara train'")
+    config_file = meta_file(directory)
+    if not config_file.exists() or not has_weights(directory):
+        raise BaraError(f"{directory} has no {config_file.name} + {ADAPTER_WEIGHTS}; fix: point at a folder written "
+                        "by model.save_pretrained or 'bara train'")
     try:
         meta = json.loads(config_file.read_text())
         name, labels = meta["method"], meta["label_names"]
@@ -312,7 +314,6 @@ def from_pretrained(base_model: nn.Module | str | None, directory: str | Path, t
     except (ValueError, KeyError, TypeError) as err:
         raise BaraError(f"{config_file} is not a valid adapter config ({type(err).__name__}: {err}); fix: save the "
                         "adapter again") from None
-    tensors = saved_tensors(weights)
     if base_model is None or isinstance(base_model, (str, Path)):
         loaded = load_model(str(base_model or meta.get("base_model") or ""), len(labels or ()) or 2)
         base_model, tokenizer = loaded.backbone, tokenizer or loaded.tokenizer
@@ -329,7 +330,7 @@ def from_pretrained(base_model: nn.Module | str | None, directory: str | Path, t
                         f"fix: load the base with num_labels={len(labels)}")
     model = get_model(base_model, METHODS[name].config_class.from_dict(options), label_tokens=label_tokens,
                       tokenizer=tokenizer)
-    model.method.load_adapter_state(model.classifier, tensors)
+    model.method.load_adapter_state(model.classifier, read_adapter(directory, model.classifier, model.method))
     return model.eval()
 
 

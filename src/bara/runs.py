@@ -36,9 +36,11 @@ from .plots import learning_curve, reliability_diagram
 from .trainer import TrainConfig, batches, distributed_state, on_device, train
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS = "adapter_config.json", "adapter_model.safetensors", "metrics.json"
+# An adapter peft can load keeps peft's two file names; bara's config and the tensors peft does not hold sit beside.
+BARA_CONFIG, BARA_STATE = "bara_config.json", "bara_state.safetensors"
 # Files (and checkpoint folders) a run writes: an overwrite replaces them all, and keeps any other file.
-OUR_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS, "history.jsonl", "reliability.png", "rank.png", "curve.png",
-             "eval_metrics.json", checkpoint.NAME)
+OUR_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BARA_CONFIG, BARA_STATE, METRICS, "history.jsonl", "reliability.png",
+             "rank.png", "curve.png", "eval_metrics.json", checkpoint.NAME)
 PACKAGES = ("bara-peft", "torch", "transformers", "peft", "accelerate", "safetensors", "torchmetrics")
 
 
@@ -202,7 +204,8 @@ def make_output(work: Path, replacing: bool) -> None:
 def swap_in(work: Path, output: Path) -> None:
     """Replace the run in ``output`` by the finished run in ``work``; files that bara did not write move along."""
     for entry in output.iterdir():
-        ours = entry.name in OUR_FILES or entry.name.startswith(tuple(f".{name}." for name in OUR_FILES))
+        ours = entry.name in OUR_FILES or entry.name.startswith(tuple(f".{name}." for name in OUR_FILES)) \
+            or (entry / ADAPTER_CONFIG).is_file()  # a peft adapter's subfolder (an ensemble member)
         if not ours and not (work / entry.name).exists():
             os.replace(entry, work / entry.name)
     old = output.with_name(f".{output.name}.old")
@@ -382,14 +385,55 @@ def save_adapter(classifier: Classifier, method: Method, config: RunConfig, task
             "bara_version": versions()["bara-peft"]}
     if classifier.label_ids is not None:  # a causal LM's label tokens, for bara.from_pretrained without a tokenizer
         meta["label_token_ids"] = classifier.label_ids.tolist()
-    write_adapter(method.adapter_state(classifier), meta, output)
+    write_adapter(classifier, method, meta, output)
 
 
-def write_adapter(tensors: dict[str, torch.Tensor], meta: dict, output: Path) -> None:
-    """``tensors`` as adapter_model.safetensors and ``meta`` as adapter_config.json in ``output``, each atomically."""
-    write_atomic(output / ADAPTER_WEIGHTS, lambda tmp: save_file(
-        {k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"}))
-    write_json(output / ADAPTER_CONFIG, meta)
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                                             metadata={"format": "pt"}))
+
+
+def write_adapter(classifier: Classifier, method: Method, meta: dict, output: Path) -> None:
+    """The adapter in ``output``. A method peft can load: peft's adapter_config.json + adapter_model.safetensors (an
+    adapter beyond the first in its own subfolder, as peft saves several), ``meta`` in bara_config.json and the
+    tensors peft does not hold (a temperature, a Laplace posterior) in bara_state.safetensors. Any other method:
+    ``meta`` as adapter_config.json and its tensors as adapter_model.safetensors."""
+    state = method.adapter_state(classifier)
+    adapters = method.peft_adapters(classifier)
+    if not adapters:
+        write_tensors(output / ADAPTER_WEIGHTS, state)
+        write_json(output / ADAPTER_CONFIG, meta)
+        return
+    for folder, (peft_config, tensors) in adapters.items():
+        (output / folder).mkdir(exist_ok=True)
+        write_tensors(output / folder / ADAPTER_WEIGHTS, tensors)
+        peft_config.save_pretrained(str(output / folder))  # peft's adapter_config.json, as peft writes it
+    held = method.from_peft_names(classifier, {folder: tensors for folder, (_, tensors) in adapters.items()})
+    rest = {k: v for k, v in state.items() if k not in held}
+    if rest:
+        write_tensors(output / BARA_STATE, rest)
+    write_json(output / BARA_CONFIG, meta)
+
+
+def meta_file(folder: Path) -> Path:
+    """bara's config of the adapter in ``folder``: bara_config.json beside a peft adapter, else adapter_config.json."""
+    return folder / BARA_CONFIG if (folder / BARA_CONFIG).exists() else folder / ADAPTER_CONFIG
+
+
+def has_weights(folder: Path) -> bool:
+    """Whether ``folder`` holds an adapter's tensors (an ensemble's peft adapters sit in subfolders only)."""
+    return (folder / BARA_CONFIG).exists() or (folder / ADAPTER_WEIGHTS).exists()
+
+
+def read_adapter(folder: Path, classifier: Classifier, method: Method) -> dict[str, torch.Tensor]:
+    """The tensors :func:`write_adapter` saved in ``folder``, under :meth:`Method.adapter_state`'s names, each file
+    checked (whole, finite)."""
+    if not (folder / BARA_CONFIG).exists():
+        return saved_tensors(folder / ADAPTER_WEIGHTS)
+    state = saved_tensors(folder / BARA_STATE) if (folder / BARA_STATE).exists() else {}
+    state.update(method.from_peft_names(classifier, {sub: saved_tensors(folder / sub / ADAPTER_WEIGHTS)
+                                                     for sub in method.peft_adapters(classifier)}))
+    return state
 
 
 def _adapter_meta(config_file: Path) -> tuple[dict, RunConfig]:
@@ -418,11 +462,11 @@ def saved_tensors(weights: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _check_sizes(config: RunConfig, label_names: list[str], tensors: dict[str, torch.Tensor], where: Path) -> None:
-    """The adapter size the config implies, before any of it is allocated: an edited config (r = 1000000) would
-    otherwise ask for gigabytes. Refused when it is larger than both the base model and the saved tensors (a
-    method may load fewer factors than its config names, as a pruned BaRA adapter does; never more)."""
-    classifier, _ = build(config, label_names, adapter_device="meta")
+def _check_sizes(classifier: Classifier, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """The adapter size the config implies (``classifier`` built with its adapter on the meta device), before any
+    of it is allocated: an edited config (r = 1000000) would otherwise ask for gigabytes. Refused when it is larger
+    than both the base model and the saved tensors (a method may load fewer factors than its config names, as a
+    pruned BaRA adapter does; never more)."""
     implied = sum(p.numel() for p in classifier.parameters() if p.is_meta)
     base = sum(p.numel() for p in classifier.parameters() if not p.is_meta)
     saved = sum(t.numel() for t in tensors.values())
@@ -450,9 +494,9 @@ def changed_defaults(folder: Path) -> dict[str, tuple]:
     """Options of the finished run in ``folder`` whose value, as trained, differs from what its config resolves to
     in this version of bara (a default changed since): {option: (as trained, now)}. A run's hash covers only the
     options set explicitly, so this is how a benchmark tells such a run from one it may reuse."""
-    if not (folder / ADAPTER_CONFIG).exists():
+    if not meta_file(folder).exists():
         return {}
-    meta, config = _adapter_meta(folder / ADAPTER_CONFIG)
+    meta, config = _adapter_meta(meta_file(folder))
     trained = trained_options(meta, config.method)
     if trained is None:
         return {}
@@ -463,16 +507,17 @@ def changed_defaults(folder: Path) -> dict[str, tuple]:
 def load_adapter(path: str | Path) -> tuple[Classifier, Method, RunConfig]:
     """Rebuild the base model, inject the method's adapter and load its tensors: one call."""
     path = Path(path)
-    config_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
-    if not config_file.exists() or not weights.exists():
+    config_file = meta_file(path)
+    if not config_file.exists() or not has_weights(path):
         raise BaraError(f"{path} has no {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}; fix: point --adapter at the "
                         "--output folder of a finished 'bara train'")
     meta, config = _adapter_meta(config_file)
     trained = trained_options(meta, config.method)
     if trained is not None:  # every option as trained: a later change of a default does not change the adapter
         config.method_options = trained
-    tensors = saved_tensors(weights)
-    _check_sizes(config, meta["label_names"], tensors, config_file)
+    shaped, shaped_method = build(config, meta["label_names"], adapter_device="meta")
+    tensors = read_adapter(path, shaped, shaped_method)
+    _check_sizes(shaped, tensors, config_file)
     classifier, method = build(config, meta["label_names"])
     method.load_adapter_state(classifier, tensors)
     classifier.eval()

@@ -125,6 +125,16 @@ class Method:
         """Every tensor the adapter adds or trains (by name), to be saved as safetensors."""
         return {n: p.detach().clone() for n, p in classifier.named_parameters() if p.requires_grad}
 
+    def peft_adapters(self, classifier: Classifier) -> dict[str, tuple[object, dict[str, torch.Tensor]]]:
+        """The adapters peft can load (``peft.PeftModel.from_pretrained``), to be saved as peft saves them:
+        {subfolder: (peft config, tensors named as in peft's adapter_model.safetensors)}; none by default. What
+        :meth:`adapter_state` holds beyond them is saved beside them, in bara's own file."""
+        return {}
+
+    def from_peft_names(self, classifier: Classifier, files: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The tensors of saved peft adapters ({subfolder: tensors}) under their :meth:`adapter_state` names."""
+        return {}
+
     def load_adapter_state(self, classifier: Classifier, state: dict[str, torch.Tensor]) -> None:
         own = {**dict(classifier.named_buffers()), **dict(classifier.named_parameters())}
         expected = set(self.adapter_state(classifier))

@@ -103,6 +103,14 @@ class Ensemble(Lora):
     def member_names(self) -> list[str]:
         return [f"member{k}" for k in range(self.config.members)]
 
+    peft_root = "backbone.peft_model."
+
+    def peft_model_of(self, classifier: Classifier):
+        return classifier.backbone.peft_model
+
+    def adapter_names(self) -> list[str]:
+        return self.member_names  # saved as peft saves several adapters: one subfolder each
+
     def wrap(self, classifier: Classifier) -> None:
         """Member k's LoRA (and head) are drawn under seed ``s + k``, where ``s`` is the seed the run set
         before building the model (``torch.initial_seed()``); the global random stream is left as it was."""
