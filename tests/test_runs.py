@@ -27,8 +27,8 @@ def config(model: str, data: str, method: str = "lora", steps: int = 12, **optio
 def test_train_writes_outputs_and_eval_reproduces(tiny_bert, toy_data, tmp_path):
     out = tmp_path / "run"
     metrics = runs.run_train(config(tiny_bert, toy_data), out, progress_bar=False)
-    for name in ("metrics.json", "adapter_config.json", "adapter_model.safetensors", "bara_config.json", "reliability.png",
-                 "history.jsonl"):
+    for name in ("metrics.json", "adapter_config.json", "adapter_model.safetensors", "bara_config.json",
+                 "reliability.png", "history.jsonl"):
         assert (out / name).exists(), name
     assert not (out / checkpoint.NAME).exists()
     saved = json.loads((out / "metrics.json").read_text())

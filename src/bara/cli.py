@@ -18,6 +18,7 @@ EXAMPLES = """examples:
   bara train --model smollm2 --data questions.jsonl --method lora --output runs/mc
   bara eval --adapter runs/trec-lora
   bara eval --adapter runs/trec-lora --samples 10 --ood-data yahoo
+  bara export --adapter runs/trec-lora --merge runs/trec-lora-merged
   bara bench --preset quick --output runs/bench-quick
   bara data fetch bigbench
 """
@@ -137,6 +138,15 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--max-eval", type=int, help="cap the test split at N examples")
     e.add_argument("--output", type=Path, help="also write eval_metrics.json and plots into this folder")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    x = sub.add_parser("export", help="write the base model with an adapter merged into its weights",
+                       description="Fold the adapter of a 'bara train' run into the base model's weights and save it "
+                       "with transformers\n(AutoModelFor...from_pretrained loads it, no bara needed). Possible for "
+                       "the LoRA methods (lora, map,\nmcdropout's one-pass model, adalora), BLoB's mean and BaRA with "
+                       "--gate global; the others say why not.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    x.add_argument("--adapter", required=True, type=Path, help="the --output folder of 'bara train'")
+    x.add_argument("--merge", required=True, type=Path, help="new folder for the merged model and its tokenizer")
 
     b = sub.add_parser("bench", help="run a benchmark preset (datasets x methods x seeds) and write its report",
                        description="Train every run of a preset that is not finished yet, then write results.md,\n"
@@ -261,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics = runs.run_eval(args.adapter, args.data, args.samples, args.ood_data, args.max_eval,
                                     args.output, not args.no_progress)
             print(table(metrics))
+        elif args.command == "export":
+            print(f"wrote the merged model to {runs.run_export(args.adapter, args.merge)}")
         elif args.command == "bench":
             from . import bench
 

@@ -58,7 +58,8 @@ class Classifier(nn.Module):
         self.all_positions = False
         ids = None
         if self.kind == "causal" and (label_names is not None or label_ids is not None):
-            ids = torch.tensor(label_ids if label_ids is not None else label_token_ids(self.tokenizer, len(label_names)))
+            ids = torch.tensor(label_ids if label_ids is not None
+                               else label_token_ids(self.tokenizer, len(label_names)))
         self.register_buffer("label_ids", ids, persistent=False)
 
     @property

@@ -560,3 +560,21 @@ def run_eval(adapter: str | Path, data: str | None = None, samples: int | None =
     if output is not None:
         write_json(output / "eval_metrics.json", metrics)
     return metrics
+
+
+def run_export(adapter: str | Path, merge: Path) -> Path:
+    """Write the base model with the adapter of ``adapter`` merged into its weights, and its tokenizer, into the new
+    folder ``merge`` (transformers' save_pretrained: loads with AutoModelFor...from_pretrained, no bara needed)."""
+    merge = Path(merge)
+    if merge.exists() and (not merge.is_dir() or any(merge.iterdir())):
+        raise BaraError(f"--merge {merge} exists and is not an empty folder; fix: give a new folder")
+    _check_writable(merge)
+    classifier, method, _ = load_adapter(adapter)
+    model = method.merged(classifier)
+    if classifier.kind == "encoder":  # the label names, as transformers keeps them
+        model.config.id2label = dict(enumerate(classifier.label_names))
+        model.config.label2id = {name: i for i, name in enumerate(classifier.label_names)}
+    merge.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(merge)
+    classifier.tokenizer.save_pretrained(merge)
+    return merge

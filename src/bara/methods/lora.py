@@ -80,6 +80,9 @@ class Lora(Method):
             return None
         return adapter, ".".join(p for p in parts if p not in (adapter, "modules_to_save"))
 
+    def merged(self, classifier: Classifier) -> torch.nn.Module:
+        return self.peft_model_of(classifier).merge_and_unload()  # peft folds B A into W, the head replaces the base's
+
     def saved_peft_config(self, classifier: Classifier, adapter: str):
         """The peft config written beside the adapter's tensors (as ``PeftModel.save_pretrained`` writes it)."""
         config = copy.deepcopy(self.peft_model_of(classifier).peft_config[adapter])
@@ -97,7 +100,8 @@ class Lora(Method):
             files["" if adapter == "default" else adapter] = (self.saved_peft_config(classifier, adapter), tensors)
         return files
 
-    def from_peft_names(self, classifier: Classifier, files: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def from_peft_names(self, classifier: Classifier,
+                        files: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         ours = {found: name for name in self.adapter_state(classifier) if (found := self.peft_name(name)) is not None}
         state = {}
         for folder, tensors in files.items():

@@ -126,8 +126,9 @@ class BaraLinear(nn.Module):
         if c.svi:
             return {"bara_pi_alpha": 2.0 * c.pi_init, "bara_pi_beta": 2.0 * (1.0 - c.pi_init)}
         if c.uses_pi:
-            return {"bara_pi_a": inverse_softplus(1.0).item(),
-                    "bara_pi_b": inverse_softplus(1.0 / c.pi_init - 1.0).item()}
+            with torch.device("cpu"):  # numbers, also while the layer is built on the meta device (adapter size checks)
+                return {"bara_pi_a": inverse_softplus(1.0).item(),
+                        "bara_pi_b": inverse_softplus(1.0 / c.pi_init - 1.0).item()}
         return {}
 
     def _gate_modules(self) -> dict[str, nn.Module]:

@@ -400,6 +400,30 @@ class Bara(Method):
         return ["rank.png"]
 
     # -- adapters -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merged(self, classifier: Classifier) -> nn.Module:
+        """W + (alpha/r) B diag(z) mu_A in every adapted layer, z the one-pass local weight: 1 without a gate (BLoB's
+        mean), the same for every input with gate=global. The one-pass prediction of any other gate depends on the
+        input, so no single weight matrix holds it."""
+        if self.config.gate not in ("none", "global"):
+            raise BaraError(f"BaRA's gate (gate={self.config.gate}) switches factors per input, so the update is not "
+                            "one weight matrix; fix: use the adapter (bara eval, bara.from_pretrained), or train with "
+                            "--gate global (or --method blob) for a mergeable model")
+        self.set_mode("mean")
+        for name, layer in self.layers.items():
+            z = torch.ones(layer.rank, device=layer.bara_B.device)
+            if self.config.gate == "global":  # run the gate on any input: it ignores the input
+                x = torch.zeros(1, 1, layer.in_features, device=z.device)
+                z = layer.local_weights(x, torch.zeros(1, 1, layer.rank, device=z.device),
+                                        torch.ones(1, 1, device=z.device)).reshape(-1)
+            delta = layer.scaling * layer.bara_B.float() @ (z[:, None] * layer.bara_A_mu.float())  # [out, in]
+            weight = layer.base.weight
+            weight.add_((delta if isinstance(layer.base, nn.Linear) else delta.t()).to(weight.dtype))
+            parent, _, child = name.rpartition(".")
+            setattr(classifier.backbone.get_submodule(parent), child, layer.base)
+        self.layers = {}
+        return classifier.backbone
+
     def adapter_state(self, classifier: Classifier) -> dict[str, torch.Tensor]:
         state = super().adapter_state(classifier)  # plus the gate's running statistics (context_norm=batch)
         state.update({n: b.detach().clone() for n, b in classifier.named_buffers()
