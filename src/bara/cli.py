@@ -8,6 +8,7 @@ import dataclasses
 import os
 import shlex
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -56,14 +57,18 @@ train and test (stratified by answer, seed 0); validation is carved from train a
 """
 
 
-def _method_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per field of every method's config dataclass; a flag applies to the methods that have it."""
+def _method_options(parser: argparse.ArgumentParser, only: str | None = None) -> None:
+    """One flag per field of every method's config dataclass; a flag applies to the methods that have it.
+    ``only``: the flags of that method alone (``bara train --method M --help``)."""
     from .methods import METHODS
 
-    group = parser.add_argument_group("method options (each used by the methods named in brackets, "
-                                      "with their defaults)")
+    methods = {only: METHODS[only]} if only in METHODS else METHODS
+    title = (f"options of --method {only} (with its defaults; 'bara train --help' without --method lists every "
+             "method's)") if only in METHODS else ("method options (each used by the methods named in brackets, with "
+                                                  "their defaults; 'bara train --method M --help' lists M's alone)")
+    group = parser.add_argument_group(title)
     seen: dict[str, tuple[dataclasses.Field, dict[str, object]]] = {}
-    for name, method in sorted(METHODS.items()):
+    for name, method in sorted(methods.items()):
         for f in dataclasses.fields(method.config_class):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             seen.setdefault(f.name, (f, {}))[1][name] = default
@@ -88,9 +93,22 @@ def _comma_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def parser() -> argparse.ArgumentParser:
+def help_method(argv: list[str]) -> str | None:
+    """The --method of a 'bara train ... --help' command line (its help then lists that method's options only)."""
+    if not argv or argv[0] != "train" or not {"-h", "--help"} & set(argv):
+        return None
+    for i, arg in enumerate(argv):
+        if arg == "--method" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--method="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def parser(only_method: str | None = None) -> argparse.ArgumentParser:
     from .data import bigbench, builtin_tasks
     from .methods import METHODS
+    from .runs import RunConfig
     from .trainer import TrainConfig
 
     top = argparse.ArgumentParser(prog="bara", description="Bayesian parameter-efficient fine-tuning with "
@@ -103,7 +121,8 @@ def parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     t.add_argument("--model", default="minilm", help="minilm (embedded BERT encoder, default), smollm2 "
                    "(embedded causal LM), a local model folder, or a hub id (needs network)")
-    t.add_argument("--data", default="trec", help=f"a built-in dataset ({', '.join(builtin_tasks())}), a "
+    t.add_argument("--data", default=RunConfig.data, help=f"a built-in dataset ({', '.join(builtin_tasks())}; "
+                   f"default {RunConfig.data}), a "
                    "BIG-bench task after 'bara data fetch bigbench' (bigbench/strategyqa, ...), or a CSV/TSV/JSONL "
                    "file or folder with text and label columns, or a multiple-choice JSONL (question, choices, "
                    "answer)")
@@ -127,7 +146,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
     t.add_argument("--ood-data", help="another dataset whose test texts serve as out-of-distribution inputs")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _method_options(t)
+    _method_options(t, only_method)
 
     e = sub.add_parser("eval", help="evaluate a saved adapter on a test split")
     e.add_argument("--adapter", required=True, type=Path, help="the --output folder of 'bara train'")
@@ -195,6 +214,11 @@ def table(metrics: dict) -> str:
     if "fast_path" in metrics:
         fp = metrics["fast_path"]
         lines.append(f"  one-pass: accuracy {100 * fp['accuracy']:.2f}%  ECE {100 * fp['ece']:.2f}%  NLL {fp['nll']:.4f}")
+    numbers = [f"{k} {v:.4g}" for k, v in metrics.get("diagnostics", {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if numbers:  # the method's own (BaRA: effective ranks, gate information; metrics.json has them all)
+        lines.append(textwrap.fill("diagnostics: " + ", ".join(numbers), width=110, initial_indent="  ",
+                                   subsequent_indent="    "))
     return "\n".join(lines)
 
 
@@ -237,7 +261,7 @@ def _fetch(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = parser().parse_args(argv)
+    args = parser(help_method(argv)).parse_args(argv)
     try:
         _quiet()
         from . import runs
@@ -266,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                 for note in metrics["data_notes"]:
                     print(f"data: {note}")
                 print(table(metrics))
-                print(f"wrote {args.output}/metrics.json, reliability.png and the adapter")
+                plots = ", ".join(sorted(p.name for p in args.output.glob("*.png")))
+                print(f"wrote {args.output}/metrics.json, the adapter and the plots {plots}")
         elif args.command == "eval":
             metrics = runs.run_eval(args.adapter, args.data, args.samples, args.ood_data, args.max_eval,
                                     args.output, not args.no_progress)
@@ -277,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
             from . import bench
 
             summary = bench.run_bench(args.preset, args.output, not args.no_progress, args.report_only,
-                                      args.only_dataset, args.only_method, shlex.join(["bara", *argv]), args.reuse)
+                                      args.only_dataset, args.only_method, shlex.join(["bara", *argv]), args.reuse,
+                                      announce=True)
             if not args.report_only:
                 print(f"{summary['selected']} runs: {summary['trained']} trained, {summary['reused']} copied from "
                       f"--reuse, {summary['skipped']} already finished"

@@ -73,6 +73,7 @@ def _smollm2_folder() -> Path:
         del model.config.quantization_config
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".smollm2-"))
+    tmp.chmod(0o755)  # mkdtemp's 0o700 would otherwise become the cache folder's mode
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

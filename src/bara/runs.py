@@ -39,8 +39,9 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS = "adapter_config.json", "adapter_model
 # An adapter peft can load keeps peft's two file names; bara's config and the tensors peft does not hold sit beside.
 BARA_CONFIG, BARA_STATE = "bara_config.json", "bara_state.safetensors"
 # Files (and checkpoint folders) a run writes: an overwrite replaces them all, and keeps any other file.
+ONE_PASS_RELIABILITY = "reliability-one-pass.png"
 OUR_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BARA_CONFIG, BARA_STATE, METRICS, "history.jsonl", "reliability.png",
-             "rank.png", "curve.png", "eval_metrics.json", checkpoint.NAME)
+             ONE_PASS_RELIABILITY, "rank.png", "curve.png", "eval_metrics.json", checkpoint.NAME)
 PACKAGES = ("bara-peft", "torch", "transformers", "peft", "accelerate", "safetensors", "torchmetrics")
 
 
@@ -49,7 +50,7 @@ class RunConfig:
     """Everything that defines a run; stored in metrics.json and the adapter config."""
 
     model: str = "minilm"
-    data: str = "trec"
+    data: str = "banking77"  # not trec, whose test labels are partly wrong
     method: str = "lora"
     method_options: dict = field(default_factory=dict)
     max_train: int | None = None
@@ -119,6 +120,7 @@ def write_atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are for others to read too (as plots.py's)
         checkpoint.fsync(Path(tmp))
         os.replace(tmp, path)
         checkpoint.fsync(path.parent)
@@ -285,9 +287,14 @@ def score(classifier: Classifier, method: Method, split: Split, config: RunConfi
     if diagnostics:
         result["diagnostics"] = diagnostics
     if output is not None:
-        title = f"{method.name} on {title} (S={samples}) — ECE {100 * result['ece']:.1f}%"
-        reliability_diagram(probs.mean(0), labels, output / "reliability.png", title=title)
-        method.plots(classifier, diagnostics, output)
+        caption = f"{method.name} on {title}, seed {seed}"
+        predictive = f"{samples} samples" if samples > 0 else "one pass"
+        reliability_diagram(probs.mean(0), labels, output / "reliability.png",
+                            title=f"{caption}: {predictive} — ECE {100 * result['ece']:.1f}%")
+        if "fast_path" in result:  # a sampling method's own one-pass prediction, drawn too
+            reliability_diagram(fast.mean(0), labels, output / ONE_PASS_RELIABILITY,
+                                title=f"{caption}: one pass — ECE {100 * result['fast_path']['ece']:.1f}%")
+        method.plots(classifier, diagnostics, output, caption)
     return result
 
 

@@ -116,8 +116,9 @@ class Method:
         """Method-specific numbers for metrics.json (e.g. BaRA's effective ranks, AdaLoRA's ranks)."""
         return {}
 
-    def plots(self, classifier: Classifier, diagnostics: dict, output_dir) -> list[str]:
-        """Write method-specific plots into ``output_dir``; return their file names."""
+    def plots(self, classifier: Classifier, diagnostics: dict, output_dir, caption: str = "") -> list[str]:
+        """Write method-specific plots into ``output_dir``, titled with ``caption`` (method, data and seed); return
+        their file names."""
         return []
 
     # -- adapters -----------------------------------------------------------------------------------

@@ -385,13 +385,14 @@ class Bara(Method):
             "layers": layers,
         }
 
-    def plots(self, classifier: Classifier, diagnostics: dict, output_dir) -> list[str]:
+    def plots(self, classifier: Classifier, diagnostics: dict, output_dir, caption: str = "") -> list[str]:
         from ...plots import rank_plots
 
         pi = np.array([l["expected_pi"] + [np.nan] * (diagnostics["r_max"] - len(l["expected_pi"]))
                        for l in diagnostics["layers"].values()])
         names = [n.replace("base_model.model.", "") for n in diagnostics["layers"]]
-        title = f"BaRA: joint effective rank {diagnostics['joint_effective_rank']:.2f} of {diagnostics['r_max']}"
+        title = (f"{caption or self.name}: joint expected rank {diagnostics['joint_effective_rank']:.2f} of "
+                 f"{diagnostics['r_max']}")
         if "gate_mi" in diagnostics:
             title += (f", decided {diagnostics['decided_share']:.0%}, MI {diagnostics['gate_mi']:.2f} bits "
                       f"(null {diagnostics['gate_mi_null']:.2f})")
