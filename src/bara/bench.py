@@ -571,6 +571,8 @@ def run_hash(config: RunConfig, ood: str | None = None, shift: str | None = None
     ``checkpoint_every`` is left out: resuming is exact, so how often a run checkpoints does not change it."""
     values = config.to_dict()
     values["train"] = {k: v for k, v in values["train"].items() if k != "checkpoint_every"}
+    if values.get("dtype") == "float32":  # the default leaves the hash as it was before --dtype existed
+        del values["dtype"]
     values.update({k: v for k, v in (("ood", ood), ("shift", shift)) if v is not None})
     text = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -108,7 +108,7 @@ def help_method(argv: list[str]) -> str | None:
 def parser(only_method: str | None = None) -> argparse.ArgumentParser:
     from .data import bigbench, builtin_tasks
     from .methods import METHODS
-    from .runs import RunConfig
+    from .runs import DTYPES, RunConfig
     from .trainer import TrainConfig
 
     top = argparse.ArgumentParser(prog="bara", description="Bayesian parameter-efficient fine-tuning with "
@@ -140,6 +140,8 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="fraction of steps of linear warm-up")
     t.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping (0 = off)")
     t.add_argument("--max-length", type=int, default=d.max_length, help=f"max tokens per input (default {d.max_length})")
+    t.add_argument("--dtype", default=RunConfig.dtype, choices=DTYPES, help="dtype of the base model's weights "
+                   "(default float32); the adapter and its optimiser stay float32, as peft's")
     t.add_argument("--checkpoint-every", type=int, default=0, help="write a resumable checkpoint every N steps")
     t.add_argument("--eval-every", type=int, default=0, help="log validation accuracy/NLL/ECE every N steps")
     t.add_argument("--resume", action="store_true", help="continue the unfinished run in --output")
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             config = runs.RunConfig(
                 model=args.model, data=args.data, method=args.method, method_options=options,
                 max_train=args.max_train, max_eval=args.max_eval, text_column=args.text_column,
-                label_column=args.label_column,
+                label_column=args.label_column, dtype=args.dtype,
                 train=TrainConfig(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                   warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
                                   max_length=args.max_length, seed=args.seed, checkpoint_every=args.checkpoint_every,

@@ -99,8 +99,8 @@ def resolve(name: str) -> str:
     return name  # a hub id: transformers downloads it when the network allows
 
 
-def load_model(name: str, num_labels: int) -> LoadedModel:
-    """Load ``name`` with the head its architecture needs: a fresh classification head for encoders,
+def load_model(name: str, num_labels: int, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load ``name`` in ``dtype`` with the head its architecture needs: a fresh classification head for encoders,
     the language-model head for causal LMs (scored on label tokens by :class:`bara.heads.Classifier`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -112,10 +112,10 @@ def load_model(name: str, num_labels: int) -> LoadedModel:
         raise BaraError(f"cannot load model '{name}' ({str(err).splitlines()[0]}); fix: check the name, "
                         "or use an embedded model (minilm, smollm2) when offline") from None
     if config.model_type in ENCODER_TYPES:
-        backbone = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, dtype=torch.float32)
+        backbone = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, dtype=dtype)
         kind = "encoder"
     else:
-        backbone = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        backbone = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         kind = "causal"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -42,6 +42,7 @@ BARA_CONFIG, BARA_STATE = "bara_config.json", "bara_state.safetensors"
 ONE_PASS_RELIABILITY = "reliability-one-pass.png"
 OUR_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BARA_CONFIG, BARA_STATE, METRICS, "history.jsonl", "reliability.png",
              ONE_PASS_RELIABILITY, "rank.png", "curve.png", "eval_metrics.json", checkpoint.NAME)
+DTYPES = ("float32", "bfloat16", "float16")
 PACKAGES = ("bara-peft", "torch", "transformers", "peft", "accelerate", "safetensors", "torchmetrics")
 
 
@@ -58,6 +59,7 @@ class RunConfig:
     text_column: str = "text"
     label_column: str = "label"
     train: TrainConfig = field(default_factory=TrainConfig)
+    dtype: str = "float32"  # of the base model's weights; the adapter stays float32 (as peft's)
 
     def to_dict(self) -> dict:
         values = dict(self.__dict__)
@@ -67,6 +69,8 @@ class RunConfig:
     def validate(self) -> None:
         """Raise BaraError on an option that would crash mid-run or train silently wrong."""
         self.train.validate()
+        if self.dtype not in DTYPES:
+            raise BaraError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}; fix: pass --dtype float32")
         get_method(self.method, self.method_options)
 
     def resolved(self) -> dict[str, object]:
@@ -225,7 +229,8 @@ def build(config: RunConfig, label_names: list[str], adapter_device: str | None 
 
     method = get_method(config.method, config.method_options)  # validates options before loading anything
     set_seed(config.train.seed)
-    classifier = Classifier(load_model(config.model, len(label_names)), label_names, config.train.max_length)
+    classifier = Classifier(load_model(config.model, len(label_names), getattr(torch, config.dtype)), label_names,
+                            config.train.max_length)
     positions = getattr(classifier.backbone.config, "max_position_embeddings", None)
     if isinstance(positions, int) and config.train.max_length > positions:
         raise BaraError(f"--max-length {config.train.max_length} is more than the {positions} positions of "
