@@ -109,7 +109,7 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
     from .data import bigbench, builtin_tasks
     from .methods import METHODS
     from .runs import DTYPES, RunConfig
-    from .trainer import TrainConfig
+    from .trainer import TRACKERS, TrainConfig
 
     top = argparse.ArgumentParser(prog="bara", description="Bayesian parameter-efficient fine-tuning with "
                                   "calibrated predictions (BaRA and the LoRA baselines).",
@@ -148,6 +148,9 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
     t.add_argument("--ood-data", help="another dataset whose test texts serve as out-of-distribution inputs")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--report-to", default="none", choices=["none", *TRACKERS], help="also log every step's values "
+                   "(those of history.jsonl) to this tracker through accelerate, local ones under OUTPUT/tracking "
+                   "(needs pip install 'bara-peft[NAME]'; default none)")
     _method_options(t, only_method)
 
     e = sub.add_parser("eval", help="evaluate a saved adapter on a test split")
@@ -287,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                                   max_length=args.max_length, seed=args.seed, checkpoint_every=args.checkpoint_every,
                                   eval_every=args.eval_every))
             metrics = runs.run_train(config, args.output, args.resume, args.overwrite, args.ood_data,
-                                     not args.no_progress)
+                                     not args.no_progress, report_to=args.report_to)
             if metrics:
                 for note in metrics["data_notes"]:
                     print(f"data: {note}")

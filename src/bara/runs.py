@@ -33,7 +33,7 @@ from .methods import METHODS, Method, get_method
 from .metrics import evaluate
 from .models import EMBEDDED, load_model
 from .plots import learning_curve, reliability_diagram
-from .trainer import TrainConfig, batches, distributed_state, on_device, train
+from .trainer import TRACKING_DIR, TrainConfig, batches, check_report_to, distributed_state, on_device, train
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS = "adapter_config.json", "adapter_model.safetensors", "metrics.json"
 # An adapter peft can load keeps peft's two file names; bara's config and the tensors peft does not hold sit beside.
@@ -41,7 +41,7 @@ BARA_CONFIG, BARA_STATE = "bara_config.json", "bara_state.safetensors"
 # Files (and checkpoint folders) a run writes: an overwrite replaces them all, and keeps any other file.
 ONE_PASS_RELIABILITY = "reliability-one-pass.png"
 OUR_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BARA_CONFIG, BARA_STATE, METRICS, "history.jsonl", "reliability.png",
-             ONE_PASS_RELIABILITY, "rank.png", "curve.png", "eval_metrics.json", checkpoint.NAME)
+             ONE_PASS_RELIABILITY, "rank.png", "curve.png", "eval_metrics.json", checkpoint.NAME, TRACKING_DIR)
 DTYPES = ("float32", "bfloat16", "float16")
 PACKAGES = ("bara-peft", "torch", "transformers", "peft", "accelerate", "safetensors", "torchmetrics")
 
@@ -322,21 +322,25 @@ def score_validation(classifier: Classifier, method: Method, task: Task, config:
 
 
 def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: bool = False,
-              ood_data: str | None = None, progress_bar: bool = True, validation: bool = True) -> dict:
+              ood_data: str | None = None, progress_bar: bool = True, validation: bool = True,
+              report_to="none") -> dict:
     """Train, save the adapter and write metrics.json: test metrics, and the validation split's under
     "validation" unless ``validation`` is False (a benchmark run no choice is made on: 11 extra passes over the
     split for a sampling method; :func:`add_validation` scores it later from the saved adapter).
 
     ``overwrite`` builds the new run beside the old one and swaps it in once finished, so a failure keeps the
-    old run; ``resume`` continues the checkpoint in ``output`` and refuses one written with other options."""
+    old run; ``resume`` continues the checkpoint in ``output`` and refuses one written with other options.
+    ``report_to``: an accelerate tracker ("tensorboard", "wandb", "mlflow") that gets what history.jsonl gets."""
     t0 = time.perf_counter()
     reset_peak_memory()
     config.validate()
+    check_report_to(report_to)
     work, resumed = check_output(output, resume, overwrite, config)
     state = distributed_state()
     replacing = work != output
     try:
-        metrics = _train_into(work, replacing, config, resumed, t0, ood_data, progress_bar, validation, state)
+        metrics = _train_into(work, replacing, config, resumed, t0, ood_data, progress_bar, validation, state,
+                              report_to)
         if replacing and state.is_main_process:
             swap_in(work, output)
         return metrics
@@ -347,7 +351,7 @@ def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: 
 
 
 def _train_into(work: Path, replacing: bool, config: RunConfig, resumed: dict, t0: float, ood_data: str | None,
-                progress_bar: bool, validation: bool, state) -> dict:
+                progress_bar: bool, validation: bool, state, report_to="none") -> dict:
     task = task_of(config)
     ood = ood_test(config, ood_data)
     classifier, method = build(config, task.label_names)
@@ -357,7 +361,8 @@ def _train_into(work: Path, replacing: bool, config: RunConfig, resumed: dict, t
     state.wait_for_everyone()
     before = float(resumed.get("seconds", 0.0))  # training time of the sessions before the checkpoint
     history = train(classifier, method, task.train, task.validation, config.train, work, bool(resumed), progress_bar,
-                    extra=lambda: {"run": config.to_dict(), "seconds": before + time.perf_counter() - t0})
+                    extra=lambda: {"run": config.to_dict(), "seconds": before + time.perf_counter() - t0},
+                    report_to=report_to, tracker_config=config.resolved())
     method.fit_posthoc(classifier, batches(classifier, task.train, config.train.eval_batch_size),
                        batches(classifier, task.validation, config.train.eval_batch_size))
     if not is_main:
