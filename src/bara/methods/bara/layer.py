@@ -86,6 +86,7 @@ class BaraLinear(nn.Module):
     def __init__(self, base: nn.Module, config: BaraConfig):
         super().__init__()
         self.base, self.config = base, config
+        # nn.Linear stores its weight [out, in], Conv1D [in, out].
         self.in_features, self.out_features = base.weight.shape[::-1] if isinstance(base, nn.Linear) \
             else base.weight.shape
         self.scaling = config.alpha / config.r  # fixed by the configured r, so pruning keeps the outputs
