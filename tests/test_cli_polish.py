@@ -73,7 +73,8 @@ def test_plot_titles_say_what_they_show(tmp_path, tiny_bert, toy_data, monkeypat
     assert re.search(r"blob on \S+, seed 3: one pass — ECE", one_pass)
     rank = texts["rank.png"]
     assert rank[0].startswith("blob on ") and "seed 3: joint expected rank" in rank[0] and "BaRA" not in rank[0]
-    assert any(t.startswith("hard rank per instance") for t in rank) and any(t.startswith("hard rank: mean") for t in rank)
+    assert any(t.startswith("hard rank per instance") for t in rank)  # the histogram's axis
+    assert any(t.startswith("hard rank: mean") for t in rank)
 
 
 def test_outputs_are_readable_by_others(tmp_path, tiny_bert, toy_data):

@@ -70,7 +70,8 @@ class RunConfig:
         """Raise BaraError on an option that would crash mid-run or train silently wrong."""
         self.train.validate()
         if self.dtype not in DTYPES:
-            raise BaraError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}; fix: pass --dtype float32")
+            raise BaraError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}; fix: pass --dtype "
+                            "float32")
         get_method(self.method, self.method_options)
 
     def resolved(self) -> dict[str, object]:
