@@ -211,3 +211,23 @@ def test_bad_input_is_one_error_with_a_fix():
         bara.get_model(bert(), bara.BaraConfig(r=4)).predict(**batch(), samples=-1)
     with pytest.raises(BaraError, match="fix: "):
         bara.get_model(bert(), bara.BaraConfig(r=4))(**batch(), pixel_values=torch.zeros(1))
+
+
+@pytest.mark.parametrize("model,data,method", [("tiny_bert", "toy_data", "lora"), ("tiny_llama", "toy_choices", "bara")])
+def test_from_pretrained_loads_a_bara_train_adapter(request, tmp_path, model, data, method):
+    from bara import runs
+    from bara.data import load_task
+    from bara.runs import RunConfig
+    from bara.trainer import TrainConfig
+
+    model, data = request.getfixturevalue(model), request.getfixturevalue(data)
+    config = RunConfig(model=model, data=data, method=method, method_options={"r": 4},
+                       train=TrainConfig(steps=2, batch_size=8, max_length=48, eval_batch_size=16))
+    runs.run_train(config, tmp_path / "run", progress_bar=False, validation=False)
+    classifier, cli_method, _ = runs.load_adapter(tmp_path / "run")
+    test = load_task(data).test
+    b = classifier.encode(test, list(range(min(6, len(test)))))
+    expected = cli_method.predict(classifier, b, 0)[0]
+    loaded = bara.from_pretrained(None, tmp_path / "run")  # the recorded base; a causal LM's label tokens
+    assert loaded.method.name == method
+    assert torch.allclose(loaded.predict(**b, samples=0), expected, atol=1e-6)
