@@ -231,3 +231,21 @@ def test_from_pretrained_loads_a_bara_train_adapter(request, tmp_path, model, da
     loaded = bara.from_pretrained(None, tmp_path / "run")  # the recorded base; a causal LM's label tokens
     assert loaded.method.name == method
     assert torch.allclose(loaded.predict(**b, samples=0), expected, atol=1e-6)
+
+
+def test_trainer_checkpoints_hold_the_adapter_and_resume_from_it(tmp_path):
+    b = batch(16)
+    data = [{k: v[i] for k, v in b.items()} for i in range(16)]
+    args = TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=4, report_to="none",
+                             save_strategy="steps", save_steps=4, disable_tqdm=True, learning_rate=5e-3)
+    trained = bara.get_model(bert(), bara.BaraConfig(r=4))
+    bara.Trainer(model=trained, args=args, train_dataset=data).train()
+    checkpoint = tmp_path / "checkpoint-4"
+    assert (checkpoint / "adapter_model.safetensors").exists() and not (checkpoint / "model.safetensors").exists()
+    torch.manual_seed(5)  # another adapter initialisation: only the checkpoint can make it the trained one
+    fresh = bara.get_model(bert(), bara.BaraConfig(r=4))
+    trained.eval()
+    assert not torch.equal(fresh.eval().predict(**b, samples=0), trained.predict(**b, samples=0))
+    bara.Trainer(model=fresh, args=args, train_dataset=data).train(resume_from_checkpoint=str(checkpoint))
+    assert torch.equal(fresh.eval().predict(**b, samples=0), trained.predict(**b, samples=0))
+    assert fresh.progress.step == 4

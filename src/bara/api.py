@@ -357,8 +357,8 @@ class MethodSteps(TrainerCallback):
 class Trainer(HfTrainer):
     """``transformers.Trainer`` for a model from :func:`get_model`: the optimiser gets the method's parameter groups
     (BaRA: the gate network at ``gate_lr``; sigma_A outside AdamW, stepped by the KL step) with the optimiser
-    ``args`` name, and :meth:`BaraModel.kl_step` runs after every optimiser step. ``save_model`` writes the
-    adapter (:meth:`BaraModel.save_pretrained`)."""
+    ``args`` name, and :meth:`BaraModel.kl_step` runs after every optimiser step. ``save_model`` and checkpoints
+    write the adapter (:meth:`BaraModel.save_pretrained`), which ``train(resume_from_checkpoint=...)`` reads back."""
 
     def __init__(self, model: BaraModel | None = None, args=None, *positional, **kwargs):
         if not isinstance(model, BaraModel):
@@ -375,6 +375,12 @@ class Trainer(HfTrainer):
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, bara_model)
             self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
         return self.optimizer
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # The adapter that _save wrote (HF Trainer looks for the whole model's or a PeftModel's weights).
+        folder = Path(resume_from_checkpoint)
+        self.model.method.load_adapter_state(self.model.classifier,
+                                             read_adapter(folder, self.model.classifier, self.model.method))
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # The adapter, not the frozen base's weights (HF Trainer would save the whole state dict).
