@@ -229,7 +229,7 @@ def test_from_pretrained_loads_a_bara_train_adapter(request, tmp_path, model, da
     b = classifier.encode(test, list(range(min(6, len(test)))))
     expected = cli_method.predict(classifier, b, 0)[0]
     loaded = bara.from_pretrained(None, tmp_path / "run")  # the recorded base; a causal LM's label tokens
-    assert loaded.method.name == method
+    assert loaded.method.name == method and loaded.classifier.label_names == classifier.label_names
     assert torch.allclose(loaded.predict(**b, samples=0), expected, atol=1e-6)
 
 

@@ -331,6 +331,8 @@ def from_pretrained(base_model: nn.Module | str | None, directory: str | Path, t
     model = get_model(base_model, METHODS[name].config_class.from_dict(options), label_tokens=label_tokens,
                       tokenizer=tokenizer)
     model.method.load_adapter_state(model.classifier, read_adapter(directory, model.classifier, model.method))
+    if labels is not None:
+        model.classifier.label_names = list(labels)  # the names the adapter was trained with
     return model.eval()
 
 
