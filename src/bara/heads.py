@@ -40,6 +40,11 @@ def label_token_ids(tokenizer, num_labels: int) -> list[int]:
     return ids
 
 
+def float32_inputs(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: a float32 module's floating-point inputs in float32."""
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
 class Classifier(nn.Module):
     """``forward(input_ids, attention_mask) -> logits [batch, num_labels]`` for encoders and causal LMs.
 
@@ -61,6 +66,11 @@ class Classifier(nn.Module):
             ids = torch.tensor(label_ids if label_ids is not None
                                else label_token_ids(self.tokenizer, len(label_names)))
         self.register_buffer("label_ids", ids, persistent=False)
+        for name in self.head_names:  # trained in full: float32 on a half-precision base, as peft keeps its adapters
+            head = self.backbone.get_submodule(name)
+            if any(p.dtype in (torch.float16, torch.bfloat16) for p in head.parameters()):
+                head.float()
+                head.register_forward_pre_hook(float32_inputs)
 
     @property
     def head_names(self) -> list[str]:
