@@ -25,9 +25,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps $$($(PY) -c '$(REFERENCE)')
 	touch $@
 
+# BaRA on banking77: prints sampled (S = 10) and one-pass metrics, the effective-rank diagnostics and the plots' paths.
 demo: env
-	$(VENV)/bin/bara train --model minilm --data banking77 --method lora --max-train 1000 --seed 0 \
-		--lr 5e-3 --epochs 20 --output runs/demo --overwrite
+	$(VENV)/bin/bara train --model minilm --data banking77 --method bara --max-train 1000 --seed 0 \
+		--max-eval 1000 --lr 5e-3 --epochs 10 --output runs/demo --overwrite
 
 test: env
 	$(PY) -m pytest

@@ -28,7 +28,8 @@ def config(model: str, data: str, method: str = "lora", steps: int = 12, **optio
 def test_train_writes_outputs_and_eval_reproduces(tiny_bert, toy_data, tmp_path):
     out = tmp_path / "run"
     metrics = runs.run_train(config(tiny_bert, toy_data), out, progress_bar=False)
-    for name in ("metrics.json", "adapter_config.json", "adapter_model.safetensors", "reliability.png", "history.jsonl"):
+    for name in ("metrics.json", "adapter_config.json", "adapter_model.safetensors", "bara_config.json",
+                 "reliability.png", "history.jsonl"):
         assert (out / name).exists(), name
     assert not (out / checkpoint.NAME).exists()
     saved = json.loads((out / "metrics.json").read_text())
@@ -169,7 +170,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_is_finished(tiny_bert, to
     monkeypatch.undo()
     runs.run_train(config(tiny_bert, toy_data, steps=3), out, overwrite=True, progress_bar=False)
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                      "history.jsonl", "metrics.json", "notes.txt",
+                                                      "bara_config.json", "history.jsonl", "metrics.json", "notes.txt",
                                                       "reliability.png"]  # no stale curve.png
     assert (out / "notes.txt").read_text() == "mine"
     assert json.loads((out / "metrics.json").read_text())["config"]["train"]["steps"] == 3
@@ -195,7 +196,7 @@ def _same_run(a: Path, b: Path) -> None:
     """The same history, adapter and scores (timings aside; checkpoint_every may differ)."""
     for name in ("history.jsonl", "adapter_model.safetensors"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    ca, cb = (json.loads((p / "adapter_config.json").read_text()) for p in (a, b))
+    ca, cb = (json.loads(runs.meta_file(p).read_text()) for p in (a, b))
     ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (a, b))
     for values in (ca["run"], cb["run"], ma["config"], mb["config"]):
         values["train"].pop("checkpoint_every")
@@ -292,9 +293,9 @@ def _damaged_copy(trained: Path, tmp_path: Path, name: str, damage) -> str:
 
 
 def _edit_config(folder: Path, edit) -> None:
-    meta = json.loads((folder / runs.ADAPTER_CONFIG).read_text())
+    meta = json.loads(runs.meta_file(folder).read_text())
     edit(meta)
-    (folder / runs.ADAPTER_CONFIG).write_text(json.dumps(meta))
+    runs.meta_file(folder).write_text(json.dumps(meta))
 
 
 def _nan_weights(folder: Path) -> None:
@@ -357,7 +358,7 @@ def test_adapter_loads_from_another_folder(tiny_bert, toy_data, tmp_path, monkey
     shutil.copytree(tiny_bert, tmp_path / "work" / "model")
     monkeypatch.chdir(tmp_path / "work")
     metrics = runs.run_train(config("model", "toy", steps=2), Path("run"), progress_bar=False)
-    meta = json.loads(Path("run", runs.ADAPTER_CONFIG).read_text())
+    meta = json.loads(runs.meta_file(Path("run")).read_text())
     assert meta["base_model"] == meta["run"]["model"] == str(tmp_path / "work" / "model")
     assert meta["run"]["data"] == str(tmp_path / "work" / "toy")
     monkeypatch.chdir(tmp_path)

@@ -29,14 +29,24 @@ STATE, HISTORY = "state.json", "history.jsonl"
 
 
 def _rng_state() -> dict:
+    """Every random state a process draws from: torch's CPU generator, each CUDA device's (when there are any),
+    Python's and numpy's."""
     version, state, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state().tolist(), "python": [version, list(state), gauss],
-            "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
+    rng = {"torch": torch.get_rng_state().tolist(), "python": [version, list(state), gauss],
+           "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
+    if torch.cuda.is_available():
+        rng["cuda"] = [state.tolist() for state in torch.cuda.get_rng_state_all()]
+    return rng
 
 
 def _set_rng_state(rng: dict) -> None:
     torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+    if rng.get("cuda") and torch.cuda.is_available():
+        if len(rng["cuda"]) != torch.cuda.device_count():
+            raise BaraError(f"the checkpoint holds the random states of {len(rng['cuda'])} CUDA devices, this machine "
+                            f"has {torch.cuda.device_count()}; fix: resume on as many devices (CUDA_VISIBLE_DEVICES)")
+        torch.cuda.set_rng_state_all([torch.tensor(state, dtype=torch.uint8) for state in rng["cuda"]])
     version, state, gauss = rng["python"]
     random.setstate((version, tuple(state), gauss))
     kind, keys, pos, has_gauss, cached = rng["numpy"]

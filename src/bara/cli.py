@@ -8,6 +8,7 @@ import dataclasses
 import os
 import shlex
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,7 @@ EXAMPLES = """examples:
   bara train --model smollm2 --data questions.jsonl --method lora --output runs/mc
   bara eval --adapter runs/trec-lora
   bara eval --adapter runs/trec-lora --samples 10 --ood-data yahoo
+  bara export --adapter runs/trec-lora --merge runs/trec-lora-merged
   bara bench --preset quick --output runs/bench-quick
   bara data fetch bigbench
 """
@@ -55,14 +57,18 @@ train and test (stratified by answer, seed 0); validation is carved from train a
 """
 
 
-def _method_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per field of every method's config dataclass; a flag applies to the methods that have it."""
+def _method_options(parser: argparse.ArgumentParser, only: str | None = None) -> None:
+    """One flag per field of every method's config dataclass; a flag applies to the methods that have it.
+    ``only``: the flags of that method alone (``bara train --method M --help``)."""
     from .methods import METHODS
 
-    group = parser.add_argument_group("method options (each used by the methods named in brackets, "
-                                      "with their defaults)")
+    methods = {only: METHODS[only]} if only in METHODS else METHODS
+    title = (f"options of --method {only} (with its defaults; 'bara train --help' without --method lists every "
+             "method's)") if only in METHODS else ("method options (each used by the methods named in brackets, with "
+                                                  "their defaults; 'bara train --method M --help' lists M's alone)")
+    group = parser.add_argument_group(title)
     seen: dict[str, tuple[dataclasses.Field, dict[str, object]]] = {}
-    for name, method in sorted(METHODS.items()):
+    for name, method in sorted(methods.items()):
         for f in dataclasses.fields(method.config_class):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             seen.setdefault(f.name, (f, {}))[1][name] = default
@@ -87,10 +93,23 @@ def _comma_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def parser() -> argparse.ArgumentParser:
+def help_method(argv: list[str]) -> str | None:
+    """The --method of a 'bara train ... --help' command line (its help then lists that method's options only)."""
+    if not argv or argv[0] != "train" or not {"-h", "--help"} & set(argv):
+        return None
+    for i, arg in enumerate(argv):
+        if arg == "--method" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--method="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def parser(only_method: str | None = None) -> argparse.ArgumentParser:
     from .data import bigbench, builtin_tasks
     from .methods import METHODS
-    from .trainer import TrainConfig
+    from .runs import DTYPES, RunConfig
+    from .trainer import TRACKERS, TrainConfig
 
     top = argparse.ArgumentParser(prog="bara", description="Bayesian parameter-efficient fine-tuning with "
                                   "calibrated predictions (BaRA and the LoRA baselines).",
@@ -102,7 +121,8 @@ def parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     t.add_argument("--model", default="minilm", help="minilm (embedded BERT encoder, default), smollm2 "
                    "(embedded causal LM), a local model folder, or a hub id (needs network)")
-    t.add_argument("--data", default="trec", help=f"a built-in dataset ({', '.join(builtin_tasks())}), a "
+    t.add_argument("--data", default=RunConfig.data, help=f"a built-in dataset ({', '.join(builtin_tasks())}; "
+                   f"default {RunConfig.data}), a "
                    "BIG-bench task after 'bara data fetch bigbench' (bigbench/strategyqa, ...), or a CSV/TSV/JSONL "
                    "file or folder with text and label columns, or a multiple-choice JSONL (question, choices, "
                    "answer)")
@@ -120,13 +140,18 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="fraction of steps of linear warm-up")
     t.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping (0 = off)")
     t.add_argument("--max-length", type=int, default=d.max_length, help=f"max tokens per input (default {d.max_length})")
+    t.add_argument("--dtype", default=RunConfig.dtype, choices=DTYPES, help="dtype of the base model's weights "
+                   "(default float32); the adapter and its optimiser stay float32, as peft's")
     t.add_argument("--checkpoint-every", type=int, default=0, help="write a resumable checkpoint every N steps")
     t.add_argument("--eval-every", type=int, default=0, help="log validation accuracy/NLL/ECE every N steps")
     t.add_argument("--resume", action="store_true", help="continue the unfinished run in --output")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
     t.add_argument("--ood-data", help="another dataset whose test texts serve as out-of-distribution inputs")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _method_options(t)
+    t.add_argument("--report-to", default="none", choices=["none", *TRACKERS], help="also log every step's values "
+                   "(those of history.jsonl) to this tracker through accelerate, local ones under OUTPUT/tracking "
+                   "(needs pip install 'bara-peft[NAME]'; default none)")
+    _method_options(t, only_method)
 
     e = sub.add_parser("eval", help="evaluate a saved adapter on a test split")
     e.add_argument("--adapter", required=True, type=Path, help="the --output folder of 'bara train'")
@@ -137,6 +162,15 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--max-eval", type=int, help="cap the test split at N examples")
     e.add_argument("--output", type=Path, help="also write eval_metrics.json and plots into this folder")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    x = sub.add_parser("export", help="write the base model with an adapter merged into its weights",
+                       description="Fold the adapter of a 'bara train' run into the base model's weights and save it "
+                       "with transformers\n(AutoModelFor...from_pretrained loads it, no bara needed). Possible for "
+                       "the LoRA methods (lora, map,\nmcdropout's one-pass model, adalora), BLoB's mean and BaRA with "
+                       "--gate global; the others say why not.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    x.add_argument("--adapter", required=True, type=Path, help="the --output folder of 'bara train'")
+    x.add_argument("--merge", required=True, type=Path, help="new folder for the merged model and its tokenizer")
 
     b = sub.add_parser("bench", help="run a benchmark preset (datasets x methods x seeds) and write its report",
                        description="Train every run of a preset that is not finished yet, then write results.md,\n"
@@ -185,6 +219,11 @@ def table(metrics: dict) -> str:
     if "fast_path" in metrics:
         fp = metrics["fast_path"]
         lines.append(f"  one-pass: accuracy {100 * fp['accuracy']:.2f}%  ECE {100 * fp['ece']:.2f}%  NLL {fp['nll']:.4f}")
+    numbers = [f"{k} {v:.4g}" for k, v in metrics.get("diagnostics", {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if numbers:  # the method's own (BaRA: effective ranks, gate information; metrics.json has them all)
+        lines.append(textwrap.fill("diagnostics: " + ", ".join(numbers), width=110, initial_indent="  ",
+                                   subsequent_indent="    "))
     return "\n".join(lines)
 
 
@@ -227,7 +266,7 @@ def _fetch(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = parser().parse_args(argv)
+    args = parser(help_method(argv)).parse_args(argv)
     try:
         _quiet()
         from . import runs
@@ -245,27 +284,31 @@ def main(argv: list[str] | None = None) -> int:
             config = runs.RunConfig(
                 model=args.model, data=args.data, method=args.method, method_options=options,
                 max_train=args.max_train, max_eval=args.max_eval, text_column=args.text_column,
-                label_column=args.label_column,
+                label_column=args.label_column, dtype=args.dtype,
                 train=TrainConfig(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                   warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
                                   max_length=args.max_length, seed=args.seed, checkpoint_every=args.checkpoint_every,
                                   eval_every=args.eval_every))
             metrics = runs.run_train(config, args.output, args.resume, args.overwrite, args.ood_data,
-                                     not args.no_progress)
+                                     not args.no_progress, report_to=args.report_to)
             if metrics:
                 for note in metrics["data_notes"]:
                     print(f"data: {note}")
                 print(table(metrics))
-                print(f"wrote {args.output}/metrics.json, reliability.png and the adapter")
+                plots = ", ".join(sorted(p.name for p in args.output.glob("*.png")))
+                print(f"wrote {args.output}/metrics.json, the adapter and the plots {plots}")
         elif args.command == "eval":
             metrics = runs.run_eval(args.adapter, args.data, args.samples, args.ood_data, args.max_eval,
                                     args.output, not args.no_progress)
             print(table(metrics))
+        elif args.command == "export":
+            print(f"wrote the merged model to {runs.run_export(args.adapter, args.merge)}")
         elif args.command == "bench":
             from . import bench
 
             summary = bench.run_bench(args.preset, args.output, not args.no_progress, args.report_only,
-                                      args.only_dataset, args.only_method, shlex.join(["bara", *argv]), args.reuse)
+                                      args.only_dataset, args.only_method, shlex.join(["bara", *argv]), args.reuse,
+                                      announce=True)
             if not args.report_only:
                 print(f"{summary['selected']} runs: {summary['trained']} trained, {summary['reused']} copied from "
                       f"--reuse, {summary['skipped']} already finished"

@@ -40,19 +40,46 @@ def label_token_ids(tokenizer, num_labels: int) -> list[int]:
     return ids
 
 
-class Classifier(nn.Module):
-    """``forward(input_ids, attention_mask) -> logits [batch, num_labels]`` for encoders and causal LMs."""
+def float32_inputs(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: a float32 module's floating-point inputs in float32."""
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
-    def __init__(self, loaded: LoadedModel, label_names: list[str], max_length: int = 64):
+
+class Classifier(nn.Module):
+    """``forward(input_ids, attention_mask) -> logits [batch, num_labels]`` for encoders and causal LMs.
+
+    A causal LM without labels (``label_names`` and ``label_ids`` None: the Python API's language model) returns the
+    next-token logits ``[batch, vocab]`` at the last real token, or ``[batch, tokens, vocab]`` at every position
+    while ``all_positions`` is set (training on token labels)."""
+
+    def __init__(self, loaded: LoadedModel, label_names: list[str] | None, max_length: int = 64,
+                 label_ids: list[int] | None = None):
         super().__init__()
         self.backbone = loaded.backbone
         self.tokenizer = loaded.tokenizer
         self.kind = loaded.kind
-        self.label_names = list(label_names)
+        self.label_names = list(label_names) if label_names is not None else None
         self.max_length = max_length
-        if self.kind == "causal":
-            self.register_buffer("label_ids", torch.tensor(label_token_ids(self.tokenizer, len(label_names))),
-                                 persistent=False)
+        self.all_positions = False
+        ids = None
+        if self.kind == "causal" and (label_names is not None or label_ids is not None):
+            ids = torch.tensor(label_ids if label_ids is not None
+                               else label_token_ids(self.tokenizer, len(label_names)))
+        self.register_buffer("label_ids", ids, persistent=False)
+        for name in self.head_names:  # trained in full: float32 on a half-precision base, as peft keeps its adapters
+            head = self.backbone.get_submodule(name)
+            if any(p.dtype in (torch.float16, torch.bfloat16) for p in head.parameters()):
+                head.float()
+                head.register_forward_pre_hook(float32_inputs)
+
+    @property
+    def head_names(self) -> list[str]:
+        """The top-level modules of a classification model outside its pretrained body (BERT's ``classifier``,
+        Llama's ``score``): the fresh head, trained in full by every method."""
+        if self.kind != "encoder":
+            return []
+        body = getattr(self.backbone, "base_model_prefix", "")
+        return [n for n, m in self.backbone.named_children() if n != body and any(True for _ in m.parameters())]
 
     def texts(self, split: Split, index: list[int]) -> list[str]:
         if self.kind == "encoder":
@@ -73,8 +100,15 @@ class Classifier(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.kind == "encoder":
             return self.backbone(input_ids=input_ids, attention_mask=attention_mask).logits
-        # Left padding puts the "Answer:" position last; positions count from the first real token.
+        # Positions count from the first real token.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            logits_to_keep=1)
-        return out.logits[:, -1, :].index_select(-1, self.label_ids)
+        # Left padding (bara's tokenizers) puts the last real token last; right padding needs every position.
+        last_is_real = bool(attention_mask[:, -1].all())
+        keep = 0 if self.all_positions or not last_is_real else 1
+        logits = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               logits_to_keep=keep).logits
+        if self.all_positions:
+            return logits
+        last = logits[:, -1, :] if last_is_real else \
+            logits[torch.arange(len(logits)), attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)]
+        return last if self.label_ids is None else last.index_select(-1, self.label_ids)

@@ -73,6 +73,7 @@ def _smollm2_folder() -> Path:
         del model.config.quantization_config
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".smollm2-"))
+    tmp.chmod(0o755)  # mkdtemp's 0o700 would otherwise become the cache folder's mode
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -98,8 +99,8 @@ def resolve(name: str) -> str:
     return name  # a hub id: transformers downloads it when the network allows
 
 
-def load_model(name: str, num_labels: int) -> LoadedModel:
-    """Load ``name`` with the head its architecture needs: a fresh classification head for encoders,
+def load_model(name: str, num_labels: int, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load ``name`` in ``dtype`` with the head its architecture needs: a fresh classification head for encoders,
     the language-model head for causal LMs (scored on label tokens by :class:`bara.heads.Classifier`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -111,10 +112,10 @@ def load_model(name: str, num_labels: int) -> LoadedModel:
         raise BaraError(f"cannot load model '{name}' ({str(err).splitlines()[0]}); fix: check the name, "
                         "or use an embedded model (minilm, smollm2) when offline") from None
     if config.model_type in ENCODER_TYPES:
-        backbone = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, dtype=torch.float32)
+        backbone = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, dtype=dtype)
         kind = "encoder"
     else:
-        backbone = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        backbone = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         kind = "causal"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -82,7 +82,7 @@ def reliability_diagram(probs, labels, path, title: str | None = None, n_bins: i
 
 
 def rank_plots(per_instance_rank, global_pi, path, title: str | None = None, layer_names=None) -> Path:
-    """Left: histogram of the per-instance effective rank (1-D). Right: heat map of E[pi], layers x
+    """Left: histogram of the per-instance (hard) rank (1-D). Right: heat map of E[pi], layers x
     factors (2-D, values in [0, 1]; NaN for factors a layer does not have, drawn grey), with a colour
     bar and optional ``layer_names`` for the rows. Returns the path written."""
     ranks = np.asarray(per_instance_rank, dtype=float)
@@ -99,10 +99,10 @@ def rank_plots(per_instance_rank, global_pi, path, title: str | None = None, lay
     finite = ranks[np.isfinite(ranks)]
     if finite.size:
         left.hist(finite, bins=min(40, max(5, len(np.unique(finite)))), color="tab:blue", edgecolor="black")
-        left.set_title(f"mean {finite.mean():.2f}, std {finite.std():.2f}")
+        left.set_title(f"hard rank: mean {finite.mean():.2f}, std {finite.std():.2f}")
     else:
         left.text(0.5, 0.5, "no instances", ha="center", va="center", transform=left.transAxes)
-    left.set_xlabel("per-instance effective rank")
+    left.set_xlabel("hard rank per instance (factors on in the one-pass prediction, mean over layers)")
     left.set_ylabel("instances")
 
     colormap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgray")

@@ -33,12 +33,17 @@ from .methods import METHODS, Method, get_method
 from .metrics import evaluate
 from .models import EMBEDDED, load_model
 from .plots import learning_curve, reliability_diagram
-from .trainer import TrainConfig, batches, convergence, distributed_state, on_device, train
+from .trainer import (TRACKING_DIR, TrainConfig, batches, check_report_to, convergence, distributed_state, on_device,
+                      train)
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS = "adapter_config.json", "adapter_model.safetensors", "metrics.json"
+# An adapter peft can load keeps peft's two file names; bara's config and the tensors peft does not hold sit beside.
+BARA_CONFIG, BARA_STATE = "bara_config.json", "bara_state.safetensors"
 # Files (and checkpoint folders) a run writes: an overwrite replaces them all, and keeps any other file.
-OUR_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS, "history.jsonl", "reliability.png", "rank.png", "curve.png",
-             "eval_metrics.json", checkpoint.NAME)
+ONE_PASS_RELIABILITY = "reliability-one-pass.png"
+OUR_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BARA_CONFIG, BARA_STATE, METRICS, "history.jsonl", "reliability.png",
+             ONE_PASS_RELIABILITY, "rank.png", "curve.png", "eval_metrics.json", checkpoint.NAME, TRACKING_DIR)
+DTYPES = ("float32", "bfloat16", "float16")
 PACKAGES = ("bara-peft", "torch", "transformers", "peft", "accelerate", "safetensors", "torchmetrics")
 
 
@@ -47,7 +52,7 @@ class RunConfig:
     """Everything that defines a run; stored in metrics.json and the adapter config."""
 
     model: str = "minilm"
-    data: str = "trec"
+    data: str = "banking77"  # not trec, whose test labels are partly wrong
     method: str = "lora"
     method_options: dict = field(default_factory=dict)
     max_train: int | None = None
@@ -55,6 +60,7 @@ class RunConfig:
     text_column: str = "text"
     label_column: str = "label"
     train: TrainConfig = field(default_factory=TrainConfig)
+    dtype: str = "float32"  # of the base model's weights; the adapter stays float32 (as peft's)
 
     def to_dict(self) -> dict:
         values = dict(self.__dict__)
@@ -64,6 +70,9 @@ class RunConfig:
     def validate(self) -> None:
         """Raise BaraError on an option that would crash mid-run or train silently wrong."""
         self.train.validate()
+        if self.dtype not in DTYPES:
+            raise BaraError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}; fix: pass --dtype "
+                            "float32")
         get_method(self.method, self.method_options)
 
     def resolved(self) -> dict[str, object]:
@@ -117,6 +126,7 @@ def write_atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are for others to read too (as plots.py's)
         checkpoint.fsync(Path(tmp))
         os.replace(tmp, path)
         checkpoint.fsync(path.parent)
@@ -202,7 +212,8 @@ def make_output(work: Path, replacing: bool) -> None:
 def swap_in(work: Path, output: Path) -> None:
     """Replace the run in ``output`` by the finished run in ``work``; files that bara did not write move along."""
     for entry in output.iterdir():
-        ours = entry.name in OUR_FILES or entry.name.startswith(tuple(f".{name}." for name in OUR_FILES))
+        ours = entry.name in OUR_FILES or entry.name.startswith(tuple(f".{name}." for name in OUR_FILES)) \
+            or (entry / ADAPTER_CONFIG).is_file()  # a peft adapter's subfolder (an ensemble member)
         if not ours and not (work / entry.name).exists():
             os.replace(entry, work / entry.name)
     old = output.with_name(f".{output.name}.old")
@@ -220,7 +231,8 @@ def build(config: RunConfig, label_names: list[str], adapter_device: str | None 
 
     method = get_method(config.method, config.method_options)  # validates options before loading anything
     set_seed(config.train.seed)
-    classifier = Classifier(load_model(config.model, len(label_names)), label_names, config.train.max_length)
+    classifier = Classifier(load_model(config.model, len(label_names), getattr(torch, config.dtype)), label_names,
+                            config.train.max_length)
     positions = getattr(classifier.backbone.config, "max_position_embeddings", None)
     if isinstance(positions, int) and config.train.max_length > positions:
         raise BaraError(f"--max-length {config.train.max_length} is more than the {positions} positions of "
@@ -282,9 +294,14 @@ def score(classifier: Classifier, method: Method, split: Split, config: RunConfi
     if diagnostics:
         result["diagnostics"] = diagnostics
     if output is not None:
-        title = f"{method.name} on {title} (S={samples}) — ECE {100 * result['ece']:.1f}%"
-        reliability_diagram(probs.mean(0), labels, output / "reliability.png", title=title)
-        method.plots(classifier, diagnostics, output)
+        caption = f"{method.name} on {title}, seed {seed}"
+        predictive = f"{samples} samples" if samples > 0 else "one pass"
+        reliability_diagram(probs.mean(0), labels, output / "reliability.png",
+                            title=f"{caption}: {predictive} — ECE {100 * result['ece']:.1f}%")
+        if "fast_path" in result:  # a sampling method's own one-pass prediction, drawn too
+            reliability_diagram(fast.mean(0), labels, output / ONE_PASS_RELIABILITY,
+                                title=f"{caption}: one pass — ECE {100 * result['fast_path']['ece']:.1f}%")
+        method.plots(classifier, diagnostics, output, caption)
     return result
 
 
@@ -307,21 +324,25 @@ def score_validation(classifier: Classifier, method: Method, task: Task, config:
 
 
 def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: bool = False,
-              ood_data: str | None = None, progress_bar: bool = True, validation: bool = True) -> dict:
+              ood_data: str | None = None, progress_bar: bool = True, validation: bool = True,
+              report_to="none") -> dict:
     """Train, save the adapter and write metrics.json: test metrics, and the validation split's under
     "validation" unless ``validation`` is False (a benchmark run no choice is made on: 11 extra passes over the
     split for a sampling method; :func:`add_validation` scores it later from the saved adapter).
 
     ``overwrite`` builds the new run beside the old one and swaps it in once finished, so a failure keeps the
-    old run; ``resume`` continues the checkpoint in ``output`` and refuses one written with other options."""
+    old run; ``resume`` continues the checkpoint in ``output`` and refuses one written with other options.
+    ``report_to``: an accelerate tracker ("tensorboard", "wandb", "mlflow") that gets what history.jsonl gets."""
     t0 = time.perf_counter()
     reset_peak_memory()
     config.validate()
+    check_report_to(report_to)
     work, resumed = check_output(output, resume, overwrite, config)
     state = distributed_state()
     replacing = work != output
     try:
-        metrics = _train_into(work, replacing, config, resumed, t0, ood_data, progress_bar, validation, state)
+        metrics = _train_into(work, replacing, config, resumed, t0, ood_data, progress_bar, validation, state,
+                              report_to)
         if replacing and state.is_main_process:
             swap_in(work, output)
         return metrics
@@ -332,7 +353,7 @@ def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: 
 
 
 def _train_into(work: Path, replacing: bool, config: RunConfig, resumed: dict, t0: float, ood_data: str | None,
-                progress_bar: bool, validation: bool, state) -> dict:
+                progress_bar: bool, validation: bool, state, report_to="none") -> dict:
     task = task_of(config)
     ood = ood_test(config, ood_data)
     classifier, method = build(config, task.label_names)
@@ -342,7 +363,8 @@ def _train_into(work: Path, replacing: bool, config: RunConfig, resumed: dict, t
     state.wait_for_everyone()
     before = float(resumed.get("seconds", 0.0))  # training time of the sessions before the checkpoint
     history = train(classifier, method, task.train, task.validation, config.train, work, bool(resumed), progress_bar,
-                    extra=lambda: {"run": config.to_dict(), "seconds": before + time.perf_counter() - t0})
+                    extra=lambda: {"run": config.to_dict(), "seconds": before + time.perf_counter() - t0},
+                    report_to=report_to, tracker_config=config.resolved())
     method.fit_posthoc(classifier, batches(classifier, task.train, config.train.eval_batch_size),
                        batches(classifier, task.validation, config.train.eval_batch_size))
     if not is_main:
@@ -384,9 +406,57 @@ def save_adapter(classifier: Classifier, method: Method, config: RunConfig, task
     meta = {"method": method.name, "method_config": method.config.to_dict(), "base_model": run["model"],
             "label_names": task.label_names, "task_kind": task.kind, "run": run,
             "bara_version": versions()["bara-peft"]}
-    write_atomic(output / ADAPTER_WEIGHTS, lambda tmp: save_file(
-        {k: v.contiguous() for k, v in method.adapter_state(classifier).items()}, tmp, metadata={"format": "pt"}))
-    write_json(output / ADAPTER_CONFIG, meta)
+    if classifier.label_ids is not None:  # a causal LM's label tokens, for bara.from_pretrained without a tokenizer
+        meta["label_token_ids"] = classifier.label_ids.tolist()
+    write_adapter(classifier, method, meta, output)
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                                             metadata={"format": "pt"}))
+
+
+def write_adapter(classifier: Classifier, method: Method, meta: dict, output: Path) -> None:
+    """The adapter in ``output``. A method peft can load: peft's adapter_config.json + adapter_model.safetensors (an
+    adapter beyond the first in its own subfolder, as peft saves several), ``meta`` in bara_config.json and the
+    tensors peft does not hold (a temperature, a Laplace posterior) in bara_state.safetensors. Any other method:
+    ``meta`` as adapter_config.json and its tensors as adapter_model.safetensors."""
+    state = method.adapter_state(classifier)
+    adapters = method.peft_adapters(classifier)
+    if not adapters:
+        write_tensors(output / ADAPTER_WEIGHTS, state)
+        write_json(output / ADAPTER_CONFIG, meta)
+        return
+    for folder, (peft_config, tensors) in adapters.items():
+        (output / folder).mkdir(exist_ok=True)
+        write_tensors(output / folder / ADAPTER_WEIGHTS, tensors)
+        peft_config.save_pretrained(str(output / folder))  # peft's adapter_config.json, as peft writes it
+    held = method.from_peft_names(classifier, {folder: tensors for folder, (_, tensors) in adapters.items()})
+    rest = {k: v for k, v in state.items() if k not in held}
+    if rest:
+        write_tensors(output / BARA_STATE, rest)
+    write_json(output / BARA_CONFIG, meta)
+
+
+def meta_file(folder: Path) -> Path:
+    """bara's config of the adapter in ``folder``: bara_config.json beside a peft adapter, else adapter_config.json."""
+    return folder / BARA_CONFIG if (folder / BARA_CONFIG).exists() else folder / ADAPTER_CONFIG
+
+
+def has_weights(folder: Path) -> bool:
+    """Whether ``folder`` holds an adapter's tensors (an ensemble's peft adapters sit in subfolders only)."""
+    return (folder / BARA_CONFIG).exists() or (folder / ADAPTER_WEIGHTS).exists()
+
+
+def read_adapter(folder: Path, classifier: Classifier, method: Method) -> dict[str, torch.Tensor]:
+    """The tensors :func:`write_adapter` saved in ``folder``, under :meth:`Method.adapter_state`'s names, each file
+    checked (whole, finite)."""
+    if not (folder / BARA_CONFIG).exists():
+        return saved_tensors(folder / ADAPTER_WEIGHTS)
+    state = saved_tensors(folder / BARA_STATE) if (folder / BARA_STATE).exists() else {}
+    state.update(method.from_peft_names(classifier, {sub: saved_tensors(folder / sub / ADAPTER_WEIGHTS)
+                                                     for sub in method.peft_adapters(classifier)}))
+    return state
 
 
 def _adapter_meta(config_file: Path) -> tuple[dict, RunConfig]:
@@ -402,7 +472,7 @@ def _adapter_meta(config_file: Path) -> tuple[dict, RunConfig]:
                         "'bara train'") from None
 
 
-def _saved_tensors(weights: Path) -> dict[str, torch.Tensor]:
+def saved_tensors(weights: Path) -> dict[str, torch.Tensor]:
     """The adapter's tensors; a damaged file or a non-finite value is an error that names it."""
     try:
         tensors = load_file(weights)
@@ -415,11 +485,11 @@ def _saved_tensors(weights: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _check_sizes(config: RunConfig, label_names: list[str], tensors: dict[str, torch.Tensor], where: Path) -> None:
-    """The adapter size the config implies, before any of it is allocated: an edited config (r = 1000000) would
-    otherwise ask for gigabytes. Refused when it is larger than both the base model and the saved tensors (a
-    method may load fewer factors than its config names, as a pruned BaRA adapter does; never more)."""
-    classifier, _ = build(config, label_names, adapter_device="meta")
+def _check_sizes(classifier: Classifier, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """The adapter size the config implies (``classifier`` built with its adapter on the meta device), before any
+    of it is allocated: an edited config (r = 1000000) would otherwise ask for gigabytes. Refused when it is larger
+    than both the base model and the saved tensors (a method may load fewer factors than its config names, as a
+    pruned BaRA adapter does; never more)."""
     implied = sum(p.numel() for p in classifier.parameters() if p.is_meta)
     base = sum(p.numel() for p in classifier.parameters() if not p.is_meta)
     saved = sum(t.numel() for t in tensors.values())
@@ -447,9 +517,9 @@ def changed_defaults(folder: Path) -> dict[str, tuple]:
     """Options of the finished run in ``folder`` whose value, as trained, differs from what its config resolves to
     in this version of bara (a default changed since): {option: (as trained, now)}. A run's hash covers only the
     options set explicitly, so this is how a benchmark tells such a run from one it may reuse."""
-    if not (folder / ADAPTER_CONFIG).exists():
+    if not meta_file(folder).exists():
         return {}
-    meta, config = _adapter_meta(folder / ADAPTER_CONFIG)
+    meta, config = _adapter_meta(meta_file(folder))
     trained = trained_options(meta, config.method)
     if trained is None:
         return {}
@@ -460,16 +530,17 @@ def changed_defaults(folder: Path) -> dict[str, tuple]:
 def load_adapter(path: str | Path) -> tuple[Classifier, Method, RunConfig]:
     """Rebuild the base model, inject the method's adapter and load its tensors: one call."""
     path = Path(path)
-    config_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
-    if not config_file.exists() or not weights.exists():
+    config_file = meta_file(path)
+    if not config_file.exists() or not has_weights(path):
         raise BaraError(f"{path} has no {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}; fix: point --adapter at the "
                         "--output folder of a finished 'bara train'")
     meta, config = _adapter_meta(config_file)
     trained = trained_options(meta, config.method)
     if trained is not None:  # every option as trained: a later change of a default does not change the adapter
         config.method_options = trained
-    tensors = _saved_tensors(weights)
-    _check_sizes(config, meta["label_names"], tensors, config_file)
+    shaped, shaped_method = build(config, meta["label_names"], adapter_device="meta")
+    tensors = read_adapter(path, shaped, shaped_method)
+    _check_sizes(shaped, tensors, config_file)
     classifier, method = build(config, meta["label_names"])
     method.load_adapter_state(classifier, tensors)
     classifier.eval()
@@ -512,3 +583,21 @@ def run_eval(adapter: str | Path, data: str | None = None, samples: int | None =
     if output is not None:
         write_json(output / "eval_metrics.json", metrics)
     return metrics
+
+
+def run_export(adapter: str | Path, merge: Path) -> Path:
+    """Write the base model with the adapter of ``adapter`` merged into its weights, and its tokenizer, into the new
+    folder ``merge`` (transformers' save_pretrained: loads with AutoModelFor...from_pretrained, no bara needed)."""
+    merge = Path(merge)
+    if merge.exists() and (not merge.is_dir() or any(merge.iterdir())):
+        raise BaraError(f"--merge {merge} exists and is not an empty folder; fix: give a new folder")
+    _check_writable(merge)
+    classifier, method, _ = load_adapter(adapter)
+    model = method.merged(classifier)
+    if classifier.kind == "encoder":  # the label names, as transformers keeps them
+        model.config.id2label = dict(enumerate(classifier.label_names))
+        model.config.label2id = {name: i for i, name in enumerate(classifier.label_names)}
+    merge.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(merge)
+    classifier.tokenizer.save_pretrained(merge)
+    return merge

@@ -3,6 +3,7 @@ seeded data order, atomic checkpoints and exact resume. Runs data-parallel under
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -92,6 +93,32 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
+# --report-to: accelerate's tracker name -> (the package it needs, the extra of bara-peft that installs it)
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
+TRACKING_DIR = "tracking"  # in the run's folder: where a local tracker (tensorboard, mlflow) writes
+
+
+def check_report_to(report_to) -> None:
+    """Before anything is loaded: ``report_to`` is "none", a tracker of TRACKERS whose package is installed, or an
+    accelerate ``GeneralTracker`` (the Python API)."""
+    from accelerate.tracking import GeneralTracker
+
+    if report_to == "none" or isinstance(report_to, GeneralTracker):
+        return
+    if report_to not in TRACKERS:
+        raise BaraError(f"--report-to must be none or one of {', '.join(TRACKERS)}, got {report_to!r}; fix: pass "
+                        "--report-to tensorboard (or none)")
+    package, extra = TRACKERS[report_to]
+    if importlib.util.find_spec(package) is None:
+        raise BaraError(f"--report-to {report_to} needs the package {package}, which is not installed; fix: pip "
+                        f"install 'bara-peft[{extra}]' (or drop --report-to)")
+
+
+def tracker_values(values: dict) -> dict:
+    """A run's options as trackers take them: numbers, strings and booleans as they are, anything else as text."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
+
+
 def use_cpu() -> bool:
     """accelerate only sets up CPU data parallelism (gloo) when asked for the CPU explicitly."""
     return not torch.cuda.is_available()
@@ -167,16 +194,22 @@ def convergence(history: list[dict], num_labels: int) -> dict | None:
 
 def train(classifier: Classifier, method: Method, train_split: Split, validation_split: Split,
           config: TrainConfig, output_dir: Path, resume: bool = False, progress_bar: bool = True,
-          extra: Callable[[], dict] | None = None) -> list[dict]:
+          extra: Callable[[], dict] | None = None, report_to="none", tracker_config: dict | None = None) -> list[dict]:
     """Train ``classifier`` (already wrapped by ``method``) in place; return the logged history of every step
     (after a resume too: the checkpoint carries the steps before it). ``extra()``: JSON values each checkpoint
-    stores beside the step (the run config, time spent), read back with :func:`checkpoint.read`."""
+    stores beside the step (the run config, time spent), read back with :func:`checkpoint.read`. ``report_to``:
+    an accelerate tracker (see :func:`check_report_to`) that gets every step's record of the history, and
+    ``tracker_config`` as the run's configuration."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from transformers import get_linear_schedule_with_warmup
 
     # Some methods leave parameters out of a given pass (e.g. gates switched off), which DDP must allow.
-    accelerator = Accelerator(cpu=use_cpu(),
+    tracking = report_to != "none"
+    accelerator = Accelerator(cpu=use_cpu(), log_with=report_to if tracking else None,
+                              project_dir=str(output_dir / TRACKING_DIR) if tracking else None,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    if tracking:
+        accelerator.init_trackers("bara", config=tracker_values(tracker_config or {}))
     steps, per_epoch = total_steps(config, len(train_split), accelerator.num_processes)
     optimizer = torch.optim.AdamW(method.param_groups(classifier, config.lr, config.weight_decay))
     # Not passed to accelerator.prepare, which would step it once per process and change the schedule.
@@ -229,11 +262,15 @@ def train(classifier: Classifier, method: Method, train_split: Split, validation
                 if curve:
                     bar.write(" ".join(f"{k}={v:.4g}" for k, v in record.items()))
             history.append(record)
+            if tracking:
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 save_checkpoint()
             if step >= steps:
                 break
     bar.close()
+    if tracking:
+        accelerator.end_training()
     accelerator.wait_for_everyone()
     model.eval()
     return history

@@ -305,7 +305,7 @@ def test_train_fit_save_load_reproduces_the_metrics(tiny_bert, toy_data, tmp_pat
     assert metrics["samples"] == samples and ("fast_path" in metrics) == (samples > 0)
     diag = metrics["diagnostics"]
     assert diag["n_data"] == diag["n_fit"] == 60 and 1e-4 <= diag["prior_precision"] <= 1e6
-    saved = load_file(out / "adapter_model.safetensors")
+    saved = load_file(out / runs.BARA_STATE)  # beside the LoRA, which is a peft adapter
     kind = "H" if options else "A"
     assert any(k.startswith(f"laplace_{kind}.") for k in saved) and saved["laplace_prior_precision"].item() == \
         pytest.approx(diag["prior_precision"])
@@ -320,7 +320,7 @@ def test_train_fit_save_load_reproduces_the_metrics(tiny_bert, toy_data, tmp_pat
     assert probs.shape == (1, 8, 3) and torch.allclose(probs.sum(-1), torch.ones(1, 8), atol=1e-5)
 
     del saved["laplace_prior_precision"]  # an adapter without its posterior is refused, loudly
-    save_file(saved, out / "adapter_model.safetensors")
+    save_file(saved, out / runs.BARA_STATE)
     with pytest.raises(BaraError, match="laplace_prior_precision"):
         runs.load_adapter(out)
 

@@ -158,6 +158,13 @@ class AdaLora(Lora):
                 "budget_init": self.config.r * len(ranks), "budget_target": self.config.target_r * len(ranks)}
 
     # -- adapters -------------------------------------------------------------------------------------
+    def saved_peft_config(self, classifier: Classifier, adapter: str):
+        """Without the rank pattern: the tensors are saved at full rank, pruned triplets with E = 0 (peft would
+        resize the modules to the pattern before loading, and the full tensors would not fit)."""
+        config = super().saved_peft_config(classifier, adapter)
+        config.rank_pattern = None
+        return config
+
     def load_adapter_state(self, classifier: Classifier, state: dict[str, torch.Tensor]) -> None:
         """The pruned triplets are the zero singular values, so the saved ``lora_E`` carries the rank
         pattern; it is handed back to peft, which keeps masking with it if training resumes in the final phase."""

@@ -116,14 +116,32 @@ class Method:
         """Method-specific numbers for metrics.json (e.g. BaRA's effective ranks, AdaLoRA's ranks)."""
         return {}
 
-    def plots(self, classifier: Classifier, diagnostics: dict, output_dir) -> list[str]:
-        """Write method-specific plots into ``output_dir``; return their file names."""
+    def plots(self, classifier: Classifier, diagnostics: dict, output_dir, caption: str = "") -> list[str]:
+        """Write method-specific plots into ``output_dir``, titled with ``caption`` (method, data and seed); return
+        their file names."""
         return []
 
     # -- adapters -----------------------------------------------------------------------------------
     def adapter_state(self, classifier: Classifier) -> dict[str, torch.Tensor]:
         """Every tensor the adapter adds or trains (by name), to be saved as safetensors."""
         return {n: p.detach().clone() for n, p in classifier.named_parameters() if p.requires_grad}
+
+    def merged(self, classifier: Classifier) -> torch.nn.Module:
+        """The base model with the adapter folded into its weights (``bara export --merge``), predicting as the
+        method's one-pass prediction; consumes ``classifier``. BaraError saying why where no such model exists."""
+        raise BaraError(f"{self.name} has no merged form; fix: use the adapter itself (bara eval, "
+                        "bara.from_pretrained)")
+
+    def peft_adapters(self, classifier: Classifier) -> dict[str, tuple[object, dict[str, torch.Tensor]]]:
+        """The adapters peft can load (``peft.PeftModel.from_pretrained``), to be saved as peft saves them:
+        {subfolder: (peft config, tensors named as in peft's adapter_model.safetensors)}; none by default. What
+        :meth:`adapter_state` holds beyond them is saved beside them, in bara's own file."""
+        return {}
+
+    def from_peft_names(self, classifier: Classifier,
+                        files: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The tensors of saved peft adapters ({subfolder: tensors}) under their :meth:`adapter_state` names."""
+        return {}
 
     def load_adapter_state(self, classifier: Classifier, state: dict[str, torch.Tensor]) -> None:
         own = {**dict(classifier.named_buffers()), **dict(classifier.named_parameters())}

@@ -103,6 +103,19 @@ class Ensemble(Lora):
     def member_names(self) -> list[str]:
         return [f"member{k}" for k in range(self.config.members)]
 
+    peft_root = "backbone.peft_model."
+
+    def peft_model_of(self, classifier: Classifier):
+        return classifier.backbone.peft_model
+
+    def adapter_names(self) -> list[str]:
+        return self.member_names  # saved as peft saves several adapters: one subfolder each
+
+    def merged(self, classifier: Classifier) -> nn.Module:
+        raise BaraError(f"an ensemble is {self.config.members} models whose probabilities are averaged, not one set of "
+                        "weights; fix: merge one member, e.g. peft.PeftModel.from_pretrained(base, ADAPTER/member0)"
+                        ".merge_and_unload()")
+
     def wrap(self, classifier: Classifier) -> None:
         """Member k's LoRA (and head) are drawn under seed ``s + k``, where ``s`` is the seed the run set
         before building the model (``torch.initial_seed()``); the global random stream is left as it was."""

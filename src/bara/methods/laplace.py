@@ -715,6 +715,11 @@ class Laplace(Lora):
                 "n_data": p.n_data, "n_fit": p.n_fit, "posterior_params": p.num_params,
                 "hessian_structure": self.config.hessian_structure}
 
+    def merged(self, classifier: Classifier) -> nn.Module:
+        raise BaraError("the Laplace predictive integrates over a posterior around the LoRA weights, which one set of "
+                        "weights cannot hold; fix: use the adapter (bara eval), or merge the LoRA alone (its MAP "
+                        "weights) with peft: peft.PeftModel.from_pretrained(base, ADAPTER).merge_and_unload()")
+
     def adapter_state(self, classifier: Classifier) -> dict[str, torch.Tensor]:
         state = super().adapter_state(classifier)
         if self.posterior is not None:

@@ -92,6 +92,11 @@ class Temperature(Lora):
         state["temperature_scaling.temperature"] = classifier.temperature_scaling.temperature.detach().clone()
         return state
 
+    def merged(self, classifier: Classifier) -> nn.Module:
+        raise BaraError("temperature scaling divides the logits by T after the model; a merged model would predict "
+                        "without it; fix: use the adapter (bara eval), or merge the LoRA alone with peft: "
+                        "peft.PeftModel.from_pretrained(base, ADAPTER).merge_and_unload()")
+
     @torch.no_grad()
     def fit_posthoc(self, classifier: Classifier, train_batches, validation_batches) -> None:
         classifier.eval()

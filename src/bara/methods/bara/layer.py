@@ -80,14 +80,17 @@ class Flipout(torch.autograd.Function):
 
 
 class BaraLinear(nn.Module):
-    """Wraps a frozen ``nn.Linear``; every tensor it adds is named ``bara_*``."""
+    """Wraps a frozen ``nn.Linear`` (or transformers' ``Conv1D``, GPT-2's linear layer with its weight stored
+    ``[in, out]``); every tensor it adds is named ``bara_*``."""
 
-    def __init__(self, base: nn.Linear, config: BaraConfig):
+    def __init__(self, base: nn.Module, config: BaraConfig):
         super().__init__()
         self.base, self.config = base, config
-        self.in_features, self.out_features = base.in_features, base.out_features
+        # nn.Linear stores its weight [out, in], Conv1D [in, out].
+        self.in_features, self.out_features = base.weight.shape[::-1] if isinstance(base, nn.Linear) \
+            else base.weight.shape
         self.scaling = config.alpha / config.r  # fixed by the configured r, so pruning keeps the outputs
-        r, d_in = config.r, base.in_features
+        r, d_in = config.r, self.in_features
         self.bara_A_mu = nn.Parameter(torch.empty(r, d_in))
         nn.init.kaiming_uniform_(self.bara_A_mu, a=math.sqrt(5))  # as peft's LoRA A
         if config.bayes_factors:
@@ -97,7 +100,7 @@ class BaraLinear(nn.Module):
                 self.bara_A_rho = nn.Parameter(rho)
             else:
                 self.bara_A_log_sigma = nn.Parameter(2.0 * torch.log(rho))
-        self.bara_B = nn.Parameter(torch.zeros(base.out_features, r))
+        self.bara_B = nn.Parameter(torch.zeros(self.out_features, r))
         if config.svi:  # q(pi) = Beta(alpha, beta), updated in closed form (buffers, saved with the adapter)
             for name, value in self.initial_pi().items():
                 self.register_buffer(name, torch.full((r,), value))
@@ -124,8 +127,9 @@ class BaraLinear(nn.Module):
         if c.svi:
             return {"bara_pi_alpha": 2.0 * c.pi_init, "bara_pi_beta": 2.0 * (1.0 - c.pi_init)}
         if c.uses_pi:
-            return {"bara_pi_a": inverse_softplus(1.0).item(),
-                    "bara_pi_b": inverse_softplus(1.0 / c.pi_init - 1.0).item()}
+            with torch.device("cpu"):  # numbers, also while the layer is built on the meta device (adapter size checks)
+                return {"bara_pi_a": inverse_softplus(1.0).item(),
+                        "bara_pi_b": inverse_softplus(1.0 / c.pi_init - 1.0).item()}
         return {}
 
     def _gate_modules(self) -> dict[str, nn.Module]:

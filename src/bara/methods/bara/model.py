@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ...errors import BaraError
 from ...heads import Classifier
@@ -108,7 +109,7 @@ class Bara(Method):
         if not targets:
             raise BaraError("no default target modules for this architecture; fix: pass --target-modules")
         found = [(n, m) for n, m in classifier.backbone.named_modules() if _matches(n, targets)
-                 and isinstance(m, nn.Linear)]
+                 and isinstance(m, (nn.Linear, Conv1D))]
         if not found:
             raise BaraError(f"no linear layer named {targets} in the model; fix: pass --target-modules")
         self.layers: dict[str, BaraLinear] = {}
@@ -117,8 +118,8 @@ class Bara(Method):
             layer = BaraLinear(module, self.config)
             setattr(classifier.backbone.get_submodule(parent_name), child, layer)
             self.layers[name] = layer
-        if classifier.kind == "encoder":  # the fresh classification head is trained in full
-            for p in classifier.backbone.classifier.parameters():
+        for head in classifier.head_names:  # the fresh classification head is trained in full
+            for p in classifier.backbone.get_submodule(head).parameters():
                 p.requires_grad_(True)
 
         def share_mask(module, args, kwargs):  # the padding mask reaches every adapted layer
@@ -384,13 +385,14 @@ class Bara(Method):
             "layers": layers,
         }
 
-    def plots(self, classifier: Classifier, diagnostics: dict, output_dir) -> list[str]:
+    def plots(self, classifier: Classifier, diagnostics: dict, output_dir, caption: str = "") -> list[str]:
         from ...plots import rank_plots
 
         pi = np.array([l["expected_pi"] + [np.nan] * (diagnostics["r_max"] - len(l["expected_pi"]))
                        for l in diagnostics["layers"].values()])
         names = [n.replace("base_model.model.", "") for n in diagnostics["layers"]]
-        title = f"BaRA: joint effective rank {diagnostics['joint_effective_rank']:.2f} of {diagnostics['r_max']}"
+        title = (f"{caption or self.name}: joint expected rank {diagnostics['joint_effective_rank']:.2f} of "
+                 f"{diagnostics['r_max']}")
         if "gate_mi" in diagnostics:
             title += (f", decided {diagnostics['decided_share']:.0%}, MI {diagnostics['gate_mi']:.2f} bits "
                       f"(null {diagnostics['gate_mi_null']:.2f})")
@@ -399,6 +401,30 @@ class Bara(Method):
         return ["rank.png"]
 
     # -- adapters -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merged(self, classifier: Classifier) -> nn.Module:
+        """W + (alpha/r) B diag(z) mu_A in every adapted layer, z the one-pass local weight: 1 without a gate (BLoB's
+        mean), the same for every input with gate=global. The one-pass prediction of any other gate depends on the
+        input, so no single weight matrix holds it."""
+        if self.config.gate not in ("none", "global"):
+            raise BaraError(f"BaRA's gate (gate={self.config.gate}) switches factors per input, so the update is not "
+                            "one weight matrix; fix: use the adapter (bara eval, bara.from_pretrained), or train with "
+                            "--gate global (or --method blob) for a mergeable model")
+        self.set_mode("mean")
+        for name, layer in self.layers.items():
+            z = torch.ones(layer.rank, device=layer.bara_B.device)
+            if self.config.gate == "global":  # run the gate on any input: it ignores the input
+                x = torch.zeros(1, 1, layer.in_features, device=z.device)
+                z = layer.local_weights(x, torch.zeros(1, 1, layer.rank, device=z.device),
+                                        torch.ones(1, 1, device=z.device)).reshape(-1)
+            delta = layer.scaling * layer.bara_B.float() @ (z[:, None] * layer.bara_A_mu.float())  # [out, in]
+            weight = layer.base.weight
+            weight.add_((delta if isinstance(layer.base, nn.Linear) else delta.t()).to(weight.dtype))
+            parent, _, child = name.rpartition(".")
+            setattr(classifier.backbone.get_submodule(parent), child, layer.base)
+        self.layers = {}
+        return classifier.backbone
+
     def adapter_state(self, classifier: Classifier) -> dict[str, torch.Tensor]:
         state = super().adapter_state(classifier)  # plus the gate's running statistics (context_norm=batch)
         state.update({n: b.detach().clone() for n, b in classifier.named_buffers()

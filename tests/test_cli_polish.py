@@ -1,0 +1,101 @@
+"""What a first-time user of the command line meets: per-method help, defaults, the benchmark's plan, plot titles,
+file modes, the demo."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from bara import bench, cli, plots, runs
+from bara.runs import RunConfig
+from bara.trainer import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def help_text(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    return capsys.readouterr().out
+
+
+def test_train_help_lists_the_options_of_the_method_asked_for(capsys):
+    everything = help_text(capsys, ["train", "--help"])
+    bara_only = help_text(capsys, ["train", "--method", "bara", "--help"])
+    lora_only = help_text(capsys, ["train", "--help", "--method=lora"])
+    for flag in ("--gate", "--kl-lr", "--members", "--lbfgs-iters", "--target-r"):
+        assert flag in everything
+    assert "--gate" in bara_only and "--kl-lr" in bara_only and "options of --method bara" in bara_only
+    assert "--members" not in bara_only and "--lbfgs-iters" not in bara_only and "--target-r" not in bara_only
+    assert "--r " in lora_only and "--gate" not in lora_only and "--kl-lr" not in lora_only
+    assert "--method M --help" in everything  # says how to get one method's list
+
+
+def test_default_data_is_not_trec():
+    args = cli.parser().parse_args(["train", "--output", "x"])
+    assert args.data == RunConfig().data == "banking77"
+
+
+def test_bench_says_how_many_runs_and_how_long_before_training(tmp_path, tiny_bert, toy_data, capsys):
+    from test_bench import tiny_preset
+
+    preset = tiny_preset(tmp_path, tiny_bert, toy_data)
+    out = tmp_path / "bench"
+    bench.run_bench(str(preset), out, progress=False, announce=True)
+    first = capsys.readouterr().out.splitlines()[0]
+    # 2 methods x 2 seeds x 3 steps, at the guess (nothing finished yet)
+    assert first.startswith("bara bench: 4 runs to train, 12 steps: about 0.0 h at 0.50 s per step (a guess")
+    bench.run_bench(str(preset), tmp_path / "again", progress=False, announce=True, only_method="lora")
+    assert capsys.readouterr().out.startswith("bara bench: 2 runs to train, 6 steps")
+    bench.run_bench(str(preset), out, progress=False, announce=True)  # finished: measured, nothing left
+    assert re.match(r"bara bench: 0 runs to train, 0 steps: .* s per step \(the median of 4 finished runs here\)",
+                    capsys.readouterr().out)
+
+
+def test_plot_titles_say_what_they_show(tmp_path, tiny_bert, toy_data, monkeypatch):
+    texts = {}
+
+    def record(fig, path):
+        texts[Path(path).name] = [fig._suptitle.get_text() if fig._suptitle else ""] + \
+            [t for ax in fig.axes for t in (ax.get_title(), ax.get_xlabel())]
+        return Path(path)
+
+    monkeypatch.setattr(plots, "_save", record)
+    config = RunConfig(model=tiny_bert, data=toy_data, method="blob", train=TrainConfig(
+        steps=2, batch_size=8, max_length=24, eval_batch_size=16, seed=3))
+    runs.run_train(config, tmp_path / "blob", progress_bar=False, validation=False)
+    assert set(texts) == {"reliability.png", "reliability-one-pass.png", "rank.png"}
+    sampled, one_pass = (" | ".join(texts[name]) for name in ("reliability.png", "reliability-one-pass.png"))
+    assert re.search(r"blob on \S+, seed 3: 10 samples — ECE", sampled)
+    assert re.search(r"blob on \S+, seed 3: one pass — ECE", one_pass)
+    rank = texts["rank.png"]
+    assert rank[0].startswith("blob on ") and "seed 3: joint expected rank" in rank[0] and "BaRA" not in rank[0]
+    assert any(t.startswith("hard rank per instance") for t in rank)  # the histogram's axis
+    assert any(t.startswith("hard rank: mean") for t in rank)
+
+
+def test_outputs_are_readable_by_others(tmp_path, tiny_bert, toy_data):
+    previous = os.umask(0o022)
+    try:
+        config = RunConfig(model=tiny_bert, data=toy_data, method="lora", train=TrainConfig(
+            steps=2, batch_size=8, max_length=24, eval_batch_size=16))
+        runs.run_train(config, tmp_path / "run", progress_bar=False)
+    finally:
+        os.umask(previous)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert {"metrics.json", "adapter_model.safetensors", "bara_config.json", "reliability.png"} <= set(modes)
+    assert set(modes.values()) == {"0o644"}, modes
+
+
+def test_demo_trains_bara_and_the_table_shows_its_diagnostics():
+    demo = re.search(r"^demo:.*?(?=^\S)", (ROOT / "Makefile").read_text(), re.S | re.M).group(0)
+    assert "--method bara" in demo and "--data banking77" in demo
+    metrics = {"method": "bara", "data": "banking77", "n_test": 10, "samples": 10, "accuracy": 0.5, "ece": 0.1,
+               "nll": 1.0, "brier": 0.6, "fast_path": {"accuracy": 0.6, "ece": 0.05, "nll": 0.9},
+               "diagnostics": {"joint_effective_rank": 5.25, "gate_mi": 0.125, "layers": {}, "r_max": 16}}
+    table = cli.table(metrics)
+    assert "one-pass: accuracy 60.00%" in table
+    assert "diagnostics: joint_effective_rank 5.25, gate_mi 0.125, r_max 16" in table
