@@ -84,6 +84,18 @@ class MonteCLora(Lora):
                                              target_modules=target_modules(c, classifier),
                                              monteclora_config=variant))
 
+    def from_peft_names(self, classifier: Classifier,
+                        files: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        # On the meta device (the size check before loading) peft defers the samplers to the first forward, so the
+        # shaped model names none of their tensors: peft's X.lora_monteclora_sampler.Y is ours by rule instead.
+        mark, samplers, rest = ".lora_monteclora_sampler.", {}, {}
+        for folder, tensors in files.items():
+            rest[folder] = {k: v for k, v in tensors.items() if mark not in k}
+            for key in tensors.keys() - rest[folder].keys():
+                head, tail = key.split(mark, 1)
+                samplers[f"{self.peft_root}{head}{mark}{folder or 'default'}.{tail}"] = tensors[key]
+        return {**super().from_peft_names(classifier, rest), **samplers}
+
     def forward(self, model, batch: dict) -> torch.Tensor:
         draw_fresh_noise(monteclora_layers(model))
         return super().forward(model, batch)
