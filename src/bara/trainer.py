@@ -93,8 +93,9 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
-# --report-to: accelerate's tracker name -> (the package it needs, the extra of bara-peft that installs it)
-TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
+# --report-to: accelerate's tracker names; each needs the package of its name, installed by bara-peft's extra of
+# that name
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 TRACKING_DIR = "tracking"  # in the run's folder: where a local tracker (tensorboard, mlflow) writes
 
 
@@ -108,10 +109,9 @@ def check_report_to(report_to) -> None:
     if report_to not in TRACKERS:
         raise BaraError(f"--report-to must be none or one of {', '.join(TRACKERS)}, got {report_to!r}; fix: pass "
                         "--report-to tensorboard (or none)")
-    package, extra = TRACKERS[report_to]
-    if importlib.util.find_spec(package) is None:
-        raise BaraError(f"--report-to {report_to} needs the package {package}, which is not installed; fix: pip "
-                        f"install 'bara-peft[{extra}]' (or drop --report-to)")
+    if importlib.util.find_spec(report_to) is None:
+        raise BaraError(f"--report-to {report_to} needs the package {report_to}, which is not installed; fix: pip "
+                        f"install 'bara-peft[{report_to}]' (or drop --report-to)")
 
 
 def tracker_values(values: dict) -> dict:

@@ -312,12 +312,11 @@ def test_adalora_schedule_follows_the_trainer(tiny_bert):
         get_method("adalora", {"r": 4, "target_r": 8})
 
 
-def test_adalora_resume_in_the_final_phase_is_exact(tiny_bert, toy_data, tmp_path, monkeypatch):
-    """The rank pattern survives a checkpoint in the saved singular values, so peft keeps masking with it."""
+def trained_whole_and_resumed(cfg, tmp_path, monkeypatch) -> tuple[dict, dict]:
+    """The metrics of ``cfg`` trained in one go, and trained again but stopped right after its first checkpoint,
+    then resumed."""
     from bara import checkpoint
 
-    cfg = config(tiny_bert, toy_data, "adalora", steps=12, r=6, target_r=2, tinit=2, tfinal=4, delta_t=1)
-    cfg.train.checkpoint_every = 10  # after the final allocation at step 8
     full = runs.run_train(cfg, tmp_path / "full", progress_bar=False)
     real_save = checkpoint.save
 
@@ -329,7 +328,14 @@ def test_adalora_resume_in_the_final_phase_is_exact(tiny_bert, toy_data, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         runs.run_train(cfg, tmp_path / "cut", progress_bar=False)
     monkeypatch.setattr(checkpoint, "save", real_save)
-    resumed = runs.run_train(cfg, tmp_path / "cut", resume=True, progress_bar=False)
+    return full, runs.run_train(cfg, tmp_path / "cut", resume=True, progress_bar=False)
+
+
+def test_adalora_resume_in_the_final_phase_is_exact(tiny_bert, toy_data, tmp_path, monkeypatch):
+    """The rank pattern survives a checkpoint in the saved singular values, so peft keeps masking with it."""
+    cfg = config(tiny_bert, toy_data, "adalora", steps=12, r=6, target_r=2, tinit=2, tfinal=4, delta_t=1)
+    cfg.train.checkpoint_every = 10  # after the final allocation at step 8
+    full, resumed = trained_whole_and_resumed(cfg, tmp_path, monkeypatch)
     assert resumed["diagnostics"] == full["diagnostics"]
     for key in ("accuracy", "ece", "nll", "brier"):
         assert resumed[key] == pytest.approx(full[key], abs=1e-6), key
@@ -382,22 +388,9 @@ def test_monteclora_loss_adds_peft_s_variational_term(tiny_bert):
 
 def test_monteclora_resume_is_exact(tiny_bert, toy_data, tmp_path, monkeypatch):
     """Each pass draws its noise from the generator the checkpoint restores, so a resumed run trains as one."""
-    from bara import checkpoint
-
     cfg = config(tiny_bert, toy_data, "monteclora", steps=6, sample_scaler=0.05)
     cfg.train.checkpoint_every = 3
-    full = runs.run_train(cfg, tmp_path / "full", progress_bar=False)
-    real_save = checkpoint.save
-
-    def save_then_crash(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint, "save", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        runs.run_train(cfg, tmp_path / "cut", progress_bar=False)
-    monkeypatch.setattr(checkpoint, "save", real_save)
-    resumed = runs.run_train(cfg, tmp_path / "cut", resume=True, progress_bar=False)
+    full, resumed = trained_whole_and_resumed(cfg, tmp_path, monkeypatch)
     for key in ("accuracy", "ece", "nll", "brier"):
         assert resumed[key] == pytest.approx(full[key], abs=1e-6), key
 
