@@ -1,5 +1,6 @@
-"""The ``bara`` command: ``bara train``, ``bara eval``, ``bara bench`` and ``bara data fetch``. User errors print
-one line and exit 2."""
+"""The ``bara`` command: ``bara train``, ``bara eval``, ``bara export``, ``bara bench``, ``bara corrupt`` and
+``bara data fetch``.
+User errors print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ EXAMPLES = """examples:
   bara eval --adapter runs/trec-lora --samples 10 --ood-data yahoo
   bara export --adapter runs/trec-lora --merge runs/trec-lora-merged
   bara bench --preset quick --output runs/bench-quick
+  bara corrupt --bench runs/bench-quick --data banking77
   bara data fetch bigbench
 """
 
@@ -45,6 +47,15 @@ A preset of your own file may extend a packaged one (extends = "standard"); with
 every run scores the validation split and results.md adds validation means, to compare variants on validation.
 A run's hash covers the options a preset sets, not the methods' defaults: a finished run (here or in --reuse)
 trained under a default this version of bara has changed stops the benchmark with an error naming the option.
+"""
+
+CORRUPT_EXAMPLES = """examples:
+  bara corrupt --bench runs/bench-standard --data banking77
+  bara corrupt --bench runs/bench-standard --data banking77,hwu64 --kinds typos --intensities 0,10,40
+
+It scores the runs results.jsonl lists (the chosen ones, no losing grid candidates) and writes corruption-DATA.md,
+corruption-DATA.jsonl and plots/corruption-DATA.png into --bench; each run's points go to its folder
+(corruption_metrics.json), so an interrupted command continues where it stopped and a rerun costs nothing.
 """
 
 DATA_EXAMPLES = """examples:
@@ -93,6 +104,16 @@ def _comma_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _percentages(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in _comma_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated percentages such as 0,5,10,20,40, got {text!r}")
+    if not values or any(not 0 <= v <= 100 for v in values):
+        raise argparse.ArgumentTypeError(f"percentages must be in [0, 100], got {text!r}")
+    return values
+
+
 def help_method(argv: list[str]) -> str | None:
     """The --method of a 'bara train ... --help' command line (its help then lists that method's options only)."""
     if not argv or argv[0] != "train" or not {"-h", "--help"} & set(argv):
@@ -106,6 +127,7 @@ def help_method(argv: list[str]) -> str | None:
 
 
 def parser(only_method: str | None = None) -> argparse.ArgumentParser:
+    from . import corruption
     from .data import bigbench, builtin_tasks
     from .methods import METHODS
     from .runs import DTYPES, RunConfig
@@ -188,6 +210,19 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
     b.add_argument("--reuse", metavar="DIR", type=Path, help="copy finished runs with the same config (hash) from "
                    "another benchmark's --output instead of training them, e.g. standard's BaRA runs for ablations")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    c = sub.add_parser("corrupt", help="score a benchmark's finished adapters on corrupted test inputs",
+                       description=textwrap.dedent(corruption.__doc__.split("\n\nThe two")[0]),
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=CORRUPT_EXAMPLES)
+    c.add_argument("--bench", required=True, type=Path, help="the --output folder of a 'bara bench' with finished runs")
+    c.add_argument("--data", required=True, type=_comma_list, help="its datasets to corrupt (comma-separated; "
+                   "classification only)")
+    c.add_argument("--kinds", type=_comma_list, default=list(corruption.KINDS),
+                   help=f"corruptions (comma-separated; default {','.join(corruption.KINDS)})")
+    c.add_argument("--intensities", type=_percentages, default=list(corruption.INTENSITIES),
+                   help="percent of letters (typos) or words (word_dropout) corrupted, comma-separated (default "
+                   f"{','.join(map(str, corruption.INTENSITIES))})")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     data = sub.add_parser("data", help="fetch datasets that are not shipped with bara (BIG-bench)",
                           description="Datasets that are downloaded once into the cache ($BARA_CACHE, default "
@@ -315,6 +350,12 @@ def main(argv: list[str] | None = None) -> int:
                       + (f", {summary['diverged']} diverged (not retried; results.md lists them)"
                          if summary["diverged"] else ""))
             print(f"wrote {args.output}/results.md, cost.md, results.jsonl and plots/")
+        elif args.command == "corrupt":
+            from . import corruption
+
+            written = corruption.run_corrupt(args.bench, args.data, args.kinds, args.intensities,
+                                             not args.no_progress, shlex.join(["bara", *argv]))
+            print("wrote " + ", ".join(str(p) for p in written))
         elif args.command == "data":
             _fetch(args)
     except BaraError as err:

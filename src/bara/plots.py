@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from .metrics import expected_calibration_error, reliability_bins
 
-__all__ = ["learning_curve", "rank_plots", "reliability_diagram", "scatter_methods"]
+__all__ = ["corruption_curves", "learning_curve", "rank_plots", "reliability_diagram", "scatter_methods"]
 
 DPI = 110
 
@@ -163,4 +163,31 @@ def learning_curve(history: list[dict], path, title: str | None = None) -> Path:
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
+    return _save(fig, path)
+
+
+CORRUPTION_PANELS = (("accuracy", "accuracy %", 100.0), ("ece", "ECE %", 100.0), ("nll", "NLL", 1.0))
+
+
+def corruption_curves(table: dict, kinds, intensities, path, title: str) -> Path:
+    """Accuracy, ECE and NLL against the corruption intensity, a row per corruption and a line per method (mean over
+    seeds, a band of one standard deviation): ``table`` is :func:`bara.corruption.summarise`'s."""
+    fig = _figure(figsize=(13, 3.4 * len(kinds)))
+    axes = np.atleast_2d(fig.subplots(len(kinds), len(CORRUPTION_PANELS), squeeze=False))
+    for row, kind in zip(axes, kinds):
+        for ax, (metric, label, scale) in zip(row, CORRUPTION_PANELS):
+            for i, (variant, curves) in enumerate(table.items()):
+                points = [(x, curves[kind][x][metric]) for x in intensities if x in curves.get(kind, {})]
+                if not points:
+                    continue
+                xs = np.array([x for x, _ in points], dtype=float)
+                mean = scale * np.array([m for _, (m, _, _) in points])
+                std = scale * np.array([s for _, (_, s, _) in points])
+                ax.plot(xs, mean, marker="osD^vPX*hp<>"[i % 12], color=f"C{i % 10}", label=variant)
+                ax.fill_between(xs, mean - std, mean + std, color=f"C{i % 10}", alpha=0.12, linewidth=0)
+            ax.set_xlabel(f"{kind.replace('_', ' ')} (% corrupted)")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+    axes[0, -1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    fig.suptitle(title)
     return _save(fig, path)

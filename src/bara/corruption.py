@@ -1,0 +1,218 @@
+"""Input corruption for the classification track, in the manner of Ovadia et al. (2019, "Can you trust your
+model's uncertainty?"): a benchmark's finished adapters score its test split again with seeded character typos
+or word dropout at increasing intensity, with no retraining, so that each method's accuracy, ECE and NLL can be
+read against the intensity (a method whose uncertainty is worth having gets less confident as its inputs get worse,
+and its calibration degrades slowly).
+
+- ``typos`` at p %: each letter, with probability p, gets one of four typing errors, chosen uniformly: deleted,
+  doubled, swapped with the next character, or replaced by a random lower-case letter.
+- ``word_dropout`` at p %: each whitespace-separated word is dropped with probability p (one word is kept when all
+  would go).
+
+The corruption of a text depends only on the kind, the intensity and the run's seed, so every method of a seed
+scores the very same corrupted texts. Intensity 0 is the run's own test metrics (metrics.json), not a new pass.
+
+The two corruptions are written here rather than taken from nlpaug: each is a few seeded lines, and nlpaug
+would bring its network-loading dependencies (requests, gdown, pandas) for them.
+
+Each run's results go to its folder (``corruption_metrics.json``, updated point by point: an interrupted command
+continues where it stopped); the benchmark-level table and plot go to the benchmark's output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from pathlib import Path
+
+import numpy as np
+
+from .data.tasks import Split
+from .errors import BaraError
+
+KINDS = ("typos", "word_dropout")
+INTENSITIES = (0, 5, 10, 20, 40)
+RUN_FILE = "corruption_metrics.json"
+METRICS = ("accuracy", "ece", "nll", "brier", "n")
+
+
+def typos(text: str, rate: float, rng: random.Random) -> str:
+    """``text`` with each letter, with probability ``rate``, deleted, doubled, swapped with the next character or
+    replaced by a random letter (one of the four, uniformly)."""
+    out, i = [], 0
+    while i < len(text):
+        char = text[i]
+        if not char.isalpha() or rng.random() >= rate:
+            out.append(char)
+        else:
+            error = rng.randrange(4)
+            if error == 1:
+                out += [char, char]
+            elif error == 2 and i + 1 < len(text):
+                out += [text[i + 1], char]
+                i += 1
+            elif error >= 2:  # a replacement (also a swap at the last character)
+                out.append(rng.choice(string.ascii_lowercase))
+            # error 0: deleted
+        i += 1
+    return "".join(out)
+
+
+def word_dropout(text: str, rate: float, rng: random.Random) -> str:
+    """``text`` with each word dropped with probability ``rate``; one word (at random) stays if all would go."""
+    words = text.split()
+    kept = [w for w in words if rng.random() >= rate]
+    if words and not kept:
+        kept = [rng.choice(words)]
+    return " ".join(kept)
+
+
+CORRUPTIONS = {"typos": typos, "word_dropout": word_dropout}
+
+
+def corrupt(split: Split, kind: str, intensity: float, seed: int) -> Split:
+    """``split`` with its texts corrupted by ``kind`` at ``intensity`` percent, seeded by (kind, intensity, seed)."""
+    if kind not in CORRUPTIONS:
+        raise BaraError(f"unknown corruption {kind!r}; fix: use one of {', '.join(KINDS)}")
+    if not 0 <= intensity <= 100:
+        raise BaraError(f"a corruption intensity is a percentage in [0, 100], got {intensity:g}")
+    rng = random.Random(f"{kind}/{intensity:g}/{seed}")  # a str seed is hashed deterministically (sha512)
+    change = CORRUPTIONS[kind]
+    return Split(texts=[change(t, intensity / 100, rng) for t in split.texts], labels=list(split.labels),
+                 choices=split.choices)
+
+
+def _scores(metrics: dict) -> dict:
+    """The metrics kept per point: the predictive's and, for a sampling method, its one-pass prediction's."""
+    kept = {k: metrics[k] for k in METRICS if k in metrics}
+    if "fast_path" in metrics:
+        kept["fast_path"] = {k: metrics["fast_path"][k] for k in METRICS if k in metrics["fast_path"]}
+    return kept
+
+
+def corrupt_run(folder: Path, kinds=KINDS, intensities=INTENSITIES, progress_bar: bool = True) -> dict:
+    """Score the finished run in ``folder`` on its corrupted test split at every (kind, intensity) not scored yet;
+    returns ``{kind: {intensity: metrics}}`` (intensities as strings, as in the JSON file)."""
+    import torch
+
+    from .metrics import evaluate
+    from .runs import METRICS as RUN_METRICS, load_adapter, predict, task_of, write_json
+
+    path = folder / RUN_FILE
+    done = json.loads(path.read_text()) if path.exists() else {}
+    todo = [(k, i) for k in kinds for i in intensities if f"{i:g}" not in done.get(k, {})]
+    if not todo:
+        return done
+    run_metrics = json.loads((folder / RUN_METRICS).read_text())
+    classifier, method, config = load_adapter(folder)
+    task = task_of(config)
+    if task.kind != "classification":
+        raise BaraError(f"{folder} is a {task.kind} run; text corruption is for classification runs (it would "
+                        "change the question but not its choices)")
+    samples, batch_size, seed = method.default_samples, config.train.eval_batch_size, config.train.seed
+    labels = torch.tensor(task.test.labels)
+    for kind, intensity in todo:
+        if intensity == 0:  # the clean test split: the run's own test metrics
+            point = _scores(run_metrics)
+        else:
+            split = corrupt(task.test, kind, intensity, seed)
+            point = evaluate(predict(classifier, method, split, samples, batch_size, seed, progress_bar), labels)
+            if samples > 0 and method.one_pass:
+                point["fast_path"] = evaluate(predict(classifier, method, split, 0, batch_size, seed, progress_bar),
+                                              labels)
+            point = _scores(point)
+        done.setdefault(kind, {})[f"{intensity:g}"] = point
+        write_json(path, done)
+    return done
+
+
+def _finished_runs(output: Path, dataset: str) -> list[dict]:
+    """The rows of the benchmark's results.jsonl for ``dataset`` (the chosen runs: no losing grid candidates)."""
+    results = output / "results.jsonl"
+    if not results.exists():
+        raise BaraError(f"{output} has no results.jsonl; fix: point --bench at the --output folder of a 'bara bench' "
+                        "that has finished runs")
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    mine = [r for r in rows if r["dataset"] == dataset]
+    if not mine:
+        names = sorted({r["dataset"] for r in rows})
+        raise BaraError(f"{output}/results.jsonl has no finished run of {dataset!r}; fix: use one of "
+                        f"{', '.join(names)} or run 'bara bench --only-dataset {dataset}' first")
+    return mine
+
+
+def summarise(points: list[dict], kinds, intensities) -> dict:
+    """``{variant: {kind: {intensity: {metric: (mean, std, n)}}}}`` over seeds, from the per-run points."""
+    table: dict = {}
+    for variant in dict.fromkeys(p["variant"] for p in points):
+        for kind in kinds:
+            for intensity in intensities:
+                mine = [p for p in points if p["variant"] == variant and p["kind"] == kind
+                        and p["intensity"] == intensity]
+                if not mine:
+                    continue
+                values = {m: np.array([p[m] for p in mine], dtype=float) for m in ("accuracy", "ece", "nll")}
+                table.setdefault(variant, {}).setdefault(kind, {})[intensity] = {
+                    m: (v.mean(), v.std(ddof=1) if len(v) > 1 else 0.0, len(v)) for m, v in values.items()}
+    return table
+
+
+def markdown(dataset: str, table: dict, kinds, intensities, command: str) -> str:
+    """The report: one table per corruption, a row per variant, accuracy % / ECE % / NLL per intensity (means over
+    seeds)."""
+    lines = [f"# {dataset}: the test split corrupted", "", f"`{command}`", "",
+             "Each cell: accuracy % / ECE % / NLL, mean over seeds, of the method's own predictive (S samples for the "
+             "sampling methods). Intensity 0 is the clean test split. Corruptions: see `bara corrupt --help`.", ""]
+    for kind in kinds:
+        lines += [f"## {kind.replace('_', ' ')}", "",
+                  "| method | " + " | ".join(f"{i:g} %" for i in intensities) + " |",
+                  "|---|" + "---|" * len(intensities)]
+        for variant, kinds_ in table.items():
+            cells = []
+            for intensity in intensities:
+                cell = kinds_.get(kind, {}).get(intensity)
+                cells.append("—" if cell is None else f"{100 * cell['accuracy'][0]:.1f} / {100 * cell['ece'][0]:.1f} / "
+                             f"{cell['nll'][0]:.3f}")
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_corrupt(output: Path, datasets: list[str], kinds=KINDS, intensities=INTENSITIES, progress_bar: bool = True,
+                command: str = "bara corrupt") -> list[Path]:
+    """Score every chosen run of ``datasets`` in the benchmark folder ``output`` on corrupted test splits and write
+    ``corruption-DATASET.md``, ``corruption-DATASET.jsonl`` and ``plots/corruption-DATASET.png``; returns their paths."""
+    from tqdm.auto import tqdm
+
+    from .plots import corruption_curves
+    from .runs import write_atomic
+
+    for kind in kinds:
+        if kind not in CORRUPTIONS:
+            raise BaraError(f"unknown corruption {kind!r}; fix: use one of {', '.join(KINDS)}")
+    for intensity in intensities:
+        if not 0 <= intensity <= 100:
+            raise BaraError(f"a corruption intensity is a percentage in [0, 100], got {intensity:g}")
+    rows = {dataset: _finished_runs(output, dataset) for dataset in datasets}  # every error before any work
+    written = []
+    for dataset, finished in rows.items():
+        points = []
+        for row in tqdm(finished, desc=f"corrupt {dataset}", unit="run", disable=not progress_bar):
+            folder = output / "runs" / dataset / row["variant"] / row["run"]
+            if not folder.is_dir():
+                raise BaraError(f"{folder} is listed in results.jsonl but is not there (a report copied without its "
+                                "runs?); fix: point --bench at the folder 'bara bench' trained into")
+            scored = corrupt_run(folder, kinds, intensities, progress_bar)
+            points += [{"variant": row["variant"], "method": row["method"], "seed": row["seed"], "run": row["run"],
+                        "kind": kind, "intensity": intensity, **scored[kind][f"{intensity:g}"]}
+                       for kind in kinds for intensity in intensities]
+        table = summarise(points, kinds, intensities)
+        report = output / f"corruption-{dataset}.md"
+        write_atomic(report, lambda tmp: tmp.write_text(markdown(dataset, table, kinds, intensities, command)))
+        lines = output / f"corruption-{dataset}.jsonl"
+        write_atomic(lines, lambda tmp: tmp.write_text("".join(json.dumps(p) + "\n" for p in points)))
+        plot = corruption_curves(table, kinds, intensities, output / "plots" / f"corruption-{dataset}.png",
+                                 f"{dataset}: test split corrupted (mean ± std over seeds)")
+        written += [report, lines, plot]
+    return written

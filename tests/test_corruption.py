@@ -1,0 +1,106 @@
+"""Input corruption (bara corrupt): seeded typos and word dropout whose strength follows the intensity, and the
+finished runs of a benchmark scored on corrupted test splits without retraining."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import random
+
+import pytest
+
+from bara import bench, cli, corruption
+from bara.data.tasks import Split
+from bara.errors import BaraError
+from bara.runs import METRICS
+
+from test_bench import PNG_MAGIC, tiny_preset
+
+_WORDS = random.Random(1)
+TEXT = " ".join(_WORDS.choice(["transfer", "money", "card", "lost", "my", "please", "account", "why"]) for _ in range(400))
+
+
+def test_no_corruption_at_intensity_zero_and_the_same_texts_for_the_same_seed():
+    split = Split(texts=[TEXT, "hello world"], labels=[1, 0])
+    for kind in corruption.KINDS:
+        assert corruption.corrupt(split, kind, 0, seed=3).texts == split.texts
+        once, again = corruption.corrupt(split, kind, 20, seed=3), corruption.corrupt(split, kind, 20, seed=3)
+        assert once.texts == again.texts and once.labels == split.labels
+        assert once.texts[0] != TEXT
+        assert corruption.corrupt(split, kind, 20, seed=4).texts[0] != once.texts[0]  # the seed matters
+
+
+def test_typos_grow_with_the_intensity_and_touch_only_letters():
+    similarity = [difflib.SequenceMatcher(None, TEXT, corruption.typos(TEXT, rate, random.Random(0)),
+                                      autojunk=False).ratio()
+                  for rate in (0.0, 0.05, 0.2, 0.4)]
+    assert similarity[0] == 1.0
+    assert similarity[0] > similarity[1] > similarity[2] > similarity[3]
+    assert 0.9 < similarity[1] < 0.99 and similarity[3] < 0.6
+    assert corruption.typos("12 34 !?", 1.0, random.Random(0)) == "12 34 !?"  # no letters, nothing to mistype
+    # each of the four errors happens: deletions shorten, doublings lengthen, at about rate / 4 of the letters each
+    typed = corruption.typos("a" * 4000, 0.4, random.Random(0))
+    assert abs(len(typed) - 4000) < 150 and set(typed) - {"a"}
+
+
+def test_word_dropout_drops_the_given_share_and_keeps_a_word():
+    words = TEXT.split()
+    for rate in (0.1, 0.4):
+        kept = corruption.word_dropout(TEXT, rate, random.Random(0)).split()
+        assert abs(len(kept) / len(words) - (1 - rate)) < 0.06
+        assert set(kept) <= set(words)
+    assert len(corruption.word_dropout("one two three", 1.0, random.Random(0)).split()) == 1
+    assert corruption.word_dropout("", 0.5, random.Random(0)) == ""
+
+
+def test_bad_kind_or_intensity_names_the_fix():
+    split = Split(texts=["a b"], labels=[0])
+    with pytest.raises(BaraError, match="typos, word_dropout"):
+        corruption.corrupt(split, "blur", 10, 0)
+    with pytest.raises(BaraError, match=r"\[0, 100\]"):
+        corruption.corrupt(split, "typos", 150, 0)
+
+
+@pytest.fixture()
+def finished_bench(tmp_path, tiny_bert, toy_data):
+    preset = tiny_preset(tmp_path, tiny_bert, toy_data)
+    out = tmp_path / "bench"
+    bench.run_bench(str(preset), out, progress=False)
+    return out
+
+
+def test_corrupt_scores_every_chosen_run_and_resumes(finished_bench):
+    out = finished_bench
+    written = corruption.run_corrupt(out, ["toy"], intensities=[0, 40], progress_bar=False)
+    assert [p.name for p in written] == ["corruption-toy.md", "corruption-toy.jsonl", "corruption-toy.png"]
+    assert (out / "plots" / "corruption-toy.png").read_bytes()[:8] == PNG_MAGIC
+    points = [json.loads(line) for line in (out / "corruption-toy.jsonl").read_text().splitlines()]
+    assert len(points) == 2 * 2 * 2 * 2  # variants x seeds x kinds x intensities
+    for point in points:
+        folder = out / "runs" / "toy" / point["variant"] / point["run"]
+        metrics = json.loads((folder / METRICS).read_text())
+        if point["intensity"] == 0:  # the run's own test metrics
+            assert (point["accuracy"], point["nll"]) == (metrics["accuracy"], metrics["nll"])
+        else:  # 40 % of the letters or words changed: another prediction
+            assert point["nll"] != metrics["nll"] and point["n"] == metrics["n_test"]
+        assert ("fast_path" in point) == (point["variant"] == "bara-small")  # a sampling method's one pass too
+    report = (out / "corruption-toy.md").read_text()
+    assert "## typos" in report and "## word dropout" in report and "| bara-small |" in report
+    # a rerun scores nothing again; a lost point is scored again, to the same numbers
+    run = out / "runs" / "toy" / points[-1]["variant"] / points[-1]["run"] / corruption.RUN_FILE
+    before = json.loads(run.read_text())
+    lost = dict(before)
+    lost["word_dropout"] = {k: v for k, v in before["word_dropout"].items() if k != "40"}
+    run.write_text(json.dumps(lost))
+    corruption.run_corrupt(out, ["toy"], intensities=[0, 40], progress_bar=False)
+    assert json.loads(run.read_text()) == before
+
+
+def test_corrupt_cli_errors_name_the_fix(finished_bench, tmp_path, capsys):
+    assert cli.main(["corrupt", "--bench", str(tmp_path / "nowhere"), "--data", "toy"]) == 2
+    assert "has no results.jsonl" in capsys.readouterr().err
+    assert cli.main(["corrupt", "--bench", str(finished_bench), "--data", "banking77"]) == 2
+    assert "no finished run of 'banking77'; fix: use one of toy" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["corrupt", "--bench", str(finished_bench), "--data", "toy", "--intensities", "5,x"])
+    assert "percentages" in capsys.readouterr().err
