@@ -12,8 +12,8 @@ Layout of the output folder ``DIR``::
                     dataset sets `ood`); a table "under shift" where it sets `shift`
     cost.md         per dataset: variant x (train s/step, peak memory, trainable parameters, prediction time)
     preset.json     the preset as resolved for the last training call
-    plots/          reliability-<dataset>-<variant>.png and rank-<dataset>-<variant>.png (copied from the
-                    run of the lowest seed), accuracy-ece-<dataset>.png, accuracy-nll-<dataset>.png
+    plots/          reliability-<dataset>-<variant>.png and the method's own plots (Method.run_files; copied
+                    from the run of the lowest seed), accuracy-ece-<dataset>.png, accuracy-nll-<dataset>.png
 
 A run is finished when all of its outputs exist: metrics.json (written last by training), and shift_metrics.json
 when its dataset sets ``shift``. Finished runs are skipped and are the only ones reported. Any other run is
@@ -49,7 +49,6 @@ from . import checkpoint, report, runs
 from .data import bigbench, builtin_tasks
 from .errors import BaraError, Diverged
 from .methods import METHODS
-from .methods.laplace import PRIOR_GRID
 from .plots import scatter_methods
 from .runs import RunConfig
 from .trainer import TrainConfig, total_steps
@@ -68,14 +67,12 @@ HARNESS_SET = ("lr", "seed", "checkpoint_every")  # TrainConfig fields a preset 
 DATASET_KEYS = ("data", "lr", "max_train", "max_eval", "text_column", "label_column", "ood", "shift")
 SHIFT = "shift_metrics.json"  # run_eval's metrics of the trained adapter on the `shift` dataset's test split
 
-# (key in report.row, header, which mean is best); one-pass and diagnostics columns appear where present.
+# (key in report.row, header, which mean is best); one-pass columns and the methods' own appear where present.
 METRICS = [("test_accuracy", "accuracy %", "max"), ("test_ece", "ECE %", "min"), ("test_nll", "NLL", "min"),
            ("test_brier", "Brier", "min")]
 VALIDATION = [(f"val_{k[5:]}", h, b) for k, h, b in METRICS] + [("val_fast_nll", "one-pass NLL", "min")]
 ONE_PASS = [("test_fast_accuracy", "one-pass accuracy %", "max"), ("test_fast_ece", "one-pass ECE %", "min"),
             ("test_fast_nll", "one-pass NLL", "min")]
-DIAGNOSTICS = [("decided_share", "decided"), ("gate_mi", "MI bits"), ("gate_mi_null", "MI null"),
-               ("shuffle_nll_one_pass", "shuffle ΔNLL"), ("joint_effective_rank", "s̄")]
 OOD = [("test_ood_auroc", "OOD AUROC", "max")]
 SHIFTED = [("shift_accuracy", "accuracy %", "max"), ("shift_ece", "ECE %", "min"), ("shift_nll", "NLL", "min"),
            ("shift_brier", "Brier", "min")]
@@ -871,8 +868,8 @@ def write_report(plan_: Plan, specs: list[RunSpec], output: Path, command: str) 
         if not dataset_rows:
             continue
         cost += [_wall_time(plan_, specs, output, dataset), ""]
-        present = [c for c in OOD + ONE_PASS + [(k, h, None) for k, h in DIAGNOSTICS]
-                   if any(r.get(c[0]) is not None for r in dataset_rows)]
+        present = [c for c in OOD + ONE_PASS if any(r.get(c[0]) is not None for r in dataset_rows)]
+        present += _method_columns(dataset_rows)
         columns = METRICS + present
         groups = report.summarize(dataset_rows, "variant", [c[0] for c in columns])
         results.append(_table(groups, columns))
@@ -896,8 +893,9 @@ def write_report(plan_: Plan, specs: list[RunSpec], output: Path, command: str) 
         cost.append(report.summary_markdown(cost_groups, "variant", COST,
                                             no_spread=("trainable_params", "samples", "torch_threads")))
         written += _dataset_plots(plots, dataset, groups, output, [(s, m) for s, m in done if s.dataset == dataset])
-    results += ["", "Plots in plots/: reliability-<dataset>-<variant>.png and rank-<dataset>-<variant>.png (the run "
-                "of the lowest finished seed), accuracy-ece-<dataset>.png and accuracy-nll-<dataset>.png (means)."]
+    names = [f"{n}-<dataset>-<variant>.png" for n in _run_plots(METHODS.values())]
+    results += ["", f"Plots in plots/: {', '.join(names[:-1])} and {names[-1]} (the run of the lowest finished seed), "
+                "accuracy-ece-<dataset>.png and accuracy-nll-<dataset>.png (means)."]
     written.append(_write_text(output / "results.md", "\n".join(results) + "\n"))
     written.append(_write_text(output / "cost.md", "\n".join(cost) + "\n"))
     return written
@@ -971,24 +969,34 @@ def _prediction_choice(plan_: Plan, dataset: str, output: Path, chosen: dict[tup
 
 
 def _post_hoc(rows: list[dict]) -> list[str]:
-    """What the post-hoc steps fitted on the validation split, seed by seed: temperature scaling's T and the
-    Laplace prior precision, so a reader sees why temperature moves the numbers and Laplace may not."""
-    lines = []
+    """What the post-hoc steps fitted on the validation split, seed by seed (each method's
+    :meth:`~bara.methods.Method.fit_summary`), so a reader sees why a post-hoc step moves the numbers or does not."""
+    lines, notes = [], {}
     for variant in dict.fromkeys(r["variant"] for r in rows):
         own = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["seed"])
-        seeds = ", ".join(str(r["seed"]) for r in own)
-        if all(r.get("temperature") is not None for r in own):
-            lines.append(f"- {variant}: T = {', '.join(format(r['temperature'], '.2f') for r in own)} (seeds {seeds})")
-        elif all(r.get("prior_precision") is not None for r in own):
-            top = sum(r["prior_precision"] >= PRIOR_GRID[1] / 1.01 for r in own)
-            lines.append(f"- {variant}: prior precision {', '.join(format(r['prior_precision'], '.3g') for r in own)} "
-                         f"(seeds {seeds}; {top} of {len(own)} at the top)")
+        method = METHODS.get(own[0]["method"])
+        fitted = method.fit_summary(own) if method is not None else None
+        if fitted is not None:
+            lines.append(f"- {variant}: {fitted}")
+            notes[method.name] = method.fit_note
     if not lines:
         return []
-    return ["", "Post-hoc fits on the validation split. Temperature scaling's T: below 1 sharpens the LoRA fit's "
-            "predictive (it was under-confident on validation), above 1 softens it. Laplace's prior precision: at the "
-            f"top of its search ({PRIOR_GRID[1]:g}) the posterior adds next to no spread, and the predictive is the "
-            "LoRA fit's.", "", *lines]
+    ordered = [m.fit_note for m in METHODS.values() if m.name in notes and m.fit_note]
+    return ["", " ".join(["Post-hoc fits on the validation split.", *ordered]), "", *lines]
+
+
+def _method_columns(rows: list[dict]) -> list[tuple]:
+    """The columns of the methods of ``rows`` (their ``report_columns``, in the registry's order) that some row has
+    a value for."""
+    present = {r["method"] for r in rows}
+    columns = dict.fromkeys(c for m in METHODS.values() if m.name in present for c in m.report_columns)
+    return [(k, h, None) for k, h in columns if any(r.get(k) is not None for r in rows)]
+
+
+def _run_plots(methods) -> list[str]:
+    """The plots every run writes and those of ``methods`` (their ``run_files``), by name without ".png"."""
+    own = (f[:-len(".png")] for m in methods for f in m.run_files if f.endswith(".png"))
+    return list(dict.fromkeys(["reliability", *own]))
 
 
 def _table(groups: list[dict], columns: list[tuple]) -> str:
@@ -1033,7 +1041,7 @@ def _dataset_plots(plots: Path, dataset: str, groups: list[dict], output: Path, 
         if spec.variant not in lowest or spec.seed < lowest[spec.variant].seed:
             lowest[spec.variant] = spec
     for variant, spec in lowest.items():
-        for name in ("reliability", "rank"):
+        for name in _run_plots([METHODS[spec.config.method]]):
             source = output / spec.folder / f"{name}.png"
             if source.exists():
                 written.append(_copy(source, plots / f"{name}-{dataset}-{variant}.png"))

@@ -221,7 +221,7 @@ def table(metrics: dict) -> str:
         lines.append(f"  one-pass: accuracy {100 * fp['accuracy']:.2f}%  ECE {100 * fp['ece']:.2f}%  NLL {fp['nll']:.4f}")
     numbers = [f"{k} {v:.4g}" for k, v in metrics.get("diagnostics", {}).items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    if numbers:  # the method's own (BaRA: effective ranks, gate information; metrics.json has them all)
+    if numbers:  # the method's own numbers (metrics.json has them all)
         lines.append(textwrap.fill("diagnostics: " + ", ".join(numbers), width=110, initial_indent="  ",
                                    subsequent_indent="    "))
     return "\n".join(lines)

@@ -118,8 +118,33 @@ class Method:
 
     def plots(self, classifier: Classifier, diagnostics: dict, output_dir, caption: str = "") -> list[str]:
         """Write method-specific plots into ``output_dir``, titled with ``caption`` (method, data and seed); return
-        their file names."""
+        their file names (among :attr:`run_files`)."""
         return []
+
+    # -- reporting ----------------------------------------------------------------------------------
+    # A report reads saved runs (metrics.json), not models, so these belong to the class. The shared report code
+    # (bara.report, bara.bench) asks them instead of knowing any method's diagnostics.
+
+    # Columns of the benchmark's results table for this method's :meth:`summary` values, (key, header): shown
+    # where a run of the dataset has a value, after the shared columns, in the registry's order of methods.
+    report_columns: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # Files a run writes beside the shared ones (those :meth:`plots` writes); the benchmark copies each run's
+    # ``NAME.png`` into its plots/ as ``NAME-<dataset>-<variant>.png``.
+    run_files: ClassVar[tuple[str, ...]] = ()
+    # One sentence on what :meth:`fit_summary` lists, for the report's paragraph on post-hoc fits.
+    fit_note: ClassVar[str] = ""
+
+    @classmethod
+    def summary(cls, diagnostics: dict, validation: bool = False) -> dict:
+        """The numbers of ``diagnostics`` (metrics.json's, of the test split or, with ``validation``, of the
+        validation split) worth a row of a report: {key: value}, in column order; none by default."""
+        return {}
+
+    @classmethod
+    def fit_summary(cls, rows: list[dict]) -> str | None:
+        """What a post-hoc step fitted in each run of one variant (report rows, by seed), as the text after
+        "- VARIANT: " in the report; None where nothing was fitted."""
+        return None
 
     # -- adapters -----------------------------------------------------------------------------------
     def adapter_state(self, classifier: Classifier) -> dict[str, torch.Tensor]:
@@ -156,6 +181,11 @@ class Method:
                     raise BaraError(f"adapter tensor {name} has shape {tuple(value.shape)}, the model expects "
                                     f"{tuple(own[name].shape)}; fix: use the same base model and rank")
                 own[name].copy_(value)
+
+
+def seeds_of(rows: list[dict]) -> str:
+    """The seeds of report rows, as a report lists them ("0, 1, 2")."""
+    return ", ".join(str(r["seed"]) for r in rows)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -75,7 +75,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import BaraError
 from ..heads import Classifier
-from .base import option, to_device
+from .base import option, seeds_of, to_device
 from .lora import Lora, LoraConfig
 
 PREFIX = "laplace_"
@@ -664,6 +664,22 @@ class Laplace(Lora):
         super().__init__(config)
         self.posterior: LaplacePosterior | None = None
         self.default_samples = 0 if self.config.link_approx == "probit" else MC_SAMPLES
+
+    fit_note = (f"Laplace's prior precision: at the top of its search ({PRIOR_GRID[1]:g}) the posterior adds next to "
+                "no spread, and the predictive is the LoRA fit's.")
+
+    @classmethod
+    def summary(cls, diagnostics: dict, validation: bool = False) -> dict:
+        return {} if validation or "prior_precision" not in diagnostics else {
+            "prior_precision": diagnostics["prior_precision"]}
+
+    @classmethod
+    def fit_summary(cls, rows: list[dict]) -> str | None:
+        if any(r.get("prior_precision") is None for r in rows):
+            return None
+        top = sum(r["prior_precision"] >= PRIOR_GRID[1] / 1.01 for r in rows)
+        return (f"prior precision {', '.join(format(r['prior_precision'], '.3g') for r in rows)} (seeds "
+                f"{seeds_of(rows)}; {top} of {len(rows)} at the top)")
 
     @staticmethod
     def _forward(classifier: Classifier) -> Callable[[dict], torch.Tensor]:

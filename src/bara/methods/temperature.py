@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import BaraError
 from ..heads import Classifier
-from .base import option
+from .base import option, seeds_of
 from .lora import Lora, LoraConfig
 
 T_RANGE = (1e-2, 1e2)  # a validation split the model fits perfectly drives T -> 0; keep it finite
@@ -119,6 +119,19 @@ class Temperature(Lora):
         classifier.eval()
         logits = classifier(batch["input_ids"], batch["attention_mask"]).float()
         return torch.softmax(classifier.temperature_scaling(logits), -1)[None]
+
+    fit_note = ("Temperature scaling's T: below 1 sharpens the LoRA fit's predictive (it was under-confident on "
+                "validation), above 1 softens it.")
+
+    @classmethod
+    def summary(cls, diagnostics: dict, validation: bool = False) -> dict:
+        return {"temperature": diagnostics["temperature"]} if not validation and "temperature" in diagnostics else {}
+
+    @classmethod
+    def fit_summary(cls, rows: list[dict]) -> str | None:
+        if any(r.get("temperature") is None for r in rows):
+            return None
+        return f"T = {', '.join(format(r['temperature'], '.2f') for r in rows)} (seeds {seeds_of(rows)})"
 
     def diagnostics(self, classifier: Classifier, batches) -> dict:
         t = classifier.temperature_scaling.temperature.item()

@@ -232,5 +232,11 @@ class Tfb(Lora):
         classifier.eval()
         return self.sampled_probs(classifier, batch, sigma, samples)
 
+    report_columns = (("sigma", "σ"),)
+
+    @classmethod
+    def summary(cls, diagnostics: dict, validation: bool = False) -> dict:
+        return {"sigma": diagnostics["sigma"]} if not validation and "sigma" in diagnostics else {}
+
     def diagnostics(self, classifier: Classifier, batches) -> dict:
         return {"sigma": classifier.tfb.sigma.item(), **self.fit_result}

@@ -50,6 +50,12 @@ GATE_PARAMS = ("bara_gate", "bara_context", "bara_pi_")
 SIGMA_PARAMS = ("bara_A_rho", "bara_A_log_sigma")
 
 
+# The gate in a report, each beside its null (the gate network as initialised) or as the shuffle test's change in NLL.
+GATE_SUMMARY = ("decided_share", "decided_share_null", "gate_mi", "gate_mi_null", "shuffle_nll_one_pass",
+                "shuffle_nll_sampled", "rank_std_between_inputs", "rank_std_between_samples", "joint_effective_rank",
+                "selection_variability", "hard_rank_std")
+
+
 def bernoulli_entropy_bits(p: torch.Tensor) -> torch.Tensor:
     """H(p) = -p log2 p - (1 - p) log2(1 - p), 0 at p = 0 and 1."""
     return -(torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p)) / math.log(2)
@@ -103,6 +109,9 @@ class Bara(Method):
     config_class = BaraConfig
     default_samples = 10
     diverged_fix = ", or --kl-lr, or bound sigma_A with --max-sigma 0.2 (docs/experiments.md section 9)"
+    report_columns = (("decided_share", "decided"), ("gate_mi", "MI bits"), ("gate_mi_null", "MI null"),
+                      ("shuffle_nll_one_pass", "shuffle ΔNLL"), ("joint_effective_rank", "s̄"))
+    run_files = ("rank.png",)
 
     def wrap(self, classifier: Classifier) -> None:
         targets = target_modules(self.config, classifier)
@@ -384,6 +393,12 @@ class Bara(Method):
             "complexity_lora": sum(r_max * (l["d_in"] + l["d_out"]) for l in per_layer),
             "layers": layers,
         }
+
+    @classmethod
+    def summary(cls, diagnostics: dict, validation: bool = False) -> dict:
+        """The gate's numbers (on validation too, where choices are made) and, on test, the ranks' spread."""
+        keys = GATE_SUMMARY if validation else GATE_SUMMARY + ("joint_effective_rank_std", "global_rank_mean")
+        return {k: diagnostics[k] for k in keys if k in diagnostics}
 
     def plots(self, classifier: Classifier, diagnostics: dict, output_dir, caption: str = "") -> list[str]:
         from ...plots import rank_plots
