@@ -133,6 +133,8 @@ class Method:
     run_files: ClassVar[tuple[str, ...]] = ()
     # One sentence on what :meth:`fit_summary` lists, for the report's paragraph on post-hoc fits.
     fit_note: ClassVar[str] = ""
+    # What the abbreviations of :attr:`report_columns` (and of plots) stand for, in the report's protocol.
+    column_legend: ClassVar[str] = ""
 
     @classmethod
     def summary(cls, diagnostics: dict, validation: bool = False) -> dict:

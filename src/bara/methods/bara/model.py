@@ -112,6 +112,8 @@ class Bara(Method):
     report_columns = (("decided_share", "decided"), ("gate_mi", "MI bits"), ("gate_mi_null", "MI null"),
                       ("shuffle_nll_one_pass", "shuffle ΔNLL"), ("joint_effective_rank", "s̄"))
     run_files = ("rank.png",)
+    column_legend = ("V: selection variability, rank std: std across instances of the hard effective rank, s̄: joint "
+                     "effective rank.")
 
     def wrap(self, classifier: Classifier) -> None:
         targets = target_modules(self.config, classifier)
