@@ -27,7 +27,8 @@ def row(metrics: dict) -> dict:
     out = {"run": metrics.get("run", ""), "method": metrics["method"], "data": metrics["data"],
            "seed": metrics["seed"], "samples": metrics["samples"]}
     method = METHODS.get(metrics["method"])
-    # Runs scored before Method.one_pass existed carry an ensemble's K-average twice: not a one-pass prediction.
+    # Runs scored before Method.one_pass existed carry the sampled prediction of a method without a one-pass one
+    # twice: not a one-pass prediction.
     one_pass = method.one_pass if method is not None else True
     for prefix, block in (("val", val), ("test", metrics)):
         for key in ("accuracy", "ece", "nll", "brier"):

@@ -14,7 +14,6 @@ import json
 import os
 import resource
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,10 +25,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import checkpoint
+from .checkpoint import write_atomic
 from .data import Split, Task, builtin_tasks, load_task
 from .errors import BaraError
 from .heads import Classifier
-from .methods import METHODS, Method, get_method
+from .methods import DEFAULT_METHOD, METHODS, Method, get_method
 from .metrics import evaluate
 from .models import EMBEDDED, load_model
 from .plots import learning_curve, reliability_diagram
@@ -53,7 +53,7 @@ class RunConfig:
 
     model: str = "minilm"
     data: str = "banking77"  # not trec, whose test labels are partly wrong
-    method: str = "lora"
+    method: str = DEFAULT_METHOD
     method_options: dict = field(default_factory=dict)
     max_train: int | None = None
     max_eval: int | None = None
@@ -118,24 +118,6 @@ def peak_memory_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def write_atomic(path: Path, write) -> None:
-    """``write(tmp_path)``, fsync, then rename, so readers (and a power cut) never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are for others to read too (as plots.py's)
-        checkpoint.fsync(Path(tmp))
-        os.replace(tmp, path)
-        checkpoint.fsync(path.parent)
-    except (OSError, SafetensorError) as err:  # a full disk, a file size limit: the file before it is kept
-        raise BaraError(f"cannot write {path} ({err}); fix: free some disk space (or raise the file size "
-                        "limit) and run the command again") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_json(path: Path, values) -> None:
@@ -219,7 +201,7 @@ def swap_in(work: Path, output: Path) -> None:
     names = OUR_FILES + method_files()
     for entry in output.iterdir():
         ours = entry.name in names or entry.name.startswith(tuple(f".{name}." for name in names)) \
-            or (entry / ADAPTER_CONFIG).is_file()  # a peft adapter's subfolder (an ensemble member)
+            or (entry / ADAPTER_CONFIG).is_file()  # the subfolder of a peft adapter beyond the first
         if not ours and not (work / entry.name).exists():
             os.replace(entry, work / entry.name)
     old = output.with_name(f".{output.name}.old")
@@ -450,7 +432,7 @@ def meta_file(folder: Path) -> Path:
 
 
 def has_weights(folder: Path) -> bool:
-    """Whether ``folder`` holds an adapter's tensors (an ensemble's peft adapters sit in subfolders only)."""
+    """Whether ``folder`` holds an adapter's tensors (a method's several peft adapters sit in subfolders only)."""
     return (folder / BARA_CONFIG).exists() or (folder / ADAPTER_WEIGHTS).exists()
 
 

@@ -140,7 +140,7 @@ def total_steps(config: TrainConfig, num_train: int, num_processes: int = 1) -> 
 def validation_score(classifier: Classifier, method: Method, split: Split, batch_size: int) -> dict:
     from .metrics import evaluate
 
-    probs = torch.cat([method.predict(classifier, on_device(b, classifier), 0)[0].cpu()
+    probs = torch.cat([method.training_predict(classifier, on_device(b, classifier))[0].cpu()
                        for b in batches(classifier, split, batch_size)])
     scores = evaluate(probs, torch.tensor(split.labels))
     return {"val_accuracy": scores["accuracy"], "val_nll": scores["nll"], "val_ece": scores["ece"]}

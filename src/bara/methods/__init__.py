@@ -16,6 +16,7 @@ from .monteclora import MonteCLora
 from .temperature import Temperature
 from .tfb import Tfb
 
+DEFAULT_METHOD = "lora"  # what `bara train` and RunConfig use when no method is named
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Lora, Map, Bara, Blob, McDropout, Ensemble, Temperature,
                                                         AdaLora, Laplace, MonteCLora, Tfb)}
 
@@ -27,4 +28,4 @@ def get_method(name: str, options: dict | None = None) -> Method:
     return cls(cls.config_class.from_dict(options or {}))
 
 
-__all__ = ["METHODS", "Method", "MethodConfig", "Progress", "get_method"]
+__all__ = ["DEFAULT_METHOD", "METHODS", "Method", "MethodConfig", "Progress", "get_method"]

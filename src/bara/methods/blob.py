@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .bara import Bara, BaraConfig
 from .base import option
-from .bara.config import FactorPosteriorConfig
+from .bara.config import FactorPosteriorConfig, SigmaParam
 
 
 @dataclass
@@ -16,7 +16,8 @@ class BlobConfig(FactorPosteriorConfig):
     stepped only by its SGD KL step, as in its code (BaRA's default is log sigma)."""
 
     sigma_param: str = option("rho2", "free parameter of sigma_A: rho2 (BLoB's sigma = rho^2 and log(sigma + 1e-6) "
-                                      "in the KL, stepped only by the SGD KL step as in BLoB's code) or log")
+                                      "in the KL, stepped only by the SGD KL step as in BLoB's code) or log",
+                              SigmaParam)
 
 
 class Blob(Bara):

@@ -362,7 +362,7 @@ class Bara(Method):
                 "pi_std_mean": now.variance.sqrt().mean().item(), "pi_std_initial": start_std.mean().item()}
 
     def _rank_summary(self, stats: dict) -> dict:
-        """Effective ranks per layer and jointly (SPEC's diagnostics), and the bound's complexity term."""
+        """Effective ranks per layer and jointly (docs/ARCHITECTURE.md, diagnostics), and the bound's complexity term."""
         layers = {}
         for name, layer in self.layers.items():
             rho, hard = stats[name]["rho"], stats[name]["hard"]
