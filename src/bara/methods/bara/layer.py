@@ -27,15 +27,14 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributions import Beta, Gamma, kl_divergence
+from torch.distributions import Beta, Gamma, Normal, kl_divergence
 
 from ...distributions import (
-    BinaryConcrete, GateBeta, Kumaraswamy, Weibull, hard_concrete_sample, inverse_softplus, kl_bernoulli_logits,
-    kl_normal_normal_prior, kumaraswamy_params, straight_through_sample, weibull_params,
+    BinaryConcrete, FactorNormal, GateBernoulli, GateBeta, Kumaraswamy, Weibull, hard_concrete_sample,
+    inverse_softplus, kumaraswamy_params, straight_through_sample, weibull_params,
 )
 from .config import BaraConfig
 
-MODES = ("train", "sample", "mean")  # relaxed training sample, hard Monte-Carlo sample, one-pass fast path
 PI_QUADRATURE_NODES = 64  # quantiles (Kumaraswamy) or Gauss-Hermite nodes (Beta) of q(pi) for the expected gate
 
 
@@ -110,7 +109,7 @@ class BaraLinear(nn.Module):
         if config.gate != "none":
             for name, module in self._gate_modules().items():
                 setattr(self, name, module)
-        self.mode = "train"
+        self.mode = "train"  # train: relaxed sample; sample: hard Monte-Carlo sample; mean: one-pass fast path
         self.mask: torch.Tensor | None = None  # [N, T], set by the method's hook before every forward
         self.shuffle_block = 0  # > 0: each instance gets the local gate of another in its block (shuffle test)
         self.kl_local: torch.Tensor | None = None  # [N] after a forward: the local KL summed over the instance's gates
@@ -236,11 +235,15 @@ class BaraLinear(nn.Module):
     def kl_A(self) -> torch.Tensor:
         if not self.config.bayes_factors:
             return self.bara_A_mu.new_zeros((), dtype=torch.float32)
+        sigma = self.sigma_A
         if self.config.sigma_param == "rho2":  # BLoB's code: log(sigma + 1e-6) in the KL
-            return kl_normal_normal_prior(self.bara_A_mu, self.sigma_A, self.config.prior_sigma,
-                                          sigma_eps=1e-6).sum().float()
-        return kl_normal_normal_prior(self.bara_A_mu, self.sigma_A, self.config.prior_sigma,
-                                      log_sigma=self.bara_A_log_sigma).sum().float()
+            q = FactorNormal(self.bara_A_mu, sigma, scale_eps=1e-6, validate_args=False)
+        else:
+            q = FactorNormal(self.bara_A_mu, sigma, log_scale=self.bara_A_log_sigma, validate_args=False)
+        dtype = torch.promote_types(sigma.dtype, torch.float32)
+        prior = Normal(torch.zeros((), dtype=dtype, device=sigma.device),
+                       torch.tensor(self.config.prior_sigma, dtype=dtype, device=sigma.device), validate_args=False)
+        return kl_divergence(q, prior).sum().float()
 
     @torch.no_grad()
     def svi_step(self, num_train: int, rate: float) -> None:
@@ -368,7 +371,8 @@ class BaraLinear(nn.Module):
             else:
                 rho, g, reach = cond, v, torch.ones_like(cond)
             if train and c.gate in ("both", "local") and c.slab != "magnitude":
-                kl = kl + reach * kl_bernoulli_logits(logits + shift, logit_pi)
+                kl = kl + reach * kl_divergence(GateBernoulli(logits=logits + shift, validate_args=False),
+                                                GateBernoulli(logits=logit_pi, validate_args=False))
         if c.gate == "deterministic":  # SoRA-like: no sampling, no KL, an L1 penalty on z
             z = rho * (magnitude if c.slab != "binary" else 1.0)
             g = (rho > 0.5).float()
