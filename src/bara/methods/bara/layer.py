@@ -29,11 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Beta, Gamma, Normal, kl_divergence
 
-from ...distributions import (
-    BinaryConcrete, FactorNormal, GateBernoulli, GateBeta, Kumaraswamy, Weibull, hard_concrete_sample,
-    inverse_softplus, kumaraswamy_params, straight_through_sample, weibull_params,
-)
+from ...distributions import FactorNormal, GateBernoulli, GateBeta, Kumaraswamy, inverse_softplus, kumaraswamy_params, \
+    weibull_params
 from .config import BaraConfig
+from .variants import variants
 
 PI_QUADRATURE_NODES = 64  # quantiles (Kumaraswamy) or Gauss-Hermite nodes (Beta) of q(pi) for the expected gate
 
@@ -110,6 +109,7 @@ class BaraLinear(nn.Module):
             for name, module in self._gate_modules().items():
                 setattr(self, name, module)
         self.mode = "train"  # train: relaxed sample; sample: hard Monte-Carlo sample; mean: one-pass fast path
+        self.estimator, self.allocation, self.slab, self.one_pass_gate = variants(config)
         self.mask: torch.Tensor | None = None  # [N, T], set by the method's hook before every forward
         self.shuffle_block = 0  # > 0: each instance gets the local gate of another in its block (shuffle test)
         self.kl_local: torch.Tensor | None = None  # [N] after a forward: the local KL summed over the instance's gates
@@ -328,7 +328,8 @@ class BaraLinear(nn.Module):
 
     def local_weights(self, x: torch.Tensor, ax_mean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         """z = g * theta, ``[N, r]`` (instance context) or ``[N, T, r]`` (token/causal); None when gate=none.
-        Also stores the instance's local KL, its number of gates, the batch's usage and this pass's diagnostics."""
+        Also stores the instance's local KL, its number of gates, the batch's usage and this pass's diagnostics.
+        The ablation switches are the strategies of :mod:`.variants`, chosen when the layer was built."""
         c = self.config
         if c.gate == "none":
             self.kl_local = self.penalty = self.gates = self.usage = None
@@ -340,61 +341,35 @@ class BaraLinear(nn.Module):
         if c.gate == "global":
             delta = torch.zeros_like(delta)
         kappa, magnitude = weibull_params(kappa_free, mean_free)
-        # hard_concrete's gate is non-zero with probability sigma(l + tau log(-gamma/zeta)), not sigma(l): the
-        # KL, the sampled and the expected gate all use that probability.
-        shift = -c.temperature * math.log(0.1 / 1.1) if c.estimator == "hard_concrete" else 0.0
+        shift = self.estimator.shift
         train = self.mode == "train"  # the local KL enters only the training loss: prediction skips it
         kl = torch.zeros_like(delta)
         if self.mode == "mean" or c.gate == "deterministic":
             nodes, weights = self.pi_quadrature(delta.dim() - 1)
             # The sampler's own mean E_q(pi)[sigma(logit pi + Delta)] (not sigma(logit E[pi] + Delta)).
-            cond = (weights * torch.sigmoid(nodes + delta + shift)).sum(0)
-            rho = cond.cumprod(-1) if c.allocation == "stick" else cond  # independent pi: E[prod] = prod E
+            rho = self.allocation.expected((weights * torch.sigmoid(nodes + delta + shift)).sum(0))
         else:
             logit_pi = self.logit_pi(delta.shape[:-1])
             logits = logit_pi + delta
             cond = torch.sigmoid(logits + shift)
-            if c.slab == "magnitude":
-                v = torch.ones_like(cond)
-            elif train:
-                v = {"concrete": lambda: BinaryConcrete(logits, c.temperature, validate_args=False).rsample(),
-                     "hard_concrete": lambda: hard_concrete_sample(logits, c.temperature),
-                     "straight_through": lambda: straight_through_sample(logits, c.temperature)}[c.estimator]()
-            else:
-                v = torch.bernoulli(cond)
-            if c.allocation == "stick":
-                # Stick-breaking IBP (Teh et al. 2007) per instance: factor k is on only if factor k - 1 is and the
-                # instance keeps going (probability cond_k, prior pi_k). Gates are nested by construction, and the
-                # KL of the chain is sum_k P(g_{k-1} = 1) KL(Bern(cond_k) || Bern(pi_k)).
-                rho, g = cond.cumprod(-1), v.cumprod(-1)
-                reach = torch.cat([torch.ones_like(rho[..., :1]), rho[..., :-1]], -1)
-            else:
-                rho, g, reach = cond, v, torch.ones_like(cond)
-            if train and c.gate in ("both", "local") and c.slab != "magnitude":
+            rho, g, reach = self.allocation.chain(cond, self.slab.draw_gate(logits, cond, train, self.estimator))
+            if train and c.gate in ("both", "local") and self.slab.gated:
                 kl = kl + reach * kl_divergence(GateBernoulli(logits=logits + shift, validate_args=False),
                                                 GateBernoulli(logits=logit_pi, validate_args=False))
         if c.gate == "deterministic":  # SoRA-like: no sampling, no KL, an L1 penalty on z
-            z = rho * (magnitude if c.slab != "binary" else 1.0)
+            z = rho * self.slab.deterministic(magnitude)
             g = (rho > 0.5).float()
             self.penalty = self._instance(z.abs().sum(-1), mask)
         else:
-            if c.slab == "magnitude":
+            if not self.slab.gated:
                 g = rho = torch.ones_like(delta)
             elif self.mode == "mean":
                 g = (rho > 0.5).float()
-            weight = rho if self.mode == "mean" and c.fast_gate == "expected" else g
-            if c.slab == "binary":
-                theta = torch.ones_like(rho)
-            elif self.mode == "mean":
-                theta = magnitude
-            else:
-                q_theta = Weibull(kappa, magnitude, validate_args=False)
-                theta = q_theta.rsample()
-                if train:
-                    prior = Gamma(torch.full_like(kappa, c.theta_shape), torch.full_like(kappa, c.theta_rate),
-                                  validate_args=False)
-                    on = rho if c.slab == "both" else torch.ones_like(rho)
-                    kl = kl + on * kl_divergence(q_theta, prior)
+            weight = self.one_pass_gate(rho, g) if self.mode == "mean" else g
+            theta, kl_theta = self.slab.magnitude(kappa, magnitude, rho, self.mode, lambda: Gamma(
+                torch.full_like(kappa, c.theta_shape), torch.full_like(kappa, c.theta_rate), validate_args=False))
+            if kl_theta is not None:
+                kl = kl + kl_theta
             z = weight * theta
             self.penalty = None
         token_level = c.context != "instance"
