@@ -7,33 +7,7 @@ from dataclasses import dataclass
 
 from ...errors import BaraError
 from ..base import Choices, option
-from ..lora import LoraConfig
-
-class SigmaParam(Choices):
-    """``sigma_param``: the free parameter of sigma_A."""
-
-    LOG = "log"
-    """log sigma: the KL's gradient sigma^2 / prior_sigma^2 - 1 is bounded, no singularity."""
-    RHO2 = "rho2"
-    """BLoB's sigma = rho^2, with log(sigma + 1e-6) in the KL (the faithful option)."""
-
-
-class KlStep(Choices):
-    """``kl_step``: how KL(q(A) || prior) is minimised."""
-
-    SGD = "sgd"
-    """A separate plain-SGD step after each AdamW step, as BLoB's code."""
-    LOSS = "loss"
-    """In the objective with the data term, by AdamW: the ELBO as written."""
-
-
-class SigmaOptimizer(Choices):
-    """``sigma_optimizer``: with ``kl_step=sgd``, what steps sigma_A's parameter."""
-
-    SGD = "sgd"
-    """Only the SGD KL step, as BLoB's code."""
-    ADAMW = "adamw"
-    """AdamW at the main rate as well (bara before 2026-12-01)."""
+from ..factor_posterior import FactorPosteriorConfig
 
 
 class Gate(Choices):
@@ -136,52 +110,6 @@ class PiCounts(Choices):
     """Once: N u."""
     TEMPERED = "tempered"
     """At the local KL's weight: omega N u, the optimum of the tempered objective itself."""
-
-
-@dataclass
-class FactorPosteriorConfig(LoraConfig):
-    """BLoB's Gaussian posterior on A and how its KL is minimised: the options BaRA and BLoB share."""
-
-    # Adapters saved before these options existed store BLoB's rho, which AdamW also stepped.
-    legacy = {"sigma_param": "rho2", "sigma_optimizer": "adamw"}
-
-    prior_sigma: float = option(0.2, "prior std of A: N(0, prior_sigma^2)")
-    init_sigma: float = option(0.05, "epsilon: sigma_A starts at rho^2 with rho ~ U(eps/sqrt2, eps), as BLoB")
-    sigma_param: str = option("log", "free parameter of sigma_A: log (log sigma: the KL's gradient sigma^2 / "
-                                     "prior_sigma^2 - 1 is bounded, no singularity) or rho2 (BLoB's sigma = rho^2 "
-                                     "and log(sigma + 1e-6) in the KL, the faithful option). With kl_step=sgd it "
-                                     "is never in AdamW: only the SGD step moves it, on its NLL gradient plus the "
-                                     "weighted KL's, as in BLoB's code", SigmaParam)
-    kl_warmup: float = option(0.1, "fraction of training over which the KL weight rises 0 -> 1")
-    kl_scale: float = option(1.0, "extra multiplier on the global KL terms")
-    # Default "sgd" (as BLoB): measured in docs/experiments.md, section 4.
-    kl_step: str = option("sgd", "how KL(q(A) || prior) is minimised: sgd (as BLoB's code: a separate plain-SGD "
-                                 "step after each AdamW step, lr kl_lr with warm-up and linear decay, weighted by "
-                                 "BLoB's KL reweighting) | loss (in the objective, with the data term, by AdamW: "
-                                 "the ELBO as written)", KlStep)
-    sigma_optimizer: str = option("sgd", "with kl_step=sgd, what steps sigma_A's parameter: sgd (only the SGD KL "
-                                         "step, as BLoB's code) or adamw (AdamW at the main rate as well: bara "
-                                         "before 2026-12-01, which drove rho through 0 and diverged at high rates; "
-                                         "kept so those runs are told apart, docs/experiments.md section 10)",
-                                  SigmaOptimizer)
-    kl_lr: float = option(0.002, "learning rate of the kl_step=sgd step (BLoB: 0.002 for RoBERTa, 0.01 for LLaMA)")
-    kl_gamma: float = option(8.0, "BLoB's reweighting: the KL weight of step t is 2^i / (2^(M+1) - 1), i = t mod "
-                                  "M, M = 100 N^(pi/gamma) / batch size; 0 = a weight 1/M with M = batches per "
-                                  "epoch")
-    # Off by default until the benchmark's runs are finished (they trained without it); then chosen on validation.
-    max_sigma: float = option(0.0, "upper bound on sigma_A after every step, 0 = none: keeps BLoB's SGD KL step from "
-                                   "blowing up at high learning rates (docs/experiments.md section 9); the prior's "
-                                   "prior_sigma is where the KL's pull on sigma_A vanishes")
-
-    def validate(self) -> None:
-        super().validate()
-        for name in ("prior_sigma", "init_sigma", "kl_lr"):
-            if getattr(self, name) <= 0:
-                raise BaraError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.kl_gamma < 0:
-            raise BaraError(f"kl_gamma must be >= 0 (0 = no reweighting), got {self.kl_gamma}")
-        if self.max_sigma < 0:
-            raise BaraError(f"max_sigma must be >= 0 (0 = no bound), got {self.max_sigma}")
 
 
 @dataclass

@@ -27,10 +27,10 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributions import Beta, Gamma, Normal, kl_divergence
+from torch.distributions import Beta, Gamma, kl_divergence
 
-from ...distributions import FactorNormal, GateBernoulli, GateBeta, Kumaraswamy, inverse_softplus, kumaraswamy_params, \
-    weibull_params
+from ...distributions import GateBernoulli, GateBeta, Kumaraswamy, inverse_softplus, kumaraswamy_params, weibull_params
+from ..factor_posterior import Flipout, flipout, kl_factors, sigma_of, sigma_parameter  # noqa: F401 (Flipout: tests)
 from .config import BaraConfig
 from .variants import variants
 
@@ -55,28 +55,6 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, causal: bool = False) 
     return (m.transpose(1, 2) @ values).squeeze(1) / m.sum(1).clamp(min=1.0)
 
 
-class Flipout(torch.autograd.Function):
-    """Flipout's perturbation ``((x ⊙ s_in) @ Eᵀ) ⊙ s_out`` (Wen et al. 2018) without keeping the sign-flipped
-    copy of ``x`` for backward: it is rebuilt there from ``x``, which the mean path ``x @ μ_Aᵀ`` keeps anyway.
-    Hand-written because autograd would save ``x ⊙ s_in`` ([N, T, d_in] per layer: +12 % train-step memory
-    on MiniLM at 32 x 64, benchmarks/speed.py)."""
-
-    @staticmethod
-    def forward(ctx, x, sign_in, noise, sign_out):
-        ctx.save_for_backward(x, sign_in, noise, sign_out)
-        return ((x * sign_in) @ noise.t()) * sign_out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, sign_in, noise, sign_out = ctx.saved_tensors
-        grad = grad * sign_out
-        grad_x = (grad @ noise) * sign_in if ctx.needs_input_grad[0] else None
-        grad_noise = None
-        if ctx.needs_input_grad[2]:
-            grad_noise = grad.reshape(-1, grad.shape[-1]).t() @ (x * sign_in).reshape(-1, x.shape[-1])
-        return grad_x, None, grad_noise, None
-
-
 class BaraLinear(nn.Module):
     """Wraps a frozen ``nn.Linear`` (or transformers' ``Conv1D``, GPT-2's linear layer with its weight stored
     ``[in, out]``); every tensor it adds is named ``bara_*``."""
@@ -92,12 +70,7 @@ class BaraLinear(nn.Module):
         self.bara_A_mu = nn.Parameter(torch.empty(r, d_in))
         nn.init.kaiming_uniform_(self.bara_A_mu, a=math.sqrt(5))  # as peft's LoRA A
         if config.bayes_factors:
-            eps = config.init_sigma
-            rho = torch.empty(r, d_in).uniform_(eps / math.sqrt(2), eps)  # BLoB's initial sigma = rho^2
-            if config.sigma_param == "rho2":
-                self.bara_A_rho = nn.Parameter(rho)
-            else:
-                self.bara_A_log_sigma = nn.Parameter(2.0 * torch.log(rho))
+            setattr(self, *sigma_parameter(r, d_in, config))
         self.bara_B = nn.Parameter(torch.zeros(self.out_features, r))
         if config.svi:  # q(pi) = Beta(alpha, beta), updated in closed form (buffers, saved with the adapter)
             for name, value in self.initial_pi().items():
@@ -188,7 +161,7 @@ class BaraLinear(nn.Module):
 
     @property
     def sigma_A(self) -> torch.Tensor:
-        return self.bara_A_rho ** 2 if self.config.sigma_param == "rho2" else self.bara_A_log_sigma.exp()
+        return sigma_of(self.sigma_free, self.config)
 
     # The distributions below skip torch's argument checks: a NaN from diverged training then reaches the loss,
     # where the trainer stops with the step and the fix, instead of a ValueError deep inside torch.
@@ -235,15 +208,7 @@ class BaraLinear(nn.Module):
     def kl_A(self) -> torch.Tensor:
         if not self.config.bayes_factors:
             return self.bara_A_mu.new_zeros((), dtype=torch.float32)
-        sigma = self.sigma_A
-        if self.config.sigma_param == "rho2":  # BLoB's code: log(sigma + 1e-6) in the KL
-            q = FactorNormal(self.bara_A_mu, sigma, scale_eps=1e-6, validate_args=False)
-        else:
-            q = FactorNormal(self.bara_A_mu, sigma, log_scale=self.bara_A_log_sigma, validate_args=False)
-        dtype = torch.promote_types(sigma.dtype, torch.float32)
-        prior = Normal(torch.zeros((), dtype=dtype, device=sigma.device),
-                       torch.tensor(self.config.prior_sigma, dtype=dtype, device=sigma.device), validate_args=False)
-        return kl_divergence(q, prior).sum().float()
+        return kl_factors(self.bara_A_mu, self.sigma_free, self.config)
 
     @torch.no_grad()
     def svi_step(self, num_train: int, rate: float) -> None:
@@ -289,11 +254,7 @@ class BaraLinear(nn.Module):
         else:
             x_drop, ax = x, ax_mean
         if self.config.bayes_factors and self.mode != "mean":
-            # Flipout (Wen et al. 2018): one weight noise per pass, decorrelated per instance by random signs.
-            noise = self.sigma_A * torch.randn_like(self.sigma_A)
-            sign_in = torch.randint(0, 2, (x.shape[0], 1, x.shape[-1]), device=x.device).to(x.dtype) * 2 - 1
-            sign_out = torch.randint(0, 2, (x.shape[0], 1, self.rank), device=x.device).to(x.dtype) * 2 - 1
-            ax = ax + Flipout.apply(x_drop, sign_in, noise, sign_out)
+            ax = ax + flipout(x_drop, self.sigma_A)
         z = self.local_weights(x, ax_mean, mask)
         if z is not None:
             ax = ax * (z.unsqueeze(1) if z.dim() == 2 else z).to(ax.dtype)
