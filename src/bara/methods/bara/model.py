@@ -49,8 +49,6 @@ from .config import BaraConfig
 from .layer import BaraLinear
 
 GATE_PARAMS = ("bara_gate", "bara_context", "bara_pi_")
-
-
 # The gate in a report, each beside its null (the gate network as initialised) or as the shuffle test's change in NLL.
 GATE_SUMMARY = ("decided_share", "decided_share_null", "gate_mi", "gate_mi_null", "shuffle_nll_one_pass",
                 "shuffle_nll_sampled", "rank_std_between_inputs", "rank_std_between_samples", "joint_effective_rank",
