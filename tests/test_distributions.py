@@ -447,3 +447,43 @@ def test_kl_bernoulli_logits_matches_probabilities_and_stays_finite():
                                atol=1e-6)
     assert torch.isfinite(kl).all() and (kl >= 0).all()
     assert kl[3].item() == pytest.approx(40.0, rel=1e-3) and kl[4].item() == pytest.approx(120.0, rel=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch's interface: registered KLs for every pair, mode and entropy
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dist", [Weibull(torch.tensor(2.5, dtype=F64), torch.tensor(0.8, dtype=F64)),
+                                  Kumaraswamy(torch.tensor(2.0, dtype=F64), torch.tensor(3.0, dtype=F64))])
+def test_entropy_matches_monte_carlo_and_mode_maximises_the_density(dist):
+    torch.manual_seed(0)
+    x = dist.rsample((N_MC,))
+    v = -dist.log_prob(x)
+    assert_within_se(v.mean().item(), (v.std() / math.sqrt(N_MC)).item(), dist.entropy().item())
+    grid = torch.linspace(1e-4, 0.9999 if isinstance(dist, Kumaraswamy) else 4.0, 20001, dtype=F64)
+    assert dist.mode.item() == pytest.approx(grid[dist.log_prob(grid).argmax()].item(), abs=5e-4)
+
+
+def test_gate_bernoulli_kl_is_registered_and_finite_where_torchs_is_not():
+    from bara.distributions import GateBernoulli
+
+    lq, lp = torch.tensor([-3.0, 0.0, 2.0, 40.0]), torch.tensor([1.0, 0.5, -2.0, -120.0])
+    ours = kl_divergence(GateBernoulli(logits=lq), GateBernoulli(logits=lp))
+    torch.testing.assert_close(ours[:3], kl_divergence(Bernoulli(logits=lq), Bernoulli(logits=lp))[:3])
+    assert torch.isinf(kl_divergence(Bernoulli(logits=lq), Bernoulli(logits=lp))[3])  # σ(-120) rounds to 0
+    assert torch.isfinite(ours).all() and ours[3].item() == pytest.approx(120.0, rel=1e-3)
+
+
+def test_factor_normal_kl_is_torchs_and_needs_a_centred_prior():
+    from bara.distributions import FactorNormal
+
+    mu, sigma, prior_sigma = t64(0.3, 0.1, 0.2)
+    prior = Normal(torch.zeros((), dtype=F64), prior_sigma)
+    torch.testing.assert_close(kl_divergence(FactorNormal(mu, sigma), prior), kl_divergence(Normal(mu, sigma), prior))
+    given_log = kl_divergence(FactorNormal(mu, sigma, log_scale=sigma.log()), prior)
+    torch.testing.assert_close(given_log, kl_divergence(Normal(mu, sigma), prior))
+    with_eps = kl_divergence(FactorNormal(mu, sigma, scale_eps=1e-6), prior)
+    assert with_eps.item() == pytest.approx(kl_divergence(Normal(mu, sigma), prior).item() - math.log1p(1e-5))
+    with pytest.raises(ValueError, match="N\\(0, sigma_p"):
+        kl_divergence(FactorNormal(mu, sigma), Normal(torch.ones((), dtype=F64), prior_sigma))

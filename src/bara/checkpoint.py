@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,29 @@ def fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_atomic(path: Path, write, user_error: bool = True) -> None:
+    """``write(tmp_path)``, fsync, then rename, so readers (and a power cut) never see a half-written file: every
+    output of bara (files of a run, plots, reports) is written this way. A failed write leaves the old file; with
+    ``user_error`` its OSError becomes a BaraError naming the fix (a library function such as a plot keeps the
+    OSError)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are for others to read too
+        fsync(Path(tmp))
+        os.replace(tmp, path)
+        fsync(path.parent)
+    except (OSError, SafetensorError) as err:  # a full disk, a file size limit: the file before it is kept
+        if not user_error:
+            raise
+        raise BaraError(f"cannot write {path} ({err}); fix: free some disk space (or raise the file size "
+                        "limit) and run the command again") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _write(path: Path, text: str) -> None:

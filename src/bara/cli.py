@@ -129,7 +129,7 @@ def help_method(argv: list[str]) -> str | None:
 def parser(only_method: str | None = None) -> argparse.ArgumentParser:
     from . import corruption
     from .data import bigbench, builtin_tasks
-    from .methods import METHODS
+    from .methods import DEFAULT_METHOD, METHODS
     from .runs import DTYPES, RunConfig
     from .trainer import TRACKERS, TrainConfig
 
@@ -148,7 +148,8 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
                    "BIG-bench task after 'bara data fetch bigbench' (bigbench/strategyqa, ...), or a CSV/TSV/JSONL "
                    "file or folder with text and label columns, or a multiple-choice JSONL (question, choices, "
                    "answer)")
-    t.add_argument("--method", default="lora", choices=sorted(METHODS), help="fine-tuning method (default lora)")
+    t.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS),
+                   help=f"fine-tuning method (default {DEFAULT_METHOD})")
     t.add_argument("--output", required=True, type=Path, help="folder for the adapter, metrics.json and plots")
     t.add_argument("--max-train", type=int, help="subsample the training split to N examples (stratified, seeded)")
     t.add_argument("--max-eval", type=int, help="cap validation and test splits at N examples (stratified, seeded)")
@@ -256,7 +257,7 @@ def table(metrics: dict) -> str:
         lines.append(f"  one-pass: accuracy {100 * fp['accuracy']:.2f}%  ECE {100 * fp['ece']:.2f}%  NLL {fp['nll']:.4f}")
     numbers = [f"{k} {v:.4g}" for k, v in metrics.get("diagnostics", {}).items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    if numbers:  # the method's own (BaRA: effective ranks, gate information; metrics.json has them all)
+    if numbers:  # the method's own numbers (metrics.json has them all)
         lines.append(textwrap.fill("diagnostics: " + ", ".join(numbers), width=110, initial_indent="  ",
                                    subsequent_indent="    "))
     return "\n".join(lines)

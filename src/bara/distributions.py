@@ -11,9 +11,13 @@ global gate :math:`\pi_k`    :class:`Kumaraswamy` (a, b)  ``Beta(alpha0 / r, 1)`
 local magnitude θ            :class:`Weibull` (κ, m)      ``Gamma(a_θ, rate b_θ)``
 global gate, ``pi_update``   :class:`GateBeta` (α, β)     ``Beta(alpha0 / r, 1)`` (torch's KL)
 ``= svi``
-local gate g                 Bernoulli / concrete         ``Bernoulli(π̂)`` (:func:`kl_bernoulli_logits`)
-factor A                     Normal(μ, σ)                 ``Normal(0, σ_p)`` (:func:`kl_normal_normal_prior`)
+local gate g                 :class:`GateBernoulli` /     ``GateBernoulli(π̂)``
+                             concrete
+factor A                     :class:`FactorNormal` (μ, σ)  ``Normal(0, σ_p)``
 ===========================  ==========================  ======================================
+
+Where a class here stands beside one of torch's (``Weibull``, ``Kumaraswamy``, ``Bernoulli``, ``Normal``), its
+docstring says in a line why; its ``mean``, ``mode`` and ``entropy`` are torch's formulas where torch has them.
 
 All gate maths runs in float32 whatever the base model's dtype: half-precision inputs are cast up
 (float64 is kept, which the gradient checks in the tests use). Uniform noise is drawn from
@@ -26,7 +30,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.distributions import Beta, Distribution, Gamma, RelaxedBernoulli, TransformedDistribution, constraints
+from torch.distributions import (Bernoulli, Beta, Distribution, Gamma, Normal, RelaxedBernoulli,
+                                 TransformedDistribution, constraints, kl_divergence)
+from torch.distributions import Kumaraswamy as TorchKumaraswamy
+from torch.distributions import Weibull as TorchWeibull
 from torch.distributions.kl import register_kl
 from torch.distributions.relaxed_bernoulli import LogitRelaxedBernoulli
 from torch.distributions.transforms import SigmoidTransform
@@ -37,6 +44,8 @@ __all__ = [
     "UNIFORM_EPS",
     "WEIBULL_SAMPLE_MAX",
     "BinaryConcrete",
+    "FactorNormal",
+    "GateBernoulli",
     "Kumaraswamy",
     "Weibull",
     "hard_concrete_prob_nonzero",
@@ -45,6 +54,8 @@ __all__ = [
     "inverse_softplus",
     "kl_bernoulli",
     "kl_bernoulli_logits",
+    "kl_factor_normal",
+    "kl_gate_bernoulli",
     "kl_kumaraswamy_beta",
     "kl_normal_normal_prior",
     "kl_weibull_gamma",
@@ -55,7 +66,7 @@ __all__ = [
 
 EULER_GAMMA = 0.5772156649015329
 UNIFORM_EPS = 1e-6  # noise u ~ U(UNIFORM_EPS, 1 - UNIFORM_EPS)
-WEIBULL_SAMPLE_MAX = 10.0  # θ samples are clamped to at most this (SPEC §1, reparameterisation)
+WEIBULL_SAMPLE_MAX = 10.0  # θ samples are clamped to at most this (docs/ARCHITECTURE.md, the local gate)
 PROB_EPS = 1e-6  # probabilities (π samples, Bernoulli parameters) live in [PROB_EPS, 1 - PROB_EPS]
 
 KUMARASWAMY_PARAM_RANGE = (1e-2, 1e2)
@@ -84,7 +95,7 @@ def inverse_softplus(y) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Parameter maps from the gate network's free outputs (SPEC §1, "Variational posterior")
+# Parameter maps from the gate network's free outputs (docs/ARCHITECTURE.md, the variational posterior)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -127,6 +138,9 @@ class Weibull(Distribution):
     ``rsample`` inverts the CDF: :math:`\theta = \lambda\,(-\log(1 - u))^{1/\kappa}`,
     :math:`u \sim U(10^{-6}, 1 - 10^{-6})`, then clamps θ to at most ``WEIBULL_SAMPLE_MAX`` = 10
     (the clamp removes the far tail; ``mean`` still reports m).
+
+    Not torch's ``Weibull(scale, concentration)``: the gate network outputs the mean m (the KL to the Gamma prior
+    needs m, and a bounded m keeps θ's scale in range), and the noise is kept off 0 and 1 and θ clamped.
     """
 
     arg_constraints = {"concentration": constraints.positive, "mean": constraints.positive}
@@ -157,6 +171,18 @@ class Weibull(Distribution):
         r""":math:`\lambda^2 [\Gamma(1 + 2/\kappa) - \Gamma(1 + 1/\kappa)^2]` (of the unclamped law)."""
         g2 = torch.exp(torch.lgamma(1.0 + 2.0 / self.concentration))
         return self.scale.pow(2) * g2 - self._mean.pow(2)
+
+    @property
+    def mode(self) -> torch.Tensor:
+        r""":math:`\lambda ((\kappa - 1)/\kappa)^{1/\kappa}` (0 at κ = 1), torch's."""
+        return self._torch().mode
+
+    def entropy(self) -> torch.Tensor:
+        r""":math:`\gamma_e (1 - 1/\kappa) + \log(\lambda/\kappa) + 1` (of the unclamped law), torch's."""
+        return self._torch().entropy()
+
+    def _torch(self) -> TorchWeibull:
+        return TorchWeibull(self.scale, self.concentration, validate_args=False)
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         u = _uniform(self._extended_shape(sample_shape), self.scale)
@@ -197,6 +223,9 @@ class Kumaraswamy(Distribution):
     ``rsample``: :math:`\pi = (1 - u^{1/b})^{1/a}`, :math:`u \sim U(10^{-6}, 1 - 10^{-6})`, computed
     in log space as :math:`\exp(\log(-\mathrm{expm1}(\log u / b)) / a)` so large b keeps its precision,
     and clamped to [1e-6, 1 - 1e-6] so that logit(π) and log q(π) stay finite in float32.
+
+    Not torch's ``Kumaraswamy``: its samples (a chain of transforms of a uniform) reach 0 and 1 in float32, where
+    logit π is infinite; the gate needs logit π itself (:meth:`rsample_logit`) and a quadrature over it.
     """
 
     arg_constraints = {"concentration1": constraints.positive, "concentration0": constraints.positive}
@@ -239,6 +268,21 @@ class Kumaraswamy(Distribution):
     @property
     def variance(self) -> torch.Tensor:
         return self._moment(2) - self._moment(1).pow(2)
+
+    @property
+    def mode(self) -> torch.Tensor:
+        r""":math:`((a - 1)/(ab - 1))^{1/a}` for a, b ≥ 1 (NaN otherwise: the density is unbounded at an end).
+        Not torch's: its ``Kumaraswamy.mode`` (2.13) takes log(1 − b), NaN for every b > 1."""
+        a, b = self.concentration1, self.concentration0
+        mode = torch.exp((torch.log(a - 1.0) - torch.log(a * b - 1.0)) / a)
+        return mode.masked_fill((a < 1) | (b < 1), math.nan)
+
+    def entropy(self) -> torch.Tensor:
+        r""":math:`(1 - 1/b) + (1 - 1/a)(\psi(b + 1) + \gamma_e) - \log a - \log b`, torch's."""
+        return self._torch().entropy()
+
+    def _torch(self) -> TorchKumaraswamy:
+        return TorchKumaraswamy(self.concentration1, self.concentration0, validate_args=False)
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         u = _uniform(self._extended_shape(sample_shape), self.concentration1)
@@ -406,6 +450,29 @@ def straight_through_sample(logits, temperature: float = 2.0 / 3.0) -> torch.Ten
 
 
 # --------------------------------------------------------------------------------------------------
+# The local gate's Bernoulli and factor A's Normal, as the KLs need them
+# --------------------------------------------------------------------------------------------------
+
+
+class GateBernoulli(Bernoulli):
+    """torch's Bernoulli, with a KL (:func:`kl_bernoulli_logits`) that stays finite where torch's is infinite (a
+    probability that rounds to 0 or 1 in float32, as a saturated gate's does)."""
+
+
+class FactorNormal(Normal):
+    r"""torch's Normal(μ, σ) for a factor A, carrying how its KL to the N(0, σ_p²) prior takes log σ.
+
+    Not torch's KL: ``log_scale`` gives log σ directly (σ = exp of a free parameter: the KL's gradient
+    σ²/σ_p² − 1 is then bounded, no singularity at σ → 0); ``scale_eps`` puts log(σ + eps) in its place, as
+    BLoB's code (``kl_div_stable``) does for its σ = ρ², which can reach 0.
+    """
+
+    def __init__(self, loc, scale, log_scale=None, scale_eps: float = 0.0, validate_args=None):
+        super().__init__(loc, scale, validate_args=validate_args)
+        self.log_scale, self.scale_eps = log_scale, scale_eps
+
+
+# --------------------------------------------------------------------------------------------------
 # Closed-form KL divergences (γ_e = Euler's constant, ψ = digamma)
 # --------------------------------------------------------------------------------------------------
 
@@ -460,14 +527,18 @@ def kl_kumaraswamy_beta(q: Kumaraswamy, p: Beta) -> torch.Tensor:
 
 
 def kl_bernoulli(probs_q, probs_p) -> torch.Tensor:
-    r"""Elementwise KL(Bernoulli(ρ) ‖ Bernoulli(p)) = ρ log(ρ/p) + (1 − ρ) log((1 − ρ)/(1 − p)).
-
-    Both probabilities are clamped to [1e-6, 1 − 1e-6] first, so the result and its gradients are
-    finite even for saturated gates.
-    """
+    r"""Elementwise KL(Bernoulli(ρ) ‖ Bernoulli(p)) = ρ log(ρ/p) + (1 − ρ) log((1 − ρ)/(1 − p)): torch's registered
+    KL, on probabilities clamped to [1e-6, 1 − 1e-6] first, so the result and its gradients are finite even for
+    saturated gates."""
     q = _float32(probs_q).clamp(PROB_EPS, 1.0 - PROB_EPS)
     p = _float32(probs_p).clamp(PROB_EPS, 1.0 - PROB_EPS)
-    return q * (torch.log(q) - torch.log(p)) + (1.0 - q) * (torch.log1p(-q) - torch.log1p(-p))
+    return kl_divergence(Bernoulli(probs=q, validate_args=False), Bernoulli(probs=p, validate_args=False))
+
+
+@register_kl(GateBernoulli, GateBernoulli)
+def kl_gate_bernoulli(q: GateBernoulli, p: GateBernoulli) -> torch.Tensor:
+    """KL(q ‖ p) of two gate Bernoullis: :func:`kl_bernoulli_logits` of their logits."""
+    return kl_bernoulli_logits(q.logits, p.logits)
 
 
 def kl_bernoulli_logits(logits_q, logits_p) -> torch.Tensor:
@@ -498,4 +569,13 @@ def kl_normal_normal_prior(mu, sigma, prior_sigma, log_sigma=None, sigma_eps: fl
         + (sigma.pow(2) + mu.pow(2)) / (2.0 * prior_sigma.pow(2))
         - 0.5
     )
+
+
+@register_kl(FactorNormal, Normal)
+def kl_factor_normal(q: FactorNormal, p: Normal) -> torch.Tensor:
+    """KL(q ‖ N(0, σ_p²)): :func:`kl_normal_normal_prior` with q's log σ. Raises ``ValueError`` unless the prior is
+    centred (the closed form drops its mean)."""
+    if not torch.all(p.loc == 0):
+        raise ValueError(f"kl_factor_normal is for a prior N(0, sigma_p^2); got loc = {p.loc}")
+    return kl_normal_normal_prior(q.loc, q.scale, p.scale, q.log_scale, q.scale_eps)
 

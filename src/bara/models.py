@@ -37,10 +37,6 @@ class LoadedModel:
     kind: str  # "encoder" or "causal"
     name: str  # what the user asked for, stored in adapter configs so the adapter can be reloaded
 
-    @property
-    def model_type(self) -> str:
-        return self.backbone.config.model_type
-
 
 def cache_dir() -> Path:
     return Path(os.environ.get("BARA_CACHE", Path.home() / ".cache" / "bara"))

@@ -3,13 +3,11 @@
 Figures are drawn with matplotlib's object API on an Agg canvas (``Figure`` + ``FigureCanvasAgg``),
 never through ``pyplot``: no display is needed, no figure is left open, and importing this module does
 not switch the back end of a user's own session (a notebook keeps its inline plots). Each PNG is
-written atomically: to a temporary file in the target folder, then ``os.replace``-d into place.
+written atomically (:func:`bara.checkpoint.write_atomic`): a reader never sees half a file.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .checkpoint import write_atomic
 from .metrics import expected_calibration_error, reliability_bins
 
 __all__ = ["corruption_curves", "learning_curve", "rank_plots", "reliability_diagram", "scatter_methods"]
@@ -34,16 +33,11 @@ def _save(fig: Figure, path) -> Path:
     """Write ``fig`` as PNG at ``path`` atomically; on any error the old file (if any) is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as handle:
             fig.savefig(handle, format="png", dpi=DPI, bbox_inches="tight")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a plot should be as readable as the other outputs
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    write_atomic(path, write, user_error=False)
     return path
 
 

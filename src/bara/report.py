@@ -19,20 +19,17 @@ def load_runs(folders) -> list[dict]:
     return runs
 
 
-# BaRA's gate, each beside its null (the gate network as initialised) or as the shuffle test's change in NLL.
-GATE_DIAGNOSTICS = ("decided_share", "decided_share_null", "gate_mi", "gate_mi_null", "shuffle_nll_one_pass",
-                    "shuffle_nll_sampled", "rank_std_between_inputs", "rank_std_between_samples",
-                    "joint_effective_rank", "selection_variability", "hard_rank_std")
-
-
 def row(metrics: dict) -> dict:
-    """The numbers worth a table column: validation and test, sampled and one-pass, BaRA's diagnostics."""
+    """The numbers worth a table column: validation and test, sampled and one-pass, and the method's own
+    (:meth:`Method.summary <bara.methods.Method.summary>` of its diagnostics)."""
     val = metrics.get("validation", {})
     diag = metrics.get("diagnostics") or val.get("diagnostics") or {}
     out = {"run": metrics.get("run", ""), "method": metrics["method"], "data": metrics["data"],
            "seed": metrics["seed"], "samples": metrics["samples"]}
-    # Runs scored before Method.one_pass existed carry an ensemble's K-average twice: not a one-pass prediction.
-    one_pass = METHODS[metrics["method"]].one_pass if metrics["method"] in METHODS else True
+    method = METHODS.get(metrics["method"])
+    # Runs scored before Method.one_pass existed carry the sampled prediction of a method without a one-pass one
+    # twice: not a one-pass prediction.
+    one_pass = method.one_pass if method is not None else True
     for prefix, block in (("val", val), ("test", metrics)):
         for key in ("accuracy", "ece", "nll", "brier"):
             if key in block:
@@ -41,12 +38,10 @@ def row(metrics: dict) -> dict:
             out[f"{prefix}_fast_accuracy"] = block["fast_path"]["accuracy"]
             out[f"{prefix}_fast_ece"] = block["fast_path"]["ece"]
             out[f"{prefix}_fast_nll"] = block["fast_path"]["nll"]
-    for key in GATE_DIAGNOSTICS + ("joint_effective_rank_std", "global_rank_mean", "temperature", "prior_precision"):
-        if key in diag:
-            out[key] = diag[key]
-    for key in GATE_DIAGNOSTICS:  # the same numbers on the validation split, where choices are made
-        if key in val.get("diagnostics", {}):
-            out[f"val_{key}"] = val["diagnostics"][key]
+    if method is not None:
+        out.update(method.summary(diag))
+        # the same numbers on the validation split, where choices are made
+        out.update({f"val_{k}": v for k, v in method.summary(val.get("diagnostics", {}), validation=True).items()})
     for key in ("train_seconds", "predict_seconds", "predict_seconds_s1", "peak_memory_mb", "trainable_params",
                 "torch_threads"):
         out[key] = metrics.get(key)
@@ -128,8 +123,9 @@ if __name__ == "__main__":  # python -m bara.report runs/exp/*  : a quick look a
     import sys
 
     rows = [row(m) for m in load_runs(sys.argv[1:])]
+    own = [f"val_{k}" for m in METHODS.values() if any(r["method"] == m.name for r in rows)
+           for k, _ in m.report_columns]
     cols = ["run", "val_accuracy", "val_ece", "val_nll", "val_fast_accuracy", "val_fast_ece", "val_fast_nll",
-            "val_decided_share", "val_gate_mi", "val_gate_mi_null", "val_shuffle_nll_one_pass",
-            "val_shuffle_nll_sampled", "val_joint_effective_rank", "test_accuracy", "test_ece", "test_nll",
+            *[k for k in dict.fromkeys(own) if any(k in r for r in rows)], "test_accuracy", "test_ece", "test_nll",
             "train_seconds"]
     print(markdown(rows, cols))

@@ -3,7 +3,7 @@
 Outputs of ``train`` in the output folder:
 ``adapter_config.json`` + ``adapter_model.safetensors`` (the adapter, loadable with :func:`load_adapter`),
 ``metrics.json`` (written last: its presence marks a finished run), ``reliability.png``, ``history.jsonl``
-and whatever plots the method adds (BaRA: ``rank.png``).
+and whatever files the method adds (its ``run_files``: plots).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import json
 import os
 import resource
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,10 +25,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import checkpoint
+from .checkpoint import write_atomic
 from .data import Split, Task, builtin_tasks, load_task
 from .errors import BaraError
 from .heads import Classifier
-from .methods import METHODS, Method, get_method
+from .methods import DEFAULT_METHOD, METHODS, Method, get_method
 from .metrics import evaluate
 from .models import EMBEDDED, load_model
 from .plots import learning_curve, reliability_diagram
@@ -42,7 +42,7 @@ BARA_CONFIG, BARA_STATE = "bara_config.json", "bara_state.safetensors"
 # Files (and checkpoint folders) a run writes: an overwrite replaces them all, and keeps any other file.
 ONE_PASS_RELIABILITY = "reliability-one-pass.png"
 OUR_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BARA_CONFIG, BARA_STATE, METRICS, "history.jsonl", "reliability.png",
-             ONE_PASS_RELIABILITY, "rank.png", "curve.png", "eval_metrics.json", checkpoint.NAME, TRACKING_DIR)
+             ONE_PASS_RELIABILITY, "curve.png", "eval_metrics.json", checkpoint.NAME, TRACKING_DIR)
 DTYPES = ("float32", "bfloat16", "float16")
 PACKAGES = ("bara-peft", "torch", "transformers", "peft", "accelerate", "safetensors", "torchmetrics")
 
@@ -53,7 +53,7 @@ class RunConfig:
 
     model: str = "minilm"
     data: str = "banking77"  # not trec, whose test labels are partly wrong
-    method: str = "lora"
+    method: str = DEFAULT_METHOD
     method_options: dict = field(default_factory=dict)
     max_train: int | None = None
     max_eval: int | None = None
@@ -118,24 +118,6 @@ def peak_memory_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def write_atomic(path: Path, write) -> None:
-    """``write(tmp_path)``, fsync, then rename, so readers (and a power cut) never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are for others to read too (as plots.py's)
-        checkpoint.fsync(Path(tmp))
-        os.replace(tmp, path)
-        checkpoint.fsync(path.parent)
-    except (OSError, SafetensorError) as err:  # a full disk, a file size limit: the file before it is kept
-        raise BaraError(f"cannot write {path} ({err}); fix: free some disk space (or raise the file size "
-                        "limit) and run the command again") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_json(path: Path, values) -> None:
@@ -209,11 +191,17 @@ def make_output(work: Path, replacing: bool) -> None:
         raise BaraError(f"cannot create {work} ({err.strerror}); fix: choose a folder you can write to") from None
 
 
+def method_files() -> tuple[str, ...]:
+    """The files the methods write into a run besides :data:`OUR_FILES` (their ``run_files``)."""
+    return tuple(dict.fromkeys(f for m in METHODS.values() for f in m.run_files))
+
+
 def swap_in(work: Path, output: Path) -> None:
     """Replace the run in ``output`` by the finished run in ``work``; files that bara did not write move along."""
+    names = OUR_FILES + method_files()
     for entry in output.iterdir():
-        ours = entry.name in OUR_FILES or entry.name.startswith(tuple(f".{name}." for name in OUR_FILES)) \
-            or (entry / ADAPTER_CONFIG).is_file()  # a peft adapter's subfolder (an ensemble member)
+        ours = entry.name in names or entry.name.startswith(tuple(f".{name}." for name in names)) \
+            or (entry / ADAPTER_CONFIG).is_file()  # the subfolder of a peft adapter beyond the first
         if not ours and not (work / entry.name).exists():
             os.replace(entry, work / entry.name)
     old = output.with_name(f".{output.name}.old")
@@ -379,14 +367,14 @@ def _train_into(work: Path, replacing: bool, config: RunConfig, resumed: dict, t
         learning_curve(history, work / "curve.png", f"{method.name} on {task.name}: validation during training")
     train_seconds = before + time.perf_counter() - t0
     metrics = score(classifier, method, task.test, config, None, ood, work, progress_bar, task.name)
-    if validation:  # choices (learning rates, BaRA's design) are made on these, never on the test metrics
+    if validation:  # choices (learning rates, a method's design) are made on these, never on test
         metrics["validation"] = score_validation(classifier, method, task, config, progress_bar)
     metrics.update({
         "method": method.name, "model": config.model, "data": task.name, "seed": config.train.seed,
         "n_train": len(task.train), "n_test": len(task.test), "num_labels": task.num_labels,
         "data_notes": task.notes,  # rows read per file, duplicate texts
         "num_processes": state.num_processes,
-        # Trained parameters, not what the adapter file holds (Laplace stores its posterior there too).
+        # Trained parameters, not what the adapter file holds (a post-hoc posterior may be stored there too).
         "trainable_params": sum(p.numel() for p in classifier.parameters() if p.requires_grad),
         # Over every session of a resumed run, as history.jsonl covers every step.
         "train_seconds": train_seconds, "wall_seconds": before + time.perf_counter() - t0,
@@ -419,7 +407,7 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 def write_adapter(classifier: Classifier, method: Method, meta: dict, output: Path) -> None:
     """The adapter in ``output``. A method peft can load: peft's adapter_config.json + adapter_model.safetensors (an
     adapter beyond the first in its own subfolder, as peft saves several), ``meta`` in bara_config.json and the
-    tensors peft does not hold (a temperature, a Laplace posterior) in bara_state.safetensors. Any other method:
+    tensors peft does not hold (what a post-hoc step fitted) in bara_state.safetensors. Any other method:
     ``meta`` as adapter_config.json and its tensors as adapter_model.safetensors."""
     state = method.adapter_state(classifier)
     adapters = method.peft_adapters(classifier)
@@ -444,7 +432,7 @@ def meta_file(folder: Path) -> Path:
 
 
 def has_weights(folder: Path) -> bool:
-    """Whether ``folder`` holds an adapter's tensors (an ensemble's peft adapters sit in subfolders only)."""
+    """Whether ``folder`` holds an adapter's tensors (a method's several peft adapters sit in subfolders only)."""
     return (folder / BARA_CONFIG).exists() or (folder / ADAPTER_WEIGHTS).exists()
 
 
@@ -489,7 +477,7 @@ def _check_sizes(classifier: Classifier, tensors: dict[str, torch.Tensor], where
     """The adapter size the config implies (``classifier`` built with its adapter on the meta device), before any
     of it is allocated: an edited config (r = 1000000) would otherwise ask for gigabytes. Refused when it is larger
     than both the base model and the saved tensors (a method may load fewer factors than its config names, as a
-    pruned BaRA adapter does; never more)."""
+    pruned adapter does; never more)."""
     implied = sum(p.numel() for p in classifier.parameters() if p.is_meta)
     base = sum(p.numel() for p in classifier.parameters() if not p.is_meta)
     saved = sum(t.numel() for t in tensors.values())

@@ -140,7 +140,7 @@ def total_steps(config: TrainConfig, num_train: int, num_processes: int = 1) -> 
 def validation_score(classifier: Classifier, method: Method, split: Split, batch_size: int) -> dict:
     from .metrics import evaluate
 
-    probs = torch.cat([method.predict(classifier, on_device(b, classifier), 0)[0].cpu()
+    probs = torch.cat([method.training_predict(classifier, on_device(b, classifier))[0].cpu()
                        for b in batches(classifier, split, batch_size)])
     scores = evaluate(probs, torch.tensor(split.labels))
     return {"val_accuracy": scores["accuracy"], "val_nll": scores["nll"], "val_ece": scores["ece"]}
@@ -149,9 +149,8 @@ def validation_score(classifier: Classifier, method: Method, split: Split, batch
 # The budget check: validation NLL at this fraction of the steps and at the end (one-pass, on the validation split).
 CHECK_AT = 0.8
 # A change of the validation NLL over the last 20 % of the steps beyond which the budget is called short (still
-# falling) or long (rising again): both 2 % and 0.01 nats (a smaller change matters to nobody). Converged runs change
-# by well under 1 % there, with the schedule's learning rate near 0; banking77's LoRA at lr 1e-3 still fell 4 %
-# (0.04 nats) over its last 10 % (docs/experiments.md section 1).
+# falling) or long (rising again): both 2 % and 0.01 nats (a smaller change matters to nobody); measured in
+# docs/experiments.md section 1.
 CONVERGED_WITHIN, CONVERGED_WITHIN_NATS = 0.02, 0.01
 # At the end within this fraction of the uniform prediction's NLL, log C: the run has not learned anything yet.
 CHANCE_WITHIN = 0.02
@@ -250,7 +249,7 @@ def train(classifier: Classifier, method: Method, train_split: Split, validation
             optimizer.step()
             scheduler.step()
             step += 1
-            # Before zero_grad: a method may read this step's gradients (AdaLoRA scores |w * grad|).
+            # Before zero_grad: a method may read this step's gradients (to allocate ranks by them).
             method.on_step_end(classifier, Progress(step, steps, len(train_split), global_batch))
             optimizer.zero_grad(set_to_none=True)
             bar.update(1)

@@ -475,3 +475,15 @@ def test_tfb_given_sigma_skips_the_search_and_unfitted_sampling_fails(tiny_bert)
             get_method("tfb", bad)
     with pytest.raises(BaraError, match="validation split"):
         build(tiny_bert, "tfb")[1].fit_posthoc(classifier, [], [])
+
+
+@pytest.mark.parametrize("method", ["temperature", "laplace"])
+def test_post_hoc_methods_refuse_to_predict_before_they_are_fitted(method, tiny_bert):
+    classifier, unfitted = build(tiny_bert, method)
+    batch = batch_of(classifier)
+    with pytest.raises(BaraError, match=f"{method} is not fitted.*fix: call method.fit_posthoc"):
+        unfitted.predict(classifier, batch, 0)
+    # Validation during training scores the trained model, before the post-hoc step.
+    with torch.no_grad():
+        trained = torch.softmax(classifier(batch["input_ids"], batch["attention_mask"]).float(), -1)
+    assert torch.equal(unfitted.training_predict(classifier, batch)[0], trained)

@@ -1,4 +1,5 @@
-"""The registry of methods: ``get_method("lora", {"r": 8})``."""
+"""The registry of methods: ``get_method("lora", {"r": 8})``. A new method is a module with a :class:`Method`
+subclass and one entry in ``METHODS`` below; nothing else in bara names it (docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
@@ -15,13 +16,9 @@ from .monteclora import MonteCLora
 from .temperature import Temperature
 from .tfb import Tfb
 
+DEFAULT_METHOD = "lora"  # what `bara train` and RunConfig use when no method is named
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Lora, Map, Bara, Blob, McDropout, Ensemble, Temperature,
                                                         AdaLora, Laplace, MonteCLora, Tfb)}
-
-
-def register(method: type[Method]) -> type[Method]:
-    METHODS[method.name] = method
-    return method
 
 
 def get_method(name: str, options: dict | None = None) -> Method:
@@ -31,4 +28,4 @@ def get_method(name: str, options: dict | None = None) -> Method:
     return cls(cls.config_class.from_dict(options or {}))
 
 
-__all__ = ["METHODS", "Method", "MethodConfig", "Progress", "get_method", "register"]
+__all__ = ["DEFAULT_METHOD", "METHODS", "Method", "MethodConfig", "Progress", "get_method"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import ClassVar
 
 import torch
@@ -21,11 +22,22 @@ TARGET_MODULES = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
 MAX_ROWS = 1024  # Monte-Carlo copies of a batch are stacked into passes of at most this many rows
 
 
-def option(default, help: str):
-    """A config field with the help text the CLI shows for it."""
+class Choices(str, Enum):
+    """The values a string option takes, each member with a docstring saying what it does (as laplace-torch's
+    ``utils/enums.py``). A config keeps the plain string (so saved adapters, the CLI and run hashes see the same
+    text as before); :meth:`MethodConfig.validate` checks it against the class given to :func:`option`."""
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(member.value for member in cls)
+
+
+def option(default, help: str, choices: type[Choices] | None = None):
+    """A config field with the help text the CLI shows for it and, for a string option, its :class:`Choices`."""
+    metadata = {"help": help} if choices is None else {"help": help, "choices": choices}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -48,7 +60,13 @@ class MethodConfig:
         return config
 
     def validate(self) -> None:
-        """Raise BaraError naming the bad value and the fix."""
+        """Raise BaraError naming the bad value and the fix; here, for an option that is not one of its choices
+        (subclasses check their numbers after calling this)."""
+        for f in dataclasses.fields(self):
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices is not None and value not in choices.values():
+                raise BaraError(f"{f.name}={value!r} is not one of {choices.values()}; fix: pass "
+                                f"--{f.name.replace('_', '-')} {choices.values()[0]}")
 
 
 @dataclass
@@ -112,14 +130,55 @@ class Method:
         classifier.eval()
         return torch.softmax(classifier(batch["input_ids"], batch["attention_mask"]).float(), -1)[None]
 
+    def training_predict(self, classifier: Classifier, batch: dict) -> torch.Tensor:
+        """The one-pass probabilities ``[1, batch, classes]`` of the model as trained, which the trainer scores on
+        validation during training: :meth:`predict` without samples, or, for a method with a post-hoc step, the
+        trained model's before that step is fitted."""
+        return self.predict(classifier, batch, 0)
+
+    def check_fitted(self, fitted: bool) -> None:
+        """BaraError unless ``fitted``: a method whose prediction needs what :meth:`fit_posthoc` fits never predicts
+        without it (as laplace-torch's "Laplace not fitted. Run fit() first.")."""
+        if not fitted:
+            raise BaraError(f"{self.name} is not fitted: it predicts with what fit_posthoc() fits after training; fix: "
+                            "call method.fit_posthoc(classifier, train_batches, validation_batches) first (bara train "
+                            "does), or load a trained adapter (bara eval, bara.from_pretrained)")
+
     def diagnostics(self, classifier: Classifier, batches) -> dict:
         """Method-specific numbers for metrics.json (e.g. BaRA's effective ranks, AdaLoRA's ranks)."""
         return {}
 
     def plots(self, classifier: Classifier, diagnostics: dict, output_dir, caption: str = "") -> list[str]:
         """Write method-specific plots into ``output_dir``, titled with ``caption`` (method, data and seed); return
-        their file names."""
+        their file names (among :attr:`run_files`)."""
         return []
+
+    # -- reporting ----------------------------------------------------------------------------------
+    # A report reads saved runs (metrics.json), not models, so these belong to the class. The shared report code
+    # (bara.report, bara.bench) asks them instead of knowing any method's diagnostics.
+
+    # Columns of the benchmark's results table for this method's :meth:`summary` values, (key, header): shown
+    # where a run of the dataset has a value, after the shared columns, in the registry's order of methods.
+    report_columns: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # Files a run writes beside the shared ones (those :meth:`plots` writes); the benchmark copies each run's
+    # ``NAME.png`` into its plots/ as ``NAME-<dataset>-<variant>.png``.
+    run_files: ClassVar[tuple[str, ...]] = ()
+    # One sentence on what :meth:`fit_summary` lists, for the report's paragraph on post-hoc fits.
+    fit_note: ClassVar[str] = ""
+    # What the abbreviations of :attr:`report_columns` (and of plots) stand for, in the report's protocol.
+    column_legend: ClassVar[str] = ""
+
+    @classmethod
+    def summary(cls, diagnostics: dict, validation: bool = False) -> dict:
+        """The numbers of ``diagnostics`` (metrics.json's, of the test split or, with ``validation``, of the
+        validation split) worth a row of a report: {key: value}, in column order; none by default."""
+        return {}
+
+    @classmethod
+    def fit_summary(cls, rows: list[dict]) -> str | None:
+        """What a post-hoc step fitted in each run of one variant (report rows, by seed), as the text after
+        "- VARIANT: " in the report; None where nothing was fitted."""
+        return None
 
     # -- adapters -----------------------------------------------------------------------------------
     def adapter_state(self, classifier: Classifier) -> dict[str, torch.Tensor]:
@@ -156,6 +215,11 @@ class Method:
                     raise BaraError(f"adapter tensor {name} has shape {tuple(value.shape)}, the model expects "
                                     f"{tuple(own[name].shape)}; fix: use the same base model and rank")
                 own[name].copy_(value)
+
+
+def seeds_of(rows: list[dict]) -> str:
+    """The seeds of report rows, as a report lists them ("0, 1, 2")."""
+    return ", ".join(str(r["seed"]) for r in rows)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -1,5 +1,6 @@
 """BLoB (Wang et al., 2024): LoRA with a Gaussian posterior on A (sigma = rho^2, flipout) and a point
-estimate of B, KL to N(0, 0.2^2). It is BaRA's layer with the gate off (z = 1), so both share one code path."""
+estimate of B, KL to N(0, 0.2^2): the posterior of :mod:`.factor_posterior`. It runs as BaRA's layer with the gate
+off (z = 1), whose config its saved adapters hold (docs/ARCHITECTURE.md says why it stays so)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 
 from .bara import Bara, BaraConfig
 from .base import option
-from .bara.config import FactorPosteriorConfig
+from .factor_posterior import FactorPosteriorConfig, SigmaParam
 
 
 @dataclass
@@ -16,7 +17,8 @@ class BlobConfig(FactorPosteriorConfig):
     stepped only by its SGD KL step, as in its code (BaRA's default is log sigma)."""
 
     sigma_param: str = option("rho2", "free parameter of sigma_A: rho2 (BLoB's sigma = rho^2 and log(sigma + 1e-6) "
-                                      "in the KL, stepped only by the SGD KL step as in BLoB's code) or log")
+                                      "in the KL, stepped only by the SGD KL step as in BLoB's code) or log",
+                              SigmaParam)
 
 
 class Blob(Bara):

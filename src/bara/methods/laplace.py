@@ -75,7 +75,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import BaraError
 from ..heads import Classifier
-from .base import option, to_device
+from .base import Choices, option, seeds_of, to_device
 from .lora import Lora, LoraConfig
 
 PREFIX = "laplace_"
@@ -85,41 +85,93 @@ PRIOR_GRID = (1e-4, 1e6, 101)  # log-spaced grid for the prior precision: low, h
 JACOBIAN_BUDGET = 2 ** 26  # numbers (256 MB in float32) of per-class Jacobians held at once in prediction
 
 
+class PriorFit(Choices):
+    """``prior_fit``: how the prior precision delta is fitted when ``prior_precision = 0``."""
+
+    MARGLIK = "marglik"
+    """Maximise the Laplace marginal likelihood (as Laplace-LoRA)."""
+    VAL = "val"
+    """The lowest probit NLL on the validation split over a log grid (as laplace-torch's gridsearch)."""
+
+
+class HessianStructure(Choices):
+    """``hessian_structure``: the structure of the curvature (the GGN) of each adapted layer."""
+
+    KRON = "kron"
+    """Kronecker-factored (K-FAC)."""
+    DIAG = "diag"
+    """Diagonal."""
+
+
+class KfacApprox(Choices):
+    """``kfac_approx``: how K-FAC treats the tokens that share a layer's weights."""
+
+    EXPAND = "expand"
+    """Each token a sample (as Laplace-LoRA)."""
+    REDUCE = "reduce"
+    """Token-mean inputs, token-summed gradients."""
+
+
+class Ggn(Choices):
+    """``ggn``: how the softmax GGN of the curvature is formed."""
+
+    AUTO = "auto"
+    """Exact up to ``EXACT_GGN_MAX_CLASSES`` classes, sampled above."""
+    EXACT = "exact"
+    """One backward pass per class."""
+    SAMPLED = "sampled"
+    """One label drawn per instance (one backward pass)."""
+
+
+class LinkApprox(Choices):
+    """``link_approx``: how the linearised predictive is turned into class probabilities."""
+
+    PROBIT = "probit"
+    """The probit approximation (default samples 0)."""
+    MC = "mc"
+    """The mean softmax of logits sampled from the linearised predictive (default samples ``MC_SAMPLES``)."""
+
+
+class Jacobians(Choices):
+    """``jacobians``: how the linearised predictive gets its logit covariance."""
+
+    AUTO = "auto"
+    """classes up to ``EXACT_GGN_MAX_CLASSES`` classes, draws above."""
+    CLASSES = "classes"
+    """One backward pass per class: exact, its cost grows with the classes."""
+    DRAWS = "draws"
+    """One forward-mode JVP per posterior draw: its cost is independent of the classes."""
+
+
 @dataclass
 class LaplaceConfig(LoraConfig):
     prior_precision: float = option(0.0, "Laplace prior precision delta of N(0, 1/delta) on the adapter; "
                                          "0 = fit delta by maximising the Laplace marginal likelihood")
     prior_fit: str = option("marglik", "how delta is fitted when prior_precision = 0: marglik (maximise the Laplace "
                                        "marginal likelihood, as Laplace-LoRA) | val (the lowest probit NLL on the "
-                                       "validation split over a log grid, as laplace-torch's gridsearch)")
+                                       "validation split over a log grid, as laplace-torch's gridsearch)", PriorFit)
     prior_fit_max: int = option(512, "validation instances for prior_fit=val, from batches spread over the split "
                                      "(each costs one backward pass per class)")
     hessian_structure: str = option("kron", "Laplace curvature: kron (Kronecker-factored GGN, K-FAC) | diag "
-                                            "(diagonal GGN)")
+                                            "(diagonal GGN)", HessianStructure)
     kfac_approx: str = option("expand", "how K-FAC treats tokens sharing a layer: expand (each token a sample, "
-                                        "as Laplace-LoRA) | reduce (token-mean inputs, token-summed gradients)")
+                                        "as Laplace-LoRA) | reduce (token-mean inputs, token-summed gradients)",
+                               KfacApprox)
     ggn: str = option("auto", "softmax GGN for the Laplace curvature: exact (one backward pass per class) | "
                               f"sampled (one label drawn per instance) | auto (exact up to "
-                              f"{EXACT_GGN_MAX_CLASSES} classes)")
+                              f"{EXACT_GGN_MAX_CLASSES} classes)", Ggn)
     n_fit: int = option(0, "training instances used for the Laplace curvature, from batches spread over the "
                            "training split (0 = all); the curvature is rescaled to the full split")
     link_approx: str = option("probit", f"Laplace predictive: probit (default samples 0) | mc (default samples "
-                                        f"{MC_SAMPLES}, logits sampled from the linearised predictive)")
+                                        f"{MC_SAMPLES}, logits sampled from the linearised predictive)", LinkApprox)
     jacobians: str = option("auto", "how the linearised predictive gets its logit covariance: classes (one "
                                     "backward pass per class: exact, cost grows with the classes) | draws (one "
                                     f"forward-mode JVP per posterior draw, {MC_SAMPLES} draws for probit: cost "
                                     f"independent of the classes) | auto (classes up to {EXACT_GGN_MAX_CLASSES} "
-                                    "classes)")
+                                    "classes)", Jacobians)
 
     def validate(self) -> None:
         super().validate()
-        choices = {"hessian_structure": ("kron", "diag"), "kfac_approx": ("expand", "reduce"),
-                   "ggn": ("auto", "exact", "sampled"), "link_approx": ("probit", "mc"),
-                   "jacobians": ("auto", "classes", "draws"), "prior_fit": ("marglik", "val")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise BaraError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}; "
-                                f"fix: pass --{name.replace('_', '-')} {allowed[0]}")
         if self.prior_precision < 0 or not math.isfinite(self.prior_precision):
             raise BaraError(f"prior_precision must be >= 0 (0 = fit it), got {self.prior_precision}; "
                             "fix: pass --prior-precision 0")
@@ -665,6 +717,22 @@ class Laplace(Lora):
         self.posterior: LaplacePosterior | None = None
         self.default_samples = 0 if self.config.link_approx == "probit" else MC_SAMPLES
 
+    fit_note = (f"Laplace's prior precision: at the top of its search ({PRIOR_GRID[1]:g}) the posterior adds next to "
+                "no spread, and the predictive is the LoRA fit's.")
+
+    @classmethod
+    def summary(cls, diagnostics: dict, validation: bool = False) -> dict:
+        return {} if validation or "prior_precision" not in diagnostics else {
+            "prior_precision": diagnostics["prior_precision"]}
+
+    @classmethod
+    def fit_summary(cls, rows: list[dict]) -> str | None:
+        if any(r.get("prior_precision") is None for r in rows):
+            return None
+        top = sum(r["prior_precision"] >= PRIOR_GRID[1] / 1.01 for r in rows)
+        return (f"prior precision {', '.join(format(r['prior_precision'], '.3g') for r in rows)} (seeds "
+                f"{seeds_of(rows)}; {top} of {len(rows)} at the top)")
+
     @staticmethod
     def _forward(classifier: Classifier) -> Callable[[dict], torch.Tensor]:
         device = next(classifier.parameters()).device
@@ -689,9 +757,11 @@ class Laplace(Lora):
         else:
             self.posterior.optimize_prior_precision()
 
+    def training_predict(self, classifier: Classifier, batch: dict) -> torch.Tensor:
+        return super().predict(classifier, batch, 0)  # the LoRA fit, before its posterior
+
     def predict(self, classifier: Classifier, batch: dict, samples: int) -> torch.Tensor:
-        if self.posterior is None:  # not fitted yet (validation during training): the trained adapter alone
-            return super().predict(classifier, batch, samples)
+        self.check_fitted(self.posterior is not None)
         classifier.eval()
         num_classes, modules = len(classifier.label_names), adapted_layers(classifier)
         if self.config.jacobians == "classes" or (self.config.jacobians == "auto"

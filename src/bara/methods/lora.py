@@ -21,6 +21,7 @@ class LoraConfig(MethodConfig):
                                            "q_proj,v_proj for Llama)")
 
     def validate(self) -> None:
+        super().validate()
         if self.r < 1:
             raise BaraError(f"r must be >= 1, got {self.r}; fix: pass --r 8 (or any positive rank)")
         if not 0 <= self.lora_dropout < 1:

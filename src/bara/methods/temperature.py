@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import BaraError
 from ..heads import Classifier
-from .base import option
+from .base import option, seeds_of
 from .lora import Lora, LoraConfig
 
 T_RANGE = (1e-2, 1e2)  # a validation split the model fits perfectly drives T -> 0; keep it finite
@@ -82,6 +82,7 @@ class Temperature(Lora):
     def __init__(self, config: TemperatureConfig | None = None):
         super().__init__(config)
         self.fit_result: dict = {}  # validation NLL before and after scaling, once fitted in this process
+        self.fitted = False  # T fitted by fit_posthoc, or loaded with the adapter
 
     def wrap(self, classifier: Classifier) -> None:
         super().wrap(classifier)
@@ -113,12 +114,34 @@ class Temperature(Lora):
         classifier.temperature_scaling.temperature.fill_(t)
         self.fit_result = {"validation_nll_unscaled": before, "validation_nll_scaled": after,
                            "n_validation": sum(len(y) for y in labels)}
+        self.fitted = True
+
+    def load_adapter_state(self, classifier: Classifier, state: dict[str, torch.Tensor]) -> None:
+        super().load_adapter_state(classifier, state)
+        self.fitted = True
 
     @torch.no_grad()
     def predict(self, classifier: Classifier, batch: dict, samples: int) -> torch.Tensor:
+        self.check_fitted(self.fitted)
         classifier.eval()
         logits = classifier(batch["input_ids"], batch["attention_mask"]).float()
         return torch.softmax(classifier.temperature_scaling(logits), -1)[None]
+
+    def training_predict(self, classifier: Classifier, batch: dict) -> torch.Tensor:
+        return super().predict(classifier, batch, 0)  # the LoRA fit, unscaled
+
+    fit_note = ("Temperature scaling's T: below 1 sharpens the LoRA fit's predictive (it was under-confident on "
+                "validation), above 1 softens it.")
+
+    @classmethod
+    def summary(cls, diagnostics: dict, validation: bool = False) -> dict:
+        return {"temperature": diagnostics["temperature"]} if not validation and "temperature" in diagnostics else {}
+
+    @classmethod
+    def fit_summary(cls, rows: list[dict]) -> str | None:
+        if any(r.get("temperature") is None for r in rows):
+            return None
+        return f"T = {', '.join(format(r['temperature'], '.2f') for r in rows)} (seeds {seeds_of(rows)})"
 
     def diagnostics(self, classifier: Classifier, batches) -> dict:
         t = classifier.temperature_scaling.temperature.item()

@@ -45,7 +45,7 @@ from torch import nn
 
 from ..errors import BaraError
 from ..heads import Classifier
-from .base import option, repeated_passes, to_device
+from .base import Choices, option, repeated_passes, to_device
 from .laplace import spread_batches
 from .lora import Lora, LoraConfig
 
@@ -53,12 +53,21 @@ SIGMA_RANGE = (1e-5, 10.0)  # the search's bracket for σ (log-spaced bisection)
 SEARCH_SEED = 0  # the common random numbers of every candidate σ
 
 
+class SearchMetric(Choices):
+    """``search_metric``: what the search for sigma keeps within ``tolerance`` of the LoRA fit on validation."""
+
+    NLL = "nll"
+    """The relative rise of the NLL: NLL(sigma) <= (1 + tolerance) NLL(0)."""
+    ACCURACY = "accuracy"
+    """The absolute drop of the accuracy: accuracy(sigma) >= accuracy(0) - tolerance."""
+
+
 @dataclass
 class TfbConfig(LoraConfig):
     sigma: float = option(0.0, "TFB's posterior scale sigma of the adapter update; 0 = search the largest sigma "
                                "within --tolerance on the validation split")
     search_metric: str = option("nll", "what TFB's search keeps within --tolerance on validation: nll (relative "
-                                       "rise of the NLL) | accuracy (absolute drop of the accuracy)")
+                                       "rise of the NLL) | accuracy (absolute drop of the accuracy)", SearchMetric)
     tolerance: float = option(0.01, "TFB: the validation NLL may rise by this fraction (search_metric=nll), or "
                                     "the accuracy drop by this much (accuracy)")
     search_steps: int = option(8, "TFB: bisections of log sigma between 1e-5 and 10")
@@ -67,9 +76,6 @@ class TfbConfig(LoraConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.search_metric not in SEARCH_METRICS:
-            raise BaraError(f"search_metric must be one of {', '.join(SEARCH_METRICS)}, got {self.search_metric!r}; "
-                            "fix: pass --search-metric nll")
         if not (self.sigma >= 0 and math.isfinite(self.sigma)):
             raise BaraError(f"sigma must be >= 0 (0 = search it), got {self.sigma}; fix: pass --sigma 0")
         if not (self.tolerance >= 0 and math.isfinite(self.tolerance)):
@@ -231,6 +237,12 @@ class Tfb(Lora):
                             "predict with samples=0")
         classifier.eval()
         return self.sampled_probs(classifier, batch, sigma, samples)
+
+    report_columns = (("sigma", "σ"),)
+
+    @classmethod
+    def summary(cls, diagnostics: dict, validation: bool = False) -> dict:
+        return {"sigma": diagnostics["sigma"]} if not validation and "sigma" in diagnostics else {}
 
     def diagnostics(self, classifier: Classifier, batches) -> dict:
         return {"sigma": classifier.tfb.sigma.item(), **self.fit_result}

@@ -1,4 +1,4 @@
-"""Every BaRA hyper-parameter, including the ablation switches of SPEC §1, round-tripped through
+"""Every BaRA hyper-parameter, including the ablation switches (docs/ARCHITECTURE.md), round-tripped through
 ``adapter_config.json``."""
 
 from __future__ import annotations
@@ -6,79 +6,110 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...errors import BaraError
-from ..base import option
-from ..lora import LoraConfig
-
-CHOICES = {
-    "gate": ("both", "global", "local", "deterministic", "none"),
-    "slab": ("both", "binary", "magnitude"),
-    "context": ("instance", "token", "causal"),
-    "context_source": ("hidden", "adapter"),
-    "estimator": ("concrete", "hard_concrete", "straight_through"),
-    "allocation": ("independent", "stick"),
-    "context_norm": ("layer", "batch"),
-    "fast_gate": ("hard", "expected"),
-    "pi_update": ("svi", "gradient"),
-    "pi_counts": ("full", "tempered"),
-}
-# The options of the Gaussian posterior on A that BaRA and BLoB share (the first value is the fix suggested).
-POSTERIOR_CHOICES = {"kl_step": ("sgd", "loss"), "sigma_optimizer": ("sgd", "adamw"), "sigma_param": ("log", "rho2")}
+from ..base import Choices, option
+from ..factor_posterior import FactorPosteriorConfig
 
 
-def check_choices(config, choices: dict[str, tuple]) -> None:
-    """Raise BaraError for the first option whose value is not one of its choices, naming them and a fix."""
-    for name, allowed in choices.items():
-        if getattr(config, name) not in allowed:
-            raise BaraError(f"{name}={getattr(config, name)!r} is not one of {allowed}; fix: "
-                            f"pass --{name.replace('_', '-')} {allowed[0]}")
+class Gate(Choices):
+    """``gate``: which gates multiply the rank-1 factors."""
+
+    BOTH = "both"
+    """Global-local: a per-layer gate with an IBP prior times a per-instance one (BaRA)."""
+    GLOBAL = "global"
+    """The per-layer gate only."""
+    LOCAL = "local"
+    """The per-instance gate only."""
+    DETERMINISTIC = "deterministic"
+    """A per-instance gate without a KL, with an L1 penalty on z (SoRA-like)."""
+    NONE = "none"
+    """z = 1: every factor always on, exactly BLoB."""
 
 
-@dataclass
-class FactorPosteriorConfig(LoraConfig):
-    """BLoB's Gaussian posterior on A and how its KL is minimised: the options BaRA and BLoB share."""
+class Slab(Choices):
+    """``slab``: the local weight z = g * theta."""
 
-    # Adapters saved before these options existed store BLoB's rho, which AdamW also stepped.
-    legacy = {"sigma_param": "rho2", "sigma_optimizer": "adamw"}
+    BOTH = "both"
+    """A binary gate g times a magnitude theta."""
+    BINARY = "binary"
+    """theta = 1: the gate alone."""
+    MAGNITUDE = "magnitude"
+    """g = 1: the magnitude alone."""
 
-    prior_sigma: float = option(0.2, "prior std of A: N(0, prior_sigma^2)")
-    init_sigma: float = option(0.05, "epsilon: sigma_A starts at rho^2 with rho ~ U(eps/sqrt2, eps), as BLoB")
-    sigma_param: str = option("log", "free parameter of sigma_A: log (log sigma: the KL's gradient sigma^2 / "
-                                     "prior_sigma^2 - 1 is bounded, no singularity) or rho2 (BLoB's sigma = rho^2 "
-                                     "and log(sigma + 1e-6) in the KL, the faithful option). With kl_step=sgd it "
-                                     "is never in AdamW: only the SGD step moves it, on its NLL gradient plus the "
-                                     "weighted KL's, as in BLoB's code")
-    kl_warmup: float = option(0.1, "fraction of training over which the KL weight rises 0 -> 1")
-    kl_scale: float = option(1.0, "extra multiplier on the global KL terms")
-    # Default "sgd" (as BLoB): on banking77's validation split it took BaRA from 81.1 % / ECE 24.7 % / NLL 0.869
-    # to 85.8 % / 15.6 % / 0.600 (one-pass 86.0 % / 8.3 % / 0.530), because with KL_A inside AdamW's step sigma_A
-    # went to the prior (A almost pure noise); V fell from 0.062 to 0.036 (docs/experiments.md, section 4).
-    kl_step: str = option("sgd", "how KL(q(A) || prior) is minimised: sgd (as BLoB's code: a separate plain-SGD "
-                                 "step after each AdamW step, lr kl_lr with warm-up and linear decay, weighted by "
-                                 "BLoB's KL reweighting) | loss (in the objective, with the data term, by AdamW: "
-                                 "the ELBO as written)")
-    sigma_optimizer: str = option("sgd", "with kl_step=sgd, what steps sigma_A's parameter: sgd (only the SGD KL "
-                                         "step, as BLoB's code) or adamw (AdamW at the main rate as well: bara "
-                                         "before 2026-12-01, which drove rho through 0 and diverged at high rates; "
-                                         "kept so those runs are told apart, docs/experiments.md section 10)")
-    kl_lr: float = option(0.002, "learning rate of the kl_step=sgd step (BLoB: 0.002 for RoBERTa, 0.01 for LLaMA)")
-    kl_gamma: float = option(8.0, "BLoB's reweighting: the KL weight of step t is 2^i / (2^(M+1) - 1), i = t mod "
-                                  "M, M = 100 N^(pi/gamma) / batch size; 0 = a weight 1/M with M = batches per "
-                                  "epoch")
-    # Off by default until the benchmark's runs are finished (they trained without it); then chosen on validation.
-    max_sigma: float = option(0.0, "upper bound on sigma_A after every step, 0 = none: keeps BLoB's SGD KL step from "
-                                   "blowing up at high learning rates (docs/experiments.md section 9); the prior's "
-                                   "prior_sigma is where the KL's pull on sigma_A vanishes")
 
-    def validate(self) -> None:
-        super().validate()
-        check_choices(self, POSTERIOR_CHOICES)
-        for name in ("prior_sigma", "init_sigma", "kl_lr"):
-            if getattr(self, name) <= 0:
-                raise BaraError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.kl_gamma < 0:
-            raise BaraError(f"kl_gamma must be >= 0 (0 = no reweighting), got {self.kl_gamma}")
-        if self.max_sigma < 0:
-            raise BaraError(f"max_sigma must be >= 0 (0 = no bound), got {self.max_sigma}")
+class Context(Choices):
+    """``context``: what a local gate is computed from."""
+
+    INSTANCE = "instance"
+    """The masked mean over the instance's tokens: one gate per instance."""
+    TOKEN = "token"
+    """Each token: a gate per token."""
+    CAUSAL = "causal"
+    """The mean over the tokens up to each token: no look-ahead."""
+
+
+class ContextSource(Choices):
+    """``context_source``: what the gate reads."""
+
+    HIDDEN = "hidden"
+    """A learned projection of the layer's input."""
+    ADAPTER = "adapter"
+    """mu_A x, free."""
+
+
+class Estimator(Choices):
+    """``estimator``: the gradient estimator of the local gate."""
+
+    CONCRETE = "concrete"
+    """The binary Concrete relaxation."""
+    HARD_CONCRETE = "hard_concrete"
+    """The stretched and clipped (hard) Concrete."""
+    STRAIGHT_THROUGH = "straight_through"
+    """A hard sample forward, the relaxed gradient backward."""
+
+
+class Allocation(Choices):
+    """``allocation``: how the factors' local gates relate."""
+
+    INDEPENDENT = "independent"
+    """Each factor gated on its own."""
+    STICK = "stick"
+    """Instance-specific stick-breaking: factor k is on only if the instance keeps all factors before it."""
+
+
+class ContextNorm(Choices):
+    """``context_norm``: the normalisation of the context before the gate network."""
+
+    LAYER = "layer"
+    """LayerNorm."""
+    BATCH = "batch"
+    """Centred and scaled across instances with running statistics: how an instance differs from the others."""
+
+
+class FastGate(Choices):
+    """``fast_gate``: the local gate of the one-pass prediction."""
+
+    HARD = "hard"
+    """g = 1[rho > 0.5]; pruning then keeps predictions exactly."""
+    EXPECTED = "expected"
+    """g = rho, the mean gate."""
+
+
+class PiUpdate(Choices):
+    """``pi_update``: how q(pi) is inferred."""
+
+    SVI = "svi"
+    """q(pi) = Beta, moved after every step towards its conjugate optimum by a natural-gradient step."""
+    GRADIENT = "gradient"
+    """q(pi) = Kumaraswamy(a, b) with free a, b under Adam at gate_lr."""
+
+
+class PiCounts(Choices):
+    """``pi_counts``: with ``pi_update=svi``, how the conjugate target counts each instance's usage."""
+
+    FULL = "full"
+    """Once: N u."""
+    TEMPERED = "tempered"
+    """At the local KL's weight: omega N u, the optimum of the tempered objective itself."""
 
 
 @dataclass
@@ -88,18 +119,16 @@ class BaraConfig(FactorPosteriorConfig):
 
     r: int = option(16, "maximum rank r: the number of rank-1 factors each instance chooses from")
     gate: str = option("both", "gate: both (global-local, BaRA), global (per-layer only), local (per-instance "
-                               "only), deterministic (no KL, L1 penalty: SoRA-like), none (z = 1: exactly BLoB)")
-    slab: str = option("both", "local weight z = g*theta: both, binary (theta = 1) or magnitude (g = 1)")
+                               "only), deterministic (no KL, L1 penalty: SoRA-like), none (z = 1: exactly BLoB)", Gate)
+    slab: str = option("both", "local weight z = g*theta: both, binary (theta = 1) or magnitude (g = 1)", Slab)
     context: str = option("instance", "gate context: instance (masked mean over tokens), token (a gate per "
-                                      "token), causal (prefix mean, no look-ahead)")
+                                      "token), causal (prefix mean, no look-ahead)", Context)
     context_source: str = option("hidden", "what the gate reads: hidden (a learned projection of the layer "
-                                           "input) or adapter (mu_A x, free)")
-    # Default "batch": on banking77's validation split it raised V from 0.011 to 0.062, accuracy from 79.8 to
-    # 81.1 % and lowered NLL 0.880 -> 0.869 (ECE 22.7 -> 24.7 %); on trec V 0.015 -> 0.037 at equal accuracy
-    # (docs/experiments.md, section 3).
+                                           "input) or adapter (mu_A x, free)", ContextSource)
+    # Default "batch": measured in docs/experiments.md, section 3.
     context_norm: str = option("batch", "normalisation of the context before the gate network: batch (centred "
                                         "and scaled across instances with running statistics, so the gate sees "
-                                        "how an instance differs from the others) or layer (LayerNorm)")
+                                        "how an instance differs from the others) or layer (LayerNorm)", ContextNorm)
     context_dim: int = option(32, "size of the learned context projection (context_source=hidden)")
     gate_hidden: int = option(32, "hidden width of the gate network")
     gate_init: float = option(0.1, "std of the gate network's initial weights (0 = zero-initialised last layer)")
@@ -109,11 +138,12 @@ class BaraConfig(FactorPosteriorConfig):
                                    "conjugate optimum Beta(alpha0/r + N * usage, 1 + N * (1 - usage)) by a "
                                    "natural-gradient step of size (pi_step_delay + t)^-pi_step_power, the way "
                                    "topic models update global Beta/Dirichlet parameters) or gradient (q(pi) = "
-                                   "Kumaraswamy(a, b) with free a, b under Adam at gate_lr, SPEC's reparameterised "
-                                   "form; what gate=global always uses: without a local gate no usage reaches q(pi))")
+                                   "Kumaraswamy(a, b) with free a, b under Adam at gate_lr, the reparameterised "
+                                   "form; what gate=global always uses: without a local gate no usage reaches q(pi))",
+                            PiUpdate)
     pi_counts: str = option("full", "pi_update=svi: the conjugate target counts each instance's usage once (full: "
                                     "N u) or at the local KL's weight (tempered: omega N u, the optimum of the "
-                                    "tempered objective J itself)")
+                                    "tempered objective J itself)", PiCounts)
     pi_step_power: float = option(0.7, "pi_update=svi: the step at step t is (delay + t)^-power (Robbins-Monro: "
                                        "0.5 < power <= 1)")
     pi_step_delay: float = option(1.0, "pi_update=svi: tau_0 of the step (delay + t)^-power (Hoffman et al.'s "
@@ -121,27 +151,21 @@ class BaraConfig(FactorPosteriorConfig):
                                        "while B is still near zero and the gates' usage says little")
     bayes_factors: bool = option(True, "Gaussian posterior on A with flipout (as BLoB); false = point estimate")
     ibp_alpha: float = option(2.0, "IBP concentration alpha0: prior pi_k ~ Beta(alpha0 / r, 1)")
-    # Default 0.5: with kl_step=sgd the gates that start at 0.9 stay on for every input (V 0.036, hard-rank std
-    # 0.03 on banking77); starting undecided, the gate learns an input-dependent allocation (V 0.089 / 0.075,
-    # hard-rank std 1.03 / 1.89, s-bar 5.8 / 5.9 of 16 on banking77 / trec) at a cost in validation NLL with S = 10
-    # (0.601 -> 0.666 on banking77, 0.410 -> 0.527 on trec) (docs/experiments.md, section 5).
+    # Default 0.5 (undecided gates learn an input-dependent allocation): measured in docs/experiments.md, section 5.
     pi_init: float = option(0.5, "initial E[pi] of the global gates (0.5: undecided; gates are never all off at "
                                  "the start, and the KL is warmed up)")
     theta_shape: float = option(1.0, "Gamma prior shape of the local magnitude theta")
     theta_rate: float = option(1.0, "Gamma prior rate of the local magnitude theta")
     allocation: str = option("independent", "independent (each factor gated on its own) or stick (instance-"
                                             "specific stick-breaking: factor k is on only if the instance keeps "
-                                            "all factors before it, so the gate chooses a rank)")
+                                            "all factors before it, so the gate chooses a rank)", Allocation)
     temperature: float = option(2.0 / 3.0, "temperature of the relaxed local gate")
     estimator: str = option("concrete", "gradient estimator of the local gate: concrete, hard_concrete, "
-                                        "straight_through")
-    # Default "expected": the one-pass prediction takes the mean of every variable (A = mu_A, theta = m, g = rho).
-    # SPEC's hard gate 1[rho > 0.5] switches off every factor whose rho sits below 0.5 for an instance: with
-    # pi_init 0.5 that left 75.9 % (banking77) and 21.4 % (trec) one-pass test accuracy, against 81.7 % / 78.6 %
-    # with the expected gate; with pi_init 0.9 both give the same (docs/experiments.md, section 5).
+                                        "straight_through", Estimator)
+    # Default "expected" (the mean of every variable in the one-pass prediction): docs/experiments.md, section 5.
     fast_gate: str = option("expected", "local gate of the one-pass prediction: expected (g = rho, the mean gate) "
-                                        "or hard (g = 1[rho > 0.5], as SPEC's fast path; pruning then keeps "
-                                        "predictions exactly)")
+                                        "or hard (g = 1[rho > 0.5], the design's fast path; pruning then keeps "
+                                        "predictions exactly)", FastGate)
     omega_loc: float = option(0.0, "weight of the local KL, summed over an instance's gates (every token's, with a "
                                    "token or causal context); 0 = 1/G_n, G_n = the number of those gates: a "
                                    "tempered ELBO (1 = the exact ELBO)")
@@ -156,7 +180,6 @@ class BaraConfig(FactorPosteriorConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_choices(self, CHOICES)
         if not 0 < self.pi_init < 1:
             raise BaraError(f"pi_init must be in (0, 1), got {self.pi_init}")
         for name in ("ibp_alpha", "theta_shape", "theta_rate", "temperature", "gate_lr"):

@@ -29,13 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Beta, Gamma, kl_divergence
 
-from ...distributions import (
-    BinaryConcrete, GateBeta, Kumaraswamy, Weibull, hard_concrete_sample, inverse_softplus, kl_bernoulli_logits,
-    kl_normal_normal_prior, kumaraswamy_params, straight_through_sample, weibull_params,
-)
+from ...distributions import GateBernoulli, GateBeta, Kumaraswamy, inverse_softplus, kumaraswamy_params, weibull_params
+from ..factor_posterior import Flipout, flipout, kl_factors, sigma_of, sigma_parameter  # noqa: F401 (Flipout: tests)
 from .config import BaraConfig
+from .variants import variants
 
-MODES = ("train", "sample", "mean")  # relaxed training sample, hard Monte-Carlo sample, one-pass fast path
 PI_QUADRATURE_NODES = 64  # quantiles (Kumaraswamy) or Gauss-Hermite nodes (Beta) of q(pi) for the expected gate
 
 
@@ -57,28 +55,6 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, causal: bool = False) 
     return (m.transpose(1, 2) @ values).squeeze(1) / m.sum(1).clamp(min=1.0)
 
 
-class Flipout(torch.autograd.Function):
-    """Flipout's perturbation ``((x ⊙ s_in) @ Eᵀ) ⊙ s_out`` (Wen et al. 2018) without keeping the sign-flipped
-    copy of ``x`` for backward: it is rebuilt there from ``x``, which the mean path ``x @ μ_Aᵀ`` keeps anyway.
-    Hand-written because autograd would save ``x ⊙ s_in`` ([N, T, d_in] per layer: +12 % train-step memory
-    on MiniLM at 32 x 64, benchmarks/speed.py)."""
-
-    @staticmethod
-    def forward(ctx, x, sign_in, noise, sign_out):
-        ctx.save_for_backward(x, sign_in, noise, sign_out)
-        return ((x * sign_in) @ noise.t()) * sign_out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, sign_in, noise, sign_out = ctx.saved_tensors
-        grad = grad * sign_out
-        grad_x = (grad @ noise) * sign_in if ctx.needs_input_grad[0] else None
-        grad_noise = None
-        if ctx.needs_input_grad[2]:
-            grad_noise = grad.reshape(-1, grad.shape[-1]).t() @ (x * sign_in).reshape(-1, x.shape[-1])
-        return grad_x, None, grad_noise, None
-
-
 class BaraLinear(nn.Module):
     """Wraps a frozen ``nn.Linear`` (or transformers' ``Conv1D``, GPT-2's linear layer with its weight stored
     ``[in, out]``); every tensor it adds is named ``bara_*``."""
@@ -94,12 +70,7 @@ class BaraLinear(nn.Module):
         self.bara_A_mu = nn.Parameter(torch.empty(r, d_in))
         nn.init.kaiming_uniform_(self.bara_A_mu, a=math.sqrt(5))  # as peft's LoRA A
         if config.bayes_factors:
-            eps = config.init_sigma
-            rho = torch.empty(r, d_in).uniform_(eps / math.sqrt(2), eps)  # BLoB's initial sigma = rho^2
-            if config.sigma_param == "rho2":
-                self.bara_A_rho = nn.Parameter(rho)
-            else:
-                self.bara_A_log_sigma = nn.Parameter(2.0 * torch.log(rho))
+            setattr(self, *sigma_parameter(r, d_in, config))
         self.bara_B = nn.Parameter(torch.zeros(self.out_features, r))
         if config.svi:  # q(pi) = Beta(alpha, beta), updated in closed form (buffers, saved with the adapter)
             for name, value in self.initial_pi().items():
@@ -110,7 +81,8 @@ class BaraLinear(nn.Module):
         if config.gate != "none":
             for name, module in self._gate_modules().items():
                 setattr(self, name, module)
-        self.mode = "train"
+        self.mode = "train"  # train: relaxed sample; sample: hard Monte-Carlo sample; mean: one-pass fast path
+        self.estimator, self.allocation, self.slab, self.one_pass_gate = variants(config)
         self.mask: torch.Tensor | None = None  # [N, T], set by the method's hook before every forward
         self.shuffle_block = 0  # > 0: each instance gets the local gate of another in its block (shuffle test)
         self.kl_local: torch.Tensor | None = None  # [N] after a forward: the local KL summed over the instance's gates
@@ -189,7 +161,7 @@ class BaraLinear(nn.Module):
 
     @property
     def sigma_A(self) -> torch.Tensor:
-        return self.bara_A_rho ** 2 if self.config.sigma_param == "rho2" else self.bara_A_log_sigma.exp()
+        return sigma_of(self.sigma_free, self.config)
 
     # The distributions below skip torch's argument checks: a NaN from diverged training then reaches the loss,
     # where the trainer stops with the step and the fix, instead of a ValueError deep inside torch.
@@ -236,11 +208,7 @@ class BaraLinear(nn.Module):
     def kl_A(self) -> torch.Tensor:
         if not self.config.bayes_factors:
             return self.bara_A_mu.new_zeros((), dtype=torch.float32)
-        if self.config.sigma_param == "rho2":  # BLoB's code: log(sigma + 1e-6) in the KL
-            return kl_normal_normal_prior(self.bara_A_mu, self.sigma_A, self.config.prior_sigma,
-                                          sigma_eps=1e-6).sum().float()
-        return kl_normal_normal_prior(self.bara_A_mu, self.sigma_A, self.config.prior_sigma,
-                                      log_sigma=self.bara_A_log_sigma).sum().float()
+        return kl_factors(self.bara_A_mu, self.sigma_free, self.config)
 
     @torch.no_grad()
     def svi_step(self, num_train: int, rate: float) -> None:
@@ -286,11 +254,7 @@ class BaraLinear(nn.Module):
         else:
             x_drop, ax = x, ax_mean
         if self.config.bayes_factors and self.mode != "mean":
-            # Flipout (Wen et al. 2018): one weight noise per pass, decorrelated per instance by random signs.
-            noise = self.sigma_A * torch.randn_like(self.sigma_A)
-            sign_in = torch.randint(0, 2, (x.shape[0], 1, x.shape[-1]), device=x.device).to(x.dtype) * 2 - 1
-            sign_out = torch.randint(0, 2, (x.shape[0], 1, self.rank), device=x.device).to(x.dtype) * 2 - 1
-            ax = ax + Flipout.apply(x_drop, sign_in, noise, sign_out)
+            ax = ax + flipout(x_drop, self.sigma_A)
         z = self.local_weights(x, ax_mean, mask)
         if z is not None:
             ax = ax * (z.unsqueeze(1) if z.dim() == 2 else z).to(ax.dtype)
@@ -325,7 +289,8 @@ class BaraLinear(nn.Module):
 
     def local_weights(self, x: torch.Tensor, ax_mean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         """z = g * theta, ``[N, r]`` (instance context) or ``[N, T, r]`` (token/causal); None when gate=none.
-        Also stores the instance's local KL, its number of gates, the batch's usage and this pass's diagnostics."""
+        Also stores the instance's local KL, its number of gates, the batch's usage and this pass's diagnostics.
+        The ablation switches are the strategies of :mod:`.variants`, chosen when the layer was built."""
         c = self.config
         if c.gate == "none":
             self.kl_local = self.penalty = self.gates = self.usage = None
@@ -337,60 +302,35 @@ class BaraLinear(nn.Module):
         if c.gate == "global":
             delta = torch.zeros_like(delta)
         kappa, magnitude = weibull_params(kappa_free, mean_free)
-        # hard_concrete's gate is non-zero with probability sigma(l + tau log(-gamma/zeta)), not sigma(l): the
-        # KL, the sampled and the expected gate all use that probability.
-        shift = -c.temperature * math.log(0.1 / 1.1) if c.estimator == "hard_concrete" else 0.0
+        shift = self.estimator.shift
         train = self.mode == "train"  # the local KL enters only the training loss: prediction skips it
         kl = torch.zeros_like(delta)
         if self.mode == "mean" or c.gate == "deterministic":
             nodes, weights = self.pi_quadrature(delta.dim() - 1)
             # The sampler's own mean E_q(pi)[sigma(logit pi + Delta)] (not sigma(logit E[pi] + Delta)).
-            cond = (weights * torch.sigmoid(nodes + delta + shift)).sum(0)
-            rho = cond.cumprod(-1) if c.allocation == "stick" else cond  # independent pi: E[prod] = prod E
+            rho = self.allocation.expected((weights * torch.sigmoid(nodes + delta + shift)).sum(0))
         else:
             logit_pi = self.logit_pi(delta.shape[:-1])
             logits = logit_pi + delta
             cond = torch.sigmoid(logits + shift)
-            if c.slab == "magnitude":
-                v = torch.ones_like(cond)
-            elif train:
-                v = {"concrete": lambda: BinaryConcrete(logits, c.temperature, validate_args=False).rsample(),
-                     "hard_concrete": lambda: hard_concrete_sample(logits, c.temperature),
-                     "straight_through": lambda: straight_through_sample(logits, c.temperature)}[c.estimator]()
-            else:
-                v = torch.bernoulli(cond)
-            if c.allocation == "stick":
-                # Stick-breaking IBP (Teh et al. 2007) per instance: factor k is on only if factor k - 1 is and the
-                # instance keeps going (probability cond_k, prior pi_k). Gates are nested by construction, and the
-                # KL of the chain is sum_k P(g_{k-1} = 1) KL(Bern(cond_k) || Bern(pi_k)).
-                rho, g = cond.cumprod(-1), v.cumprod(-1)
-                reach = torch.cat([torch.ones_like(rho[..., :1]), rho[..., :-1]], -1)
-            else:
-                rho, g, reach = cond, v, torch.ones_like(cond)
-            if train and c.gate in ("both", "local") and c.slab != "magnitude":
-                kl = kl + reach * kl_bernoulli_logits(logits + shift, logit_pi)
+            rho, g, reach = self.allocation.chain(cond, self.slab.draw_gate(logits, cond, train, self.estimator))
+            if train and c.gate in ("both", "local") and self.slab.gated:
+                kl = kl + reach * kl_divergence(GateBernoulli(logits=logits + shift, validate_args=False),
+                                                GateBernoulli(logits=logit_pi, validate_args=False))
         if c.gate == "deterministic":  # SoRA-like: no sampling, no KL, an L1 penalty on z
-            z = rho * (magnitude if c.slab != "binary" else 1.0)
+            z = rho * self.slab.deterministic(magnitude)
             g = (rho > 0.5).float()
             self.penalty = self._instance(z.abs().sum(-1), mask)
         else:
-            if c.slab == "magnitude":
+            if not self.slab.gated:
                 g = rho = torch.ones_like(delta)
             elif self.mode == "mean":
                 g = (rho > 0.5).float()
-            weight = rho if self.mode == "mean" and c.fast_gate == "expected" else g
-            if c.slab == "binary":
-                theta = torch.ones_like(rho)
-            elif self.mode == "mean":
-                theta = magnitude
-            else:
-                q_theta = Weibull(kappa, magnitude, validate_args=False)
-                theta = q_theta.rsample()
-                if train:
-                    prior = Gamma(torch.full_like(kappa, c.theta_shape), torch.full_like(kappa, c.theta_rate),
-                                  validate_args=False)
-                    on = rho if c.slab == "both" else torch.ones_like(rho)
-                    kl = kl + on * kl_divergence(q_theta, prior)
+            weight = self.one_pass_gate(rho, g) if self.mode == "mean" else g
+            theta, kl_theta = self.slab.magnitude(kappa, magnitude, rho, self.mode, lambda: Gamma(
+                torch.full_like(kappa, c.theta_shape), torch.full_like(kappa, c.theta_rate), validate_args=False))
+            if kl_theta is not None:
+                kl = kl + kl_theta
             z = weight * theta
             self.penalty = None
         token_level = c.context != "instance"

@@ -42,12 +42,17 @@ from transformers.pytorch_utils import Conv1D
 from ...errors import BaraError
 from ...heads import Classifier
 from ..base import Method, Progress, repeated_passes
+from ..factor_posterior import SIGMA_PARAMS, clamp_sigma, kl_sgd_step, sigma_in_adamw
+from ..factor_posterior import blob_kl_weight, linear_schedule  # noqa: F401 (importable here, as before)
 from ..lora import target_modules
 from .config import BaraConfig
 from .layer import BaraLinear
 
 GATE_PARAMS = ("bara_gate", "bara_context", "bara_pi_")
-SIGMA_PARAMS = ("bara_A_rho", "bara_A_log_sigma")
+# The gate in a report, each beside its null (the gate network as initialised) or as the shuffle test's change in NLL.
+GATE_SUMMARY = ("decided_share", "decided_share_null", "gate_mi", "gate_mi_null", "shuffle_nll_one_pass",
+                "shuffle_nll_sampled", "rank_std_between_inputs", "rank_std_between_samples", "joint_effective_rank",
+                "selection_variability", "hard_rank_std")
 
 
 def bernoulli_entropy_bits(p: torch.Tensor) -> torch.Tensor:
@@ -77,25 +82,6 @@ def _matches(name: str, targets: list[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def linear_schedule(step: int, total: int, warmup_fraction: float) -> float:
-    """Multiplier of the lr at (0-based) ``step``: linear warm-up over the first fraction, then linear decay to 0
-    (transformers' get_linear_schedule_with_warmup)."""
-    warmup = int(warmup_fraction * total)
-    if step < warmup:
-        return step / max(1, warmup)
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def blob_kl_weight(step: int, num_train: int, batch_size: int, gamma: float) -> float:
-    """BLoB's KL weight at (1-based) ``step``: 2^i / (2^(M+1) - 1) with i cycling 1..M and
-    M = int(100 N^(pi/gamma) / b) (Wang et al. 2024, their code); gamma = 0: 1/M with M = ceil(N / b)."""
-    if gamma <= 0:
-        return 1.0 / max(1, math.ceil(num_train / batch_size))
-    m = max(1, int(100 * num_train ** (math.pi / gamma) / batch_size))
-    i = (step - 1) % m + 1
-    return 2.0 ** (i - m - 1) / (1 - 2.0 ** (-m - 1))  # = 2^i / (2^(M+1) - 1), without overflow
-
-
 class Bara(Method):
     """BaRA: Bayesian Adaptive Rank Allocation (global-local gated Bayesian LoRA)."""
 
@@ -103,6 +89,11 @@ class Bara(Method):
     config_class = BaraConfig
     default_samples = 10
     diverged_fix = ", or --kl-lr, or bound sigma_A with --max-sigma 0.2 (docs/experiments.md section 9)"
+    report_columns = (("decided_share", "decided"), ("gate_mi", "MI bits"), ("gate_mi_null", "MI null"),
+                      ("shuffle_nll_one_pass", "shuffle ΔNLL"), ("joint_effective_rank", "s̄"))
+    run_files = ("rank.png",)
+    column_legend = ("V: selection variability, rank std: std across instances of the hard effective rank, s̄: joint "
+                     "effective rank.")
 
     def wrap(self, classifier: Classifier) -> None:
         targets = target_modules(self.config, classifier)
@@ -148,8 +139,7 @@ class Bara(Method):
                 key = "gate" if any(g in name for g in GATE_PARAMS) else \
                     "sigma" if any(k in name for k in SIGMA_PARAMS) else "factors"
                 groups[key].append(p)
-        adamw = self.config.kl_step == "loss" or self.config.sigma_optimizer == "adamw"
-        sigma = [{"params": groups["sigma"], "lr": lr, "weight_decay": 0.0}] if adamw else []
+        sigma = [{"params": groups["sigma"], "lr": lr, "weight_decay": 0.0}] if sigma_in_adamw(self.config) else []
         return [{"params": groups["factors"], "lr": lr, "weight_decay": weight_decay}, *sigma,
                 {"params": groups["gate"], "lr": self.config.gate_lr, "weight_decay": 0.0}]
 
@@ -194,7 +184,7 @@ class Bara(Method):
     def on_step_end(self, classifier: Classifier, progress: Progress) -> None:
         c = self.config
         if c.kl_step == "sgd" and c.bayes_factors:
-            self._kl_step(progress)
+            kl_sgd_step(list(self.layers.values()), c, progress)
         if c.svi:  # q(pi)'s natural-gradient step, from the usage of the step's training pass
             rate = (c.pi_step_delay + progress.step) ** -c.pi_step_power
             layers = list(self.layers.values())
@@ -203,35 +193,8 @@ class Bara(Method):
                 weight = c.omega_loc or (1.0 / sum(l.gates for l in layers)).mean().item()
             for layer in layers:
                 layer.svi_step(progress.num_train * weight, rate)
-        if c.max_sigma > 0 and c.bayes_factors:
-            with torch.no_grad():
-                for layer in self.layers.values():
-                    if c.sigma_param == "rho2":
-                        bound = math.sqrt(c.max_sigma)  # sigma_A = rho^2
-                        layer.bara_A_rho.clamp_(-bound, bound)
-                    else:
-                        layer.bara_A_log_sigma.clamp_(max=math.log(c.max_sigma))
-
-    def _kl_step(self, progress: Progress) -> None:
-        """BLoB's second optimiser: plain SGD at kl_lr (linear warm-up and decay) on w_t KL_A for mu_A and sigma_A's
-        parameter, plus, for the latter, the data term's gradient from this step's backward pass (AdamW does not
-        own it, so nothing else steps or clears it)."""
-        c = self.config
-        lr = c.kl_lr * linear_schedule(progress.step - 1, progress.total_steps, c.kl_warmup)
-        weight = blob_kl_weight(progress.step, progress.num_train, progress.batch_size, c.kl_gamma)
-        layers = list(self.layers.values())
-        params = [p for layer in layers for p in (layer.bara_A_mu, layer.sigma_free)]
-        with torch.enable_grad():
-            kl = c.kl_scale * sum(layer.kl_A() for layer in layers)
-            grads = torch.autograd.grad(kl, params)
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                p.sub_(lr * weight * g.to(p.dtype))
-            for layer in layers if c.sigma_optimizer == "sgd" else ():  # else AdamW steps and clears it
-                sigma = layer.sigma_free
-                if sigma.grad is not None:
-                    sigma.sub_(lr * sigma.grad)
-                    sigma.grad = None
+        if c.bayes_factors:
+            clamp_sigma(list(self.layers.values()), c)
 
     @torch.no_grad()
     def predict(self, classifier: Classifier, batch: dict, samples: int) -> torch.Tensor:
@@ -351,7 +314,7 @@ class Bara(Method):
                 "pi_std_mean": now.variance.sqrt().mean().item(), "pi_std_initial": start_std.mean().item()}
 
     def _rank_summary(self, stats: dict) -> dict:
-        """Effective ranks per layer and jointly (SPEC's diagnostics), and the bound's complexity term."""
+        """Effective ranks per layer and jointly (docs/ARCHITECTURE.md, diagnostics), and the bound's complexity term."""
         layers = {}
         for name, layer in self.layers.items():
             rho, hard = stats[name]["rho"], stats[name]["hard"]
@@ -384,6 +347,12 @@ class Bara(Method):
             "complexity_lora": sum(r_max * (l["d_in"] + l["d_out"]) for l in per_layer),
             "layers": layers,
         }
+
+    @classmethod
+    def summary(cls, diagnostics: dict, validation: bool = False) -> dict:
+        """The gate's numbers (on validation too, where choices are made) and, on test, the ranks' spread."""
+        keys = GATE_SUMMARY if validation else GATE_SUMMARY + ("joint_effective_rank_std", "global_rank_mean")
+        return {k: diagnostics[k] for k in keys if k in diagnostics}
 
     def plots(self, classifier: Classifier, diagnostics: dict, output_dir, caption: str = "") -> list[str]:
         from ...plots import rank_plots

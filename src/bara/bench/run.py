@@ -1,0 +1,201 @@
+"""Stage 3 of ``bara bench``: training. The unfinished runs of a plan are trained one after another (a grid's
+candidates first, then every seed at the chosen settings), or copied from another benchmark's output; one
+failed run does not stop the others."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import traceback
+from pathlib import Path
+
+from .. import checkpoint, runs
+from ..data import bigbench
+from ..errors import BaraError, Diverged
+from ..runs import RunConfig
+from ..trainer import total_steps
+from .plan import DIVERGED, SHIFT, Plan, RunSpec, choices, diverged, expand, finished, validation_metrics
+
+
+ERROR = "error.txt"  # traceback of a failed run, beside its partial outputs
+
+
+def select(specs: list[RunSpec], only_dataset: str | None, only_method: str | None) -> list[RunSpec]:
+    """Runs of the named datasets and of the named variants or methods (comma-separated lists)."""
+    chosen = specs
+    for wanted, valid, keep in (
+            (only_dataset, {s.dataset for s in specs}, lambda s, names: s.dataset in names),
+            (only_method, {s.variant for s in specs} | {s.config.method for s in specs},
+             lambda s, names: s.variant in names or s.config.method in names)):
+        if wanted:
+            names = {n.strip() for n in wanted.split(",") if n.strip()}
+            bad = sorted(names - valid)
+            if bad:
+                raise BaraError(f"'{bad[0]}' is not in this preset; fix: use one of {', '.join(sorted(valid))}")
+            chosen = [s for s in chosen if keep(s, names)]
+    return chosen
+
+
+def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "bench",
+           validation: bool = False, reuse: Path | None = None, candidates: bool = False) -> dict:
+    """Train the unfinished runs of ``selected``, one after another, or copy them from ``reuse`` where it holds
+    them finished. ``validation``: they score the validation split (a grid's ``candidates`` are chosen on it; other
+    runs skip it unless the preset sets tune.validate_all)."""
+    from tqdm.auto import tqdm
+
+    selected = [s for s in selected if not s.pending]
+    reused = [s for s in selected if reuse is not None and not finished(output, s) and finished(reuse, s)]
+    for spec in reused:  # the same hash: the same config, data, seed and evaluation sets
+        target = output / spec.folder
+        shutil.rmtree(target, ignore_errors=True)  # a checkpoint of an unfinished run of it
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(reuse / spec.folder, partial)
+        partial.rename(target)
+    if validation:  # a finished run that becomes a candidate (or is reused) after a change of the preset
+        for spec in (s for s in selected if finished(output, s) and not validation_metrics(output, s)):
+            runs.add_validation(output / spec.folder, progress_bar=progress)
+    lost_before = [s for s in selected if diverged(output, s)]  # the same settings diverge the same way again
+    pending = [s for s in selected if not finished(output, s) and s not in lost_before]
+    bar = tqdm(total=len(selected), initial=len(selected) - len(pending), desc=desc, unit="run",
+               disable=not progress or not selected, dynamic_ncols=True)
+    failed, lost = [], []
+    for i, spec in enumerate(pending, 1):
+        folder = output / spec.folder
+        bar.set_postfix_str(spec.name)
+        (folder / ERROR).unlink(missing_ok=True)
+        start = time.perf_counter()
+        try:
+            if not (folder / runs.METRICS).exists():
+                runs.run_train(spec.config, folder, resume=checkpoint.find(folder) is not None, ood_data=spec.ood,
+                               progress_bar=progress, validation=validation)
+            if spec.shift:  # from the saved adapter, so an interruption here costs no retraining
+                shifted = runs.run_eval(folder, data=spec.shift, progress_bar=progress)
+                runs.write_json(folder / SHIFT, shifted)
+        except Exception as err:  # one failed run must not stop the others of a long benchmark
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / ERROR).write_text(traceback.format_exc())
+            message = " ".join(str(err).split()) or type(err).__name__
+            if isinstance(err, Diverged):  # an outcome of the method at these settings, not of the harness
+                runs.write_json(folder / DIVERGED, {"step": err.step, "error": message})
+                lost.append(spec)
+                outcome = "this candidate loses the choice" if candidates else "it is left out of the report's means"
+                bar.write(f"bench: {spec.name} diverged at step {err.step}: {outcome} and is not retried (delete "
+                          f"{folder} to try it again)")
+            else:
+                failed.append(spec.name)
+                bar.write(f"bench: {spec.name} failed: {message} (traceback in {folder / ERROR})")
+        else:
+            if not progress:  # a line per run for logs of background benchmarks
+                print(f"{desc}: {spec.name} finished in {(time.perf_counter() - start) / 60:.1f} min "
+                      f"({i} of {len(pending)})", flush=True)
+        bar.update(1)
+    bar.close()
+    return {"trained": len(pending) - len(failed) - len(lost), "reused": len(reused),
+            "diverged": len(lost_before) + len(lost),
+            "skipped": len(selected) - len(pending) - len(reused) - len(lost_before), "failed": failed}
+
+
+# Seconds per training step when no finished run of the benchmark says better: MiniLM, batch 32 x 64 tokens, on 2 CPU
+# cores (the quick preset: about 2,900 steps in 25 minutes, evaluation included).
+SECONDS_PER_STEP = 0.5
+
+
+def run_steps(config: RunConfig) -> int | None:
+    """Training steps of a run, when its config says (--steps, or --epochs over --max-train examples)."""
+    if config.train.steps > 0:
+        return config.train.steps
+    return total_steps(config.train, config.max_train)[0] if config.max_train else None
+
+
+def estimate(todo: list[RunSpec], output: Path) -> str:
+    """How many runs are left to train and about how long they take: at the seconds per step of the benchmark's
+    finished runs when there are some, else at SECONDS_PER_STEP."""
+    measured = []
+    for folder in (output / "runs").glob("*/*/*") if (output / "runs").is_dir() else ():
+        try:
+            metrics = json.loads((folder / runs.METRICS).read_text())
+            steps = run_steps(RunConfig.from_dict(metrics["config"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if steps:
+            measured.append(metrics["train_seconds"] / steps)
+    per_step = float(sorted(measured)[len(measured) // 2]) if measured else SECONDS_PER_STEP
+    source = (f"the median of {len(measured)} finished runs here" if measured
+              else "a guess for MiniLM on 2 CPU cores; a causal LM takes several times longer")
+    steps = [run_steps(s.config) for s in todo]
+    line = f"{len(todo)} runs to train"
+    if None in steps:
+        return f"{line}; no time estimate (runs of a whole dataset: their steps depend on its size)"
+    hours = sum(steps) * per_step / 3600
+    return f"{line}, {sum(steps):,} steps: about {hours:.1f} h at {per_step:.2f} s per step ({source}), plus evaluation"
+
+
+def train_plan(plan_: Plan, selected: list[RunSpec], output: Path, progress: bool, reuse: Path | None,
+               only_method: str | None, announce: bool = False) -> dict:
+    """Train the unfinished runs of ``selected``, dataset by dataset (:func:`train_dataset`). Returns the counts
+    ({"selected", "trained", "reused", "skipped", "diverged", "failed": [run names]})."""
+    check_fetched(selected)
+    if progress or announce:
+        print(f"bara bench: {estimate([s for s in selected if not finished(output, s)], output)}", flush=True)
+    output.mkdir(parents=True, exist_ok=True)
+    preset = plan_.preset
+    runs.write_json(output / "preset.json", {"name": preset.name, "source": preset.source, "preset": preset.values})
+    summary = {"selected": 0, "trained": 0, "reused": 0, "skipped": 0, "diverged": 0, "failed": []}
+    unchosen = []  # a grid whose every candidate diverged: its runs cannot start
+    for dataset in dict.fromkeys(s.dataset for s in selected):
+        parts, lost = train_dataset(plan_, selected, dataset, output, progress, reuse, only_method)
+        for part in parts:
+            for key in ("trained", "reused", "skipped", "diverged"):
+                summary[key] += part[key]
+            summary["failed"] += part["failed"]
+        unchosen += lost
+    summary["selected"] = (summary["trained"] + summary["reused"] + summary["skipped"] + summary["diverged"]
+                           + len(summary["failed"]))
+    summary["failed"] += unchosen
+    return summary
+
+
+def train_dataset(plan_: Plan, selected: list[RunSpec], dataset: str, output: Path, progress: bool,
+                  reuse: Path | None, only_method: str | None) -> tuple[list[dict], list[str]]:
+    """First the candidate runs of every learning-rate grid of ``dataset`` (at the tuning seed), then, with the
+    rates chosen on their validation metrics, the runs of every seed (the chosen candidate is one of them).
+    Returns the counts of both stages and the first candidate of each grid whose every candidate diverged."""
+    wanted = {s.variant for s in selected if s.dataset == dataset}
+    chosen = choices(plan_, output)
+    leaders = {chosen[dataset, v].follows or v for v in wanted}
+    tuning = [c for e in plan_.entries if e.dataset == dataset and e.variant in leaders
+              for c, _, _ in plan_.candidates(e)]
+    parts = [_train(tuning, output, progress, f"tune {dataset}", validation=True, reuse=reuse, candidates=True)]
+    tried = {c.hash for c in tuning}  # the chosen candidates are runs of the tuning seed: done already
+    final = [s for s in select(expand(plan_, output), dataset, only_method) if s.hash not in tried]
+    parts.append(_train(final, output, progress, f"bench {dataset}", validation=plan_.validate_all, reuse=reuse))
+    unchosen = []
+    for entry in (e for e in plan_.entries if e.dataset == dataset and e.variant in leaders):
+        grid = [c for c, _, _ in plan_.candidates(entry)]  # every one diverged: nothing to choose from
+        if grid and all(diverged(output, c) for c in grid):
+            unchosen.append(grid[0].name)
+    return parts, unchosen
+
+
+def check_defaults(specs: list[RunSpec], folders: list[Path]) -> None:
+    """No finished run of ``specs`` in ``folders`` was trained under a method default that has changed since: its
+    hash covers only the options the preset sets, so it would be skipped or reused as if it were this version's."""
+    for folder in folders:
+        for spec in (s for s in specs if finished(folder, s)):
+            changed = runs.changed_defaults(folder / spec.folder)
+            if changed:
+                option, (then, now) = next(iter(changed.items()))
+                raise BaraError(
+                    f"{folder / spec.folder} was trained with {option} = {then!r}, but this version of bara defaults "
+                    f"to {now!r} (a run's hash covers only the options the preset sets); fix: move such runs out of "
+                    f"{folder / 'runs'} to train them again, or finish this benchmark with the bara version that "
+                    "trained them")
+
+
+def check_fetched(specs: list[RunSpec]) -> None:
+    """Every BIG-bench dataset the runs need is fetched: one clear error now, not one per failed run later."""
+    for name in dict.fromkeys(n for s in specs for n in (s.config.data, s.ood, s.shift) if n):
+        if bigbench.is_bigbench(name):
+            bigbench.task_folder(name)
