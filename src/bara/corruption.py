@@ -186,7 +186,7 @@ def run_corrupt(output: Path, datasets: list[str], kinds=KINDS, intensities=INTE
     from tqdm.auto import tqdm
 
     from .plots import corruption_curves
-    from .runs import write_atomic
+    from .checkpoint import write_atomic
 
     for kind in kinds:
         if kind not in CORRUPTIONS:
