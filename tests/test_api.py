@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification,
@@ -249,3 +250,28 @@ def test_trainer_checkpoints_hold_the_adapter_and_resume_from_it(tmp_path):
     bara.Trainer(model=fresh, args=args, train_dataset=data).train(resume_from_checkpoint=str(checkpoint))
     assert torch.equal(fresh.eval().predict(**b, samples=0), trained.predict(**b, samples=0))
     assert fresh.progress.step == 4
+
+
+@pytest.mark.parametrize("method", ["temperature", "laplace"])
+def test_post_hoc_methods_evaluate_as_trained_until_fit_posthoc(method, tmp_path):
+    model = bara.get_model(bert(), method)
+    b = batch(16)
+    data = [{k: v[i] for k, v in b.items()} for i in range(16)]
+    args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to="none",
+                             learning_rate=5e-3, disable_tqdm=True)
+    trainer = bara.Trainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+    trainer.train()
+    assert np.isfinite(trainer.evaluate()["eval_loss"])  # a Trainer's evaluation before the post-hoc step
+    model.eval()
+    with torch.no_grad():
+        trained = model.classifier(b["input_ids"], b["attention_mask"]).float().softmax(-1)
+    assert torch.allclose(model(**b).logits.exp(), trained, atol=1e-6)  # the trained model's prediction
+    with pytest.raises(BaraError, match=r"is not fitted.*model\.fit_posthoc"):
+        model.predict(**b)
+    halves = [{k: v[:8] for k, v in b.items()}, {k: v[8:] for k, v in b.items()}]
+    assert model.fit_posthoc(train=halves, validation=halves) is model
+    probs = model.predict(**b, samples=0)
+    assert probs.shape == (16, 3) and torch.allclose(probs.sum(-1), torch.ones(16))
+    assert not torch.allclose(probs, trained, atol=1e-4)  # T != 1, or the linearised posterior's spread
+    with pytest.raises(BaraError, match="labelled batches"):
+        model.fit_posthoc(train=[{"input_ids": b["input_ids"]}], validation=halves)

@@ -134,7 +134,7 @@ class BaraModel(nn.Module):
         batch = self._batch(input_ids, attention_mask, token_type_ids, kwargs)
         if labels is None or not self.training:
             with self._positions(self.is_language_model):
-                logits = self._log_probs(batch, 0)
+                logits = self._log_probs(batch, 0, as_trained=True)
             loss = None if labels is None else self._data_loss(logits, labels)
         else:
             loss, logits = self._training_loss(batch, labels)
@@ -165,11 +165,17 @@ class BaraModel(nn.Module):
         finally:
             self.classifier.all_positions = False
 
-    def _log_probs(self, batch: dict, samples: int) -> torch.Tensor:
-        """log of the method's predictive (averaged over ``samples``), the classifier's train/eval mode kept."""
+    def _log_probs(self, batch: dict, samples: int, as_trained: bool = False) -> torch.Tensor:
+        """log of the method's predictive (averaged over ``samples``), the classifier's train/eval mode kept.
+        ``as_trained``: a post-hoc method not fitted yet gives the trained model's prediction (what ``bara train``
+        scores on validation during training, and what a Trainer's evaluation during training gets) instead of
+        raising."""
         was_training = self.classifier.training
         try:
-            probs = self.method.predict(self.classifier, batch, samples).mean(0)
+            if as_trained and not self.method.is_fitted():
+                probs = self.method.training_predict(self.classifier, batch).mean(0)
+            else:
+                probs = self.method.predict(self.classifier, batch, samples).mean(0)
         finally:
             self.classifier.train(was_training)
         return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
@@ -216,19 +222,40 @@ class BaraModel(nn.Module):
         """The method's diagnostics (BaRA: effective ranks per layer and jointly, whether the gate is decided and
         input-dependent, each beside its null) on ``batches`` (dicts of input_ids, attention_mask and labels) or on
         one batch given as keyword arguments."""
-        batches = [inputs] if batches is None else list(batches)
-        if not batches or any("labels" not in b for b in batches):
-            raise BaraError("diagnostics need labelled batches (the shuffle test scores the NLL); fix: pass "
-                            "input_ids=..., attention_mask=..., labels=...")
-        device = self._device()
-        prepared = [to_device({"input_ids": b["input_ids"],
-                               "attention_mask": b.get("attention_mask", torch.ones_like(b["input_ids"])),
-                               "labels": b["labels"]}, device) for b in batches]
+        prepared = self._labelled([inputs] if batches is None else batches, "diagnostics",
+                                  "the shuffle test scores the NLL")
         was_training = self.classifier.training
         try:
             return self.method.diagnostics(self.classifier, prepared)
         finally:
             self.classifier.train(was_training)
+
+    def _labelled(self, batches, what: str, why: str) -> list[dict]:
+        """``batches`` (dicts of input_ids, attention_mask and labels) on the model's device, checked."""
+        batches = list(batches)
+        if not batches or any("labels" not in b for b in batches):
+            raise BaraError(f"{what} need labelled batches ({why}); fix: pass dicts of input_ids, attention_mask "
+                            "and labels")
+        device = self._device()
+        return [to_device({"input_ids": b["input_ids"],
+                           "attention_mask": b.get("attention_mask", torch.ones_like(b["input_ids"])),
+                           "labels": b["labels"]}, device) for b in batches]
+
+    def fit_posthoc(self, train, validation) -> "BaraModel":
+        """After training, fit a post-hoc method's step as ``bara train`` does: temperature scaling's T on the
+        ``validation`` batches; Laplace's posterior on the ``train`` batches and its prior precision (with
+        ``prior_fit="val"``) on ``validation``. Batches are dicts of input_ids, attention_mask and labels. A method
+        without a post-hoc step has nothing to fit (a no-op). Until it is fitted such a method's :meth:`predict`
+        raises; its forward in eval mode (a Trainer's evaluation during training) gives the trained model's
+        prediction."""
+        train = self._labelled(train, "fit_posthoc", "the training batches fit Laplace's posterior")
+        validation = self._labelled(validation, "fit_posthoc", "temperature scaling fits T on validation")
+        was_training = self.classifier.training
+        try:
+            self.method.fit_posthoc(self.classifier, train, validation)
+        finally:
+            self.classifier.train(was_training)
+        return self
 
     def prune(self, threshold: float | None = None) -> dict[str, int]:
         """BaRA and BLoB: remove the factors with E[pi] below ``threshold`` (the config's ``prune_threshold``) for

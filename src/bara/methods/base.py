@@ -136,13 +136,19 @@ class Method:
         trained model's before that step is fitted."""
         return self.predict(classifier, batch, 0)
 
+    def is_fitted(self) -> bool:
+        """Whether :meth:`predict` can run: False for a method with a post-hoc step until :meth:`fit_posthoc` ran
+        (or its fitted state was loaded with the adapter)."""
+        return True
+
     def check_fitted(self, fitted: bool) -> None:
         """BaraError unless ``fitted``: a method whose prediction needs what :meth:`fit_posthoc` fits never predicts
         without it (as laplace-torch's "Laplace not fitted. Run fit() first.")."""
         if not fitted:
             raise BaraError(f"{self.name} is not fitted: it predicts with what fit_posthoc() fits after training; fix: "
                             "call method.fit_posthoc(classifier, train_batches, validation_batches) first (bara train "
-                            "does), or load a trained adapter (bara eval, bara.from_pretrained)")
+                            "does; with bara.get_model: model.fit_posthoc(train_batches, validation_batches)), or load "
+                            "a trained adapter (bara eval, bara.from_pretrained)")
 
     def diagnostics(self, classifier: Classifier, batches) -> dict:
         """Method-specific numbers for metrics.json (e.g. BaRA's effective ranks, AdaLoRA's ranks)."""

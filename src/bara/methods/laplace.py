@@ -760,8 +760,11 @@ class Laplace(Lora):
     def training_predict(self, classifier: Classifier, batch: dict) -> torch.Tensor:
         return super().predict(classifier, batch, 0)  # the LoRA fit, before its posterior
 
+    def is_fitted(self) -> bool:
+        return self.posterior is not None
+
     def predict(self, classifier: Classifier, batch: dict, samples: int) -> torch.Tensor:
-        self.check_fitted(self.posterior is not None)
+        self.check_fitted(self.is_fitted())
         classifier.eval()
         num_classes, modules = len(classifier.label_names), adapted_layers(classifier)
         if self.config.jacobians == "classes" or (self.config.jacobians == "auto"

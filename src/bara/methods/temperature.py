@@ -122,13 +122,16 @@ class Temperature(Lora):
 
     @torch.no_grad()
     def predict(self, classifier: Classifier, batch: dict, samples: int) -> torch.Tensor:
-        self.check_fitted(self.fitted)
+        self.check_fitted(self.is_fitted())
         classifier.eval()
         logits = classifier(batch["input_ids"], batch["attention_mask"]).float()
         return torch.softmax(classifier.temperature_scaling(logits), -1)[None]
 
     def training_predict(self, classifier: Classifier, batch: dict) -> torch.Tensor:
         return super().predict(classifier, batch, 0)  # the LoRA fit, unscaled
+
+    def is_fitted(self) -> bool:
+        return self.fitted
 
     fit_note = ("Temperature scaling's T: below 1 sharpens the LoRA fit's predictive (it was under-confident on "
                 "validation), above 1 softens it.")
