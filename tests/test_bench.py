@@ -550,6 +550,34 @@ def test_packaged_presets_expand_under_the_fair_protocol():
     assert {s.config.method for s in ablations} == {"bara"}
 
 
+def test_committed_results_keep_their_hashes():
+    """Every run of the committed reports is the run today's presets make: its hash from today's plan, at the rate
+    (and, for a grid's knob, one of the grid's options) it trained with."""
+    root = Path(__file__).parents[1] / "benchmarks" / "results"
+    for name in ("standard", "quick", "ablations"):
+        entries = {(e.dataset, e.variant): e for e in bench.plan(name).entries}
+        rows = [json.loads(line) for line in (root / name / "results.jsonl").read_text().splitlines()]
+        assert len(rows) >= 6
+        for row in rows:
+            entry = entries[row["dataset"], row["variant"]]
+            gridded = entries[row["dataset"], entry.lr] if isinstance(entry.lr, str) else entry
+            hashes = {entry.spec(row["lr"], row["seed"], options).hash for options in gridded.option_sets()}
+            assert row["hash"] in hashes, (name, row["dataset"], row["variant"], row["seed"])
+
+
+def test_a_preset_without_rates_trains_each_method_at_its_own_default(tmp_path, tiny_bert, toy_data):
+    (tmp_path / "none").mkdir()
+    unset = bench.expand(str(tiny_preset(tmp_path / "none", tiny_bert, toy_data, lr="")))
+    assert {(s.variant, s.config.train.lr) for s in unset} == {("lora", 5e-3), ("bara-small", 1e-2)}  # encoders
+    assert not any(s.pending for s in unset)
+    # The same runs as a preset that sets those rates.
+    assert [s.hash for s in unset] == [s.hash for s in bench.expand(
+        str(tiny_preset(tmp_path, tiny_bert, toy_data, lr="lora = 5e-3\nbara = 1e-2")))]
+    (tmp_path / "causal").mkdir()
+    causal = tiny_preset(tmp_path / "causal", "smollm2", toy_data, lr="")
+    assert {s.config.train.lr for s in bench.expand(str(causal))} == {1e-3}  # none measured: the shared rate
+
+
 def test_validate_all_scores_every_run_and_reports_validation_means(preset_file, tmp_path):
     first = tmp_path / "first"
     bench.run_bench(str(preset_file), first, progress=False)  # no grid: no run scores the validation split

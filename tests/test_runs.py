@@ -460,3 +460,39 @@ def test_a_run_stopped_too_early_says_so_and_a_converged_one_does_not(tiny_bert,
         warnings.simplefilter("error", UserWarning)  # no budget warning
         metrics = run(150, "long")
     assert metrics["convergence"]["verdict"] == "converged" and metrics["accuracy"] == 1.0
+
+
+def test_train_without_lr_uses_the_methods_own_default_for_the_model(tiny_bert, tiny_llama, toy_data, tmp_path,
+                                                                     capsys):
+    from bara.methods import METHODS
+
+    # The standard benchmark's validation choices on MiniLM (benchmarks/results/standard/results.md).
+    assert {name: m.default_lr for name, m in METHODS.items()} == {
+        "lora": {"encoder": 5e-3}, "map": {"encoder": 5e-3}, "mcdropout": {"encoder": 5e-3},
+        "ensemble": {"encoder": 5e-3}, "temperature": {"encoder": 5e-3}, "laplace": {"encoder": 5e-3},
+        "blob": {"encoder": 5e-3}, "adalora": {"encoder": 1e-2}, "bara": {"encoder": 1e-2},
+        "monteclora": {"encoder": 5e-3}, "tfb": {"encoder": 5e-3}}
+    assert runs.default_lr("minilm", "bara") == runs.default_lr(tiny_bert, "adalora") == 1e-2  # encoders
+    assert runs.default_lr(tiny_bert, "tfb") == 5e-3
+    # No rate measured on causal LMs: the shared one.
+    assert runs.default_lr("smollm2", "bara") == runs.default_lr(tiny_llama, "adalora") == TrainConfig.lr == 1e-3
+    with pytest.raises(BaraError, match="unknown method 'nope'; fix: use one of"):
+        runs.default_lr("minilm", "nope")
+
+    def trained_lr(name: str, *flags: str) -> float:
+        argv = ["train", "--model", tiny_bert, "--data", toy_data, "--method", "adalora", "--steps", "3",
+                "--max-length", "24", "--output", str(tmp_path / name), "--no-progress", *flags]
+        assert cli.main(argv) == 0
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert metrics["config"]["train"]["lr"] == json.loads(
+            runs.meta_file(tmp_path / name).read_text())["run"]["train"]["lr"]  # the adapter's record too
+        return metrics["config"]["train"]["lr"]
+
+    assert trained_lr("default") == 1e-2
+    assert trained_lr("given", "--lr", "0.002") == 0.002
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--method", "adalora", "--help"])
+    assert " ".join(capsys.readouterr().out.split()).count(
+        "peak learning rate (default for --method adalora: 0.01 on encoders such as minilm; 0.001 on causal LMs "
+        "such as smollm2 (none measured for it yet))") == 1

@@ -92,6 +92,22 @@ def _method_options(parser: argparse.ArgumentParser, only: str | None = None) ->
                            metavar=type(default).__name__.upper(), help=f"{f.metadata.get('help', '')} [{owners}]")
 
 
+def _lr_help(only: str | None, shared: float) -> str:
+    """What --lr defaults to: the method's own rate for the model's kind (its ``default_lr``, beside the evidence),
+    else the shared one."""
+    from .methods import METHODS
+
+    kinds = {"encoder": "encoders such as minilm", "causal": "causal LMs such as smollm2"}
+    if only in METHODS:
+        rates = METHODS[only].default_lr
+        return f"default for --method {only}: " + "; ".join(
+            f"{rates[kind]:g} on {what}" if kind in rates else f"{shared:g} on {what} (none measured for it yet)"
+            for kind, what in kinds.items())
+    own = ", ".join(f"{name} {m.default_lr['encoder']:g}" for name, m in METHODS.items() if "encoder" in m.default_lr)
+    return (f"default: the method's own on encoders such as minilm ({own}; the benchmark's validation choices), "
+            f"{shared:g} where it has none (causal LMs such as smollm2); 'bara train --method M --help' shows M's")
+
+
 def _boolean(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -159,7 +175,7 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=float, default=d.epochs, help=f"training epochs (default {d.epochs:g})")
     t.add_argument("--steps", type=int, default=d.steps, help="training steps; overrides --epochs when > 0")
     t.add_argument("--batch-size", type=int, default=d.batch_size, help=f"training batch size (default {d.batch_size})")
-    t.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
+    t.add_argument("--lr", type=float, help=f"peak learning rate ({_lr_help(only_method, d.lr)})")
     t.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="fraction of steps of linear warm-up")
     t.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping (0 = off)")
     t.add_argument("--max-length", type=int, default=d.max_length, help=f"max tokens per input (default {d.max_length})")
@@ -317,11 +333,12 @@ def main(argv: list[str] | None = None) -> int:
             if ignored:
                 raise BaraError(f"--{ignored[0].replace('_', '-')} does not apply to --method {args.method}; "
                                 f"fix: drop it (it is an option of another method)")
+            lr = runs.default_lr(args.model, args.method) if args.lr is None else args.lr
             config = runs.RunConfig(
                 model=args.model, data=args.data, method=args.method, method_options=options,
                 max_train=args.max_train, max_eval=args.max_eval, text_column=args.text_column,
                 label_column=args.label_column, dtype=args.dtype,
-                train=TrainConfig(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                train=TrainConfig(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=lr,
                                   warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
                                   max_length=args.max_length, seed=args.seed, checkpoint_every=args.checkpoint_every,
                                   eval_every=args.eval_every))

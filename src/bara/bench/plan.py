@@ -123,9 +123,10 @@ def _variants(methods, where: str) -> dict[str, tuple[str, dict]]:
     return variants
 
 
-def _learning_rate(preset_lr: dict, dataset_lr, variant: str, method: str, where: str) -> float:
+def _learning_rate(preset_lr: dict, dataset_lr, variant: str, method: str, model: str):
     """The first rate set of: dataset's for the variant, the method; preset's for the variant, the method;
-    the dataset's own (a number, or its default); the preset's default."""
+    the dataset's own (a number, or its default); the preset's default; else the method's default for the model
+    (``bara train``'s without --lr)."""
     per_dataset = dataset_lr if isinstance(dataset_lr, dict) else {}
     for table, key in ((per_dataset, variant), (per_dataset, method), (preset_lr, variant), (preset_lr, method)):
         if key in table:
@@ -135,7 +136,7 @@ def _learning_rate(preset_lr: dict, dataset_lr, variant: str, method: str, where
     for table in (per_dataset, preset_lr):
         if "default" in table:
             return table["default"]
-    raise BaraError(f"{where}: no learning rate for variant '{variant}'; fix: set lr.default = 1e-3 in the preset")
+    return runs.default_lr(model, method)
 
 
 @dataclass
@@ -292,7 +293,7 @@ def _dataset_entries(preset: Preset, dataset: str, settings, variants: dict, sha
         merged = {**p.get("shared_options", {}), **p.get("options", {}).get(method, {}), **own}
         merged = _typed(METHODS[method].config_class, merged, f"{where}, variant '{variant}'")
         METHODS[method].config_class.from_dict(merged)  # its own checks of the values
-        rates[variant] = _learning_rate(p.get("lr", {}), settings.get("lr"), variant, method, at)
+        rates[variant] = _learning_rate(p.get("lr", {}), settings.get("lr"), variant, method, p["model"])
         grid = {} if isinstance(rates[variant], str) else _option_grid(
             option_grids.get(variant, option_grids.get(method, {})), method, merged,
             f"{where}, [tune.options] for '{variant}'")

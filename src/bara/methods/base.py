@@ -92,6 +92,10 @@ class Method:
     one_pass: ClassVar[bool] = True
     # What else to try when training diverges (after "lower --lr"), for the trainer's error message.
     diverged_fix: ClassVar[str] = ""
+    # The peak learning rate `bara train` uses when --lr is left out (and a preset that sets none), by the kind of
+    # model ("encoder", "causal"), each method's beside the evidence for it. A kind a method does not list (causal
+    # LMs, for which no rate has been measured yet) trains at TrainConfig's shared lr.
+    default_lr: ClassVar[dict[str, float]] = {}
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_class()

@@ -710,6 +710,9 @@ class Laplace(Lora):
     """LoRA, then a Laplace posterior over the adapter fitted after training (Laplace-LoRA)."""
 
     name = "laplace"
+    # LoRA's rate, which standard gives this post-hoc step on a LoRA fit (5e-3 on every intent set):
+    # benchmarks/results/standard/results.md, each intent set's "Learning rates ... chosen on the validation split".
+    default_lr = {"encoder": 5e-3}
     config_class = LaplaceConfig
 
     def __init__(self, config: LaplaceConfig | None = None):

@@ -77,6 +77,9 @@ class Temperature(Lora):
     """LoRA + temperature scaling fitted on the validation split after training."""
 
     name = "temperature"
+    # LoRA's rate, which standard gives this post-hoc step on a LoRA fit (5e-3 on every intent set):
+    # benchmarks/results/standard/results.md, each intent set's "Learning rates ... chosen on the validation split".
+    default_lr = {"encoder": 5e-3}
     config_class = TemperatureConfig
 
     def __init__(self, config: TemperatureConfig | None = None):

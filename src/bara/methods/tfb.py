@@ -172,6 +172,8 @@ class Tfb(Lora):
     """LoRA, then TFB's low-rank isotropic Gaussian around it, its scale searched on the validation split."""
 
     name = "tfb"
+    # LoRA's rate: TFB is post-hoc on a LoRA fit, which trains as LoRA does (lora's default_lr, measured).
+    default_lr = {"encoder": 5e-3}
     config_class = TfbConfig
     default_samples = 10
 
