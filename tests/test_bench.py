@@ -882,3 +882,71 @@ def test_a_finished_run_trained_under_another_default_is_neither_skipped_nor_reu
     assert not (tmp_path / "other").exists()
     shutil.move(output / bara_run.folder, tmp_path / "old")  # the fix: it trains again
     assert bench.run_bench(str(preset_file), output, progress=False)["trained"] == 1
+
+
+# -- defaults and --compare -----------------------------------------------------------------------------------
+def test_packaged_defaults_preset_trains_every_method_with_no_flags():
+    from bara.methods import METHODS
+
+    specs = bench.expand("defaults")
+    sizes = {"banking77-500": ("banking77", 500), "banking77-1000": ("banking77", 1000), "hwu64-500": ("hwu64", 500),
+             "hwu64-1000": ("hwu64", 1000)}
+    assert list(dict.fromkeys(s.dataset for s in specs)) == list(sizes)
+    assert len(specs) == 4 * len(METHODS) and {s.variant for s in specs} == set(METHODS)
+    assert not any(s.pending or s.ood or s.shift for s in specs) and {s.seed for s in specs} == {0}
+    for spec in specs:
+        c = spec.config
+        assert (c.model, c.data, c.max_train, c.max_eval, c.method_options) == ("minilm", *sizes[spec.dataset], 1000, {})
+        assert c.train.lr == METHODS[c.method].default_lr["encoder"] == runs.default_lr("minilm", c.method)
+        assert dataclasses.replace(c.train, lr=0.0, checkpoint_every=0) == TrainConfig(lr=0.0)  # bara train's schedule
+    # ... which is standard's: the same steps, batch size, max length and warm-up.
+    standard = next(s for s in bench.expand("standard") if s.dataset == "banking77").config.train
+    assert dataclasses.replace(standard, lr=0.0, seed=0) == dataclasses.replace(specs[0].config.train, lr=0.0)
+
+
+def test_compare_shows_each_run_beside_the_tuned_reference(tmp_path, tiny_bert, toy_data):
+    (tmp_path / "tuned").mkdir()
+    tuned = tiny_preset(tmp_path / "tuned", tiny_bert, toy_data, methods='["lora"]', lr="lora = [5e-3, 1e-2]")
+    bench.run_bench(str(tuned), tmp_path / "ref", progress=False)
+    reference = [json.loads(line) for line in (tmp_path / "ref" / "results.jsonl").read_text().splitlines()]
+    # A reference better by 20 accuracy points and 0.1 nats, to be flagged.
+    (tmp_path / "better").mkdir()
+    shutil.copy(tmp_path / "ref" / "preset.json", tmp_path / "better" / "preset.json")
+    (tmp_path / "better" / "results.jsonl").write_text("".join(json.dumps(
+        {**r, "test_accuracy": r["test_accuracy"] + 0.2, "test_nll": r["test_nll"] - 0.1}) + "\n" for r in reference))
+    # Defaults: no rates; the toy data at all its examples (the reference's size) and at 30.
+    mine = tiny_preset(tmp_path, tiny_bert, toy_data, methods='["lora", "map"]', lr="")
+    mine.write_text(mine.read_text() + f"\n[tiny.datasets.toy-30]\ndata = {json.dumps(toy_data)}\nmax_train = 30\n")
+    out = tmp_path / "out"
+    shutil.copy(tmp_path / "ref" / "results.jsonl", tmp_path / "alone.jsonl")
+    with pytest.raises(BaraError, match=r"--compare .*alone.jsonl: not a results.jsonl with its benchmark's "
+                                        r"preset.json beside it; fix: give the results.jsonl of a 'bara bench' output"):
+        bench.run_bench(str(mine), out, progress=False, compare=tmp_path / "alone.jsonl")
+    with pytest.raises(BaraError, match=r"results.md: cannot read it with its preset.json \(JSONDecodeError"):
+        bench.run_bench(str(mine), out, progress=False, compare=tmp_path / "ref" / "results.md")
+    assert not out.exists()  # checked before anything trains
+
+    mean = lambda rs, k: statistics.fmean(r[k] for r in rs)  # noqa: E731
+    for name, behind in (("ref", None), ("better", "accuracy, nll")):
+        compare = tmp_path / name / "results.jsonl"
+        bench.run_bench(str(mine), out, progress=False, compare=compare)
+        theirs = [json.loads(line) for line in compare.read_text().splitlines()]
+        ours = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+        ours = [r for r in ours if (r["dataset"], r["variant"]) == ("toy", "lora")]
+        results = (out / "results.md").read_text()
+        lora = _table_cells(results, f"### toy beside the tuned reference `{compare}`")["lora"]
+        assert lora["n"] == "2" and lora["accuracy %"] == f"{100 * mean(ours, 'test_accuracy'):.1f}"  # no ± here
+        assert (lora["tuned accuracy %"], lora["tuned NLL"]) == (f"{100 * mean(theirs, 'test_accuracy'):.1f}",
+                                                                 f"{mean(theirs, 'test_nll'):.3f}")
+        delta = mean(ours, "test_accuracy") - mean(theirs, "test_accuracy")
+        assert (lora["Δ accuracy"], lora["Δ NLL"]) == (f"{100 * delta:+.1f}",
+                                                       f"{mean(ours, 'test_nll') - mean(theirs, 'test_nll'):+.3f}")
+        if behind is None:  # lora without a rate trains at 5e-3: where the grid chose it, these are the same runs
+            chose = reference[0]["lr"] == 5e-3
+            assert lora["behind"] == "no" if chose else lora["behind"] in ("no", "accuracy", "nll", "accuracy, nll")
+        else:
+            assert lora["behind"] == behind
+        map_ = _table_cells(results, "### toy beside the tuned reference")["map"]
+        assert map_["tuned accuracy %"] == map_["Δ NLL"] == map_["behind"] == "—"  # the reference has no map
+        small = _table_cells(results, "### toy-30 beside the tuned reference")["lora"]
+        assert small["tuned accuracy %"] == small["behind"] == "—" != small["accuracy %"]  # none at 30 examples

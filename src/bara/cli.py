@@ -33,6 +33,7 @@ BENCH_EXAMPLES = """examples:
   bara bench --preset standard --output runs/bench --report-only
   bara bench --preset ablations --output runs/bench-ablations --reuse runs/bench
   bara data fetch bigbench && bara bench --preset multiple-choice --output runs/bench-mc
+  bara bench --preset defaults --output runs/bench-defaults --compare benchmarks/results/standard/results.jsonl
 
 An interrupted benchmark continues where it stopped when the same command is run again: finished runs
 (folders with metrics.json, and shift_metrics.json when the dataset sets shift) are skipped, unfinished ones
@@ -216,7 +217,7 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
                        "cost.md, results.jsonl and plots/ in --output over all finished runs of the preset.",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=BENCH_EXAMPLES)
     b.add_argument("--preset", required=True, help="a packaged preset (quick, standard, ablations, "
-                   "multiple-choice: needs 'bara data fetch bigbench'), a TOML file "
+                   "multiple-choice: needs 'bara data fetch bigbench', defaults), a TOML file "
                    "with one preset, or FILE.toml:NAME for one of several (format: bara/benchmarks/presets.toml)")
     b.add_argument("--output", required=True, type=Path, help="folder for runs/, the report and plots/")
     b.add_argument("--report-only", action="store_true", help="only rebuild the report from the finished runs")
@@ -226,6 +227,9 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
                    "(comma-separated)")
     b.add_argument("--reuse", metavar="DIR", type=Path, help="copy finished runs with the same config (hash) from "
                    "another benchmark's --output instead of training them, e.g. standard's BaRA runs for ablations")
+    b.add_argument("--compare", metavar="FILE", type=Path, help="another benchmark's results.jsonl (a tuned one, with "
+                   "its preset.json beside it, e.g. benchmarks/results/standard/results.jsonl): results.md shows each "
+                   "variant's test means beside its runs of the same method, model, data and training size")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     c = sub.add_parser("corrupt", help="score a benchmark's finished adapters on corrupted test inputs",
@@ -361,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = bench.run_bench(args.preset, args.output, not args.no_progress, args.report_only,
                                       args.only_dataset, args.only_method, shlex.join(["bara", *argv]), args.reuse,
-                                      announce=True)
+                                      announce=True, compare=args.compare)
             if not args.report_only:
                 print(f"{summary['selected']} runs: {summary['trained']} trained, {summary['reused']} copied from "
                       f"--reuse, {summary['skipped']} already finished"

@@ -44,6 +44,34 @@ PROTOCOL = ("Every method trains with the same steps, batch size, max length, ta
             "validation split; the test split is never used for a choice.")
 
 
+# How far a run may fall behind its tuned reference before the --compare table flags it (issue 20's bar for the
+# defaults): accuracy in points of a fraction, NLL in nats.
+BEHIND = {"test_accuracy": 0.015, "test_nll": 0.05}
+
+
+def load_reference(path: str | Path) -> dict[tuple, list[dict]]:
+    """The runs of another benchmark's results.jsonl (``--compare``: a tuned one), by (model, data, training examples,
+    method), read with the preset.json beside it (which says the model and each dataset's max_train). Only variants
+    named as their method count: the method as that benchmark ran it, not an ablation of it."""
+    path = Path(path)
+    if not path.is_file() or not (path.parent / "preset.json").is_file():
+        raise BaraError(f"--compare {path}: not a results.jsonl with its benchmark's preset.json beside it; fix: give "
+                        "the results.jsonl of a 'bara bench' output, e.g. benchmarks/results/standard/results.jsonl")
+    try:
+        preset = json.loads((path.parent / "preset.json").read_text())["preset"]
+        datasets = preset.get("datasets", {})
+        reference: dict[tuple, list[dict]] = {}
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if row["variant"] == row["method"]:
+                size = datasets.get(row["dataset"], {}).get("max_train", preset.get("max_train"))
+                reference.setdefault((preset["model"], row["data"], size, row["method"]), []).append(row)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise BaraError(f"--compare {path}: cannot read it with its preset.json ({type(err).__name__}: {err}); fix: "
+                        "give the results.jsonl of a 'bara bench' output, as that command wrote it") from None
+    return reference
+
+
 def _row(output: Path, spec: RunSpec, metrics: dict) -> dict:
     history = output / spec.folder / "history.jsonl"
     steps = len(history.read_text().splitlines()) if history.exists() else 0
@@ -91,8 +119,10 @@ def _copy(source: Path, target: Path) -> Path:
     return target
 
 
-def write_report(plan_: Plan, specs: list[RunSpec], output: Path, command: str) -> list[Path]:
-    """results.jsonl, results.md, cost.md and plots/ from the finished runs of ``specs``; others are left out."""
+def write_report(plan_: Plan, specs: list[RunSpec], output: Path, command: str,
+                 compare: tuple[str, dict] | None = None) -> list[Path]:
+    """results.jsonl, results.md, cost.md and plots/ from the finished runs of ``specs``; others are left out.
+    ``compare``: (its name, :func:`load_reference`'s runs) adds to each dataset a table of its runs beside them."""
     preset = plan_.preset
     done = [(spec, metrics) for spec in specs if finished(output, spec)
             for metrics in report.load_runs([output / spec.folder])]
@@ -117,6 +147,8 @@ def write_report(plan_: Plan, specs: list[RunSpec], output: Path, command: str) 
         cost += [_wall_time(plan_, specs, output, dataset), "", _cost_table(dataset_rows)]
         groups, lines = _dataset_results(plan_, specs, dataset, dataset_rows, output, chosen, lost)
         results += lines
+        if compare is not None:
+            results += _beside_reference(plan_, specs, dataset, dataset_rows, *compare)
         written += _dataset_plots(output / "plots", dataset, groups, output,
                                   [(s, m) for s, m in done if s.dataset == dataset])
     names = [f"{n}-<dataset>-<variant>.png" for n in _run_plots(METHODS.values())]
@@ -168,6 +200,38 @@ def _dataset_results(plan_: Plan, specs: list[RunSpec], dataset: str, rows: list
                   _table(report.summarize([r for r in shifted if r["shift_data"] == shift], "variant",
                                           [k for k, _, _ in SHIFTED]), SHIFTED)]
     return groups, lines
+
+
+def _beside_reference(plan_: Plan, specs: list[RunSpec], dataset: str, rows: list[dict], name: str,
+                      reference: dict[tuple, list[dict]]) -> list[str]:
+    """Each variant's test means beside the reference's for the same model, data, training size and method, with
+    the differences; "—" where the reference has no such runs."""
+    config = next(s.config for s in specs if s.dataset == dataset)
+    lines = ["", f"### {dataset} beside the tuned reference `{name}`", "",
+             f"Test means over seeds; tuned: the reference's runs of the same method, model `{config.model}`, data and "
+             f"training examples ({config.max_train or 'all'}), — where it has none; Δ: these minus the tuned "
+             f"(accuracy in points); behind: more than {100 * BEHIND['test_accuracy']:g} points of accuracy or "
+             f"{BEHIND['test_nll']:g} NLL worse than the tuned.", "",
+             "| variant | n | accuracy % | tuned accuracy % | Δ accuracy | ECE % | tuned ECE % | NLL | tuned NLL | Δ NLL "
+             "| behind |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    keys = ("test_accuracy", "test_ece", "test_nll")
+    for group in report.summarize(rows, "variant", list(keys)):
+        mine = next(r for r in rows if r["variant"] == group["variant"])
+        theirs = reference.get((plan_.preset.values["model"], mine["data"], config.max_train, mine["method"]), [])
+        tuned = {k: report.mean_std(r.get(k) for r in theirs)[0] for k in keys}
+        ours = {k: group[k][0] for k in keys}
+        delta = {k: None if None in (ours[k], tuned[k]) else ours[k] - tuned[k] for k in keys}
+        behind = "—" if None in delta.values() else ", ".join(
+            k[5:] for k in ("test_accuracy", "test_nll")
+            if (-delta[k] if k == "test_accuracy" else delta[k]) > BEHIND[k]) or "no"
+        shift = lambda k, scale, digits: "—" if delta[k] is None else f"{scale * delta[k]:+.{digits}f}"  # noqa: E731
+        lines.append(f"| {group['variant']} | {group['n']} | {report.fmt('test_accuracy', ours['test_accuracy'])} | "
+                     f"{report.fmt('test_accuracy', tuned['test_accuracy'])} | {shift('test_accuracy', 100, 1)} | "
+                     f"{report.fmt('test_ece', ours['test_ece'])} | {report.fmt('test_ece', tuned['test_ece'])} | "
+                     f"{report.fmt('test_nll', ours['test_nll'])} | {report.fmt('test_nll', tuned['test_nll'])} | "
+                     f"{shift('test_nll', 1, 3)} | {behind} |")
+    return lines
 
 
 def _cost_table(rows: list[dict]) -> str:
