@@ -495,3 +495,17 @@ def test_any_loader_options_load_or_raise_bara_error(tmp_path_factory, max_train
         return
     assert columns == ("text", "label") and task.num_labels == 3
     assert len(task.train) == (19 if max_train is None or max_train >= 19 else max_train)  # 25 rows - 2 x 3 carved
+
+
+def test_all_test_scores_every_example_of_a_set_never_trained_on(toy_data, toy_choices):
+    task = load_task(toy_data)
+    whole = load_task(toy_data, all_test=True)
+    assert (len(whole.train), len(whole.validation), len(whole.test)) == (0, 0, 60 + 15 + 24)
+    assert whole.test.texts == task.train.texts + task.validation.texts + task.test.texts
+    assert whole.test.labels == task.train.labels + task.validation.labels + task.test.labels
+    capped = load_task(toy_data, all_test=True, max_eval=30, seed=3)
+    assert Counter(capped.test.labels) == {0: 10, 1: 10, 2: 10}  # stratified
+    assert set(capped.test.texts) <= set(whole.test.texts)
+    assert capped.test.texts == load_task(toy_data, all_test=True, max_eval=30, seed=3).test.texts  # seeded
+    choices = load_task(toy_choices, all_test=True)  # multiple choice: the choices come along
+    assert len(choices.test) == 40 and len(choices.test.choices) == 40 and choices.train.choices == []

@@ -16,6 +16,7 @@ import resource
 import shutil
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -30,7 +31,7 @@ from .data import Split, Task, builtin_tasks, load_task
 from .errors import BaraError
 from .heads import Classifier
 from .methods import DEFAULT_METHOD, METHODS, Method, get_method
-from .metrics import evaluate
+from .metrics import evaluate, ood_auroc
 from .models import EMBEDDED, load_model, model_kind
 from .plots import learning_curve, reliability_diagram
 from .trainer import (TRACKING_DIR, TrainConfig, batches, check_report_to, convergence, distributed_state, on_device,
@@ -264,24 +265,27 @@ def predict(classifier: Classifier, method: Method, split: Split, samples: int, 
 
 
 def score(classifier: Classifier, method: Method, split: Split, config: RunConfig, samples: int | None,
-          ood: Split | None = None, output: Path | None = None, progress_bar: bool = True,
+          ood: dict[str, Split] | None = None, output: Path | None = None, progress_bar: bool = True,
           title: str = "", timing: bool = True) -> dict:
     """Metrics on ``split`` at the method's sample count (and the one-pass prediction beside it when sampling);
-    ``timing`` adds the time of one sampled pass (for the cost table: the test split's is enough)."""
+    ``timing`` adds the time of one sampled pass (for the cost table: the test split's is enough). ``ood``: the
+    OOD sets by name (:func:`ood_tests`), whose AUROCs :func:`ood_scores` adds."""
     samples = method.default_samples if samples is None else samples
     labels = torch.tensor(split.labels)
     batch_size, seed = config.train.eval_batch_size, config.train.seed
     t0 = time.perf_counter()
     probs = predict(classifier, method, split, samples, batch_size, seed, progress_bar)
     seconds = time.perf_counter() - t0
-    ood_probs = predict(classifier, method, ood, samples, batch_size, seed, progress_bar) if ood else None
-    result = {**evaluate(probs, labels, ood_probs), "samples": samples, "predict_seconds": seconds}
+    ood = ood or {}
+    ood_probs = {name: predict(classifier, method, s, samples, batch_size, seed, progress_bar) for name, s in ood.items()}
+    result = {**evaluate(probs, labels), **ood_scores(probs, ood_probs), "samples": samples,
+              "predict_seconds": seconds}
     if samples > 0 and method.one_pass:
         t0 = time.perf_counter()
         fast = predict(classifier, method, split, 0, batch_size, seed, progress_bar)
         fast_seconds = time.perf_counter() - t0
-        ood_fast = predict(classifier, method, ood, 0, batch_size, seed, progress_bar) if ood else None
-        result["fast_path"] = {**evaluate(fast, labels, ood_fast), "predict_seconds": fast_seconds}
+        ood_fast = {name: predict(classifier, method, s, 0, batch_size, seed, progress_bar) for name, s in ood.items()}
+        result["fast_path"] = {**evaluate(fast, labels), **ood_scores(fast, ood_fast), "predict_seconds": fast_seconds}
         if samples > 1 and timing:  # the cost of one sampled pass, for the cost table (its predictions are not scored)
             t0 = time.perf_counter()
             predict(classifier, method, split, 1, batch_size, seed, progress_bar)
@@ -302,16 +306,28 @@ def score(classifier: Classifier, method: Method, split: Split, config: RunConfi
     return result
 
 
-def task_of(config: RunConfig, data: str | None = None, max_eval: int | None = None) -> Task:
-    """The splits a run trains and is scored on (``data`` and ``max_eval`` in place of the run's own)."""
+def ood_scores(probs: torch.Tensor, ood_probs: dict[str, torch.Tensor]) -> dict:
+    """``ood_auroc`` against the first OOD set (the only one, as before a run could have several) and, with several,
+    ``ood_auroc_by_set``: {name: AUROC} (:func:`bara.metrics.ood_auroc`)."""
+    aurocs = {name: ood_auroc(probs, p) for name, p in ood_probs.items()}
+    if not aurocs:
+        return {}
+    return {"ood_auroc": next(iter(aurocs.values())), **({"ood_auroc_by_set": aurocs} if len(aurocs) > 1 else {})}
+
+
+def task_of(config: RunConfig, data: str | None = None, max_eval: int | None = None, all_test: bool = False) -> Task:
+    """The splits a run trains and is scored on (``data`` and ``max_eval`` in place of the run's own; ``all_test``:
+    every example of ``data`` in the test split, as :func:`bara.data.load_task` says)."""
     return load_task(data or config.data, max_train=config.max_train, seed=config.train.seed,
                      max_eval=max_eval if max_eval is not None else config.max_eval,
-                     text_column=config.text_column, label_column=config.label_column)
+                     text_column=config.text_column, label_column=config.label_column, all_test=all_test)
 
 
-def ood_test(config: RunConfig, ood_data: str | None) -> Split | None:
-    """The test split of ``ood_data`` (capped as the run's own) whose texts are the out-of-distribution inputs."""
-    return load_task(ood_data, max_eval=config.max_eval, seed=config.train.seed).test if ood_data else None
+def ood_tests(config: RunConfig, ood_data: str | Sequence[str] | None) -> dict[str, Split]:
+    """The test split of each OOD dataset (one name or several; capped as the run's own), by name: their texts are
+    the out-of-distribution inputs."""
+    names = [] if not ood_data else [ood_data] if isinstance(ood_data, str) else list(ood_data)
+    return {name: load_task(name, max_eval=config.max_eval, seed=config.train.seed).test for name in names}
 
 
 def score_validation(classifier: Classifier, method: Method, task: Task, config: RunConfig,
@@ -321,7 +337,7 @@ def score_validation(classifier: Classifier, method: Method, task: Task, config:
 
 
 def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: bool = False,
-              ood_data: str | None = None, progress_bar: bool = True, validation: bool = True,
+              ood_data: str | Sequence[str] | None = None, progress_bar: bool = True, validation: bool = True,
               report_to="none") -> dict:
     """Train, save the adapter and write metrics.json: test metrics, and the validation split's under
     "validation" unless ``validation`` is False (a benchmark run no choice is made on: 11 extra passes over the
@@ -329,7 +345,8 @@ def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: 
 
     ``overwrite`` builds the new run beside the old one and swaps it in once finished, so a failure keeps the
     old run; ``resume`` continues the checkpoint in ``output`` and refuses one written with other options.
-    ``report_to``: an accelerate tracker ("tensorboard", "wandb", "mlflow") that gets what history.jsonl gets."""
+    ``report_to``: an accelerate tracker ("tensorboard", "wandb", "mlflow") that gets what history.jsonl gets.
+    ``ood_data``: one dataset or several whose test texts are out-of-distribution inputs (:func:`ood_scores`)."""
     t0 = time.perf_counter()
     reset_peak_memory()
     config.validate()
@@ -349,10 +366,10 @@ def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: 
         raise
 
 
-def _train_into(work: Path, replacing: bool, config: RunConfig, resumed: dict, t0: float, ood_data: str | None,
+def _train_into(work: Path, replacing: bool, config: RunConfig, resumed: dict, t0: float, ood_data,
                 progress_bar: bool, validation: bool, state, report_to="none") -> dict:
     task = task_of(config)
-    ood = ood_test(config, ood_data)
+    ood = ood_tests(config, ood_data)
     classifier, method = build(config, task.label_names)
     is_main = state.is_main_process
     if is_main:
@@ -554,8 +571,11 @@ def add_validation(folder: Path, progress_bar: bool = True) -> dict:
 
 
 def run_eval(adapter: str | Path, data: str | None = None, samples: int | None = None,
-             ood_data: str | None = None, max_eval: int | None = None, output: Path | None = None,
-             progress_bar: bool = True) -> dict:
+             ood_data: str | Sequence[str] | None = None, max_eval: int | None = None, output: Path | None = None,
+             progress_bar: bool = True, all_examples: bool = False) -> dict:
+    """The saved adapter's metrics on the test split of ``data`` (default its own), or with ``all_examples`` on
+    every example of it (train, validation and test, capped at max_eval: a dataset it never trained on, such as a
+    shift set); "split" in the result says which."""
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 0):
         raise BaraError(f"--samples must be a whole number >= 0 (0: one deterministic pass), got {samples!r}; fix: "
                         "pass e.g. --samples 10, or leave it out for the method's own")
@@ -565,18 +585,18 @@ def run_eval(adapter: str | Path, data: str | None = None, samples: int | None =
         _check_writable(output)
     classifier, method, config = load_adapter(adapter)
     spec = data or config.data
-    task = task_of(config, spec, max_eval)
+    task = task_of(config, spec, max_eval, all_test=all_examples)
     if task.label_names != classifier.label_names:
         raise BaraError(f"{spec} has labels {task.label_names[:5]}..., the adapter was trained on "
                         f"{classifier.label_names[:5]}...; fix: evaluate on data with the same label set "
                         "(use --ood-data for a dataset with other labels)")
-    ood = ood_test(config, ood_data)
+    ood = ood_tests(config, ood_data)
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
     metrics = score(classifier, method, task.test, config, samples, ood, output,
                     progress_bar, task.name)
     metrics.update({"method": method.name, "model": config.model, "data": task.name, "seed": config.train.seed,
-                    "n_test": len(task.test), "adapter": str(adapter)})
+                    "n_test": len(task.test), "split": "all" if all_examples else "test", "adapter": str(adapter)})
     if output is not None:
         write_json(output / "eval_metrics.json", metrics)
     return metrics

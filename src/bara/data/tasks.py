@@ -46,6 +46,13 @@ class Split:
     def __len__(self) -> int:
         return len(self.texts)
 
+    @classmethod
+    def join(cls, splits: Sequence[Split]) -> Split:
+        """The examples of ``splits``, one after another."""
+        mc = splits[0].choices is not None
+        return cls(texts=[t for s in splits for t in s.texts], labels=[y for s in splits for y in s.labels],
+                   choices=[c for s in splits for c in s.choices] if mc else None)
+
     def subset(self, index: Sequence[int]) -> Split:
         """The examples at ``index``, in that order."""
         return Split(texts=[self.texts[i] for i in index], labels=[self.labels[i] for i in index],
@@ -77,7 +84,7 @@ def builtin_tasks() -> list[str]:
 
 
 def load_task(spec: str, *, max_train: int | None = None, seed: int = 0, text_column: str = "text",
-              label_column: str = "label", max_eval: int | None = None) -> Task:
+              label_column: str = "label", max_eval: int | None = None, all_test: bool = False) -> Task:
     """Load a built-in task by name, or a local ``.csv``/``.tsv``/``.jsonl`` file or folder.
 
     BIG-bench tasks (``bigbench/strategyqa``, ...: :func:`bara.data.bigbench.names`) load once fetched with
@@ -85,7 +92,9 @@ def load_task(spec: str, *, max_train: int | None = None, seed: int = 0, text_co
     ``val.*``) and ``test.*``; missing validation/test splits are carved from train (10% each, stratified,
     seeded). A built-in name wins over a folder of the same name: write ``./trec`` for the folder.
     ``max_train`` subsamples the training split and ``max_eval`` caps validation and test, both stratified by
-    label and seeded.
+    label and seeded. ``all_test``: every example is a test example (a dataset the model never trains on, e.g. a
+    shift set): train, validation and test together form the test split, capped at ``max_eval`` as a test split is;
+    train and validation are then empty.
     """
     for option, value in (("max_train", max_train), ("max_eval", max_eval)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -95,6 +104,9 @@ def load_task(spec: str, *, max_train: int | None = None, seed: int = 0, text_co
         raise BaraError(f"the text and the label column are both '{text_column}', so the label would be the input; "
                         f"fix: name two different columns with {COLUMN_FLAGS}")
     task = _build(_read(str(spec), text_column, label_column), seed)
+    if all_test:
+        task.test = Split.join([task.train, task.validation, task.test])
+        task.train = task.validation = task.test.subset([])
     if max_train is not None and max_train < task.num_labels < len(task.train):
         warnings.warn(f"--max-train {max_train} is smaller than the {task.num_labels} classes of {task.name}: "
                       f"{task.num_labels - max_train} classes get no training example", UserWarning, stacklevel=2)
