@@ -711,9 +711,12 @@ def test_bench_reports_ood_auroc_and_shift_and_finishes_interrupted_shift_runs(s
         metrics = json.loads((out / spec.folder / "metrics.json").read_text())
         shifted = json.loads((out / spec.folder / "shift_metrics.json").read_text())
         assert 0 <= metrics["ood_auroc"] <= 1 and row["test_ood_auroc"] == metrics["ood_auroc"]
-        assert (shifted["data"], shifted["n_test"], row["shift_data"]) == ("toy-shift", 12, shift)
-        assert (row["shift_accuracy"], row["shift_nll"]) == (shifted["accuracy"], shifted["nll"])
-        assert metrics["n_test"] == 24  # the shift's 12 test examples are another test set
+        assert "ood_auroc_by_set" not in metrics  # one OOD set: as before several were possible
+        assert list(shifted) == [shift] and list(row["shift"]) == [shift]
+        # A shift set is never trained on: all of its 12 + 6 + 12 examples are scored.
+        assert (shifted[shift]["data"], shifted[shift]["n_test"], shifted[shift]["split"]) == ("toy-shift", 30, "all")
+        assert row["shift"][shift] == {k: shifted[shift][k] for k in ("accuracy", "ece", "nll", "brier", "n")}
+        assert metrics["n_test"] == 24
         assert (row["test_accuracy"], row["test_nll"]) == (metrics["accuracy"], metrics["nll"])
 
     results = (out / "results.md").read_text()
@@ -722,15 +725,18 @@ def test_bench_reports_ood_auroc_and_shift_and_finishes_interrupted_shift_runs(s
     aurocs = [r["test_ood_auroc"] for r in rows]
     assert main["lora"]["OOD AUROC"].strip("*") == \
         f"{statistics.fmean(aurocs):.3f} ± {statistics.stdev(aurocs):.3f}"
-    under = _table_cells(results, f"### toy under shift: tested on `{shift}`")
-    accuracies = [r["shift_accuracy"] for r in rows]
+    under = _table_cells(results, f"### toy under shift: tested on `{shift}` (all its examples: 30)")
+    accuracies = [r["shift"][shift]["accuracy"] for r in rows]
     assert under["lora"]["n"] == "2" and set(under["lora"]) == {"variant", "n", "accuracy %", "ECE %", "NLL", "Brier"}
     assert under["lora"]["accuracy %"].strip("*") == \
         f"{100 * statistics.fmean(accuracies):.1f} ± {100 * statistics.stdev(accuracies):.1f}"
 
-    # Interrupted between training and the shift evaluation: not finished, not reported; the rerun only
-    # evaluates (no training), and the run is reported again.
-    (out / specs[1].folder / "shift_metrics.json").unlink()
+    # Interrupted between training and the shift evaluation, or evaluated on the shift set's test split alone (the
+    # file of a run from before shift sets were scored on all their examples): not finished, not reported; the
+    # rerun only evaluates (no training), and the run is reported again.
+    before = json.loads((out / specs[1].folder / "shift_metrics.json").read_text())
+    old = {k: v for k, v in before[shift].items() if k != "split"}  # one metrics dict, no "split"
+    (out / specs[1].folder / "shift_metrics.json").write_text(json.dumps({**old, "n_test": 12}))
     bench.run_bench(str(shift_preset), out, report_only=True)
     assert "finished runs: 1 of 2" in (out / "results.md").read_text()
     assert len((out / "results.jsonl").read_text().splitlines()) == 1
@@ -741,8 +747,9 @@ def test_bench_reports_ood_auroc_and_shift_and_finishes_interrupted_shift_runs(s
                         real_eval(adapter, **kwargs))
     summary = bench.run_bench(str(shift_preset), out, progress=False)
     assert (trained, evaluated, summary["skipped"], summary["trained"]) == ([], [out / specs[1].folder], 1, 1)
-    assert json.loads((out / specs[1].folder / "shift_metrics.json").read_text())["accuracy"] == \
-        rows[1]["shift_accuracy"]  # the same adapter, the same seeded evaluation
+    again = json.loads((out / specs[1].folder / "shift_metrics.json").read_text())[shift]
+    numbers = ("accuracy", "ece", "nll", "brier", "n_test", "split")  # the same adapter, the same seeded evaluation
+    assert [again[k] for k in numbers] == [before[shift][k] for k in numbers] and again["n_test"] == 30
     assert "finished runs: 2 of 2" in (out / "results.md").read_text()
 
     # A failed shift evaluation leaves the run unfinished, with its traceback.
@@ -759,15 +766,76 @@ def test_bench_reports_ood_auroc_and_shift_and_finishes_interrupted_shift_runs(s
     assert "finished runs: 1 of 2" in (out / "results.md").read_text()
 
 
+def test_several_ood_and_shift_sets_get_a_column_and_a_table_each(tmp_path, tiny_bert, toy_data, shifted_data,
+                                                                   monkeypatch):
+    from conftest import write_tsv
+
+    shift, ood = shifted_data
+    second = tmp_path / "toy-shift2"  # a second shift set, train and test only (validation is carved)
+    second.mkdir()
+    colours = ["red", "green", "blue"]
+    for split, n in (("train", 9), ("test", 6)):
+        write_tsv(second / f"{split}.tsv", [(f"wall {split} {i} is painted {colours[i % 3]}", colours[i % 3])
+                                            for i in range(n)])
+    path = tiny_preset(tmp_path, tiny_bert, toy_data, methods='["lora"]')
+    path.write_text(path.read_text() + f"ood = {json.dumps([ood, shift])}\nshift = {json.dumps([shift, str(second)])}\n")
+    specs = bench.expand(str(path))
+    assert [(s.ood, s.shift) for s in specs] == [((ood, shift), (shift, str(second)))] * 2
+    config = specs[0].config
+    assert specs[0].hash == bench.run_hash(config, (ood, shift), (shift, str(second)))
+    assert len({specs[0].hash, bench.run_hash(config, ood, shift), bench.run_hash(config, (shift, ood), shift)}) == 3
+    (tmp_path / "one").mkdir()
+    one = tiny_preset(tmp_path / "one", tiny_bert, toy_data, methods='["lora"]')
+    one.write_text(one.read_text() + f"ood = {json.dumps([ood])}\nshift = {json.dumps([shift])}\n")
+    # A list of one is the run of the name alone.
+    assert [s.hash for s in bench.expand(str(one))] == [bench.run_hash(s.config, ood, shift) for s in specs]
+
+    out = tmp_path / "bench"
+    bench.run_bench(str(path), out, progress=False)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    results = (out / "results.md").read_text()
+    main = _table_cells(results, "## toy (2 of 2 runs finished)")["lora"]
+    assert "OOD AUROC" not in main and f"OOD sets: `{ood}`, `{shift}`." in results
+    for name in (ood, shift):
+        values = [json.loads((out / s.folder / "metrics.json").read_text())["ood_auroc_by_set"][name] for s in specs]
+        assert [r[f"test_ood_auroc[{name}]"] for r in rows] == values
+        assert main[f"OOD AUROC {name}"].strip("*") == f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+    metrics = json.loads((out / specs[0].folder / "metrics.json").read_text())
+    assert metrics["ood_auroc"] == metrics["ood_auroc_by_set"][ood]  # the first set's, under the usual key
+    for name, n in ((shift, 30), (str(second), 15)):  # every example of each shift set
+        shifted = [json.loads((out / s.folder / "shift_metrics.json").read_text())[name] for s in specs]
+        assert {(m["n_test"], m["split"]) for m in shifted} == {(n, "all")}
+        table = _table_cells(results, f"### toy under shift: tested on `{name}` (all its examples: {n})")["lora"]
+        assert table["NLL"].strip("*") == (f"{statistics.fmean(m['nll'] for m in shifted):.3f} ± "
+                                           f"{statistics.stdev(m['nll'] for m in shifted):.3f}")
+
+    # Interrupted after the first shift set: the rerun evaluates the second alone.
+    folder = out / specs[1].folder
+    kept = json.loads((folder / "shift_metrics.json").read_text())
+    (folder / "shift_metrics.json").write_text(json.dumps({shift: kept[shift]}))
+    evaluated, real_eval = [], runs.run_eval
+    monkeypatch.setattr(runs, "run_eval", lambda adapter, **kwargs: evaluated.append(kwargs["data"]) or
+                        real_eval(adapter, **kwargs))
+    summary = bench.run_bench(str(path), out, progress=False)
+    assert (evaluated, summary["trained"], summary["skipped"]) == ([str(second)], 1, 1)
+    assert json.loads((folder / "shift_metrics.json").read_text())[str(second)]["nll"] == kept[str(second)]["nll"]
+
+
 @pytest.mark.parametrize("extra, message", [
     ('ood = "no-such-data"', r"ood 'no-such-data' is neither a built-in task .*bigbench/TASK"),
     ('shift = "bigbench/nope"', r"shift 'bigbench/nope' is neither a built-in task"),
     ("shift = 3", r"shift '3' is neither"),
-    ("SELF", r"shift = .* is the dataset it trains on"),
+    ("SELF", r"shift = .* names the dataset it trains on"),
+    ("shift = []", r"shift = \[\] must name distinct datasets; fix: e.g. shift = \[\"trec\", \"20ng\"\]"),
+    ('ood = ["trec", "trec"]', r"ood = \['trec', 'trec'\] must name distinct datasets"),
+    ('ood = ["trec", "nope"]', r"ood 'nope' is neither a built-in task"),
+    ("SELF-LIST", r"shift = \['trec', .*\] names the dataset it trains on"),
 ])
 def test_ood_and_shift_settings_are_checked(tmp_path, tiny_bert, toy_data, extra, message):
     path = tiny_preset(tmp_path, tiny_bert, toy_data, methods='["lora"]')
-    path.write_text(path.read_text() + (f"shift = {json.dumps(toy_data)}" if extra == "SELF" else extra) + "\n")
+    extra = {"SELF": f"shift = {json.dumps(toy_data)}", "SELF-LIST": f'shift = ["trec", {json.dumps(toy_data)}]'}.get(
+        extra, extra)
+    path.write_text(path.read_text() + extra + "\n")
     with pytest.raises(BaraError, match=message):
         bench.expand(str(path))
 
@@ -784,8 +852,9 @@ def test_packaged_multiple_choice_preset_and_ood_in_standard():
     specs = bench.expand("multiple-choice")
     datasets = ["strategyqa", "social_iqa", "winowhy", "epistemic_reasoning", "fever"]
     assert list(dict.fromkeys(s.dataset for s in specs)) == datasets
-    assert len(specs) == 5 * 3 * 3 and all(s.pending for s in specs)  # hashed once the rates are chosen
-    assert {s.variant for s in specs} == {"lora", "blob", "bara"} and {s.seed for s in specs} == {0, 1, 2}
+    methods = ["lora", "temperature", "mcdropout", "laplace", "blob", "monteclora", "tfb", "bara"]  # issue 19
+    assert len(specs) == 5 * 8 * 3 and all(s.pending for s in specs)  # hashed once the rates are chosen
+    assert list(dict.fromkeys(s.variant for s in specs)) == methods and {s.seed for s in specs} == {0, 1, 2}
     for dataset in datasets:
         mine = [s.config for s in specs if s.dataset == dataset]
         assert len({json.dumps({**c.train.to_dict(), "lr": 0, "seed": 0}) for c in mine}) == 1
@@ -793,16 +862,21 @@ def test_packaged_multiple_choice_preset_and_ood_in_standard():
             ("smollm2", 1000, 200, "bigbench/fact_checker/fever" if dataset == "fever" else f"bigbench/{dataset}")}
         assert all(c.method_options["target_modules"] == ["q_proj", "v_proj"] for c in mine)
         assert all(c.train.max_length == 128 and c.train.steps == 200 and c.train.batch_size == 8 for c in mine)
-    assert {(s.dataset, s.shift) for s in specs if s.shift} == {("fever", "bigbench/fact_checker/politifact")}
+    assert {(s.dataset, s.shift) for s in specs if s.shift} == {
+        ("fever", ("bigbench/fact_checker/politifact", "bigbench/fact_checker/covid19_scientific"))}
+    assert {s.config.method_options.get("prior_fit") for s in specs if s.variant == "laplace"} == {"val"}
     assert not any(s.ood for s in specs)
-    # Fair protocol: every method's rate, and BLoB's and BaRA's knob, chosen on validation (10 candidates a dataset).
+    # Fair protocol: every method's rate, and BLoB's and BaRA's knob, chosen on validation (14 candidates a dataset);
+    # the post-hoc steps on a LoRA fit take LoRA's.
     plan = bench.plan("multiple-choice")
     assert plan.select == "nll" and plan.tune_seed == 0
-    assert {e.lr for e in plan.entries} == {(3e-4, 1e-3)}
-    assert {e.variant: e.option_grid for e in plan.entries} == {
-        "lora": {}, "blob": {"kl_lr": [0.002, 0.01]}, "bara": {"omega_loc": [0.0, 0.05]}}
+    assert {e.variant: e.lr for e in plan.entries} == {
+        **{m: (3e-4, 1e-3) for m in ("lora", "mcdropout", "blob", "monteclora", "bara")},
+        **{m: "lora" for m in ("temperature", "laplace", "tfb")}}
+    assert {e.variant: e.option_grid for e in plan.entries if e.option_grid} == {
+        "blob": {"kl_lr": [0.002, 0.01]}, "bara": {"omega_loc": [0.0, 0.05]}}
     candidates = [c for e in plan.entries for c, _, _ in plan.candidates(e)]
-    assert len({c.hash for c in candidates}) == len(candidates) == 5 * 10
+    assert len({c.hash for c in candidates}) == len(candidates) == 5 * 14
     assert {c.seed for c in candidates} == {0}
     for name in ("standard", "quick"):
         assert {(s.dataset, s.ood) for s in bench.expand(name) if s.ood} == {("banking77", "trec")}

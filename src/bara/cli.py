@@ -37,10 +37,11 @@ BENCH_EXAMPLES = """examples:
 
 An interrupted benchmark continues where it stopped when the same command is run again: finished runs
 (folders with metrics.json, and shift_metrics.json when the dataset sets shift) are skipped, unfinished ones
-resume from their last checkpoint (or, when only the shift evaluation is missing, run just that).
+resume from their last checkpoint (or, when only shift evaluations are missing, run just those).
 A dataset of a preset may set ood = "DATASET" (the report gets an OOD AUROC column: predictive entropy,
-its test texts against DATASET's) and shift = "DATASET" (the trained adapter is also evaluated on DATASET's
-test split, same labels; the report gets an "under shift" table). Both are part of what identifies a run.
+its test texts against DATASET's) and shift = "DATASET" (the trained adapter is also evaluated on every
+example of DATASET, same labels, never trained on; the report gets an "under shift" table); either may be a
+list of datasets (a column or a table each). Both are part of what identifies a run.
 Learning rates given as grids ([1e-3, 3e-3]) and [tune.options.METHOD] grids are chosen on the validation
 split, dataset by dataset: the candidates train first (at the tuning seed), then every other seed at the
 chosen settings; results.md lists each candidate's validation numbers and marks the choice.

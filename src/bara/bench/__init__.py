@@ -8,19 +8,19 @@ Layout of the output folder ``DIR``::
 
     runs/<dataset>/<variant>/seed<k>-<hash>/   one run; <hash> = run_hash(config, ood, shift), so a changed setting
                                                is a new run; shift_metrics.json beside metrics.json when the
-                                               dataset sets `shift`
+                                               dataset sets `shift` ({shift set: metrics on all its examples})
     results.jsonl   one line per finished run: report.row + dataset, variant, hash
     results.md      per dataset: variant x metric, mean ± std over seeds, best in bold (OOD AUROC where the
-                    dataset sets `ood`); a table "under shift" where it sets `shift`
+                    dataset sets `ood`, one per set); a table "under shift" per set where it sets `shift`
     cost.md         per dataset: variant x (train s/step, peak memory, trainable parameters, prediction time)
     preset.json     the preset as resolved for the last training call
     plots/          reliability-<dataset>-<variant>.png and the method's own plots (Method.run_files; copied
                     from the run of the lowest seed), accuracy-ece-<dataset>.png, accuracy-nll-<dataset>.png
 
 A run is finished when all of its outputs exist: metrics.json (written last by training), and shift_metrics.json
-when its dataset sets ``shift``. Finished runs are skipped and are the only ones reported. Any other run is
-(re)started, from its checkpoint when it has one; one that has metrics.json but lacks its shift evaluation only
-runs that evaluation. The preset format is documented at the top of ``benchmarks/presets.toml``.
+with every shift set when its dataset sets ``shift``. Finished runs are skipped and are the only ones reported.
+Any other run is (re)started, from its checkpoint when it has one; one that has metrics.json but lacks shift
+evaluations only runs those, set by set. The preset format is documented at the top of ``benchmarks/presets.toml``.
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ SELECT = {"nll": min, "accuracy": max, "ece": min, "brier": min}
 WORST = {min: math.inf, max: -math.inf}  # the score of a candidate that diverged
 HARNESS_SET = ("lr", "seed", "checkpoint_every")  # TrainConfig fields a preset does not set in [P.train]
 DATASET_KEYS = ("data", "lr", "max_train", "max_eval", "text_column", "label_column", "ood", "shift")
-SHIFT = "shift_metrics.json"  # run_eval's metrics of the trained adapter on the `shift` dataset's test split
+# {shift set: run_eval's metrics of the trained adapter on all its examples}, one entry per `shift` dataset
+SHIFT = "shift_metrics.json"
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,10 @@ class RunSpec:
     seed: int
     hash: str
     config: RunConfig = field(compare=False)
-    ood: str | None = None  # dataset whose test texts are the out-of-distribution inputs (AUROC)
-    shift: str | None = None  # dataset (same labels) the trained adapter is also evaluated on
+    # Dataset(s) whose test texts are the out-of-distribution inputs (AUROC); several as a tuple.
+    ood: str | tuple[str, ...] | None = None
+    # Dataset(s) with the same labels, never trained on, the trained adapter is also evaluated on (all their examples).
+    shift: str | tuple[str, ...] | None = None
     # Waiting for its learning rate to be chosen on validation (hash "", config at the grid's first rate).
     pending: bool = False
 
@@ -57,13 +60,33 @@ class RunSpec:
     def name(self) -> str:
         return f"{self.dataset}/{self.variant}/seed{self.seed}-{self.hash}"
 
+    @property
+    def shifts(self) -> tuple[str, ...]:
+        return sets(self.shift)
+
     def outputs(self) -> list[Path]:
-        """The files whose presence makes the run finished, relative to the benchmark's output folder."""
+        """The files that make the run finished, relative to the benchmark's output folder (shift_metrics.json:
+        with an entry for every shift set, :func:`shift_results`)."""
         return [self.folder / runs.METRICS] + ([self.folder / SHIFT] if self.shift else [])
 
 
+def sets(names: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """An ``ood`` or ``shift`` setting as a tuple of dataset names (none, one, or several)."""
+    return () if names is None else (names,) if isinstance(names, str) else tuple(names)
+
+
+def shift_results(folder: Path) -> dict[str, dict]:
+    """A run's shift_metrics.json: {shift set: metrics on all its examples}. An entry of any other kind (the file
+    of a run evaluated before shift sets were scored on all their examples: one test split's metrics) counts as
+    missing, so that set is evaluated again (from the saved adapter, no training)."""
+    path = folder / SHIFT
+    values = json.loads(path.read_text()) if path.exists() else {}
+    return {name: m for name, m in values.items() if isinstance(m, dict) and m.get("split") == "all"}
+
+
 def finished(output: Path, spec: RunSpec) -> bool:
-    return not spec.pending and all((output / path).exists() for path in spec.outputs())
+    return (not spec.pending and (output / spec.folder / runs.METRICS).exists()
+            and set(spec.shifts) <= set(shift_results(output / spec.folder)))
 
 
 def _typed(cls, values: dict, where: str) -> dict:
@@ -149,8 +172,8 @@ class Entry:
     lr: float | tuple[float, ...] | str
     seeds: tuple[int, ...]
     config: RunConfig  # at lr 0 and seed 0, filled in by spec()
-    ood: str | None = None
-    shift: str | None = None
+    ood: str | tuple[str, ...] | None = None
+    shift: str | tuple[str, ...] | None = None
     # Method options to choose on the validation split together with the rate: option -> values.
     option_grid: dict = field(default_factory=dict)
 
@@ -311,18 +334,25 @@ def _dataset_entries(preset: Preset, dataset: str, settings, variants: dict, sha
     return entries
 
 
-def _dataset_data(settings: dict, dataset: str, at: str) -> tuple[str, str | None, str | None]:
-    """The dataset's data, ood and shift sets, checked: (data, ood, shift)."""
+def _dataset_data(settings: dict, dataset: str, at: str) -> tuple[str, str | tuple | None, str | tuple | None]:
+    """The dataset's data, ood and shift sets, checked: (data, ood, shift). ``ood`` and ``shift`` are one dataset
+    (a string, or a list of one: the same run) or several (a tuple)."""
     data = settings.get("data", dataset)
     _check_data(data, "data", at)
-    ood, shift = settings.get("ood"), settings.get("shift")
-    for key, value in (("ood", ood), ("shift", shift)):
-        if value is not None:
-            _check_data(value, key, at)
-            if value == data:
-                raise BaraError(f"{at}: {key} = {value!r} is the dataset it trains on; fix: name another "
+    out = []
+    for key in ("ood", "shift"):
+        value = settings.get(key)
+        names = value if isinstance(value, list) else [] if value is None else [value]
+        if isinstance(value, list) and (not value or len(set(map(str, value))) < len(value)):
+            raise BaraError(f"{at}: {key} = {value!r} must name distinct datasets; fix: e.g. {key} = "
+                            '["trec", "20ng"], or one name as a string')
+        for name in names:
+            _check_data(name, key, at)
+            if name == data:
+                raise BaraError(f"{at}: {key} = {value!r} names the dataset it trains on; fix: name another "
                                 "dataset, or leave it out")
-    return data, ood, shift
+        out.append(None if not names else names[0] if len(names) == 1 else tuple(names))
+    return data, out[0], out[1]
 
 
 def _option_grid(table: dict, method: str, merged: dict, where: str) -> dict:
@@ -416,14 +446,17 @@ def _check_data(data, key: str, where: str) -> None:
                     f"bigbench/TASK) nor an existing file or folder; fix: set {key} = \"PATH\" in its table")
 
 
-def run_hash(config: RunConfig, ood: str | None = None, shift: str | None = None) -> str:
+def run_hash(config: RunConfig, ood: str | tuple[str, ...] | None = None,
+             shift: str | tuple[str, ...] | None = None) -> str:
     """First 12 hex digits of the SHA-256 of the config as canonical JSON (sorted keys, no spaces), with the
-    run's ``ood`` and ``shift`` datasets when set (unset, they leave the hash as it was before they existed).
+    run's ``ood`` and ``shift`` datasets when set (unset, they leave the hash as it was before they existed; one
+    set is its name, as before several could be given; several a list).
     ``checkpoint_every`` is left out: resuming is exact, so how often a run checkpoints does not change it."""
     values = config.to_dict()
     values["train"] = {k: v for k, v in values["train"].items() if k != "checkpoint_every"}
     if values.get("dtype") == "float32":  # the default leaves the hash as it was before --dtype existed
         del values["dtype"]
-    values.update({k: v for k, v in (("ood", ood), ("shift", shift)) if v is not None})
+    values.update({k: v if isinstance(v, str) else list(v) for k, v in (("ood", ood), ("shift", shift))
+                   if v is not None})
     text = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -15,7 +15,7 @@ from .. import report, runs
 from ..errors import BaraError
 from ..methods import METHODS
 from ..plots import scatter_methods
-from .plan import SELECT, SHIFT, Choice, Plan, RunSpec, choices, diverged, finished, validation_metrics
+from .plan import SELECT, Choice, Plan, RunSpec, choices, diverged, finished, sets, shift_results, validation_metrics
 from .presets import Preset
 
 
@@ -26,6 +26,7 @@ VALIDATION = [(f"val_{k[5:]}", h, b) for k, h, b in METRICS] + [("val_fast_nll",
 ONE_PASS = [("test_fast_accuracy", "one-pass accuracy %", "max"), ("test_fast_ece", "one-pass ECE %", "min"),
             ("test_fast_nll", "one-pass NLL", "min")]
 OOD = [("test_ood_auroc", "OOD AUROC", "max")]
+OOD_SET = "test_ood_auroc[{}]"  # a row's AUROC against one of several OOD sets, a column of its own each
 SHIFTED = [("shift_accuracy", "accuracy %", "max"), ("shift_ece", "ECE %", "min"), ("shift_nll", "NLL", "min"),
            ("shift_brier", "Brier", "min")]
 COST = [("train_seconds_per_step", "train s/step"), ("peak_memory_mb", "peak memory MB"),
@@ -79,12 +80,15 @@ def _row(output: Path, spec: RunSpec, metrics: dict) -> dict:
            **report.row(metrics)}
     # train_seconds and history.jsonl both cover the session that finished the run (after a resume: its part).
     row["train_seconds_per_step"] = row["train_seconds"] / steps if steps and row.get("train_seconds") else None
-    if spec.ood:
+    if isinstance(spec.ood, str):
         row["ood_data"], row["test_ood_auroc"] = spec.ood, metrics.get("ood_auroc")
-    if spec.shift:
-        shifted = json.loads((output / spec.folder / SHIFT).read_text())
-        row["shift_data"] = spec.shift
-        row.update({f"shift_{k}": shifted.get(k) for k in ("accuracy", "ece", "nll", "brier")})
+    elif spec.ood:
+        row["ood_data"] = list(spec.ood)
+        row.update({OOD_SET.format(name): metrics.get("ood_auroc_by_set", {}).get(name) for name in spec.ood})
+    if spec.shift:  # {shift set: its numbers}, on all of its examples
+        shifted = shift_results(output / spec.folder)
+        row["shift"] = {name: {k: shifted[name].get(k) for k in ("accuracy", "ece", "nll", "brier", "n")}
+                        for name in spec.shifts}
     return row
 
 
@@ -167,8 +171,10 @@ def _protocol(preset: Preset, specs: list[RunSpec]) -> list[str]:
              "NLL and Brier of the averaged predictive; the best mean per column in bold (max for accuracy, min "
              f"for the others). One-pass: the deterministic prediction beside the sampled one. {legends} "
              "OOD AUROC (where a dataset names an OOD set): predictive entropy as the score separating its test "
-             "texts from the OOD set's. Under shift (where a dataset names a shift set): the adapter trained on "
-             "the dataset, evaluated on the test split of another dataset with the same labels.",
+             "texts from the OOD set's (a column per set where it names several). Under shift (where a dataset "
+             "names shift sets): the adapter trained on the dataset, evaluated on every example of another dataset "
+             "with the same labels (train, validation and test: it is never trained on), capped as the test split "
+             "is; a table per shift set.",
              "", "| variant | method | options |", "|---|---|---|"]
     for variant in dict.fromkeys(s.variant for s in specs):
         spec = next(s for s in specs if s.variant == variant)
@@ -179,7 +185,10 @@ def _protocol(preset: Preset, specs: list[RunSpec]) -> list[str]:
 def _dataset_results(plan_: Plan, specs: list[RunSpec], dataset: str, rows: list[dict], output: Path,
                      chosen: dict[tuple[str, str], Choice], lost: dict) -> tuple[list[dict], list[str]]:
     """The means over seeds of one dataset's finished ``rows`` (by variant) and its tables in results.md."""
-    present = [c for c in OOD + ONE_PASS if any(r.get(c[0]) is not None for r in rows)]
+    ood_sets = dict.fromkeys(name for s in specs if s.dataset == dataset and not isinstance(s.ood, str)
+                             for name in sets(s.ood))
+    present = [c for c in OOD + [(OOD_SET.format(n), f"OOD AUROC {n}", "max") for n in ood_sets] + ONE_PASS
+               if any(r.get(c[0]) is not None for r in rows)]
     columns = METRICS + present + _method_columns(rows)
     groups = report.summarize(rows, "variant", [c[0] for c in columns])
     lines = [_table(groups, columns)]
@@ -194,11 +203,12 @@ def _dataset_results(plan_: Plan, specs: list[RunSpec], dataset: str, rows: list
     if gone:
         lines += ["", "Diverged (non-finite training loss; left out of the means above, and not retried: the "
                   "same settings diverge the same way): " + ", ".join(gone) + "."]
-    shifted = [r for r in rows if r.get("shift_data")]
-    for shift in dict.fromkeys(r["shift_data"] for r in shifted):
-        lines += ["", f"### {dataset} under shift: tested on `{shift}`", "",
-                  _table(report.summarize([r for r in shifted if r["shift_data"] == shift], "variant",
-                                          [k for k, _, _ in SHIFTED]), SHIFTED)]
+    for shift in dict.fromkeys(name for r in rows for name in r.get("shift", {})):
+        mine = [{"variant": r["variant"], **{f"shift_{k}": v for k, v in r["shift"][shift].items()}}
+                for r in rows if shift in r.get("shift", {})]
+        examples = ", ".join(str(n) for n in dict.fromkeys(r["shift_n"] for r in mine))
+        lines += ["", f"### {dataset} under shift: tested on `{shift}` (all its examples: {examples})", "",
+                  _table(report.summarize(mine, "variant", [k for k, _, _ in SHIFTED]), SHIFTED)]
     return groups, lines
 
 
@@ -225,12 +235,12 @@ def _beside_reference(plan_: Plan, specs: list[RunSpec], dataset: str, rows: lis
         behind = "—" if None in delta.values() else ", ".join(
             k[5:] for k in ("test_accuracy", "test_nll")
             if (-delta[k] if k == "test_accuracy" else delta[k]) > BEHIND[k]) or "no"
-        shift = lambda k, scale, digits: "—" if delta[k] is None else f"{scale * delta[k]:+.{digits}f}"  # noqa: E731
+        signed = lambda k, scale, digits: "—" if delta[k] is None else f"{scale * delta[k]:+.{digits}f}"  # noqa: E731
         lines.append(f"| {group['variant']} | {group['n']} | {report.fmt('test_accuracy', ours['test_accuracy'])} | "
-                     f"{report.fmt('test_accuracy', tuned['test_accuracy'])} | {shift('test_accuracy', 100, 1)} | "
+                     f"{report.fmt('test_accuracy', tuned['test_accuracy'])} | {signed('test_accuracy', 100, 1)} | "
                      f"{report.fmt('test_ece', ours['test_ece'])} | {report.fmt('test_ece', tuned['test_ece'])} | "
                      f"{report.fmt('test_nll', ours['test_nll'])} | {report.fmt('test_nll', tuned['test_nll'])} | "
-                     f"{shift('test_nll', 1, 3)} | {behind} |")
+                     f"{signed('test_nll', 1, 3)} | {behind} |")
     return lines
 
 
@@ -358,8 +368,9 @@ def _schedule(specs: list[RunSpec], dataset: str) -> str:
     rates = dict.fromkeys(rate(s) for s in mine)
     lr = next(iter(rates)) if len(rates) == 1 else ", ".join(
         f"{v} {r}" for v, r in dict.fromkeys((s.variant, rate(s)) for s in mine))
-    extra = "".join(f" {label} `{value}`." for label, value in (("OOD set:", mine[0].ood),
-                                                                ("Shift: also tested on", mine[0].shift)) if value)
+    extra = "".join(f" {label} {', '.join(f'`{n}`' for n in sets(value))}." for label, value in (
+        ("OOD set:" if isinstance(mine[0].ood, str) else "OOD sets:", mine[0].ood),
+        ("Shift: also tested on", mine[0].shift)) if value)
     return (f"Data `{mine[0].config.data}`: {length}, batch size {t.batch_size}, max length {t.max_length}, "
             f"learning rate {lr}.{extra}")
 

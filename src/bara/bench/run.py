@@ -15,7 +15,8 @@ from ..data import bigbench
 from ..errors import BaraError, Diverged
 from ..runs import RunConfig
 from ..trainer import total_steps
-from .plan import DIVERGED, SHIFT, Plan, RunSpec, choices, diverged, expand, finished, validation_metrics
+from .plan import (DIVERGED, SHIFT, Plan, RunSpec, choices, diverged, expand, finished, sets, shift_results,
+                   validation_metrics)
 
 
 ERROR = "error.txt"  # traceback of a failed run, beside its partial outputs
@@ -70,8 +71,10 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
             if not (folder / runs.METRICS).exists():
                 runs.run_train(spec.config, folder, resume=checkpoint.find(folder) is not None, ood_data=spec.ood,
                                progress_bar=progress, validation=validation)
-            if spec.shift:  # from the saved adapter, so an interruption here costs no retraining
-                shifted = runs.run_eval(folder, data=spec.shift, progress_bar=progress)
+            # From the saved adapter, set by set, so an interruption here costs no retraining and no set twice.
+            shifted = shift_results(folder)
+            for name in (n for n in spec.shifts if n not in shifted):
+                shifted[name] = runs.run_eval(folder, data=name, progress_bar=progress, all_examples=True)
                 runs.write_json(folder / SHIFT, shifted)
         except Exception as err:  # one failed run must not stop the others of a long benchmark
             folder.mkdir(parents=True, exist_ok=True)
@@ -196,6 +199,6 @@ def check_defaults(specs: list[RunSpec], folders: list[Path]) -> None:
 
 def check_fetched(specs: list[RunSpec]) -> None:
     """Every BIG-bench dataset the runs need is fetched: one clear error now, not one per failed run later."""
-    for name in dict.fromkeys(n for s in specs for n in (s.config.data, s.ood, s.shift) if n):
+    for name in dict.fromkeys(n for s in specs for n in (s.config.data, *sets(s.ood), *s.shifts)):
         if bigbench.is_bigbench(name):
             bigbench.task_folder(name)
