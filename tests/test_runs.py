@@ -488,9 +488,11 @@ def test_train_without_lr_uses_the_methods_own_default_for_the_model(tiny_bert, 
             runs.meta_file(tmp_path / name).read_text())["run"]["train"]["lr"]  # the adapter's record too
         return metrics["config"]["train"]["lr"]
 
-    assert trained_lr("default") == 1e-2
-    assert trained_lr("given", "--lr", "0.002") == 0.002
     capsys.readouterr()
+    assert trained_lr("default") == 1e-2
+    assert "lr: 0.01, adalora's default for this model (--lr sets another)\n" in capsys.readouterr().out
+    assert trained_lr("given", "--lr", "0.002") == 0.002
+    assert "default for this model" not in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["train", "--method", "adalora", "--help"])
     assert " ".join(capsys.readouterr().out.split()).count(

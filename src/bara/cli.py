@@ -352,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             if metrics:
                 for note in metrics["data_notes"]:
                     print(f"data: {note}")
+                if args.lr is None:
+                    print(f"lr: {lr:g}, {args.method}'s default for this model (--lr sets another)")
                 print(table(metrics))
                 plots = ", ".join(sorted(p.name for p in args.output.glob("*.png")))
                 print(f"wrote {args.output}/metrics.json, the adapter and the plots {plots}")
