@@ -101,17 +101,18 @@ def kind_of(model_type: str) -> str:
     return "encoder" if model_type in ENCODER_TYPES else "causal"
 
 
-def model_kind(name: str) -> str:
-    """"encoder" or "causal", as :func:`load_model` would load ``name``, from its config alone (no weights)."""
+def model_kind(name: str) -> str | None:
+    """"encoder" or "causal", as :func:`load_model` would load ``name``, from its config alone (no weights); None
+    where the config cannot be read (no such folder, a hub id offline): loading the model then fails and says why,
+    after the checks that come before loading."""
     if name in EMBEDDED_KINDS:
         return EMBEDDED_KINDS[name]
     from transformers import AutoConfig
 
     try:
         return kind_of(AutoConfig.from_pretrained(resolve(name)).model_type)
-    except OSError as err:
-        raise BaraError(f"cannot read the config of model '{name}' ({str(err).splitlines()[0]}); fix: check the "
-                        "name, or use an embedded model (minilm, smollm2) when offline") from None
+    except (OSError, BaraError):
+        return None
 
 
 def load_model(name: str, num_labels: int, dtype: torch.dtype = torch.float32) -> LoadedModel:

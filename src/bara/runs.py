@@ -93,7 +93,8 @@ class RunConfig:
 
 def default_lr(model: str, method: str) -> float:
     """The peak learning rate of ``method`` on ``model`` when none is given (``bara train`` without --lr, a preset
-    without an lr for it): the method's ``default_lr`` for the model's kind, else TrainConfig's shared rate."""
+    without an lr for it): the method's ``default_lr`` for the model's kind, else TrainConfig's shared rate (also
+    for a model whose config cannot be read: it fails to load, with the reason)."""
     if method not in METHODS:
         raise BaraError(f"unknown method '{method}'; fix: use one of {', '.join(sorted(METHODS))}")
     rates = METHODS[method].default_lr
