@@ -196,14 +196,16 @@ def test_objective_warm_up_and_weights(tiny_bert, pi_update):
     batch = _batch(classifier)
     torch.manual_seed(0)
     loss0, logs0 = method.loss(classifier, batch, Progress(0, 100, 1000))
-    assert logs0["beta"] == 0 and loss0.item() == pytest.approx(logs0["nll"], rel=1e-6)
+    # the KL terms are warmed up, the disentanglement penalty (orth_reg = 0.5 by default) is not
+    assert logs0["beta"] == 0 and logs0["orth"] > 0.1
+    assert loss0.item() == pytest.approx(logs0["nll"] + 0.5 * logs0["orth"], rel=1e-6)
     torch.manual_seed(0)
     loss, logs = method.loss(classifier, batch, Progress(50, 100, 1000))
     gates = method.gates_per_instance
     assert gates == 2 * 2 * 16  # query and value of 2 layers, r = 16
     kl_pi = sum(l.kl_pi() for l in method.layers.values()).item()
     in_loss = logs["kl_global"] - (kl_pi if pi_update == "svi" else 0.0)  # svi: q(pi) is not a gradient target
-    expected = logs["nll"] + logs["kl_local"] / gates + in_loss / 1000
+    expected = logs["nll"] + logs["kl_local"] / gates + in_loss / 1000 + 0.5 * logs["orth"]
     assert logs["beta"] == 1 and loss.item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -232,7 +234,8 @@ def test_kl_step_sgd_takes_the_factor_kl_out_of_the_loss_into_an_sgd_step(tiny_b
     kl_pi = sum(l.kl_pi() for l in layers).item()
     kl_a = sum(l.kl_A() for l in layers).item()
     assert kl_a > 0 and logs["kl_global"] == pytest.approx(kl_pi + kl_a, rel=1e-5)
-    expected = logs["nll"] + logs["kl_local"] / method.gates_per_instance  # svi: KL_pi is no gradient target
+    expected = logs["nll"] + logs["kl_local"] / method.gates_per_instance + 0.5 * logs["orth"]  # svi: KL_pi is no
+    # gradient target; 0.5 is the default orth_reg
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     # sigma_A's parameter is never AdamW's with kl_step=sgd (it is with kl_step=loss)
     groups = [p for g in method.param_groups(classifier, 1e-3, 0.0) for p in g["params"]]
@@ -660,3 +663,28 @@ def test_blob_reports_ranks_but_no_gate_information(tiny_bert, toy_data, tmp_pat
                        train=TrainConfig(steps=2, batch_size=8, max_length=16))
     diag = runs.run_train(config, tmp_path / "blob", progress_bar=False, validation=False)["diagnostics"]
     assert diag["joint_effective_rank"] == 4 and "decided_share" not in diag and "gate_mi" not in diag
+
+
+def test_default_magnitude_prior_does_not_price_active_factors_out(tiny_bert):
+    """docs/experiments.md section 11: under SPEC's Gamma(1, 1) the magnitude q(theta) the gate network starts
+    with (kappa ~ 10, mean 1) costs 1.7 nats per active factor and the gates collapse; the default Gamma(50, 50)
+    costs 0.08."""
+    per_gate = {}
+    for prior in ((50.0, 50.0), (1.0, 1.0)):
+        # gate_init 0: every gate starts at Delta = 0 (its local Bernoulli KL is 0), kappa = 10 and mean 1 exactly
+        classifier, method = _classifier(tiny_bert, "bara", kl_step="loss", theta_shape=prior[0],
+                                         theta_rate=prior[1], gate_init=0.0)
+        assert (method.config.theta_shape, method.config.theta_rate) == prior
+        torch.manual_seed(0)
+        _, logs = method.loss(classifier, _batch(classifier), Progress(50, 100, 1000))
+        rho = torch.cat([l.last_rho for l in method.layers.values()], -1).mean().item()
+        per_gate[prior] = logs["kl_local"] / method.gates_per_instance / rho  # the local KL of one active factor
+    assert BaraConfig().theta_shape == BaraConfig().theta_rate == 50.0 and BaraConfig().orth_reg == 0.5
+    assert per_gate[(50.0, 50.0)] == pytest.approx(0.082, abs=0.005)
+    assert per_gate[(1.0, 1.0)] == pytest.approx(1.734, abs=0.01)
+
+
+def test_blob_keeps_no_penalty_and_its_saved_options_whatever_baras_defaults():
+    blob = get_method("blob", {})
+    assert (blob.config.gate, blob.config.orth_reg, blob.config.theta_shape, blob.config.theta_rate) == \
+        ("none", 0.0, 1.0, 1.0)

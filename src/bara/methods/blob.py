@@ -31,4 +31,7 @@ class Blob(Bara):
 
     def __init__(self, config: BlobConfig | None = None):
         self.blob_config = config or BlobConfig()
-        super().__init__(BaraConfig(**self.blob_config.to_dict(), gate="none"))
+        # No gate: no local magnitude and no disentanglement penalty; these stay at the values BLoB's saved adapters
+        # hold, so a change of BaRA's defaults is not a change of BLoB's.
+        super().__init__(BaraConfig(**self.blob_config.to_dict(), gate="none", orth_reg=0.0, theta_shape=1.0,
+                                    theta_rate=1.0))

@@ -154,8 +154,11 @@ class BaraConfig(FactorPosteriorConfig):
     # Default 0.5 (undecided gates learn an input-dependent allocation): measured in docs/experiments.md, section 5.
     pi_init: float = option(0.5, "initial E[pi] of the global gates (0.5: undecided; gates are never all off at "
                                  "the start, and the KL is warmed up)")
-    theta_shape: float = option(1.0, "Gamma prior shape of the local magnitude theta")
-    theta_rate: float = option(1.0, "Gamma prior rate of the local magnitude theta")
+    # Default Gamma(50, 50) (mean 1, std 0.14), not SPEC's Gamma(1, 1): under Gamma(1, 1) every active factor pays
+    # 1.7 nats for its magnitude and the gates collapse to one factor a layer; docs/experiments.md, section 11.
+    theta_shape: float = option(50.0, "Gamma prior shape of the local magnitude theta (with theta_rate: mean "
+                                      "shape / rate; 50 / 50: theta modulates a factor around 1, its scale is in B)")
+    theta_rate: float = option(50.0, "Gamma prior rate of the local magnitude theta")
     allocation: str = option("independent", "independent (each factor gated on its own) or stick (instance-"
                                             "specific stick-breaking: factor k is on only if the instance keeps "
                                             "all factors before it, so the gate chooses a rank)", Allocation)
@@ -173,7 +176,8 @@ class BaraConfig(FactorPosteriorConfig):
     train_samples: int = option(1, "K: the data term is -log (1/K) sum_k p(y | x, w_k) over K samples drawn in one "
                                    "batched pass (K = 1: one sample): training the averaged predictive that is "
                                    "scored; costs K times the forward and backward pass")
-    orth_reg: float = option(0.0, "weight of the disentanglement penalty: the Frobenius norm of the off-diagonal "
+    # Default 0.5 (peft's AdaLoRA weight): most of AdaLoRA's lead was its orthogonality; docs/experiments.md, section 11.
+    orth_reg: float = option(0.5, "weight of the disentanglement penalty: the Frobenius norm of the off-diagonal "
                                   "cosine similarities between A's rows and between B's columns (AdaLoRA's "
                                   "orthogonality of P and Q, without fixing their scale), mean over layers")
     prune_threshold: float = option(0.01, "factors with E[pi] below this are pruned by 'prune'")
