@@ -506,7 +506,7 @@ def test_packaged_presets_expand_under_the_fair_protocol():
     quick, standard, ablations = (bench.expand(name) for name in ("quick", "standard", "ablations"))
     assert len(quick) == 2 * 3 * 1
     assert len(standard) == 4 * 9 * 3
-    assert len(ablations) == 2 * 11 * 3
+    assert len(ablations) == 2 * 13 * 3
     assert len({s.hash for s in quick}) == len(quick) and not any(s.pending for s in quick)
     # standard and ablations choose rates on validation first: every run waits for its grid's candidates.
     assert all(s.pending for s in standard + ablations)
