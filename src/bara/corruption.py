@@ -71,12 +71,17 @@ def word_dropout(text: str, rate: float, rng: random.Random) -> str:
 CORRUPTIONS = {"typos": typos, "word_dropout": word_dropout}
 
 
-def corrupt(split: Split, kind: str, intensity: float, seed: int) -> Split:
-    """``split`` with its texts corrupted by ``kind`` at ``intensity`` percent, seeded by (kind, intensity, seed)."""
+def check(kind: str, intensity: float) -> None:
+    """BaraError unless ``kind`` is a known corruption and ``intensity`` a percentage."""
     if kind not in CORRUPTIONS:
         raise BaraError(f"unknown corruption {kind!r}; fix: use one of {', '.join(KINDS)}")
     if not 0 <= intensity <= 100:
         raise BaraError(f"a corruption intensity is a percentage in [0, 100], got {intensity:g}")
+
+
+def corrupt(split: Split, kind: str, intensity: float, seed: int) -> Split:
+    """``split`` with its texts corrupted by ``kind`` at ``intensity`` percent, seeded by (kind, intensity, seed)."""
+    check(kind, intensity)
     rng = random.Random(f"{kind}/{intensity:g}/{seed}")  # a str seed is hashed deterministically (sha512)
     change = CORRUPTIONS[kind]
     return Split(texts=[change(t, intensity / 100, rng) for t in split.texts], labels=list(split.labels),
@@ -189,11 +194,8 @@ def run_corrupt(output: Path, datasets: list[str], kinds=KINDS, intensities=INTE
     from .checkpoint import write_atomic
 
     for kind in kinds:
-        if kind not in CORRUPTIONS:
-            raise BaraError(f"unknown corruption {kind!r}; fix: use one of {', '.join(KINDS)}")
-    for intensity in intensities:
-        if not 0 <= intensity <= 100:
-            raise BaraError(f"a corruption intensity is a percentage in [0, 100], got {intensity:g}")
+        for intensity in intensities:
+            check(kind, intensity)
     rows = {dataset: _finished_runs(output, dataset) for dataset in datasets}  # every error before any work
     written = []
     for dataset, finished in rows.items():
