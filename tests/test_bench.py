@@ -505,7 +505,7 @@ def test_preset_lookup_errors(tmp_path, tiny_bert, toy_data, capsys):
 def test_packaged_presets_expand_under_the_fair_protocol():
     quick, standard, ablations = (bench.expand(name) for name in ("quick", "standard", "ablations"))
     assert len(quick) == 2 * 3 * 1
-    assert len(standard) == 4 * 9 * 3
+    assert len(standard) == 3 * 9 * 3  # no trec: its labels are scrambled
     assert len(ablations) == 2 * 13 * 3
     assert len({s.hash for s in quick}) == len(quick) and not any(s.pending for s in quick)
     # standard and ablations choose rates on validation first: every run waits for its grid's candidates.
@@ -514,17 +514,18 @@ def test_packaged_presets_expand_under_the_fair_protocol():
         plan = bench.plan(name)
         grids = {(e.dataset, e.variant): e.lr for e in plan.entries if isinstance(e.lr, tuple)}
         assert {v for _, v in grids} == tuned and plan.select == "nll" and plan.tune_seed == 0
-        assert {d: g for (d, _), g in grids.items()} == {d: (1e-3, 3e-3) if d == "trec" else (5e-3, 1e-2)
-                                                          for d, _ in grids}
+        assert {d: g for (d, _), g in grids.items()} == {d: (5e-3, 1e-2) for d, _ in grids}
         followed = {e.lr for e in plan.entries if isinstance(e.lr, str)}
         assert followed == ({"lora"} if name == "standard" else {"bara"})
         candidates = [c for e in plan.entries for c, _, _ in plan.candidates(e)]
-        knobs = {"blob": {"kl_lr": [0.002, 0.01]}, "bara": {"omega_loc": [0.0, 0.05]}}
+        knobs = {"blob": {"kl_lr": [0.002, 0.01]}}  # BaRA's omega_loc = 0.05 never won: no BaRA grid
         assert {(e.dataset, e.variant): e.option_grid for e in plan.entries if e.option_grid} == {
             key: knobs[key[1]] for key in grids if key[1] in knobs}
         assert len({c.hash for c in candidates}) == len(candidates) == 2 * len(grids) + 2 * sum(
             key[1] in knobs for key in grids)
-    assert list(dict.fromkeys(s.dataset for s in standard)) == ["banking77", "clinc150", "hwu64", "trec"]
+    assert list(dict.fromkeys(s.dataset for s in standard)) == ["banking77", "clinc150", "hwu64"]
+    assert list(dict.fromkeys(s.dataset for s in ablations)) == ["banking77", "hwu64"]
+    assert {(s.dataset, s.ood) for s in standard if s.ood} == {("banking77", ("trec", "20ng"))}
     assert {s.variant for s in standard} == {"lora", "map", "mcdropout", "ensemble", "temperature", "laplace",
                                              "blob", "adalora", "bara"}
     assert {(s.dataset, s.variant) for s in quick} == {(d, m) for d in ("trec", "banking77")
@@ -538,7 +539,7 @@ def test_packaged_presets_expand_under_the_fair_protocol():
             assert len({(c.model, c.max_train, c.max_eval, c.data) for c in mine}) == 1
             assert {c.train.seed for c in mine} == ({0} if specs is quick else {0, 1, 2})
     schedule = {(s.dataset, s.config.train.epochs) for s in standard + ablations}
-    assert schedule == {("trec", 12.0), ("banking77", 20.0), ("clinc150", 20.0), ("hwu64", 20.0)}
+    assert schedule == {("banking77", 20.0), ("clinc150", 20.0), ("hwu64", 20.0)}
     assert {(s.dataset, s.config.train.epochs) for s in quick} == {("trec", 12.0), ("banking77", 15.0)}
     assert {(s.dataset, s.config.train.lr) for s in quick} == {("trec", 1e-3), ("banking77", 5e-3)}
     assert {s.config.max_eval for s in quick} == {500} and {s.config.max_eval for s in standard} == {1000}
@@ -554,11 +555,18 @@ def test_committed_results_keep_their_hashes():
     """Every run of the committed reports is the run today's presets make: its hash from today's plan, at the rate
     (and, for a grid's knob, one of the grid's options) it trained with."""
     root = Path(__file__).parents[1] / "benchmarks" / "results"
+    # Made stale on purpose on 2026-12-02, until standard's and ablations' rerun (issue 15) replaces them: trec is no
+    # longer run (scrambled labels) and banking77's runs add a second OOD set (20ng), which changes their hashes.
+    stale = {(name, data) for name in ("standard", "ablations") for data in ("banking77", "trec")}
     for name in ("standard", "quick", "ablations"):
         entries = {(e.dataset, e.variant): e for e in bench.plan(name).entries}
         rows = [json.loads(line) for line in (root / name / "results.jsonl").read_text().splitlines()]
         assert len(rows) >= 6
         for row in rows:
+            if (name, row["dataset"]) in stale:
+                assert row["dataset"] == "trec" or row["hash"] not in {  # stale indeed: rerun, then drop `stale`
+                    s.hash for s in bench.expand(name) if s.dataset == row["dataset"]}
+                continue
             entry = entries[row["dataset"], row["variant"]]
             gridded = entries[row["dataset"], entry.lr] if isinstance(entry.lr, str) else entry
             hashes = {entry.spec(row["lr"], row["seed"], options).hash for options in gridded.option_sets()}
@@ -607,18 +615,18 @@ def test_validate_all_scores_every_run_and_reports_validation_means(preset_file,
 def test_a_preset_file_can_extend_a_packaged_preset(tmp_path):
     path = tmp_path / "mine.toml"
     path.write_text('[mine]\nextends = "standard"\nmethods = { bara = "bara", bounded = { method = "bara", options = '
-                    '{ max_sigma = 0.2 } } }\n\n[mine.lr]\nbounded = "bara"\n\n[mine.datasets.trec]\n')
+                    '{ max_sigma = 0.2 } } }\n\n[mine.lr]\nbounded = "bara"\n\n[mine.datasets.hwu64]\n')
     mine, standard = bench.plan(str(path)), bench.plan("standard")
     # Its bara runs are standard's (same hashes: --reuse copies them); the variant follows bara's chosen rate.
     ours = {c.hash for e in mine.entries for c, _, _ in mine.candidates(e)}
-    theirs = {c.hash for e in standard.entries if (e.dataset, e.variant) == ("trec", "bara")
+    theirs = {c.hash for e in standard.entries if (e.dataset, e.variant) == ("hwu64", "bara")
               for c, _, _ in standard.candidates(e)}
-    assert ours == theirs and len(ours) == 4
-    assert [(e.dataset, e.variant, e.lr) for e in mine.entries] == [("trec", "bara", (1e-3, 3e-3)),
-                                                                     ("trec", "bounded", "bara")]
+    assert ours == theirs and len(ours) == 2
+    assert [(e.dataset, e.variant, e.lr) for e in mine.entries] == [("hwu64", "bara", (5e-3, 1e-2)),
+                                                                     ("hwu64", "bounded", "bara")]
     specs = bench.expand(str(path))
     assert {s.config.method_options.get("max_sigma") for s in specs if s.variant == "bounded"} == {0.2}
-    assert {s.config.train.epochs for s in specs} == {12.0}
+    assert {s.config.train.epochs for s in specs} == {20.0}
 
 
 def test_summary_table_gives_mean_std_and_bolds_the_best():
@@ -866,7 +874,7 @@ def test_packaged_multiple_choice_preset_and_ood_in_standard():
         ("fever", ("bigbench/fact_checker/politifact", "bigbench/fact_checker/covid19_scientific"))}
     assert {s.config.method_options.get("prior_fit") for s in specs if s.variant == "laplace"} == {"val"}
     assert not any(s.ood for s in specs)
-    # Fair protocol: every method's rate, and BLoB's and BaRA's knob, chosen on validation (14 candidates a dataset);
+    # Fair protocol: every method's rate, and BLoB's knob, chosen on validation (12 candidates a dataset);
     # the post-hoc steps on a LoRA fit take LoRA's.
     plan = bench.plan("multiple-choice")
     assert plan.select == "nll" and plan.tune_seed == 0
@@ -874,12 +882,12 @@ def test_packaged_multiple_choice_preset_and_ood_in_standard():
         **{m: (3e-4, 1e-3) for m in ("lora", "mcdropout", "blob", "monteclora", "bara")},
         **{m: "lora" for m in ("temperature", "laplace", "tfb")}}
     assert {e.variant: e.option_grid for e in plan.entries if e.option_grid} == {
-        "blob": {"kl_lr": [0.002, 0.01]}, "bara": {"omega_loc": [0.0, 0.05]}}
+        "blob": {"kl_lr": [0.002, 0.01]}}
     candidates = [c for e in plan.entries for c, _, _ in plan.candidates(e)]
-    assert len({c.hash for c in candidates}) == len(candidates) == 5 * 14
+    assert len({c.hash for c in candidates}) == len(candidates) == 5 * 12
     assert {c.seed for c in candidates} == {0}
-    for name in ("standard", "quick"):
-        assert {(s.dataset, s.ood) for s in bench.expand(name) if s.ood} == {("banking77", "trec")}
+    for name, ood in (("standard", ("trec", "20ng")), ("quick", "trec")):
+        assert {(s.dataset, s.ood) for s in bench.expand(name) if s.ood} == {("banking77", ood)}
         assert not any(s.shift for s in bench.expand(name))
 
 
