@@ -139,6 +139,28 @@ def test_data_parallel_two_processes(tiny_bert, toy_data, tmp_path):
     assert metrics["num_processes"] == 2
 
 
+def test_validation_can_be_skipped_at_training_and_added_by_eval(tiny_bert, toy_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--model", tiny_bert, "--data", toy_data, "--method", "bara", "--r", "4", "--steps", "2",
+                     "--batch-size", "4", "--output", str(out), "--no-progress", "--no-validation"]) == 0
+    assert "validation" not in json.loads((out / "metrics.json").read_text())
+    capsys.readouterr()
+    assert cli.main(["eval", "--adapter", str(out), "--validation", "--data", toy_data]) == 2
+    assert "--data cannot go with it; fix: drop --data" in capsys.readouterr().err
+    assert cli.main(["eval", "--adapter", str(out), "--validation", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    validation = metrics["validation"]
+    assert validation["samples"] == 10 and "fast_path" in validation and "gate_mi" in validation["diagnostics"]
+    assert f"(validation, n={validation['n']}, S=10)" in printed and f"{100 * validation['accuracy']:.2f}%" in printed
+    # The same numbers a run scoring validation at training gets.
+    trained = tmp_path / "with"
+    cli.main(["train", "--model", tiny_bert, "--data", toy_data, "--method", "bara", "--r", "4", "--steps", "2",
+              "--batch-size", "4", "--output", str(trained), "--no-progress"])
+    again = json.loads((trained / "metrics.json").read_text())["validation"]
+    assert (again["nll"], again["fast_path"]["nll"]) == (validation["nll"], validation["fast_path"]["nll"])
+
+
 def test_real_minilm_smoke(tmp_path):
     out = tmp_path / "minilm"
     cfg = RunConfig(model="minilm", data="stackoverflow", max_train=60, max_eval=60,

@@ -189,6 +189,9 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
     t.add_argument("--ood-data", help="another dataset whose test texts serve as out-of-distribution inputs")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--no-validation", action="store_true", help="do not score the validation split after training "
+                   "(for BaRA, BLoB and MC dropout S = 10, the one-pass prediction and the diagnostics: about as long "
+                   "as the test split's scoring); 'bara eval --adapter OUTPUT --validation' adds it later")
     t.add_argument("--report-to", default="none", choices=["none", *TRACKERS], help="also log every step's values "
                    "(those of history.jsonl) to this tracker through accelerate, local ones under OUTPUT/tracking "
                    "(needs pip install 'bara-peft[NAME]'; default none)")
@@ -202,6 +205,8 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
     e.add_argument("--ood-data", help="dataset whose test texts serve as out-of-distribution inputs (AUROC)")
     e.add_argument("--max-eval", type=int, help="cap the test split at N examples")
     e.add_argument("--output", type=Path, help="also write eval_metrics.json and plots into this folder")
+    e.add_argument("--validation", action="store_true", help="score the run's own validation split (as 'bara train' "
+                   "does unless --no-validation) into the adapter folder's metrics.json")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     x = sub.add_parser("export", help="write the base model with an adapter merged into its weights",
@@ -348,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                                   max_length=args.max_length, seed=args.seed, checkpoint_every=args.checkpoint_every,
                                   eval_every=args.eval_every))
             metrics = runs.run_train(config, args.output, args.resume, args.overwrite, args.ood_data,
-                                     not args.no_progress, report_to=args.report_to)
+                                     not args.no_progress, validation=not args.no_validation,
+                                     report_to=args.report_to)
             if metrics:
                 for note in metrics["data_notes"]:
                     print(f"data: {note}")
@@ -357,6 +363,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(table(metrics))
                 plots = ", ".join(sorted(p.name for p in args.output.glob("*.png")))
                 print(f"wrote {args.output}/metrics.json, the adapter and the plots {plots}")
+        elif args.command == "eval" and args.validation:
+            given = [f"--{k.replace('_', '-')}" for k in ("data", "samples", "ood_data", "max_eval", "output")
+                     if getattr(args, k) is not None]
+            if given:
+                raise BaraError(f"--validation scores the run's own validation split as it was trained (its data, "
+                                f"samples and cap), so {', '.join(given)} cannot go with it; fix: drop "
+                                f"{', '.join(given)}, or drop --validation to evaluate on a test split")
+            metrics = runs.add_validation(args.adapter, not args.no_progress)
+            print(table({**metrics, **metrics["validation"], "n_test": metrics["validation"]["n"]})
+                  .replace("(n_test=", "(validation, n="))
+            print(f"wrote the validation metrics into {args.adapter}/metrics.json")
         elif args.command == "eval":
             metrics = runs.run_eval(args.adapter, args.data, args.samples, args.ood_data, args.max_eval,
                                     args.output, not args.no_progress)
