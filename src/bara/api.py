@@ -258,10 +258,10 @@ class BaraModel(nn.Module):
         return self
 
     def prune(self, threshold: float | None = None) -> dict[str, int]:
-        """BaRA and BLoB: remove the factors with E[pi] below ``threshold`` (the config's ``prune_threshold``) for
-        good; returns the rank kept per layer. An optimiser built before pruning must be built again."""
+        """BaRA: remove the factors with E[pi] below ``threshold`` (the config's ``prune_threshold``) for good;
+        returns the rank kept per layer. An optimiser built before pruning must be built again."""
         if not callable(getattr(self.method, "prune", None)):
-            raise BaraError(f"{self.method.name} has no factors to prune; fix: prune a BaRA or BLoB model")
+            raise BaraError(f"{self.method.name} has no global gate to prune factors by; fix: prune a BaRA model")
         return self.method.prune(threshold)
 
     # -- adapters -------------------------------------------------------------------------------------

@@ -100,8 +100,33 @@ def test_gate_none_is_the_blob_layer():
     ax = x @ module.bara_A_mu.t() + ((x * s_in) @ noise.t()) * s_out
     assert torch.allclose(out, base + module.scaling * ax @ module.bara_B.t(), atol=1e-5)
     assert module.kl_local is None
-    blob = get_method("blob", {})
-    assert blob.config.gate == "none" and blob.default_samples == 10
+
+
+@pytest.mark.parametrize("sigma_param", ["log", "rho2"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_blobs_own_layer_is_bit_identical_to_bara_without_a_gate(sigma_param, dropout):
+    """BLoB's layer (the posterior's FactorLinear, no BaRA in it) and BaRA's with gate=none: the same initial draws
+    from the same seed, and the same outputs, draw for draw, in every mode; so BLoB trains as it did when it ran as
+    BaRA's gate-less layer."""
+    from bara.methods.blob import BlobConfig
+    from bara.methods.factor_posterior import FactorLinear
+
+    gated = layer(gate="none", sigma_param=sigma_param, lora_dropout=dropout)
+    torch.manual_seed(0)
+    blob = FactorLinear(nn.Linear(6, 5), BlobConfig(r=4, alpha=8.0, sigma_param=sigma_param, lora_dropout=dropout))
+    with torch.no_grad():
+        blob.bara_B.normal_()
+    ours, theirs = blob.state_dict(), gated.state_dict()
+    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    for mode in ("train", "sample", "mean"):
+        blob.mode = gated.mode = mode
+        torch.manual_seed(7)
+        out = blob(inputs())
+        torch.manual_seed(7)
+        assert torch.equal(out, gated(inputs()))
+    assert torch.equal(blob.kl_A(), gated.kl_A()) and not isinstance(blob, BaraLinear)
+    blob_method = get_method("blob", {})
+    assert blob_method.layer_class is FactorLinear and blob_method.default_samples == 10
 
 
 def test_flipout_gradients_match_autograd_and_finite_differences():
@@ -658,6 +683,44 @@ def test_runs_trained_before_the_new_inference_are_told_apart(tiny_bert, toy_dat
     assert ("pi_update" in changed) == (method == "bara")
 
 
+# What a BLoB adapter's method_config held beyond BlobConfig's fields while BLoB ran as BaRA's gate-less layer (up to
+# b2fa0d5): the rest of that version's BaraConfig, at the values that layer ran BLoB with.
+OLD_BLOB_OPTIONS = {
+    "gate": "none", "slab": "both", "context": "instance", "context_source": "hidden", "context_norm": "batch",
+    "context_dim": 32, "gate_hidden": 32, "gate_init": 0.1, "gate_lr": 0.001, "pi_update": "svi", "pi_counts": "full",
+    "pi_step_power": 0.7, "pi_step_delay": 1.0, "bayes_factors": True, "ibp_alpha": 2.0, "pi_init": 0.5,
+    "theta_shape": 1.0, "theta_rate": 1.0, "allocation": "independent", "temperature": 2 / 3, "estimator": "concrete",
+    "fast_gate": "expected", "omega_loc": 0.0, "l1_weight": 0.001, "train_samples": 1, "orth_reg": 0.0,
+    "prune_threshold": 0.01}
+
+
+def test_blob_adapters_saved_as_baras_gateless_layer_load_with_the_same_predictions(tiny_bert, toy_data, tmp_path):
+    import json
+    import shutil
+
+    import bara
+
+    out, old = tmp_path / "blob", tmp_path / "old"
+    config = RunConfig(model=tiny_bert, data=toy_data, method="blob", method_options={"r": 4},
+                       train=TrainConfig(steps=2, batch_size=8, max_length=16))
+    runs.run_train(config, out, progress_bar=False, validation=False)
+    shutil.copytree(out, old)
+    meta = json.loads((old / "adapter_config.json").read_text())
+    meta["method_config"] = {**meta["method_config"], **OLD_BLOB_OPTIONS}
+    (old / "adapter_config.json").write_text(json.dumps(meta))
+    assert runs.changed_defaults(old) == {}  # bara bench reuses it: nothing BLoB has was trained otherwise
+    predictions = {}
+    for folder in (out, old):
+        classifier, method, loaded = runs.load_adapter(folder)  # as bara eval
+        assert loaded.method_options == json.loads((out / "adapter_config.json").read_text())["method_config"]
+        model = bara.from_pretrained(tiny_bert, folder)
+        batch = _batch(classifier)
+        torch.manual_seed(0)
+        predictions[folder] = [method.predict(classifier, batch, samples) for samples in (0, 10)] + \
+            [model.predict(batch["input_ids"], batch["attention_mask"], samples=s) for s in (0, 10)]
+    assert all(torch.equal(a, b) for a, b in zip(predictions[out], predictions[old]))
+
+
 def test_blob_reports_ranks_but_no_gate_information(tiny_bert, toy_data, tmp_path):
     config = RunConfig(model=tiny_bert, data=toy_data, method="blob", method_options={"r": 4},
                        train=TrainConfig(steps=2, batch_size=8, max_length=16))
@@ -684,7 +747,29 @@ def test_default_magnitude_prior_does_not_price_active_factors_out(tiny_bert):
     assert per_gate[(1.0, 1.0)] == pytest.approx(1.734, abs=0.01)
 
 
-def test_blob_keeps_no_penalty_and_its_saved_options_whatever_baras_defaults():
-    blob = get_method("blob", {})
-    assert (blob.config.gate, blob.config.orth_reg, blob.config.theta_shape, blob.config.theta_rate) == \
-        ("none", 0.0, 1.0, 1.0)
+def test_blob_has_none_of_baras_options_and_imports_nothing_of_bara(tiny_bert):
+    """BLoB stands beside BaRA on the posterior's shared code: its config has none of BaRA's options (no gate, no
+    disentanglement penalty, no magnitude prior), so a change of BaRA's defaults cannot reach it; its objective is
+    the data term alone (with kl_step=sgd, its KL is the SGD step's); and none of its modules imports BaRA's."""
+    import ast
+    import dataclasses
+    import inspect
+
+    from bara.methods import blob, factor_method, factor_posterior
+    from bara.methods.bara import Bara
+    from bara.methods.blob import Blob, BlobConfig
+    from bara.methods.factor_posterior import FactorPosteriorConfig
+
+    fields = {f.name for f in dataclasses.fields(BlobConfig)}
+    assert fields == {f.name for f in dataclasses.fields(FactorPosteriorConfig)}
+    assert not fields & {"gate", "orth_reg", "theta_shape", "theta_rate", "train_samples", "bayes_factors"}
+    assert not issubclass(Blob, Bara) and not issubclass(BlobConfig, BaraConfig)
+    for module in (blob, factor_method, factor_posterior):
+        for node in ast.walk(ast.parse(inspect.getsource(module))):
+            if isinstance(node, ast.ImportFrom):
+                package = "bara.methods".rsplit(".", node.level - 1)[0] if node.level else ""
+                assert not f"{package}.{node.module}".lstrip(".").startswith("bara.methods.bara"), module.__name__
+    classifier, method = _classifier(tiny_bert, "blob")
+    torch.manual_seed(0)
+    loss, logs = method.loss(classifier, _batch(classifier), Progress(50, 100, 1000))
+    assert set(logs) == {"nll", "kl_global", "beta"} and loss.item() == logs["nll"]

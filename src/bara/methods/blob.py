@@ -1,13 +1,26 @@
-"""BLoB (Wang et al., 2024): LoRA with a Gaussian posterior on A (sigma = rho^2, flipout) and a point
-estimate of B, KL to N(0, 0.2^2): the posterior of :mod:`.factor_posterior`. It runs as BaRA's layer with the gate
-off (z = 1), whose config its saved adapters hold (docs/ARCHITECTURE.md says why it stays so)."""
+r"""BLoB (Wang et al., 2024): LoRA with a Gaussian posterior on A and a point estimate of B.
+
+.. math:: h = W_0 x + \frac{\alpha}{r} B A x, \qquad q(A) = \mathcal N(\mu_A, \sigma_A^2),\ \sigma_A = \rho^2,
+          \qquad p(A) = \mathcal N(0, 0.2^2)
+
+with flipout, BLoB's plain-SGD step on its KL after each AdamW step (its KL reweighting), S = 10 sampled passes at
+test time: the posterior of :mod:`.factor_posterior` in its layer
+(:class:`~bara.methods.factor_posterior.FactorLinear`), trained and scored by
+:class:`~bara.methods.factor_method.FactorPosteriorMethod`, which BaRA builds its gate on.
+
+Adapters saved while BLoB ran as BaRA's layer with the gate off hold a whole ``BaraConfig`` (``gate="none"``,
+``orth_reg``, ``theta_*``, ...) as their ``method_config``, and the same tensors (``bara_A_mu``, ``bara_A_rho``,
+``bara_B``) that BLoB saves now. They load with the same predictions: loading reads only the options
+:class:`BlobConfig` has (:func:`bara.runs.trained_options`), and BaRA's options there are the values under which
+BaRA's layer was BLoB (no gate, no penalty, one training sample, a Gaussian A).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .bara import Bara, BaraConfig
 from .base import option
+from .factor_method import FactorPosteriorMethod
 from .factor_posterior import FactorPosteriorConfig, SigmaParam
 
 
@@ -21,17 +34,11 @@ class BlobConfig(FactorPosteriorConfig):
                               SigmaParam)
 
 
-class Blob(Bara):
+class Blob(FactorPosteriorMethod):
+    """BLoB: the posterior's method as it stands (the module docstring has its formulas)."""
+
     name = "blob"
     # Chosen on validation for MiniLM at 1,000 examples, on banking77, clinc150 and hwu64 alike:
     # benchmarks/results/standard/results.md, each intent set's "Learning rates ... chosen on the validation split".
     default_lr = {"encoder": 5e-3}
     config_class = BlobConfig
-    default_samples = 10
-
-    def __init__(self, config: BlobConfig | None = None):
-        self.blob_config = config or BlobConfig()
-        # No gate: no local magnitude and no disentanglement penalty; these stay at the values BLoB's saved adapters
-        # hold, so a change of BaRA's defaults is not a change of BLoB's.
-        super().__init__(BaraConfig(**self.blob_config.to_dict(), gate="none", orth_reg=0.0, theta_shape=1.0,
-                                    theta_rate=1.0))

@@ -10,8 +10,10 @@ With ``kl_step=sgd`` (BLoB's code) a second optimiser, plain SGD at ``kl_lr`` wi
 :math:`w_t\,KL(q(A) \| p(A))` after each AdamW step, :math:`w_t = 2^i/(2^{M+1} - 1)`, :math:`i = t \bmod M`,
 :math:`M = 100 N^{\pi/\gamma}/b` (:func:`blob_kl_weight`), and sigma_A's parameter only there.
 
-A layer that uses these has parameters ``bara_A_mu``, ``bara_B`` and ``bara_A_rho`` or ``bara_A_log_sigma`` (the
-names saved adapters hold), a ``sigma_free`` property and a ``kl_A()`` method.
+:class:`FactorLinear` is the layer of this posterior, :math:`h = W_0 x + \frac{\alpha}{r} B\,(z \odot A x)` with
+z = 1: BLoB's layer as it stands, BaRA's (:class:`~bara.methods.bara.layer.BaraLinear`) with its gate's z. Its
+parameters are ``bara_A_mu``, ``bara_B`` and ``bara_A_rho`` or ``bara_A_log_sigma``, the names saved adapters hold.
+:mod:`.factor_method` is the method both build on.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
@@ -162,6 +165,102 @@ def flipout(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     sign_in = torch.randint(0, 2, (x.shape[0], 1, x.shape[-1]), device=x.device).to(x.dtype) * 2 - 1
     sign_out = torch.randint(0, 2, (x.shape[0], 1, sigma.shape[0]), device=x.device).to(x.dtype) * 2 - 1
     return Flipout.apply(x, sign_in, noise, sign_out)
+
+
+# -- the layer -----------------------------------------------------------------------------------------------
+class FactorLinear(nn.Module):
+    r"""LoRA with the Gaussian posterior on A around a frozen ``nn.Linear`` (or transformers' ``Conv1D``, GPT-2's
+    linear layer with its weight stored ``[in, out]``); every tensor it adds is named ``bara_*``.
+
+    .. math:: h = W_0 x + \frac{\alpha}{r} B\,(z \odot A x), \qquad A x = \mu_A \tilde x + \text{flipout}, \qquad
+              z = 1
+
+    where :math:`\tilde x` is x after ``lora_dropout`` (training passes only). ``mode``: ``train`` (dropout and a
+    flipout draw), ``sample`` (a flipout draw) or ``mean`` (A = mu_A: the one-pass prediction). A gated subclass
+    returns its z from :meth:`factor_weights`."""
+
+    # Whether A has its Gaussian posterior: here always; a subclass may read it from its config at every pass (BaRA's
+    # point-estimate ablation, which benchmarks/experiments/mc_sources.py also switches on a trained model).
+    bayes_factors = True
+
+    def __init__(self, base: nn.Module, config: FactorPosteriorConfig):
+        super().__init__()
+        self.base, self.config = base, config
+        # nn.Linear stores its weight [out, in], Conv1D [in, out].
+        self.in_features, self.out_features = base.weight.shape[::-1] if isinstance(base, nn.Linear) \
+            else base.weight.shape
+        self.scaling = config.alpha / config.r  # fixed by the configured r, so pruning keeps the outputs
+        r, d_in = config.r, self.in_features
+        # Drawn in this order (A_mu, then sigma's parameter), which every saved run's numbers depend on.
+        self.bara_A_mu = nn.Parameter(torch.empty(r, d_in))
+        nn.init.kaiming_uniform_(self.bara_A_mu, a=math.sqrt(5))  # as peft's LoRA A
+        if self.bayes_factors:
+            setattr(self, *sigma_parameter(r, d_in, config))
+        self.bara_B = nn.Parameter(torch.zeros(self.out_features, r))
+        self.mode = "train"  # train: dropout and flipout; sample: flipout; mean: one pass with A = mu_A
+
+    @property
+    def rank(self) -> int:
+        return self.bara_A_mu.shape[0]
+
+    @property
+    def sigma_free(self) -> nn.Parameter:
+        """The free parameter of sigma_A: log sigma, or BLoB's rho."""
+        return self.bara_A_rho if self.config.sigma_param == "rho2" else self.bara_A_log_sigma
+
+    @property
+    def sigma_A(self) -> torch.Tensor:
+        return sigma_of(self.sigma_free, self.config)
+
+    def kl_A(self) -> torch.Tensor:
+        """KL(q(A) || N(0, prior_sigma^2)), summed over the layer; 0 for a point estimate."""
+        if not self.bayes_factors:
+            return self.bara_A_mu.new_zeros((), dtype=torch.float32)
+        return kl_factors(self.bara_A_mu, self.sigma_free, self.config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        squeeze = x.dim() == 2
+        if squeeze:
+            x = x.unsqueeze(1)
+        x = x.to(self.bara_A_mu.dtype)  # a half-precision base: the adapter computes in its own dtype
+        ax_mean = x @ self.bara_A_mu.t()
+        if self.config.lora_dropout and self.mode == "train":  # as LoRA: dropout on the adapter's input
+            x_drop = F.dropout(x, self.config.lora_dropout, training=True)
+            ax = x_drop @ self.bara_A_mu.t()
+        else:
+            x_drop, ax = x, ax_mean
+        if self.bayes_factors and self.mode != "mean":
+            ax = ax + flipout(x_drop, self.sigma_A)
+        z = self.factor_weights(x, ax_mean)
+        if z is not None:
+            ax = ax * (z.unsqueeze(1) if z.dim() == 2 else z).to(ax.dtype)
+        delta = self.scaling * (ax @ self.bara_B.t())
+        if squeeze:
+            delta = delta.squeeze(1)
+        return out + delta.to(out.dtype)
+
+    def factor_weights(self, x: torch.Tensor, ax_mean: torch.Tensor) -> torch.Tensor | None:
+        """z, ``[N, r]`` or ``[N, T, r]``, from the input ``x [N, T, d_in]`` (in the adapter's dtype) and mu_A x;
+        None: z = 1, every factor on. Called after flipout's draws, so a gate draws after them."""
+        return None
+
+    @torch.no_grad()
+    def keep_factors(self, index: torch.Tensor) -> None:
+        """Keep only factors ``index`` (pruning, or shaping the layer to a pruned adapter before loading)."""
+        self.bara_A_mu = cut(self.bara_A_mu, 0, index)
+        self.bara_B = cut(self.bara_B, 1, index)
+        if self.bayes_factors:
+            name = "bara_A_rho" if self.config.sigma_param == "rho2" else "bara_A_log_sigma"
+            setattr(self, name, cut(getattr(self, name), 0, index))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.rank}"
+
+
+def cut(param: nn.Parameter, dim: int, index: torch.Tensor) -> nn.Parameter:
+    """``param`` with only the rows (``dim`` 0) or columns (1) ``index``, trainable as before."""
+    return nn.Parameter(param.data.index_select(dim, index).clone(), requires_grad=param.requires_grad)
 
 
 # -- the KL step ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ r"""The BaRA layer: LoRA whose rank-1 factors are switched on per instance by a 
   prior :math:`\mathrm{Gamma}(a_\theta, b_\theta)`
 - factors      :math:`A \sim \mathcal N(\mu_A, \sigma_A^2)`, free parameter :math:`\log\sigma_A` (or BLoB's
   :math:`\sigma_A = \rho^2`), flipout (as BLoB); prior :math:`\mathcal N(0, \sigma_p^2)`. B is a point estimate.
+  BLoB's layer, :class:`~bara.methods.factor_posterior.FactorLinear`, which this one extends with the gate.
 - ``pi_update=svi``: :math:`q(\pi_k) = \mathrm{Beta}(\alpha_k, \beta_k)`, moved after every step towards its
   conjugate optimum given the batch's usage (:meth:`BaraLinear.svi_step`)
 
@@ -30,7 +31,7 @@ from torch import nn
 from torch.distributions import Beta, Gamma, kl_divergence
 
 from ...distributions import GateBernoulli, GateBeta, Kumaraswamy, inverse_softplus, kumaraswamy_params, weibull_params
-from ..factor_posterior import Flipout, flipout, kl_factors, sigma_of, sigma_parameter  # noqa: F401 (Flipout: tests)
+from ..factor_posterior import FactorLinear, Flipout, cut  # noqa: F401 (Flipout: importable here, as before)
 from .config import BaraConfig
 from .variants import variants
 
@@ -55,33 +56,23 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, causal: bool = False) 
     return (m.transpose(1, 2) @ values).squeeze(1) / m.sum(1).clamp(min=1.0)
 
 
-class BaraLinear(nn.Module):
-    """Wraps a frozen ``nn.Linear`` (or transformers' ``Conv1D``, GPT-2's linear layer with its weight stored
-    ``[in, out]``); every tensor it adds is named ``bara_*``."""
+class BaraLinear(FactorLinear):
+    """The posterior's layer (:class:`~bara.methods.factor_posterior.FactorLinear`: A, B, flipout) with BaRA's gate:
+    q(pi), the context projection and the gate network, whose z weighs the factors. By ``mode``, the gate is a
+    relaxed sample (train), a hard Monte-Carlo sample (sample) or the one-pass gate (mean)."""
 
     def __init__(self, base: nn.Module, config: BaraConfig):
-        super().__init__()
-        self.base, self.config = base, config
-        # nn.Linear stores its weight [out, in], Conv1D [in, out].
-        self.in_features, self.out_features = base.weight.shape[::-1] if isinstance(base, nn.Linear) \
-            else base.weight.shape
-        self.scaling = config.alpha / config.r  # fixed by the configured r, so pruning keeps the outputs
-        r, d_in = config.r, self.in_features
-        self.bara_A_mu = nn.Parameter(torch.empty(r, d_in))
-        nn.init.kaiming_uniform_(self.bara_A_mu, a=math.sqrt(5))  # as peft's LoRA A
-        if config.bayes_factors:
-            setattr(self, *sigma_parameter(r, d_in, config))
-        self.bara_B = nn.Parameter(torch.zeros(self.out_features, r))
+        super().__init__(base, config)
+        r = config.r
         if config.svi:  # q(pi) = Beta(alpha, beta), updated in closed form (buffers, saved with the adapter)
             for name, value in self.initial_pi().items():
                 self.register_buffer(name, torch.full((r,), value))
         elif config.uses_pi:  # q(pi) = Kumaraswamy(a, b) with free a, b
             for name, value in self.initial_pi().items():
                 setattr(self, name, nn.Parameter(torch.full((r,), value)))
-        if config.gate != "none":
+        if config.gate != "none":  # drawn after the factors' initial values
             for name, module in self._gate_modules().items():
                 setattr(self, name, module)
-        self.mode = "train"  # train: relaxed sample; sample: hard Monte-Carlo sample; mean: one-pass fast path
         self.estimator, self.allocation, self.slab, self.one_pass_gate = variants(config)
         self.mask: torch.Tensor | None = None  # [N, T], set by the method's hook before every forward
         self.shuffle_block = 0  # > 0: each instance gets the local gate of another in its block (shuffle test)
@@ -91,6 +82,10 @@ class BaraLinear(nn.Module):
         self.penalty: torch.Tensor | None = None  # [N] L1 of z for gate=deterministic
         self.last_rho: torch.Tensor | None = None  # [N, r] instance-level gate probabilities
         self.last_g: torch.Tensor | None = None  # [N, r] hard (or sampled) gates
+
+    @property
+    def bayes_factors(self) -> bool:
+        return self.config.bayes_factors
 
     def initial_pi(self) -> dict[str, float]:
         """q(pi)'s tensors at the start, E[pi] = pi_init: Beta(2 pi_init, 2 (1 - pi_init)), or the free parameters of
@@ -150,19 +145,6 @@ class BaraLinear(nn.Module):
                 for n, value in pi_saved.items():
                     getattr(self, n).copy_(value)
 
-    @property
-    def rank(self) -> int:
-        return self.bara_A_mu.shape[0]
-
-    @property
-    def sigma_free(self) -> nn.Parameter:
-        """The free parameter of sigma_A: log sigma, or BLoB's rho."""
-        return self.bara_A_rho if self.config.sigma_param == "rho2" else self.bara_A_log_sigma
-
-    @property
-    def sigma_A(self) -> torch.Tensor:
-        return sigma_of(self.sigma_free, self.config)
-
     # The distributions below skip torch's argument checks: a NaN from diverged training then reaches the loss,
     # where the trainer stops with the step and the fix, instead of a ValueError deep inside torch.
 
@@ -205,11 +187,6 @@ class BaraLinear(nn.Module):
         return kl_divergence(q, Beta(torch.full_like(q.mean, c.ibp_alpha / c.r), torch.ones_like(q.mean),
                                      validate_args=False)).sum()
 
-    def kl_A(self) -> torch.Tensor:
-        if not self.config.bayes_factors:
-            return self.bara_A_mu.new_zeros((), dtype=torch.float32)
-        return kl_factors(self.bara_A_mu, self.sigma_free, self.config)
-
     @torch.no_grad()
     def svi_step(self, num_train: int, rate: float) -> None:
         r"""One stochastic natural-gradient step of q(pi) = Beta(alpha, beta) towards its conjugate optimum given
@@ -234,11 +211,8 @@ class BaraLinear(nn.Module):
         return offdiag(self.bara_A_mu) + offdiag(self.bara_B.t())
 
     # -- forward ------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        squeeze = x.dim() == 2
-        if squeeze:
-            x = x.unsqueeze(1)
+    def factor_weights(self, x: torch.Tensor, ax_mean: torch.Tensor) -> torch.Tensor | None:
+        """z from the gate, given the padding mask the method's hook set (every token real without one)."""
         mask = self.mask
         if mask is None:
             mask = x.new_ones(x.shape[:2])
@@ -246,22 +220,7 @@ class BaraLinear(nn.Module):
             raise ValueError(f"BaRA's padding mask has shape {tuple(mask.shape)} but the layer's input has "
                              f"{tuple(x.shape[:2])} (instances, tokens): the mask set before this forward belongs to "
                              "another input; set layer.mask = attention_mask (or None) for every forward")
-        x = x.to(self.bara_A_mu.dtype)  # a half-precision base: the adapter computes in its own dtype
-        ax_mean = x @ self.bara_A_mu.t()
-        if self.config.lora_dropout and self.mode == "train":  # as LoRA: dropout on the adapter's input
-            x_drop = F.dropout(x, self.config.lora_dropout, training=True)
-            ax = x_drop @ self.bara_A_mu.t()
-        else:
-            x_drop, ax = x, ax_mean
-        if self.config.bayes_factors and self.mode != "mean":
-            ax = ax + flipout(x_drop, self.sigma_A)
-        z = self.local_weights(x, ax_mean, mask)
-        if z is not None:
-            ax = ax * (z.unsqueeze(1) if z.dim() == 2 else z).to(ax.dtype)
-        delta = self.scaling * (ax @ self.bara_B.t())
-        if squeeze:
-            delta = delta.squeeze(1)
-        return out + delta.to(out.dtype)
+        return self.local_weights(x, ax_mean, mask)
 
     def gate_outputs(self, x: torch.Tensor, ax_mean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The gate network's raw outputs (Delta, kappa~, m~), ``[N, 3r]`` or ``[N, T, 3r]`` (token contexts)."""
@@ -351,20 +310,13 @@ class BaraLinear(nn.Module):
     # -- pruning ------------------------------------------------------------------------------------
     @torch.no_grad()
     def keep_factors(self, index: torch.Tensor) -> None:
-        """Keep only factors ``index`` (pruning, or shaping the layer to a pruned adapter before loading)."""
-        def cut(param: nn.Parameter, dim: int, keep: torch.Tensor = index) -> nn.Parameter:
-            return nn.Parameter(param.data.index_select(dim, keep).clone(), requires_grad=param.requires_grad)
-
+        """Keep only factors ``index``: A, B and sigma_A's parameter, q(pi) and the gate network's outputs."""
         r = self.rank
-        self.bara_A_mu = cut(self.bara_A_mu, 0)
-        self.bara_B = cut(self.bara_B, 1)
-        if self.config.bayes_factors:
-            name = "bara_A_rho" if self.config.sigma_param == "rho2" else "bara_A_log_sigma"
-            setattr(self, name, cut(getattr(self, name), 0))
+        super().keep_factors(index)
         if self.config.svi:
             self.bara_pi_alpha, self.bara_pi_beta = self.bara_pi_alpha[index], self.bara_pi_beta[index]
         elif self.config.uses_pi:
-            self.bara_pi_a, self.bara_pi_b = cut(self.bara_pi_a, 0), cut(self.bara_pi_b, 0)
+            self.bara_pi_a, self.bara_pi_b = cut(self.bara_pi_a, 0, index), cut(self.bara_pi_b, 0, index)
         if self.config.gate != "none":
             last = self.bara_gate[-1]
             rows = torch.cat([index, index + r, index + 2 * r])
@@ -373,4 +325,4 @@ class BaraLinear(nn.Module):
             self.bara_gate[-1] = new
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, r={self.rank}, gate={self.config.gate}"
+        return f"{super().extra_repr()}, gate={self.config.gate}"

@@ -1,4 +1,5 @@
-r"""BaRA as a method: injection into a model, the objective, Monte-Carlo prediction, diagnostics, pruning.
+r"""BaRA as a method: BLoB's (:mod:`..factor_method`: injection, the KL step, prediction) with the gate's objective,
+q(pi)'s SVI step, the gate's diagnostics and pruning.
 
 What is optimised (docs/experiments.md section 10 says why each weight is what it is). Minibatch of M instances,
 dataset size N, step t, KL warm-up :math:`\beta_t` (0 -> 1 over the first ``kl_warmup`` of training):
@@ -37,22 +38,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ...errors import BaraError
 from ...heads import Classifier
-from ..base import Method, Progress, repeated_passes
-from ..factor_posterior import SIGMA_PARAMS, clamp_sigma, kl_sgd_step, sigma_in_adamw
+from ..base import Progress
+from ..factor_method import RANK_SUMMARY, FactorPosteriorMethod
 from ..factor_posterior import blob_kl_weight, linear_schedule  # noqa: F401 (importable here, as before)
-from ..lora import target_modules
 from .config import BaraConfig
 from .layer import BaraLinear
 
 GATE_PARAMS = ("bara_gate", "bara_context", "bara_pi_")
 # The gate in a report, each beside its null (the gate network as initialised) or as the shuffle test's change in NLL.
 GATE_SUMMARY = ("decided_share", "decided_share_null", "gate_mi", "gate_mi_null", "shuffle_nll_one_pass",
-                "shuffle_nll_sampled", "rank_std_between_inputs", "rank_std_between_samples", "joint_effective_rank",
-                "selection_variability", "hard_rank_std")
+                "shuffle_nll_sampled", "rank_std_between_inputs", "rank_std_between_samples", *RANK_SUMMARY)
 
 
 def bernoulli_entropy_bits(p: torch.Tensor) -> torch.Tensor:
@@ -78,11 +76,7 @@ def gate_information(stats: dict, layers) -> dict[str, float]:
     }
 
 
-def _matches(name: str, targets: list[str]) -> bool:
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-class Bara(Method):
+class Bara(FactorPosteriorMethod):
     """BaRA: Bayesian Adaptive Rank Allocation (global-local gated Bayesian LoRA)."""
 
     name = "bara"
@@ -90,31 +84,18 @@ class Bara(Method):
     # benchmarks/results/standard/results.md, each intent set's "Learning rates ... chosen on the validation split".
     default_lr = {"encoder": 1e-2}
     config_class = BaraConfig
-    default_samples = 10
-    diverged_fix = ", or --kl-lr, or bound sigma_A with --max-sigma 0.2 (docs/experiments.md section 9)"
+    layer_class = BaraLinear
     report_columns = (("decided_share", "decided"), ("gate_mi", "MI bits"), ("gate_mi_null", "MI null"),
-                      ("shuffle_nll_one_pass", "shuffle ΔNLL"), ("joint_effective_rank", "s̄"))
-    run_files = ("rank.png",)
-    column_legend = ("V: selection variability, rank std: std across instances of the hard effective rank, s̄: joint "
-                     "effective rank.")
+                      ("shuffle_nll_one_pass", "shuffle ΔNLL"), *FactorPosteriorMethod.report_columns)
+    summary_keys = GATE_SUMMARY
+    separate_params = GATE_PARAMS  # AdamW's gate group
+
+    @property
+    def bayes_factors(self) -> bool:
+        return self.config.bayes_factors
 
     def wrap(self, classifier: Classifier) -> None:
-        targets = target_modules(self.config, classifier)
-        if not targets:
-            raise BaraError("no default target modules for this architecture; fix: pass --target-modules")
-        found = [(n, m) for n, m in classifier.backbone.named_modules() if _matches(n, targets)
-                 and isinstance(m, (nn.Linear, Conv1D))]
-        if not found:
-            raise BaraError(f"no linear layer named {targets} in the model; fix: pass --target-modules")
-        self.layers: dict[str, BaraLinear] = {}
-        for name, module in found:
-            parent_name, _, child = name.rpartition(".")
-            layer = BaraLinear(module, self.config)
-            setattr(classifier.backbone.get_submodule(parent_name), child, layer)
-            self.layers[name] = layer
-        for head in classifier.head_names:  # the fresh classification head is trained in full
-            for p in classifier.backbone.get_submodule(head).parameters():
-                p.requires_grad_(True)
+        super().wrap(classifier)
 
         def share_mask(module, args, kwargs):  # the padding mask reaches every adapted layer
             mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
@@ -123,34 +104,23 @@ class Bara(Method):
 
         classifier.register_forward_pre_hook(share_mask, with_kwargs=True)
 
-    def set_mode(self, mode: str) -> None:
-        for layer in self.layers.values():
-            layer.mode = mode
-
     @property
     def gates_per_instance(self) -> int:
         return sum(layer.rank for layer in self.layers.values())
 
     def param_groups(self, classifier, lr, weight_decay):
-        """AdamW's groups: factors and head at ``lr``; the gate network (and a Kumaraswamy q(pi)) at gate_lr, no
-        weight decay. sigma_A's parameter joins AdamW only with kl_step=loss: with kl_step=sgd only the SGD step of
-        :meth:`on_step_end` moves it, as in BLoB's code (AdamW moves every parameter by about lr a step, whatever
-        its gradient, which drove rho through 0 and then the KL's -2/rho term threw sigma_A out)."""
-        groups = {"gate": [], "sigma": [], "factors": []}
-        for name, p in classifier.named_parameters():
-            if p.requires_grad:
-                key = "gate" if any(g in name for g in GATE_PARAMS) else \
-                    "sigma" if any(k in name for k in SIGMA_PARAMS) else "factors"
-                groups[key].append(p)
-        sigma = [{"params": groups["sigma"], "lr": lr, "weight_decay": 0.0}] if sigma_in_adamw(self.config) else []
-        return [{"params": groups["factors"], "lr": lr, "weight_decay": weight_decay}, *sigma,
-                {"params": groups["gate"], "lr": self.config.gate_lr, "weight_decay": 0.0}]
+        """The posterior's groups (factors and head at ``lr``, sigma_A's parameter only with kl_step=loss), then the
+        gate network (and a Kumaraswamy q(pi)) at gate_lr, without weight decay."""
+        gate = [p for name, p in classifier.named_parameters()
+                if p.requires_grad and any(g in name for g in GATE_PARAMS)]
+        return [*super().param_groups(classifier, lr, weight_decay),
+                {"params": gate, "lr": self.config.gate_lr, "weight_decay": 0.0}]
 
     def loss(self, model, batch: dict, progress: Progress) -> tuple[torch.Tensor, dict]:
         c = self.config
         self.set_mode("train")
         nll = self.data_term(model, batch)
-        beta = min(1.0, progress.fraction / c.kl_warmup) if c.kl_warmup > 0 else 1.0
+        beta = self.kl_beta(progress)
         layers = list(self.layers.values())
         if c.gate in ("none", "deterministic"):
             kl_local = weighted_local = torch.zeros((), device=nll.device)
@@ -177,7 +147,7 @@ class Bara(Method):
         as K copies of the batch in one pass (each copy draws its own A, pi, gates and magnitudes)."""
         k = self.config.train_samples
         if k == 1:
-            return F.cross_entropy(self.forward(model, batch), batch["labels"])
+            return super().data_term(model, batch)
         repeated = {**batch, "input_ids": batch["input_ids"].repeat(k, 1),
                     "attention_mask": batch["attention_mask"].repeat(k, 1)}
         log_probs = F.log_softmax(self.forward(model, repeated).float(), -1).view(k, len(batch["labels"]), -1)
@@ -185,10 +155,11 @@ class Bara(Method):
         return F.nll_loss(mixture, batch["labels"])
 
     def on_step_end(self, classifier: Classifier, progress: Progress) -> None:
+        """The posterior's steps (BLoB's SGD KL step, sigma_A's bound), then q(pi)'s natural-gradient step from the
+        usage of the step's training pass (independent of each other: q(pi) reads no sigma_A, nor they q(pi))."""
+        super().on_step_end(classifier, progress)
         c = self.config
-        if c.kl_step == "sgd" and c.bayes_factors:
-            kl_sgd_step(list(self.layers.values()), c, progress)
-        if c.svi:  # q(pi)'s natural-gradient step, from the usage of the step's training pass
+        if c.svi:
             rate = (c.pi_step_delay + progress.step) ** -c.pi_step_power
             layers = list(self.layers.values())
             weight = 1.0
@@ -196,23 +167,6 @@ class Bara(Method):
                 weight = c.omega_loc or (1.0 / sum(l.gates for l in layers)).mean().item()
             for layer in layers:
                 layer.svi_step(progress.num_train * weight, rate)
-        if c.bayes_factors:
-            clamp_sigma(list(self.layers.values()), c)
-
-    @torch.no_grad()
-    def predict(self, classifier: Classifier, batch: dict, samples: int) -> torch.Tensor:
-        """``samples = 0``: one pass with A = mu_A, theta = m and the gate at the sampler's own mean
-        E_q(pi)[sigma(logit pi + Delta)] (``fast_gate=hard``: its 0/1 threshold). Otherwise S samples, batched:
-        the batch is repeated S times so each copy draws its own A, pi, gates and magnitudes."""
-        classifier.eval()
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        if samples == 0:
-            self.set_mode("mean")
-            return torch.softmax(classifier(ids, mask).float(), -1)[None]
-        self.set_mode("sample")
-        probs = repeated_passes(classifier, batch, samples)
-        self.set_mode("train")
-        return probs
 
     # -- diagnostics --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -275,8 +229,8 @@ class Bara(Method):
 
         batches = list(batches)
         stats = self.gate_statistics(classifier, batches)
-        result = self._rank_summary(stats)
-        if self.config.gate == "none":  # BLoB: no gate to be decided or input-dependent
+        result = self.rank_summary(stats)
+        if self.config.gate == "none":  # BLoB's posterior: no gate to be decided or input-dependent
             return result
         with self.initial_gates():
             null = self.gate_statistics(classifier, batches)
@@ -316,86 +270,31 @@ class Bara(Method):
         return {"pi_mean_moved": (now.mean - start_mean).abs().mean().item(),
                 "pi_std_mean": now.variance.sqrt().mean().item(), "pi_std_initial": start_std.mean().item()}
 
-    def _rank_summary(self, stats: dict) -> dict:
-        """Effective ranks per layer and jointly (docs/ARCHITECTURE.md, diagnostics), and the bound's complexity term."""
-        layers = {}
-        for name, layer in self.layers.items():
-            rho, hard = stats[name]["rho"], stats[name]["hard"]
-            expected_rank, hard_rank = rho.sum(1), hard.sum(1)
-            q = layer.q_pi() if self.config.uses_pi else None
-            pi = layer.expected_pi().detach().float().cpu()
-            layers[name] = {
-                "rank": layer.rank, "d_in": layer.in_features, "d_out": layer.out_features,
-                "expected_pi": pi.tolist(), "global_rank": int((pi > 0.5).sum()),
+    def gate_summary(self, layer: BaraLinear) -> dict:
+        q = layer.q_pi() if self.config.uses_pi else None
+        pi = layer.expected_pi().detach().float().cpu()
+        return {"expected_pi": pi.tolist(), "global_rank": int((pi > 0.5).sum()),
                 "pi_std": q.variance.sqrt().detach().float().cpu().tolist() if q is not None else None,
-                **self._pi_moved(layer),
-                "mean_expected_rank": expected_rank.mean().item(), "std_expected_rank": expected_rank.std().item(),
-                "mean_hard_rank": hard_rank.mean().item(), "std_hard_rank": hard_rank.std().item(),
-                "selection_variability": rho.std(0).mean().item(),
-            }
-        joint_expected = torch.stack([stats[n]["rho"].sum(1) for n in self.layers]).mean(0)
-        joint_hard = torch.stack([stats[n]["hard"].sum(1) for n in self.layers]).mean(0)
-        per_layer = layers.values()
-        r_max = self.config.r
-        return {
-            "r_max": r_max,
-            "joint_effective_rank": joint_expected.mean().item(),
-            "joint_effective_rank_std": joint_expected.std().item(),
-            "joint_hard_rank_std": joint_hard.std().item(),
-            "per_instance_joint_hard_rank": joint_hard.tolist(),
-            "selection_variability": float(np.mean([l["selection_variability"] for l in per_layer])),
-            "hard_rank_std": float(np.mean([l["std_hard_rank"] for l in per_layer])),
-            "global_rank_mean": float(np.mean([l["global_rank"] for l in per_layer])),
-            "complexity": sum(l["mean_expected_rank"] * (l["d_in"] + l["d_out"]) for l in per_layer),
-            "complexity_lora": sum(r_max * (l["d_in"] + l["d_out"]) for l in per_layer),
-            "layers": layers,
-        }
-
-    @classmethod
-    def summary(cls, diagnostics: dict, validation: bool = False) -> dict:
-        """The gate's numbers (on validation too, where choices are made) and, on test, the ranks' spread."""
-        keys = GATE_SUMMARY if validation else GATE_SUMMARY + ("joint_effective_rank_std", "global_rank_mean")
-        return {k: diagnostics[k] for k in keys if k in diagnostics}
-
-    def plots(self, classifier: Classifier, diagnostics: dict, output_dir, caption: str = "") -> list[str]:
-        from ...plots import rank_plots
-
-        pi = np.array([l["expected_pi"] + [np.nan] * (diagnostics["r_max"] - len(l["expected_pi"]))
-                       for l in diagnostics["layers"].values()])
-        names = [n.replace("base_model.model.", "") for n in diagnostics["layers"]]
-        title = (f"{caption or self.name}: joint expected rank {diagnostics['joint_effective_rank']:.2f} of "
-                 f"{diagnostics['r_max']}")
-        if "gate_mi" in diagnostics:
-            title += (f", decided {diagnostics['decided_share']:.0%}, MI {diagnostics['gate_mi']:.2f} bits "
-                      f"(null {diagnostics['gate_mi_null']:.2f})")
-        rank_plots(np.array(diagnostics["per_instance_joint_hard_rank"]), pi, output_dir / "rank.png", title=title,
-                   layer_names=names)
-        return ["rank.png"]
+                **self._pi_moved(layer)}
 
     # -- adapters -----------------------------------------------------------------------------------
-    @torch.no_grad()
     def merged(self, classifier: Classifier) -> nn.Module:
-        """W + (alpha/r) B diag(z) mu_A in every adapted layer, z the one-pass local weight: 1 without a gate (BLoB's
-        mean), the same for every input with gate=global. The one-pass prediction of any other gate depends on the
-        input, so no single weight matrix holds it."""
+        """The posterior's merged model, z the one-pass local weight: 1 without a gate (BLoB's mean), the same for
+        every input with gate=global. The one-pass prediction of any other gate depends on the input, so no single
+        weight matrix holds it."""
         if self.config.gate not in ("none", "global"):
             raise BaraError(f"BaRA's gate (gate={self.config.gate}) switches factors per input, so the update is not "
                             "one weight matrix; fix: use the adapter (bara eval, bara.from_pretrained), or train with "
                             "--gate global (or --method blob) for a mergeable model")
-        self.set_mode("mean")
-        for name, layer in self.layers.items():
-            z = torch.ones(layer.rank, device=layer.bara_B.device)
-            if self.config.gate == "global":  # run the gate on any input: it ignores the input
-                x = torch.zeros(1, 1, layer.in_features, device=z.device)
-                z = layer.local_weights(x, torch.zeros(1, 1, layer.rank, device=z.device),
-                                        torch.ones(1, 1, device=z.device)).reshape(-1)
-            delta = layer.scaling * layer.bara_B.float() @ (z[:, None] * layer.bara_A_mu.float())  # [out, in]
-            weight = layer.base.weight
-            weight.add_((delta if isinstance(layer.base, nn.Linear) else delta.t()).to(weight.dtype))
-            parent, _, child = name.rpartition(".")
-            setattr(classifier.backbone.get_submodule(parent), child, layer.base)
-        self.layers = {}
-        return classifier.backbone
+        return super().merged(classifier)
+
+    def merge_weights(self, layer: BaraLinear) -> torch.Tensor:
+        if self.config.gate != "global":
+            return super().merge_weights(layer)
+        z = torch.ones(layer.rank, device=layer.bara_B.device)  # run the gate on any input: it ignores the input
+        x = torch.zeros(1, 1, layer.in_features, device=z.device)
+        return layer.local_weights(x, torch.zeros(1, 1, layer.rank, device=z.device),
+                                   torch.ones(1, 1, device=z.device)).reshape(-1)
 
     def adapter_state(self, classifier: Classifier) -> dict[str, torch.Tensor]:
         state = super().adapter_state(classifier)  # plus the gate's running statistics (context_norm=batch)
