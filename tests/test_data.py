@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -386,6 +387,19 @@ def test_trec_warns_that_its_labels_are_scrambled():
     # the defect itself: the majority class covers most of the test split
     counts = [task.test.labels.count(i) for i in range(task.num_labels)]
     assert task.label_names[counts.index(max(counts))] == "ENTY" and max(counts) / len(task.test) > 0.8
+
+
+def test_trec_as_an_ood_set_does_not_warn_about_its_labels():
+    from bara import runs
+    from bara.data.bolt import LabelDefectWarning
+
+    config = runs.RunConfig(data="banking77", max_eval=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LabelDefectWarning)  # only its texts are used
+        ood = runs.ood_tests(config, ["trec", "hwu64"])
+    assert [len(s) for s in ood.values()] == [20, 20] and all(isinstance(t, str) for t in ood["trec"].texts)
+    with pytest.warns(LabelDefectWarning):  # training or testing on it still warns
+        runs.task_of(config, "trec")
 
 
 # --- input that used to load silently wrong --------------------------------------------------------------

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from . import checkpoint
 from .checkpoint import write_atomic
 from .data import Split, Task, builtin_tasks, load_task
+from .data.bolt import LabelDefectWarning
 from .errors import BaraError
 from .heads import Classifier
 from .methods import DEFAULT_METHOD, METHODS, Method, get_method
@@ -328,7 +329,9 @@ def ood_tests(config: RunConfig, ood_data: str | Sequence[str] | None) -> dict[s
     """The test split of each OOD dataset (one name or several; capped as the run's own), by name: their texts are
     the out-of-distribution inputs."""
     names = [] if not ood_data else [ood_data] if isinstance(ood_data, str) else list(ood_data)
-    return {name: load_task(name, max_eval=config.max_eval, seed=config.train.seed).test for name in names}
+    with warnings.catch_warnings():  # only the texts are used: a label defect (trec's) does not matter here
+        warnings.simplefilter("ignore", LabelDefectWarning)
+        return {name: load_task(name, max_eval=config.max_eval, seed=config.train.seed).test for name in names}
 
 
 def score_validation(classifier: Classifier, method: Method, task: Task, config: RunConfig,

