@@ -174,6 +174,39 @@ def test_gates_never_start_off_and_ablation_switches():
     assert torch.isfinite(a).all()
 
 
+@pytest.mark.parametrize("pi_update", ["svi", "gradient"])
+def test_each_gate_is_a_strategy_the_layer_and_the_method_choose_once(pi_update):
+    """Every value of ``gate`` has its strategy (variants.py), which the layer and the method build from the config;
+    its hooks say what they hold: q(pi)'s kind (buffers under SVI, else parameters), the gate network, the loss's
+    terms and whether z depends on the input (no merged model, a shuffle test)."""
+    from bara.methods.bara.config import Gate
+    from bara.methods.bara.variants import (GATES, Deterministic, FixedPi, GlobalLocal, GlobalOnly, KumaraswamyPi,
+                                            LocalOnly, NoGate, SviBetaPi)
+
+    assert set(GATES) == set(Gate.values())
+    both_pi = SviBetaPi if pi_update == "svi" else KumaraswamyPi
+    expected = {  # strategy, q(pi), gate network, input-dependent, local KL, L1 penalty
+        "both": (GlobalLocal, both_pi, True, True, True, False),
+        "global": (GlobalOnly, KumaraswamyPi, True, False, True, False),
+        "local": (LocalOnly, FixedPi, True, True, True, False),
+        "deterministic": (Deterministic, FixedPi, True, True, False, True),
+        "none": (NoGate, FixedPi, False, False, False, False),
+    }
+    for gate, (kind, pi, network, input_dependent, local_kl, l1) in expected.items():
+        module = layer(gate=gate, pi_update=pi_update)
+        for strategy in (module.gating, get_method("bara", {"gate": gate, "pi_update": pi_update}).gating):
+            assert type(strategy) is kind and type(strategy.pi) is pi
+            assert (strategy.network, strategy.input_dependent, strategy.local_kl, strategy.l1) == \
+                (network, input_dependent, local_kl, l1)
+        buffers, params = dict(module.named_buffers()), dict(module.named_parameters())
+        names = {n for n in [*buffers, *params] if n.startswith("bara_pi_")}
+        assert names == set(module.initial_pi()) and all((n in buffers) == pi.svi for n in names)
+        assert hasattr(module, "bara_gate") == network
+        module.mode = "train"
+        module(inputs())
+        assert (module.kl_local is not None) == network and (module.penalty is not None) == l1
+
+
 def test_expected_fast_gate_weights_factors_by_rho():
     x = inputs()
     hard, expected = layer(pi_init=0.3, fast_gate="hard"), layer(pi_init=0.3, slab="binary")

@@ -1,5 +1,6 @@
 """BaRA: Bayesian Adaptive Rank Allocation. ``config.py`` (hyper-parameters), ``layer.py`` (the gated
-layer), ``model.py`` (injection, objective, prediction, diagnostics)."""
+layer), ``variants.py`` (the ablation switches as strategies), ``model.py`` (injection, objective, prediction,
+diagnostics)."""
 
 from .config import BaraConfig
 from .layer import BaraLinear

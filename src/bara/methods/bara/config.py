@@ -200,16 +200,3 @@ class BaraConfig(FactorPosteriorConfig):
                             "0.7")
         if self.omega_loc < 0:
             raise BaraError(f"omega_loc must be >= 0 (0 = 1/G), got {self.omega_loc}")
-
-    @property
-    def uses_pi(self) -> bool:
-        return self.gate in ("both", "global")
-
-    @property
-    def svi(self) -> bool:
-        """q(pi) is updated in closed form; it needs a local gate, through which the data reach the usage."""
-        return self.uses_pi and self.pi_update == "svi" and self.gate == "both"
-
-    @property
-    def uses_local(self) -> bool:
-        return self.gate in ("both", "local", "deterministic")

@@ -17,7 +17,10 @@ r"""The BaRA layer: LoRA whose rank-1 factors are switched on per instance by a 
   conjugate optimum given the batch's usage (:meth:`BaraLinear.svi_step`)
 
 :math:`(\Delta, \tilde\kappa, \tilde m)` come from a small gate network reading the context :math:`c_n`, a
-masked mean over the instance's tokens (padding never enters it). All gate maths runs in float32.
+masked mean over the instance's tokens (padding never enters it). All gate maths runs in float32. The ablation
+switches (``gate`` and its q(π), ``estimator``, ``allocation``, ``slab``, ``fast_gate``) are the strategies of
+:mod:`.variants`, chosen when the layer is built: this layer holds the pieces (q(π)'s tensors, the gate network,
+the expected and the drawn gate, the magnitude θ), the ``gate`` strategy forms z from them.
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Beta, Gamma, kl_divergence
 
-from ...distributions import GateBernoulli, GateBeta, Kumaraswamy, inverse_softplus, kumaraswamy_params, weibull_params
+from ...distributions import GateBernoulli, GateBeta, Kumaraswamy, inverse_softplus, weibull_params
 from ..factor_posterior import FactorLinear, Flipout, cut  # noqa: F401 (Flipout: importable here, as before)
 from .config import BaraConfig
-from .variants import variants
+from .variants import gating, variants
 
 PI_QUADRATURE_NODES = 64  # quantiles (Kumaraswamy) or Gauss-Hermite nodes (Beta) of q(pi) for the expected gate
 
@@ -63,14 +66,13 @@ class BaraLinear(FactorLinear):
 
     def __init__(self, base: nn.Module, config: BaraConfig):
         super().__init__(base, config)
-        r = config.r
-        if config.svi:  # q(pi) = Beta(alpha, beta), updated in closed form (buffers, saved with the adapter)
-            for name, value in self.initial_pi().items():
-                self.register_buffer(name, torch.full((r,), value))
-        elif config.uses_pi:  # q(pi) = Kumaraswamy(a, b) with free a, b
-            for name, value in self.initial_pi().items():
-                setattr(self, name, nn.Parameter(torch.full((r,), value)))
-        if config.gate != "none":  # drawn after the factors' initial values
+        self.gating = gating(config)  # which gates there are, and q(pi)'s kind
+        for name, value in self.initial_pi().items():  # q(pi)'s tensors
+            if self.gating.pi.svi:  # Beta(alpha, beta), updated in closed form (buffers, saved with the adapter)
+                self.register_buffer(name, torch.full((config.r,), value))
+            else:  # Kumaraswamy(a, b) with free a, b
+                setattr(self, name, nn.Parameter(torch.full((config.r,), value)))
+        if self.gating.network:  # drawn after the factors' initial values
             for name, module in self._gate_modules().items():
                 setattr(self, name, module)
         self.estimator, self.allocation, self.slab, self.one_pass_gate = variants(config)
@@ -90,14 +92,7 @@ class BaraLinear(FactorLinear):
     def initial_pi(self) -> dict[str, float]:
         """q(pi)'s tensors at the start, E[pi] = pi_init: Beta(2 pi_init, 2 (1 - pi_init)), or the free parameters of
         Kumaraswamy(1, 1/pi_init - 1); empty without q(pi)."""
-        c = self.config
-        if c.svi:
-            return {"bara_pi_alpha": 2.0 * c.pi_init, "bara_pi_beta": 2.0 * (1.0 - c.pi_init)}
-        if c.uses_pi:
-            with torch.device("cpu"):  # numbers, also while the layer is built on the meta device (adapter size checks)
-                return {"bara_pi_a": inverse_softplus(1.0).item(),
-                        "bara_pi_b": inverse_softplus(1.0 / c.pi_init - 1.0).item()}
-        return {}
+        return self.gating.pi.initial(self.config)
 
     def _gate_modules(self) -> dict[str, nn.Module]:
         """The context projection and gate network as initialised (also the shuffle and null diagnostics' source)."""
@@ -150,26 +145,24 @@ class BaraLinear(FactorLinear):
 
     # -- the global gate ----------------------------------------------------------------------------
     def q_pi(self) -> Kumaraswamy | GateBeta:
-        if self.config.svi:
-            return GateBeta(self.bara_pi_alpha, self.bara_pi_beta, validate_args=False)
-        return Kumaraswamy(*kumaraswamy_params(self.bara_pi_a, self.bara_pi_b), validate_args=False)
+        return self.gating.pi.posterior(self)
 
     def expected_pi(self) -> torch.Tensor:
         """E[pi_k] under q (the fixed prior gate probability for gate=local/deterministic)."""
-        if self.config.uses_pi:
+        if self.gating.pi.inferred:
             return self.q_pi().mean
         return torch.full((self.rank,), self.config.pi_init, device=self.bara_A_mu.device)
 
     def logit_pi(self, shape: torch.Size) -> torch.Tensor:
         """Sampled logit pi, ``[*shape, r]``: one draw per instance (and token); a constant without q(pi)."""
-        if self.config.uses_pi:
+        if self.gating.pi.inferred:
             return self.q_pi().rsample_logit(shape)
         return torch.full((*shape, self.rank), math.log(self.config.pi_init / (1 - self.config.pi_init)),
                           device=self.bara_A_mu.device)
 
     def pi_quadrature(self, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Nodes ``[Q, 1 x dims, r]`` and weights ``[Q, 1 x (dims + 1)]`` on logit pi, for E_q(pi)[f(logit pi)]."""
-        if self.config.uses_pi:
+        if self.gating.pi.inferred:
             nodes, weights = self.q_pi().logit_quadrature(PI_QUADRATURE_NODES)
         else:
             nodes, weights = self.logit_pi(torch.Size([1])), torch.ones(1, device=self.bara_A_mu.device)
@@ -181,7 +174,7 @@ class BaraLinear(FactorLinear):
 
     def kl_pi(self) -> torch.Tensor:
         c = self.config
-        if not c.uses_pi:
+        if not self.gating.pi.inferred:
             return self.bara_A_mu.new_zeros((), dtype=torch.float32)
         q = self.q_pi()
         return kl_divergence(q, Beta(torch.full_like(q.mean, c.ibp_alpha / c.r), torch.ones_like(q.mean),
@@ -230,8 +223,8 @@ class BaraLinear(FactorLinear):
             masked_mean(source, mask, causal=True) if c.context == "causal" else source
         if c.context_source == "hidden":
             context = self.bara_context(context)
-        if c.gate == "global":
-            context = torch.zeros_like(context)  # nothing depends on the input
+        if not self.gating.input_dependent:
+            context = torch.zeros_like(context)  # gate=global: nothing depends on the input
         if c.context_norm != "batch":
             return self.bara_gate(context).float()
         norm = self.bara_gate[0]
@@ -247,58 +240,55 @@ class BaraLinear(FactorLinear):
         return self.bara_gate[1:](normed.reshape(context.shape)).float()
 
     def local_weights(self, x: torch.Tensor, ax_mean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
-        """z = g * theta, ``[N, r]`` (instance context) or ``[N, T, r]`` (token/causal); None when gate=none.
-        Also stores the instance's local KL, its number of gates, the batch's usage and this pass's diagnostics.
-        The ablation switches are the strategies of :mod:`.variants`, chosen when the layer was built."""
-        c = self.config
-        if c.gate == "none":
+        """z, ``[N, r]`` (instance context) or ``[N, T, r]`` (token/causal), as the gate's strategy forms it from the
+        gate network's outputs (:meth:`GlobalLocal.weights <.variants.GlobalLocal.weights>`: z = g * theta); None
+        when gate=none. Also stores the instance's local KL, its number of gates, the batch's usage and this pass's
+        diagnostics."""
+        if not self.gating.network:  # gate=none: z = 1
             self.kl_local = self.penalty = self.gates = self.usage = None
             return None
         raw = self.gate_outputs(x, ax_mean, mask)
         if self.shuffle_block:
             raw = raw[block_roll(raw.shape[0], self.shuffle_block, raw.device)]
         delta, kappa_free, mean_free = raw.split(self.rank, dim=-1)
-        if c.gate == "global":
-            delta = torch.zeros_like(delta)
         kappa, magnitude = weibull_params(kappa_free, mean_free)
-        shift = self.estimator.shift
-        train = self.mode == "train"  # the local KL enters only the training loss: prediction skips it
-        kl = torch.zeros_like(delta)
-        if self.mode == "mean" or c.gate == "deterministic":
-            nodes, weights = self.pi_quadrature(delta.dim() - 1)
-            # The sampler's own mean E_q(pi)[sigma(logit pi + Delta)] (not sigma(logit E[pi] + Delta)).
-            rho = self.allocation.expected((weights * torch.sigmoid(nodes + delta + shift)).sum(0))
-        else:
-            logit_pi = self.logit_pi(delta.shape[:-1])
-            logits = logit_pi + delta
-            cond = torch.sigmoid(logits + shift)
-            rho, g, reach = self.allocation.chain(cond, self.slab.draw_gate(logits, cond, train, self.estimator))
-            if train and c.gate in ("both", "local") and self.slab.gated:
-                kl = kl + reach * kl_divergence(GateBernoulli(logits=logits + shift, validate_args=False),
-                                                GateBernoulli(logits=logit_pi, validate_args=False))
-        if c.gate == "deterministic":  # SoRA-like: no sampling, no KL, an L1 penalty on z
-            z = rho * self.slab.deterministic(magnitude)
-            g = (rho > 0.5).float()
-            self.penalty = self._instance(z.abs().sum(-1), mask)
-        else:
-            if not self.slab.gated:
-                g = rho = torch.ones_like(delta)
-            elif self.mode == "mean":
-                g = (rho > 0.5).float()
-            weight = self.one_pass_gate(rho, g) if self.mode == "mean" else g
-            theta, kl_theta = self.slab.magnitude(kappa, magnitude, rho, self.mode, lambda: Gamma(
-                torch.full_like(kappa, c.theta_shape), torch.full_like(kappa, c.theta_rate), validate_args=False))
-            if kl_theta is not None:
-                kl = kl + kl_theta
-            z = weight * theta
-            self.penalty = None
-        token_level = c.context != "instance"
+        z, rho, g, kl, penalty = self.gating.weights(self, delta, kappa, magnitude)
+        self.penalty = None if penalty is None else self._instance(penalty, mask)
+        token_level = self.config.context != "instance"
         self.kl_local = (kl.sum(-1) * mask).sum(-1) if token_level else kl.sum(-1)  # summed over real tokens
         self.gates = mask.sum(-1) * self.rank if token_level else torch.full_like(self.kl_local, self.rank)
-        self.usage = self._instance(rho.detach(), mask).mean(0) if train else None
+        self.usage = self._instance(rho.detach(), mask).mean(0) if self.mode == "train" else None
         self.last_rho = self._instance(rho.detach(), mask)
         self.last_g = self._instance(g.detach(), mask)
         return z
+
+    def expected_rho(self, delta: torch.Tensor) -> torch.Tensor:
+        """rho = E_q(pi)[sigma(logit pi + Delta)] by quadrature over q(pi): the sampler's own mean (not
+        sigma(logit E[pi] + Delta)), combined by the allocation."""
+        nodes, weights = self.pi_quadrature(delta.dim() - 1)
+        return self.allocation.expected((weights * torch.sigmoid(nodes + delta + self.estimator.shift)).sum(0))
+
+    def drawn_gate(self, delta: torch.Tensor, with_kl: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(rho, g, and with ``with_kl`` g's KL to Bernoulli(pi) per gate) for one draw of pi and then of g: relaxed
+        while training (the estimator's), exact Bernoulli draws otherwise."""
+        logit_pi = self.logit_pi(delta.shape[:-1])
+        logits = logit_pi + delta
+        shift = self.estimator.shift
+        cond = torch.sigmoid(logits + shift)
+        rho, g, reach = self.allocation.chain(cond, self.slab.draw_gate(logits, cond, self.mode == "train",
+                                                                        self.estimator))
+        if not with_kl:
+            return rho, g, None
+        return rho, g, reach * kl_divergence(GateBernoulli(logits=logits + shift, validate_args=False),
+                                             GateBernoulli(logits=logit_pi, validate_args=False))
+
+    def theta(self, kappa: torch.Tensor, mean: torch.Tensor, rho: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """theta by the slab (drawn, or its mean m in one pass) and, while training, its KL to Gamma(a, b)."""
+        c = self.config
+        return self.slab.magnitude(kappa, mean, rho, self.mode, lambda: Gamma(
+            torch.full_like(kappa, c.theta_shape), torch.full_like(kappa, c.theta_rate), validate_args=False))
 
     def _instance(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Token-level values averaged over each instance's real tokens; instance-level ones unchanged."""
@@ -313,11 +303,10 @@ class BaraLinear(FactorLinear):
         """Keep only factors ``index``: A, B and sigma_A's parameter, q(pi) and the gate network's outputs."""
         r = self.rank
         super().keep_factors(index)
-        if self.config.svi:
-            self.bara_pi_alpha, self.bara_pi_beta = self.bara_pi_alpha[index], self.bara_pi_beta[index]
-        elif self.config.uses_pi:
-            self.bara_pi_a, self.bara_pi_b = cut(self.bara_pi_a, 0, index), cut(self.bara_pi_b, 0, index)
-        if self.config.gate != "none":
+        for name in self.initial_pi():  # q(pi)'s buffers (SVI) or parameters
+            values = getattr(self, name)
+            setattr(self, name, values[index] if self.gating.pi.svi else cut(values, 0, index))
+        if self.gating.network:
             last = self.bara_gate[-1]
             rows = torch.cat([index, index + r, index + 2 * r])
             new = nn.Linear(last.in_features, len(rows))

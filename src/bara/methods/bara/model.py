@@ -1,5 +1,7 @@
 r"""BaRA as a method: BLoB's (:mod:`..factor_method`: injection, the KL step, prediction) with the gate's objective,
-q(pi)'s SVI step, the gate's diagnostics and pruning.
+q(pi)'s SVI step, the gate's diagnostics and pruning. Which of these a run has (the local KL or the L1 penalty,
+KL_pi in the loss or q(pi)'s SVI step, gate information and a shuffle test, a merged model) the ``gate`` strategy
+of :mod:`.variants` says, chosen once when the method is built.
 
 What is optimised (docs/experiments.md section 10 says why each weight is what it is). Minibatch of M instances,
 dataset size N, step t, KL warm-up :math:`\beta_t` (0 -> 1 over the first ``kl_warmup`` of training):
@@ -46,6 +48,7 @@ from ..factor_method import RANK_SUMMARY, FactorPosteriorMethod
 from ..factor_posterior import blob_kl_weight, linear_schedule  # noqa: F401 (importable here, as before)
 from .config import BaraConfig
 from .layer import BaraLinear
+from .variants import gating
 
 GATE_PARAMS = ("bara_gate", "bara_context", "bara_pi_")
 # The gate in a report, each beside its null (the gate network as initialised) or as the shuffle test's change in NLL.
@@ -90,6 +93,10 @@ class Bara(FactorPosteriorMethod):
     summary_keys = GATE_SUMMARY
     separate_params = GATE_PARAMS  # AdamW's gate group
 
+    def __init__(self, config: BaraConfig | None = None):
+        super().__init__(config)
+        self.gating = gating(self.config)  # which gates there are (variants.py): what the loss and diagnostics add
+
     @property
     def bayes_factors(self) -> bool:
         return self.config.bayes_factors
@@ -122,17 +129,18 @@ class Bara(FactorPosteriorMethod):
         nll = self.data_term(model, batch)
         beta = self.kl_beta(progress)
         layers = list(self.layers.values())
-        if c.gate in ("none", "deterministic"):
-            kl_local = weighted_local = torch.zeros((), device=nll.device)
-        else:
+        if self.gating.local_kl:
             per_instance = sum(l.kl_local for l in layers)  # [N]: summed over each instance's gates
             weight = c.omega_loc or 1.0 / sum(l.gates for l in layers)  # 1/G_n, the instance's own gate count
             kl_local, weighted_local = per_instance.mean(), (weight * per_instance).mean()
+        else:  # gate=none (z = 1) or deterministic (the L1 penalty below instead)
+            kl_local = weighted_local = torch.zeros((), device=nll.device)
         kl_pi, kl_A = sum(l.kl_pi() for l in layers), sum(l.kl_A() for l in layers)
-        kl_in_loss = (kl_pi if not c.svi else 0.0) + (kl_A if c.kl_step == "loss" else 0.0)
+        # KL_pi by gradients here, or reached by q(pi)'s SVI step after the optimiser's (on_step_end)
+        kl_in_loss = (kl_pi if not self.gating.pi.svi else 0.0) + (kl_A if c.kl_step == "loss" else 0.0)
         loss = nll + beta * weighted_local + beta * c.kl_scale * kl_in_loss / progress.num_train
         logs = {"nll": nll.item(), "kl_local": kl_local.item(), "kl_global": (kl_pi + kl_A).item(), "beta": beta}
-        if c.gate == "deterministic":
+        if self.gating.l1:  # SoRA-like: the L1 penalty on z
             penalty = sum(l.penalty.mean() for l in layers)
             loss = loss + c.l1_weight * penalty
             logs["l1"] = penalty.item()
@@ -159,7 +167,7 @@ class Bara(FactorPosteriorMethod):
         usage of the step's training pass (independent of each other: q(pi) reads no sigma_A, nor they q(pi))."""
         super().on_step_end(classifier, progress)
         c = self.config
-        if c.svi:
+        if self.gating.pi.svi:
             rate = (c.pi_step_delay + progress.step) ** -c.pi_step_power
             layers = list(self.layers.values())
             weight = 1.0
@@ -180,7 +188,7 @@ class Bara(FactorPosteriorMethod):
             probs.append(self.predict(classifier, batch, 0).cpu())
             labels.append(batch["labels"].cpu())
             for name, layer in self.layers.items():
-                if layer.last_rho is None or self.config.gate == "none":
+                if layer.last_rho is None or not self.gating.network:
                     ones = torch.ones(batch["input_ids"].shape[0], layer.rank)
                     rho[name].append(ones), hard[name].append(ones)
                 else:
@@ -194,7 +202,7 @@ class Bara(FactorPosteriorMethod):
         """Every layer's gate network and q(pi) as initialised (the null of the gate diagnostics)."""
         with ExitStack() as stack:
             for i, layer in enumerate(self.layers.values()):
-                if self.config.gate != "none":
+                if self.gating.network:
                     stack.enter_context(layer.initial_gate(seed=i))
             yield
 
@@ -217,7 +225,7 @@ class Bara(FactorPosteriorMethod):
             for _ in range(samples):
                 p.append(self.predict(classifier, batch, 1)[0].cpu())
                 r.append(torch.stack([l.last_g.float().sum(-1).cpu() for l in self.layers.values()]).mean(0)
-                         if self.config.gate != "none" else torch.full((len(p[-1]),), float(self.config.r)))
+                         if self.gating.network else torch.full((len(p[-1]),), float(self.config.r)))
             probs.append(torch.stack(p)), ranks.append(torch.stack(r))
         return torch.cat(probs, 1), torch.cat(ranks, 1)
 
@@ -230,13 +238,13 @@ class Bara(FactorPosteriorMethod):
         batches = list(batches)
         stats = self.gate_statistics(classifier, batches)
         result = self.rank_summary(stats)
-        if self.config.gate == "none":  # BLoB's posterior: no gate to be decided or input-dependent
+        if not self.gating.network:  # gate=none, BLoB's posterior: no gate to be decided or input-dependent
             return result
         with self.initial_gates():
             null = self.gate_statistics(classifier, batches)
         result.update(gate_information(stats, self.layers), **{f"{k}_null": v for k, v in
                                                                gate_information(null, self.layers).items()})
-        if self.config.gate == "global":  # nothing depends on the input: nothing to shuffle
+        if not self.gating.input_dependent:  # gate=global: nothing depends on the input, nothing to shuffle
             return result
         labels, block = stats["labels"], len(batches[0]["labels"])
         with self.shuffled_gates(block):
@@ -261,7 +269,7 @@ class Bara(FactorPosteriorMethod):
     def _pi_moved(self, layer: BaraLinear) -> dict:
         """How far q(pi) moved from its initial value: mean over factors of |E[pi] - E_0[pi]| and of the std
         now beside the initial std (a q(pi) that stays where it started was not inferred)."""
-        if not self.config.uses_pi:
+        if not self.gating.pi.inferred:
             return {}
         now = layer.q_pi()
         with layer.initial_gate():
@@ -271,7 +279,7 @@ class Bara(FactorPosteriorMethod):
                 "pi_std_mean": now.variance.sqrt().mean().item(), "pi_std_initial": start_std.mean().item()}
 
     def gate_summary(self, layer: BaraLinear) -> dict:
-        q = layer.q_pi() if self.config.uses_pi else None
+        q = layer.q_pi() if self.gating.pi.inferred else None
         pi = layer.expected_pi().detach().float().cpu()
         return {"expected_pi": pi.tolist(), "global_rank": int((pi > 0.5).sum()),
                 "pi_std": q.variance.sqrt().detach().float().cpu().tolist() if q is not None else None,
@@ -282,14 +290,14 @@ class Bara(FactorPosteriorMethod):
         """The posterior's merged model, z the one-pass local weight: 1 without a gate (BLoB's mean), the same for
         every input with gate=global. The one-pass prediction of any other gate depends on the input, so no single
         weight matrix holds it."""
-        if self.config.gate not in ("none", "global"):
+        if self.gating.input_dependent:
             raise BaraError(f"BaRA's gate (gate={self.config.gate}) switches factors per input, so the update is not "
                             "one weight matrix; fix: use the adapter (bara eval, bara.from_pretrained), or train with "
                             "--gate global (or --method blob) for a mergeable model")
         return super().merged(classifier)
 
     def merge_weights(self, layer: BaraLinear) -> torch.Tensor:
-        if self.config.gate != "global":
+        if not self.gating.network:  # gate=none: z = 1
             return super().merge_weights(layer)
         z = torch.ones(layer.rank, device=layer.bara_B.device)  # run the gate on any input: it ignores the input
         x = torch.zeros(1, 1, layer.in_features, device=z.device)
@@ -314,7 +322,7 @@ class Bara(FactorPosteriorMethod):
         """Remove factors with E[pi] < threshold for good; returns the rank kept per layer.
         Needs a context that does not depend on the factors (context_source=hidden)."""
         threshold = self.config.prune_threshold if threshold is None else threshold
-        if self.config.context_source != "hidden" and self.config.gate != "none":
+        if self.config.context_source != "hidden" and self.gating.network:
             raise BaraError("pruning changes mu_A x, the gate's context with context_source=adapter; fix: train "
                             "with --context-source hidden")
         kept = {}
