@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bara import runs  # noqa: E402
 from bara.data import load_task  # noqa: E402
+from bara.methods.bara.variants import FAST_GATES  # noqa: E402
 
 
 def main(folders: list[str]) -> None:
@@ -24,8 +25,8 @@ def main(folders: list[str]) -> None:
         classifier, method, config = runs.load_adapter(folder)
         task = load_task(config.data, max_train=config.max_train, seed=config.train.seed, max_eval=config.max_eval)
         for gate in ("hard", "expected"):
-            for layer in method.layers.values():
-                layer.config.fast_gate = gate
+            for layer in method.layers.values():  # the layer chose its one-pass gate when it was built
+                layer.config.fast_gate, layer.one_pass_gate = gate, FAST_GATES[gate]
             for name, split in (("validation", task.validation), ("test", task.test)):
                 m = runs.score(classifier, method, split, config, 0, progress_bar=False)
                 d = m.get("diagnostics", {})

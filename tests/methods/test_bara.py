@@ -517,6 +517,17 @@ def test_save_load_and_pruning_round_trips(tiny_bert, toy_data, tmp_path, norm):
     assert not torch.equal(before, torch.zeros_like(before))
 
 
+def test_pruning_that_would_empty_a_layer_is_refused_before_anything_is_cut(tiny_bert):
+    classifier, method = _classifier(tiny_bert, "bara", r=4)
+    name, first = next(iter(method.layers.items()))
+    with torch.no_grad():  # every factor of the first layer off: E[pi] ~ 1e-6
+        first.bara_pi_alpha[:], first.bara_pi_beta[:] = 0.01, 1e4
+    with pytest.raises(BaraError, match=f"would remove every factor of 1 layer.*first: {name}.*fix: a lower threshold"):
+        method.prune(0.01)
+    assert {layer.rank for layer in method.layers.values()} == {4}  # nothing cut
+    assert set(method.prune(1e-9).values()) == {4}
+
+
 def test_one_pass_gate_is_the_samplers_own_mean():
     module = layer(slab="binary")
     x = inputs(n=5)

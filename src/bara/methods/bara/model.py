@@ -325,10 +325,13 @@ class Bara(FactorPosteriorMethod):
         if self.config.context_source != "hidden" and self.gating.network:
             raise BaraError("pruning changes mu_A x, the gate's context with context_source=adapter; fix: train "
                             "with --context-source hidden")
-        kept = {}
+        keep = {name: torch.nonzero(layer.expected_pi() >= threshold).flatten() for name, layer in self.layers.items()}
+        emptied = [name for name, index in keep.items() if len(index) == 0]
+        if emptied:  # checked before anything is cut: a layer without factors has no gate to compute
+            raise BaraError(f"pruning at E[pi] >= {threshold:g} would remove every factor of {len(emptied)} layer(s) "
+                            f"(first: {emptied[0]}); fix: a lower threshold (the default is "
+                            f"{self.config.prune_threshold:g}), or leave the model unpruned")
         for name, layer in self.layers.items():
-            index = torch.nonzero(layer.expected_pi() >= threshold).flatten()
-            if len(index) < layer.rank:
-                layer.keep_factors(index)
-            kept[name] = layer.rank
-        return kept
+            if len(keep[name]) < layer.rank:
+                layer.keep_factors(keep[name])
+        return {name: layer.rank for name, layer in self.layers.items()}
