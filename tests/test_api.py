@@ -136,6 +136,10 @@ def test_save_and_reload_records_an_absolute_base_path(tmp_path, monkeypatch):
     assert torch.equal(model.eval().predict(**b, samples=0), reloaded.predict(**b, samples=0))
     with pytest.raises(BaraError, match="num_labels=3"):
         bara.from_pretrained(bert(num_labels=5), tmp_path / "adapter")
+    meta["method_config"]["r"] = 10 ** 6  # an edited config: refused before gigabytes are allocated
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(BaraError, match="implies an adapter of .* more than the base model's .*fix: restore"):
+        bara.from_pretrained(bert(), tmp_path / "adapter")
 
 
 def test_causal_lm_predicts_the_next_token_or_the_label_tokens():

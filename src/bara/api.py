@@ -355,12 +355,29 @@ def from_pretrained(base_model: nn.Module | str | None, directory: str | Path, t
     if model_kind(base_model) == "encoder" and labels is not None and base_model.config.num_labels != len(labels):
         raise BaraError(f"the adapter has {len(labels)} labels, the base model's head {base_model.config.num_labels}; "
                         f"fix: load the base with num_labels={len(labels)}")
-    model = get_model(base_model, METHODS[name].config_class.from_dict(options), label_tokens=label_tokens,
-                      tokenizer=tokenizer)
+    config = METHODS[name].config_class.from_dict(options)
+    _check_implied_size(base_model, config, label_tokens, tokenizer, directory)
+    model = get_model(base_model, config, label_tokens=label_tokens, tokenizer=tokenizer)
     model.method.load_adapter_state(model.classifier, read_adapter(directory, model.classifier, model.method))
     if labels is not None:
         model.classifier.label_names = list(labels)  # the names the adapter was trained with
     return model.eval()
+
+
+def _check_implied_size(base_model: nn.Module, config: MethodConfig, label_tokens, tokenizer, directory: Path) -> None:
+    """The adapter its config implies, built on a copy of the base on the meta device (no memory), against the base
+    model and the saved tensors, before anything is allocated: an edited config (r = 1000000) would otherwise ask for
+    gigabytes. As ``bara eval``'s check (:func:`bara.runs._check_sizes`)."""
+    with torch.device("meta"):
+        shadow = type(base_model)(base_model.config)
+    dry = get_model(shadow, config, label_tokens=label_tokens, tokenizer=tokenizer)
+    adapter = sum(p.numel() for p in dry.parameters() if p.requires_grad)
+    base = sum(p.numel() for p in base_model.parameters())
+    saved = sum(t.numel() for t in read_adapter(directory, dry.classifier, dry.method).values())
+    if adapter > max(base, saved):
+        raise BaraError(f"{directory}: its config implies an adapter of {adapter:,} values, more than the base model's "
+                        f"{base:,} and the {saved:,} saved; fix: restore the adapter_config.json that was saved with "
+                        "the adapter")
 
 
 class MethodSteps(TrainerCallback):
