@@ -122,5 +122,5 @@ def test_gate_experiment_varies_one_default_at_a_time_on_validation():
     options = {s.variant: s.config.method_options for s in specs if s.dataset == "hwu64" and s.seed == 0}
     base = options.pop("bara")
     changed = {v: {k: o[k] for k in o if base.get(k) != o[k]} for v, o in options.items()}
-    assert changed == {"bara-k2": {"train_samples": 2}, "bara-orth2": {"orth_reg": 2.0}}
+    assert changed == {"bara-k1": {"train_samples": 1}, "bara-orth2": {"orth_reg": 2.0}}
 
