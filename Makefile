@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 # validation examples: prints sampled (S = 10) and one-pass metrics, the diagnostics and the plots' paths.
 demo: env
 	$(VENV)/bin/bara train --model minilm --data banking77 --method bara --max-train 1000 --seed 0 \
-		--max-eval 500 --no-validation --output runs/demo --overwrite
+		--max-eval 500 --no-validation --train-samples 1 --output runs/demo --overwrite
 
 test: env
 	$(PY) -m pytest
