@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,14 @@ def test_trainer_uses_the_method_groups_and_runs_the_kl_step(tmp_path):
     assert not torch.equal(layer.bara_pi_alpha, alpha)  # q(pi)'s SVI step ran
     with pytest.raises(BaraError, match="fix: "):
         bara.Trainer(model=bert(), args=args, train_dataset=data)
+    # transformers' default rate (5e-5) is a full fine-tuning rate: the method's own is named, once
+    default = TrainingArguments(str(tmp_path), report_to="none")
+    with pytest.warns(UserWarning, match=r"transformers' default 5e-05, but bara's own rate .* is 0\.01.*"
+                                         r"fix: TrainingArguments\(learning_rate=0\.01\)"):
+        bara.Trainer(model=model, args=default, train_dataset=data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a rate the user chose: no warning
+        bara.Trainer(model=model, args=args, train_dataset=data)
 
 
 def test_save_and_reload_records_an_absolute_base_path(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer as HfTrainer
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainingArguments
 from transformers.modeling_outputs import CausalLMOutput, SequenceClassifierOutput
 
 from .errors import BaraError
@@ -412,6 +413,13 @@ class Trainer(HfTrainer):
                             "model = bara.get_model(hf_model, bara.BaraConfig())")
         super().__init__(model, args, *positional, **kwargs)
         self.add_callback(MethodSteps(self))
+        own = type(model.method).default_lr.get(model.classifier.kind)
+        if self.args.learning_rate == TrainingArguments.learning_rate and own and own != self.args.learning_rate:
+            # transformers' default is a full fine-tuning rate: an adapter trained at it is far from converged.
+            warnings.warn(f"bara.Trainer: learning_rate is transformers' default {self.args.learning_rate:g}, but "
+                          f"{model.method.name}'s own rate for this kind of model is {own:g} (the benchmark's "
+                          f"validation choice, as 'bara train' uses without --lr); fix: TrainingArguments("
+                          f"learning_rate={own:g}), or any other rate you chose", UserWarning, stacklevel=2)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
