@@ -204,9 +204,14 @@ class FactorLinear(nn.Module):
         return self.bara_A_mu.shape[0]
 
     @property
+    def sigma_name(self) -> str:
+        """The name of sigma_A's free parameter: ``bara_A_rho`` (BLoB's rho) or ``bara_A_log_sigma``."""
+        return "bara_A_rho" if self.config.sigma_param == "rho2" else "bara_A_log_sigma"
+
+    @property
     def sigma_free(self) -> nn.Parameter:
         """The free parameter of sigma_A: log sigma, or BLoB's rho."""
-        return self.bara_A_rho if self.config.sigma_param == "rho2" else self.bara_A_log_sigma
+        return getattr(self, self.sigma_name)
 
     @property
     def sigma_A(self) -> torch.Tensor:
@@ -251,8 +256,7 @@ class FactorLinear(nn.Module):
         self.bara_A_mu = cut(self.bara_A_mu, 0, index)
         self.bara_B = cut(self.bara_B, 1, index)
         if self.bayes_factors:
-            name = "bara_A_rho" if self.config.sigma_param == "rho2" else "bara_A_log_sigma"
-            setattr(self, name, cut(getattr(self, name), 0, index))
+            setattr(self, self.sigma_name, cut(self.sigma_free, 0, index))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.rank}"

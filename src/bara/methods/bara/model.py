@@ -299,10 +299,10 @@ class Bara(FactorPosteriorMethod):
     def merge_weights(self, layer: BaraLinear) -> torch.Tensor:
         if not self.gating.network:  # gate=none: z = 1
             return super().merge_weights(layer)
-        z = torch.ones(layer.rank, device=layer.bara_B.device)  # run the gate on any input: it ignores the input
-        x = torch.zeros(1, 1, layer.in_features, device=z.device)
-        return layer.local_weights(x, torch.zeros(1, 1, layer.rank, device=z.device),
-                                   torch.ones(1, 1, device=z.device)).reshape(-1)
+        device = layer.bara_B.device  # run the gate on any input: it ignores the input
+        return layer.local_weights(torch.zeros(1, 1, layer.in_features, device=device),
+                                   torch.zeros(1, 1, layer.rank, device=device),
+                                   torch.ones(1, 1, device=device)).reshape(-1)
 
     def adapter_state(self, classifier: Classifier) -> dict[str, torch.Tensor]:
         state = super().adapter_state(classifier)  # plus the gate's running statistics (context_norm=batch)
