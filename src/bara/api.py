@@ -32,7 +32,8 @@ from .heads import Classifier
 from .methods import METHODS, Method, MethodConfig, Progress, get_method
 from .methods.base import to_device
 from .models import LoadedModel, load_model
-from .runs import ADAPTER_WEIGHTS, has_weights, meta_file, read_adapter, trained_options, versions, write_adapter
+from .runs import (ADAPTER_WEIGHTS, check_adapter_size, has_weights, meta_file, read_adapter, trained_options,
+                   versions, write_adapter)
 
 # Keyword arguments of a transformers forward that change nothing here (HF Trainer and generate pass some of them).
 IGNORED_KWARGS = ("return_dict", "num_items_in_batch", "use_cache", "output_attentions", "output_hidden_states")
@@ -357,28 +358,26 @@ def from_pretrained(base_model: nn.Module | str | None, directory: str | Path, t
         raise BaraError(f"the adapter has {len(labels)} labels, the base model's head {base_model.config.num_labels}; "
                         f"fix: load the base with num_labels={len(labels)}")
     config = METHODS[name].config_class.from_dict(options)
-    _check_implied_size(base_model, config, label_tokens, tokenizer, directory)
+    tensors = _checked_tensors(base_model, config, label_tokens, tokenizer, directory)
     model = get_model(base_model, config, label_tokens=label_tokens, tokenizer=tokenizer)
-    model.method.load_adapter_state(model.classifier, read_adapter(directory, model.classifier, model.method))
+    model.method.load_adapter_state(model.classifier, tensors)
     if labels is not None:
         model.classifier.label_names = list(labels)  # the names the adapter was trained with
     return model.eval()
 
 
-def _check_implied_size(base_model: nn.Module, config: MethodConfig, label_tokens, tokenizer, directory: Path) -> None:
-    """The adapter its config implies, built on a copy of the base on the meta device (no memory), against the base
-    model and the saved tensors, before anything is allocated: an edited config (r = 1000000) would otherwise ask for
-    gigabytes. As ``bara eval``'s check (:func:`bara.runs._check_sizes`)."""
+def _checked_tensors(base_model: nn.Module, config: MethodConfig, label_tokens, tokenizer, directory: Path
+                     ) -> dict[str, torch.Tensor]:
+    """The saved tensors, read once the adapter size the config implies is checked against them and the base model
+    (:func:`bara.runs.check_adapter_size`, as ``bara eval``), on a copy of the base on the meta device: nothing is
+    allocated before."""
     with torch.device("meta"):
         shadow = type(base_model)(base_model.config)
     dry = get_model(shadow, config, label_tokens=label_tokens, tokenizer=tokenizer)
-    adapter = sum(p.numel() for p in dry.parameters() if p.requires_grad)
-    base = sum(p.numel() for p in base_model.parameters())
-    saved = sum(t.numel() for t in read_adapter(directory, dry.classifier, dry.method).values())
-    if adapter > max(base, saved):
-        raise BaraError(f"{directory}: its config implies an adapter of {adapter:,} values, more than the base model's "
-                        f"{base:,} and the {saved:,} saved; fix: restore the adapter_config.json that was saved with "
-                        "the adapter")
+    tensors = read_adapter(directory, dry.classifier, dry.method)
+    check_adapter_size({n: p for n, p in dry.classifier.named_parameters() if p.requires_grad},
+                       sum(p.numel() for p in base_model.parameters()), tensors, directory)
+    return tensors
 
 
 class MethodSteps(TrainerCallback):

@@ -504,16 +504,21 @@ def saved_tensors(weights: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_sizes(classifier: Classifier, tensors: dict[str, torch.Tensor], where: Path) -> None:
-    """The adapter size the config implies (``classifier`` built with its adapter on the meta device), before any
+    """:func:`check_adapter_size` of ``classifier`` built with its adapter on the meta device."""
+    check_adapter_size({n: p for n, p in classifier.named_parameters() if p.is_meta},
+                       sum(p.numel() for p in classifier.parameters() if not p.is_meta), tensors, where)
+
+
+def check_adapter_size(adapter: dict[str, torch.Tensor], base: int, tensors: dict[str, torch.Tensor],
+                       where: Path) -> None:
+    """The adapter size the config implies (``adapter``: its tensors by name, built on the meta device), before any
     of it is allocated: an edited config (r = 1000000) would otherwise ask for gigabytes. Refused when it is larger
-    than both the base model and the saved tensors (a method may load fewer factors than its config names, as a
-    pruned adapter does; never more)."""
-    implied = sum(p.numel() for p in classifier.parameters() if p.is_meta)
-    base = sum(p.numel() for p in classifier.parameters() if not p.is_meta)
+    than both the base model (``base`` values) and the saved tensors (a method may load fewer factors than its config
+    names, as a pruned adapter does; never more)."""
+    implied = sum(p.numel() for p in adapter.values())
     saved = sum(t.numel() for t in tensors.values())
     if implied > max(base, saved):
-        name, p = next((n, p) for n, p in classifier.named_parameters()
-                       if p.is_meta and n in tensors and p.shape != tensors[n].shape)
+        name, p = next((n, p) for n, p in adapter.items() if n in tensors and p.shape != tensors[n].shape)
         raise BaraError(f"{where}: its config implies an adapter of {implied:,} values ({name}: "
                         f"{tuple(p.shape)}), more than the base model's {base:,} and the {saved:,} saved "
                         f"({tuple(tensors[name].shape)}); fix: restore the adapter_config.json that was saved with "
