@@ -58,7 +58,7 @@ def run_bench(preset: Preset | str, output: str | Path, progress: bool = True, r
     if reuse is not None and not (reuse / "runs").is_dir():
         raise BaraError(f"--reuse {reuse} holds no runs/ folder; fix: give the --output folder of another 'bara bench'")
     reference = None if compare is None else (str(compare), load_reference(compare))  # checked before training
-    check_defaults(plan_.all_runs(specs), [output] + ([reuse] if reuse is not None else []))
+    check_defaults(plan_.all_runs(specs, output=output), [output] + ([reuse] if reuse is not None else []))
     summary = {"runs": len(specs), "selected": 0, "trained": 0, "reused": 0, "skipped": 0, "diverged": 0,
                "failed": []}
     if not report_only:

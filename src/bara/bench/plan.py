@@ -214,22 +214,44 @@ class Plan:
     select: str  # a key of SELECT
     validate_all: bool = False  # every run scores the validation split, not only the grids' candidates
 
-    def candidates(self, entry: Entry) -> list[tuple[RunSpec, float, dict]]:
+    def candidates(self, entry: Entry, output: Path | None = None) -> list[tuple[RunSpec, float, dict]]:
         """The runs a grid is chosen from, with their rate and options: one per rate and combination of the
         option grid, at the tuning seed (one of the preset's seeds, so the chosen candidate is also that
-        seed's run). None for an entry without a grid, or whose rate follows another variant's."""
-        if isinstance(entry.lr, str) or (isinstance(entry.lr, float) and not entry.option_grid):
+        seed's run). None for an entry without a grid. A variant that takes another's rate and has an option grid
+        of its own gets one candidate per combination at that rate once it is chosen (from the finished
+        candidates in ``output``), with the options it takes from that variant; none before."""
+        if isinstance(entry.lr, str):
+            if not entry.option_grid:
+                return []
+            lr, inherited = self.lead(entry, output)
+            return [] if lr is None else [(entry.spec(lr, self.tune_seed, {**inherited, **options}), lr,
+                                           {**inherited, **options}) for options in entry.option_sets()]
+        if isinstance(entry.lr, float) and not entry.option_grid:
             return []
         rates = entry.lr if isinstance(entry.lr, tuple) else (entry.lr,)
         return [(entry.spec(lr, self.tune_seed, options), lr, options)
                 for lr in rates for options in entry.option_sets()]
 
-    def all_runs(self, specs: list[RunSpec], dataset: str | None = None) -> list[RunSpec]:
+    def lead(self, entry: Entry, output: Path | None = None) -> tuple[float | None, dict]:
+        """For a variant that takes another's rate: that rate (None while it is unchosen) and, of the other's
+        chosen options, those of the same method that this variant leaves as the other has them (an ablation
+        that sets an option itself keeps its own value)."""
+        leader = next(e for e in self.entries if (e.dataset, e.variant) == (entry.dataset, entry.lr))
+        grid = self.candidates(leader)
+        choice = _choose(self, grid, output) if grid else Choice(leader.lr)
+        theirs = leader.config
+        options = {k: v for k, v in choice.options.items() if theirs.method == entry.config.method
+                   and entry.config.method_options.get(k) == theirs.method_options.get(k)}
+        return choice.lr, options
+
+    def all_runs(self, specs: list[RunSpec], dataset: str | None = None,
+                 output: Path | None = None) -> list[RunSpec]:
         """``specs`` and every grid candidate (of ``dataset`` if given), each run folder once: all the runs a
-        benchmark of this plan trains, the unchosen candidates included."""
+        benchmark of this plan trains, the unchosen candidates included (those of a grid at another variant's
+        rate once ``output`` holds that choice)."""
         every = {s.folder: s for s in specs if dataset in (None, s.dataset)}
         every.update({c.folder: c for e in self.entries if dataset in (None, e.dataset)
-                      for c, _, _ in self.candidates(e)})
+                      for c, _, _ in self.candidates(e, output)})
         return list(every.values())
 
 
@@ -317,9 +339,12 @@ def _dataset_entries(preset: Preset, dataset: str, settings, variants: dict, sha
         merged = _typed(METHODS[method].config_class, merged, f"{where}, variant '{variant}'")
         METHODS[method].config_class.from_dict(merged)  # its own checks of the values
         rates[variant] = _learning_rate(p.get("lr", {}), settings.get("lr"), variant, method, p["model"])
-        grid = {} if isinstance(rates[variant], str) else _option_grid(
-            option_grids.get(variant, option_grids.get(method, {})), method, merged,
-            f"{where}, [tune.options] for '{variant}'")
+        # A variant that takes another's rate takes its chosen options where it has the same method: a grid of the
+        # method applies to it only where the other is of another method (BLoB's KL-step rate at LoRA's rate).
+        follows = rates[variant] if isinstance(rates[variant], str) else None
+        table = option_grids.get(variant, {} if follows in variants and variants[follows][0] == method
+                                 else option_grids.get(method, {}))
+        grid = _option_grid(table, method, merged, f"{where}, [tune.options] for '{variant}'")
         config = RunConfig(
             model=p["model"], data=data, method=method, method_options=merged,
             max_train=settings.get("max_train", p.get("max_train")),
@@ -378,30 +403,31 @@ def _rate(lr):
 def choices(plan_: Plan, output: Path | None = None) -> dict[tuple[str, str], Choice]:
     """(dataset, variant) -> its learning rate: set by the preset, or chosen by the validation metric of the
     finished candidate runs in ``output`` (None while one of them is unfinished)."""
-    pick = SELECT[plan_.select]
     out = {}
     for entry in plan_.entries:
-        candidates = plan_.candidates(entry)
-        if candidates:
-            scores = [WORST[pick] if diverged(output, spec) else validation_metrics(output, spec).get(plan_.select)
-                      for spec, _, _ in candidates]
-            if None not in scores and not all(s == WORST[pick] for s in scores):
-                best = pick(range(len(candidates)), key=scores.__getitem__)  # min/max keep the first of ties
-                out[entry.dataset, entry.variant] = Choice(candidates[best][1], candidates[best][2])
-            else:
-                out[entry.dataset, entry.variant] = Choice(None)
-        elif isinstance(entry.lr, float):
-            out[entry.dataset, entry.variant] = Choice(entry.lr)
-    configs = {(e.dataset, e.variant): e.config for e in plan_.entries}
-    for entry in plan_.entries:
         if isinstance(entry.lr, str):
-            leader, theirs = out[entry.dataset, entry.lr], configs[entry.dataset, entry.lr]
-            # Of the leader's chosen options, those of the same method that this variant leaves as the leader has
-            # them (an ablation that sets an option itself keeps its own value).
-            options = {k: v for k, v in leader.options.items() if theirs.method == entry.config.method
-                       and entry.config.method_options.get(k) == theirs.method_options.get(k)}
-            out[entry.dataset, entry.variant] = Choice(leader.lr, options, follows=entry.lr)
+            lr, options = plan_.lead(entry, output)
+            if entry.option_grid:  # its own options, chosen at that rate
+                grid = plan_.candidates(entry, output)
+                own = _choose(plan_, grid, output) if grid else Choice(None)
+                lr, options = own.lr, own.options
+            out[entry.dataset, entry.variant] = Choice(lr, options if lr is not None else {}, follows=entry.lr)
+        else:
+            grid = plan_.candidates(entry)
+            out[entry.dataset, entry.variant] = _choose(plan_, grid, output) if grid else Choice(entry.lr)
     return out
+
+
+def _choose(plan_: Plan, candidates: list[tuple[RunSpec, float, dict]], output: Path | None) -> Choice:
+    """The candidate with the best validation metric (the first of ties); None while one is unfinished, or when
+    every one diverged."""
+    pick = SELECT[plan_.select]
+    scores = [WORST[pick] if diverged(output, spec) else validation_metrics(output, spec).get(plan_.select)
+              for spec, _, _ in candidates]
+    if None in scores or all(s == WORST[pick] for s in scores):
+        return Choice(None)
+    best = pick(range(len(candidates)), key=scores.__getitem__)  # min/max keep the first of ties
+    return Choice(candidates[best][1], candidates[best][2])
 
 
 def diverged(output: Path | None, spec: RunSpec) -> dict | None:

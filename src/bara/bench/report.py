@@ -252,7 +252,7 @@ def _cost_table(rows: list[dict]) -> str:
 def _wall_time(plan_: Plan, specs: list[RunSpec], output: Path, dataset: str) -> str:
     """What the dataset's finished runs cost in all, the grid's candidates that were not chosen included."""
     walls = [json.loads((output / s.folder / runs.METRICS).read_text()).get("wall_seconds") or 0.0
-             for s in plan_.all_runs(specs, dataset) if finished(output, s)]
+             for s in plan_.all_runs(specs, dataset, output) if finished(output, s)]
     return (f"Wall time: {sum(walls) / 3600:.2f} h over the {len(walls)} finished runs of this dataset (the grid's "
             "candidates included): the sum of each run's wall time in the sitting that finished it, where it was "
             "trained (a run copied by --reuse counts its original time).")
@@ -260,7 +260,7 @@ def _wall_time(plan_: Plan, specs: list[RunSpec], output: Path, dataset: str) ->
 
 def _tuning(plan_: Plan, dataset: str, output: Path, chosen: dict[tuple[str, str], Choice]) -> list[str]:
     """The learning rates chosen on validation for ``dataset``: every candidate's validation metrics."""
-    entries = [e for e in plan_.entries if e.dataset == dataset and plan_.candidates(e)]
+    entries = [e for e in plan_.entries if e.dataset == dataset and plan_.candidates(e, output)]
     if not entries:
         return []
     lines = [f"Learning rates (and options with a grid) chosen on the validation split (seed {plan_.tune_seed}, "
@@ -269,7 +269,7 @@ def _tuning(plan_: Plan, dataset: str, output: Path, chosen: dict[tuple[str, str
              "|---|---|---|---|---|---|---|"]
     for entry in entries:
         choice = chosen[dataset, entry.variant]
-        for spec, lr, options in plan_.candidates(entry):
+        for spec, lr, options in plan_.candidates(entry, output):
             shown = ", ".join(f"{k} {v}" for k, v in options.items()) or "—"
             val, lost = validation_metrics(output, spec), diverged(output, spec)
             if lost:
@@ -293,9 +293,9 @@ def _prediction_choice(plan_: Plan, dataset: str, output: Path, chosen: dict[tup
     """Sampled or one-pass prediction, chosen per variant like its rate: by the validation metric of the chosen
     candidate. One number per method for readers who want one, without looking at the test split."""
     select, rows = plan_.select, []
-    for entry in (e for e in plan_.entries if e.dataset == dataset and plan_.candidates(e)):
+    for entry in (e for e in plan_.entries if e.dataset == dataset and plan_.candidates(e, output)):
         choice, group = chosen[dataset, entry.variant], next((g for g in groups if g["variant"] == entry.variant), None)
-        val = next((validation_metrics(output, c) for c, lr, options in plan_.candidates(entry)
+        val = next((validation_metrics(output, c) for c, lr, options in plan_.candidates(entry, output)
                     if (lr, options) == (choice.lr, choice.options)), {})
         if group is None or "fast_path" not in val or group.get("test_fast_nll", (None,))[0] is None:
             continue

@@ -171,12 +171,18 @@ def train_dataset(plan_: Plan, selected: list[RunSpec], dataset: str, output: Pa
     tuning = [c for e in plan_.entries if e.dataset == dataset and e.variant in leaders
               for c, _, _ in plan_.candidates(e)]
     parts = [_train(tuning, output, progress, f"tune {dataset}", validation=True, reuse=reuse, candidates=True)]
-    tried = {c.hash for c in tuning}  # the chosen candidates are runs of the tuning seed: done already
+    # Then the option grids at another variant's rate, which the first stage has just chosen.
+    following = [c for e in plan_.entries if e.dataset == dataset and e.variant in wanted and isinstance(e.lr, str)
+                 for c, _, _ in plan_.candidates(e, output)]
+    if following:
+        parts.append(_train(following, output, progress, f"tune {dataset}", validation=True, reuse=reuse,
+                            candidates=True))
+    tried = {c.hash for c in tuning + following}  # the chosen candidates are runs of the tuning seed: done already
     final = [s for s in select(expand(plan_, output), dataset, only_method) if s.hash not in tried]
     parts.append(_train(final, output, progress, f"bench {dataset}", validation=plan_.validate_all, reuse=reuse))
     unchosen = []
-    for entry in (e for e in plan_.entries if e.dataset == dataset and e.variant in leaders):
-        grid = [c for c, _, _ in plan_.candidates(entry)]  # every one diverged: nothing to choose from
+    for entry in (e for e in plan_.entries if e.dataset == dataset and e.variant in leaders | wanted):
+        grid = [c for c, _, _ in plan_.candidates(entry, output)]  # every one diverged: nothing to choose from
         if grid and all(diverged(output, c) for c in grid):
             unchosen.append(grid[0].name)
     return parts, unchosen
