@@ -570,7 +570,7 @@ def test_packaged_presets_expand_under_the_fair_protocol():
     quick, standard, ablations = (bench.expand(name) for name in ("quick", "standard", "ablations"))
     assert len(quick) == 2 * 3 * 1
     assert len(standard) == 3 * 9 * 3  # no trec: its labels are scrambled
-    assert len(ablations) == 2 * 13 * 3
+    assert len(ablations) == 2 * 14 * 2  # 2 seeds (cost at K = 2)
     assert len({s.hash for s in quick}) == len(quick) and not any(s.pending for s in quick)
     # standard and ablations choose rates on validation first: every run waits for its grid's candidates.
     assert all(s.pending for s in standard + ablations)
@@ -601,7 +601,8 @@ def test_packaged_presets_expand_under_the_fair_protocol():
             assert len({json.dumps({**c.train.to_dict(), "lr": 0, "seed": 0}) for c in mine}) == 1
             assert {c.method_options["target_modules"] == ["query", "value"] for c in mine} == {True}
             assert len({(c.model, c.max_train, c.max_eval, c.data) for c in mine}) == 1
-            assert {c.train.seed for c in mine} == ({0} if specs is quick else {0, 1, 2})
+            assert {c.train.seed for c in mine} == {0} if specs is quick else {0, 1} if specs is ablations \
+                else {0, 1, 2}
     schedule = {(s.dataset, s.config.train.epochs) for s in standard + ablations}
     assert schedule == {("banking77", 20.0), ("clinc150", 20.0), ("hwu64", 20.0)}
     assert {(s.dataset, s.config.train.epochs) for s in quick} == {("trec", 12.0), ("banking77", 15.0)}
@@ -612,6 +613,7 @@ def test_packaged_presets_expand_under_the_fair_protocol():
     assert options["bara"]["r"] == 16 and "gate" not in options["bara"]
     assert (options["bara-gate-none"]["gate"], options["bara-gate-none"]["r"]) == ("none", 16)
     assert options["bara-point-factors"]["bayes_factors"] is False and options["bara-r32"]["r"] == 32
+    assert options["bara-k1"]["train_samples"] == 1 and "train_samples" not in options["bara"]
     assert {s.config.method for s in ablations} == {"bara"}
 
 
