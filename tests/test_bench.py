@@ -312,7 +312,7 @@ def test_learning_rate_grid_is_chosen_on_validation_then_fixed_for_every_seed(tm
     other_line = next(l for l in results.splitlines() if l.startswith("| lora | ") and l != chosen_line
                       and "**yes**" not in l and l.count("|") == 8)
     assert chosen_line.endswith("| **yes** |") and other_line.endswith("|  |")
-    assert "follower takes lora's rate" in results and "finished runs: 4 of 4" in results
+    assert "follower takes lora's rate." in results and "finished runs: 4 of 4" in results
     log = capsys.readouterr().out.splitlines()  # without progress bars, a line per finished run
     assert [line.split(" finished in ")[0] for line in log] == [f"tune toy: {c.name}" for c in candidates] + [
         f"bench toy: {s.name}" for s in specs if s.hash not in {c.hash for c in candidates}]
@@ -360,7 +360,7 @@ def test_an_option_grid_at_another_variants_rate_is_chosen_after_that_rate(tmp_p
     lines = [l for l in results.splitlines() if l.startswith(f"| blob | {best:g} | kl_lr ")]
     assert len(lines) == 2 and sum(l.endswith("| **yes** |") for l in lines) == 1
     assert f"| blob | {best:g} | kl_lr {kl_lr:g} |" in next(l for l in lines if l.endswith("| **yes** |"))
-    assert "finished runs: 4 of 4" in results
+    assert "finished runs: 4 of 4" in results and "blob takes lora's rate, its kl_lr chosen at it (above)." in results
     calls[:] = []
     assert bench.run_bench(str(path), out, progress=False)["trained"] == 0 and calls == []
 

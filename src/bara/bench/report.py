@@ -282,9 +282,11 @@ def _tuning(plan_: Plan, dataset: str, output: Path, chosen: dict[tuple[str, str
             numbers = " | ".join(report.fmt(k, val[k]) for k in ("accuracy", "ece", "nll"))
             mark = "**yes**" if (lr, options) == (choice.lr, choice.options) else ""
             lines.append(f"| {entry.variant} | {lr:g} | {shown} | {numbers} | {mark} |")
-    followers = [f"{e.variant} takes {e.lr}'s" for e in plan_.entries if e.dataset == dataset and isinstance(e.lr, str)]
+    followers = [f"{e.variant} takes {e.lr}'s rate" + (f", its {' and '.join(e.option_grid)} chosen at it (above)"
+                                                       if e.option_grid else "")
+                 for e in plan_.entries if e.dataset == dataset and isinstance(e.lr, str)]
     if followers:
-        lines += ["", "; ".join(followers) + " rate (the same training objective, or a post-hoc step on it)."]
+        lines += ["", "; ".join(followers) + "."]
     return lines + [""]
 
 
