@@ -214,16 +214,18 @@ class Plan:
     select: str  # a key of SELECT
     validate_all: bool = False  # every run scores the validation split, not only the grids' candidates
 
-    def candidates(self, entry: Entry, output: Path | None = None) -> list[tuple[RunSpec, float, dict]]:
+    def candidates(self, entry: Entry, output: Path | None = None,
+                   lead: tuple[float | None, dict] | None = None) -> list[tuple[RunSpec, float, dict]]:
         """The runs a grid is chosen from, with their rate and options: one per rate and combination of the
         option grid, at the tuning seed (one of the preset's seeds, so the chosen candidate is also that
         seed's run). None for an entry without a grid. A variant that takes another's rate and has an option grid
         of its own gets one candidate per combination at that rate once it is chosen (from the finished
-        candidates in ``output``), with the options it takes from that variant; none before."""
+        candidates in ``output``, or ``lead``: :meth:`lead`'s answer when the caller has it), with the options it
+        takes from that variant; none before."""
         if isinstance(entry.lr, str):
             if not entry.option_grid:
                 return []
-            lr, inherited = self.lead(entry, output)
+            lr, inherited = lead or self.lead(entry, output)
             return [] if lr is None else [(entry.spec(lr, self.tune_seed, {**inherited, **options}), lr,
                                            {**inherited, **options}) for options in entry.option_sets()]
         if isinstance(entry.lr, float) and not entry.option_grid:
@@ -232,13 +234,15 @@ class Plan:
         return [(entry.spec(lr, self.tune_seed, options), lr, options)
                 for lr in rates for options in entry.option_sets()]
 
-    def lead(self, entry: Entry, output: Path | None = None) -> tuple[float | None, dict]:
+    def lead(self, entry: Entry, output: Path | None = None,
+             choice: Choice | None = None) -> tuple[float | None, dict]:
         """For a variant that takes another's rate: that rate (None while it is unchosen) and, of the other's
         chosen options, those of the same method that this variant leaves as the other has them (an ablation
-        that sets an option itself keeps its own value)."""
+        that sets an option itself keeps its own value). ``choice``: the other's, when the caller has it."""
         leader = next(e for e in self.entries if (e.dataset, e.variant) == (entry.dataset, entry.lr))
-        grid = self.candidates(leader)
-        choice = _choose(self, grid, output) if grid else Choice(leader.lr)
+        if choice is None:
+            grid = self.candidates(leader)
+            choice = _choose(self, grid, output) if grid else Choice(leader.lr)
         theirs = leader.config
         options = {k: v for k, v in choice.options.items() if theirs.method == entry.config.method
                    and entry.config.method_options.get(k) == theirs.method_options.get(k)}
@@ -404,17 +408,17 @@ def choices(plan_: Plan, output: Path | None = None) -> dict[tuple[str, str], Ch
     """(dataset, variant) -> its learning rate: set by the preset, or chosen by the validation metric of the
     finished candidate runs in ``output`` (None while one of them is unfinished)."""
     out = {}
-    for entry in plan_.entries:
-        if isinstance(entry.lr, str):
-            lr, options = plan_.lead(entry, output)
-            if entry.option_grid:  # its own options, chosen at that rate
-                grid = plan_.candidates(entry, output)
-                own = _choose(plan_, grid, output) if grid else Choice(None)
-                lr, options = own.lr, own.options
-            out[entry.dataset, entry.variant] = Choice(lr, options if lr is not None else {}, follows=entry.lr)
-        else:
-            grid = plan_.candidates(entry)
-            out[entry.dataset, entry.variant] = _choose(plan_, grid, output) if grid else Choice(entry.lr)
+    for entry in (e for e in plan_.entries if not isinstance(e.lr, str)):  # each leader's choice once
+        grid = plan_.candidates(entry)
+        out[entry.dataset, entry.variant] = _choose(plan_, grid, output) if grid else Choice(entry.lr)
+    for entry in (e for e in plan_.entries if isinstance(e.lr, str)):
+        lead = plan_.lead(entry, output, out[entry.dataset, entry.lr])
+        lr, options = lead
+        if entry.option_grid:  # its own options, chosen at that rate
+            grid = plan_.candidates(entry, output, lead)
+            own = _choose(plan_, grid, output) if grid else Choice(None)
+            lr, options = own.lr, own.options
+        out[entry.dataset, entry.variant] = Choice(lr, options if lr is not None else {}, follows=entry.lr)
     return out
 
 
