@@ -497,6 +497,29 @@ def test_report_lists_the_post_hoc_fits_seed_by_seed(tmp_path, tiny_bert, toy_da
                           f"{int(precisions[0] >= 1e6 / 1.01) + 1} of 2 at the top)")
 
 
+def test_post_hoc_methods_take_their_fit_from_the_benchmarks_lora_run_of_the_same_training(tmp_path, tiny_bert,
+                                                                                          toy_data):
+    """Temperature and Laplace at LoRA's rate and seed do not train the same LoRA again: they read it from the
+    finished LoRA run. At another rate (or for a method with its own objective) nothing is shared."""
+    path = tiny_preset(tmp_path, tiny_bert, toy_data, methods='{ lora = "lora", ts = "temperature", la = "laplace", '
+                       'la-fast = "laplace", map = "map" }', lr='default = 5e-3\nla-fast = 1e-2')
+    out = tmp_path / "bench"
+    bench.run_bench(str(path), out, progress=False)
+    specs = {(s.variant, s.seed): s for s in bench.expand(str(path), out)}
+    metrics = {k: json.loads((out / s.folder / "metrics.json").read_text()) for k, s in specs.items()}
+    for seed in (0, 1):
+        lora = out / specs["lora", seed].folder
+        for variant in ("ts", "la"):
+            assert metrics[variant, seed]["trained_from"] == str(lora)
+            assert metrics[variant, seed]["train_seconds"] > metrics["lora", seed]["train_seconds"]
+            assert ((out / specs[variant, seed].folder / "history.jsonl").read_text()
+                    == (lora / "history.jsonl").read_text())
+        assert metrics["ts", seed]["accuracy"] == metrics["lora", seed]["accuracy"]  # T keeps the argmax
+        for variant in ("la-fast", "map"):
+            assert "trained_from" not in metrics[variant, seed]
+    assert metrics["ts", 0]["diagnostics"]["temperature"] != metrics["ts", 1]["diagnostics"]["temperature"]
+
+
 def test_option_grids_are_chosen_with_the_rate_and_keep_the_usual_run(tmp_path, tiny_bert, toy_data):
     methods = ('{ blob = "blob", small = { method = "blob", options = { r = 4 } }, '
                'own = { method = "blob", options = { kl_lr = 0.03 } } }')

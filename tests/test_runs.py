@@ -99,6 +99,66 @@ def test_finished_output_is_protected(tiny_bert, toy_data, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["config"]["train"]["steps"] == 3
 
 
+def untimed(values):
+    """``values`` without its timings (nested too), which no two runs share."""
+    if isinstance(values, dict):
+        return {k: untimed(v) for k, v in values.items() if "seconds" not in k}
+    return values
+
+
+def _tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {f"{f.relative_to(folder)}:{k}": v for f in sorted(folder.rglob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize("method, options", [("temperature", {}), ("laplace", {"ggn": "sampled"}), ("tfb", {})])
+def test_post_hoc_method_on_a_finished_lora_run_is_the_run_trained_here(tiny_bert, toy_data, tmp_path, method,
+                                                                         options):
+    """A post-hoc method trains LoRA exactly as `lora` does; read from a finished LoRA run, its fit gives the same
+    adapter, post-hoc fit (sampled GGN, TFB's sampled search) and metrics as training it again."""
+    runs.run_train(config(tiny_bert, toy_data), tmp_path / "lora", progress_bar=False)
+    here = runs.run_train(config(tiny_bert, toy_data, method, **options), tmp_path / "here", progress_bar=False)
+    read = runs.run_train(config(tiny_bert, toy_data, method, **options), tmp_path / "read", progress_bar=False,
+                          trained_from=tmp_path / "lora")
+    lora, trained, reused = (_tensors(tmp_path / n) for n in ("lora", "here", "read"))
+    assert set(trained) == set(reused) and all(torch.equal(trained[k], reused[k]) for k in trained)
+    shared = {k for k in lora if k in trained}  # the LoRA factors and the head: what both trained
+    assert len(shared) >= 4 and all(torch.equal(lora[k], trained[k]) for k in shared)
+    assert len(trained) > len(shared) or method == "laplace"  # T or sigma beside them (Laplace: its own file)
+    for key in ("accuracy", "ece", "nll", "brier", "convergence", "trainable_params"):
+        assert read[key] == here[key], key
+    assert untimed(read["validation"]) == untimed(here["validation"])
+    assert (tmp_path / "read" / "history.jsonl").read_text() == (tmp_path / "here" / "history.jsonl").read_text()
+    assert read["trained_from"] == str(tmp_path / "lora") and "trained_from" not in here
+    assert read["train_seconds"] >= json.loads((tmp_path / "lora" / "metrics.json").read_text())["train_seconds"]
+
+
+def test_trained_from_refuses_a_run_that_trained_something_else(tiny_bert, toy_data, tmp_path, capsys):
+    runs.run_train(config(tiny_bert, toy_data), tmp_path / "lora", progress_bar=False)
+    other_lr = config(tiny_bert, toy_data, "temperature")
+    other_lr.train.lr = 1e-2
+    cases = [(other_lr, "lr: 0.01 vs 0.005"), (config(tiny_bert, toy_data, "temperature", steps=13), "steps: 13 vs 12"),
+             (config(tiny_bert, toy_data, "laplace", r=4), "r: 4 vs 8"),
+             (config(tiny_bert, toy_data, "map"), "map trains its own objective")]
+    for cfg, why in cases:
+        with pytest.raises(BaraError, match=why):
+            runs.run_train(cfg, tmp_path / "out", progress_bar=False, trained_from=tmp_path / "lora")
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(BaraError, match="no finished run"):
+        runs.run_train(config(tiny_bert, toy_data, "temperature"), tmp_path / "out", progress_bar=False,
+                       trained_from=tmp_path / "nothing")
+    argv = ["train", "--model", tiny_bert, "--data", toy_data, "--method", "temperature", "--steps", "12",
+            "--batch-size", "8", "--max-length", "24", "--lr", "0.005", "--output", str(tmp_path / "cli"),
+            "--trained-from", str(tmp_path / "lora"), "--no-progress", "--no-validation"]
+    capsys.readouterr()
+    assert cli.main(argv[:-4] + ["--lr", "0.01"] + argv[-4:]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bara: error: --trained-from") and "lr: 0.01 vs 0.005" in err and "\n" not in err, err
+    assert cli.main(argv) == 0
+    assert json.loads((tmp_path / "cli" / "metrics.json").read_text())["trained_from"] == str(tmp_path / "lora")
+
+
 def test_cli_user_errors_are_one_line(tmp_path, capsys, tiny_bert, toy_data):
     bad = tmp_path / "bad.tsv"
     bad.write_text("sentence\tlabel\nhello\ta\n")

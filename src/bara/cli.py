@@ -187,6 +187,9 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=int, default=0, help="log validation accuracy/NLL/ECE every N steps")
     t.add_argument("--resume", action="store_true", help="continue the unfinished run in --output")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
+    t.add_argument("--trained-from", type=Path, metavar="RUN", help="for a post-hoc method (temperature, laplace, "
+                   "tfb): a finished 'bara train --method lora' run with the same data, seed and schedule, whose "
+                   "LoRA is used as this run's fit instead of training it again")
     t.add_argument("--ood-data", help="another dataset whose test texts serve as out-of-distribution inputs")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.add_argument("--no-validation", action="store_true", help="do not score the validation split after training "
@@ -354,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                                   eval_every=args.eval_every))
             metrics = runs.run_train(config, args.output, args.resume, args.overwrite, args.ood_data,
                                      not args.no_progress, validation=not args.no_validation,
-                                     report_to=args.report_to)
+                                     report_to=args.report_to, trained_from=args.trained_from)
             if metrics:
                 for note in metrics["data_notes"]:
                     print(f"data: {note}")

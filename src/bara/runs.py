@@ -340,9 +340,54 @@ def score_validation(classifier: Classifier, method: Method, task: Task, config:
     return score(classifier, method, task.validation, config, None, progress_bar=progress_bar, timing=False)
 
 
+# Run options that change nothing a run trains: how often it checkpoints, and the batch size of its own scoring.
+UNTRAINED = ("checkpoint_every", "eval_batch_size")
+
+
+def training_config(config: RunConfig) -> RunConfig | None:
+    """The run whose training ``config``'s is, for a post-hoc method (:attr:`Method.trains_as`): the same run under
+    that method with the options that method has. None for a method that trains its own objective."""
+    base = METHODS[config.method].trains_as
+    if base is None:
+        return None
+    own = {f.name for f in dataclasses.fields(METHODS[base].config_class)}
+    return dataclasses.replace(config, method=base,
+                               method_options={k: v for k, v in config.method_options.items() if k in own})
+
+
+def training_differences(config: RunConfig, other: RunConfig) -> list[str]:
+    """The options (as ``name: ours vs theirs``) in which run ``other`` did not train what ``config`` trains;
+    empty when its adapter is ``config``'s fit."""
+    wanted = training_config(config)
+    if wanted is None:
+        return [f"method: {config.method} trains its own objective, not another method's fit"]
+    ours, theirs = wanted.resolved(), other.resolved()
+    return [f"{k}: {ours.get(k)!r} vs {theirs.get(k)!r}" for k in sorted(set(ours) | set(theirs))
+            if k not in UNTRAINED and ours.get(k) != theirs.get(k)]
+
+
+def trained_run(folder: Path, config: RunConfig) -> RunConfig:
+    """The config of the finished run in ``folder``, checked to have trained what ``config`` trains (BaraError
+    naming the first difference otherwise)."""
+    where = f"--trained-from {folder}"
+    if not (folder / METRICS).exists() or not has_weights(folder):
+        raise BaraError(f"{where}: no finished run with an adapter there; fix: give the output folder of a finished "
+                        f"'bara train --method {METHODS[config.method].trains_as or config.method}' run")
+    try:
+        other = RunConfig.from_dict(json.loads((folder / METRICS).read_text())["config"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise BaraError(f"{where}: its metrics.json holds no readable run config ({err}); fix: train that run "
+                        "again") from None
+    differ = training_differences(config, other)
+    if differ:
+        raise BaraError(f"{where}: that run did not train what this one trains ({'; '.join(differ[:3])}); fix: "
+                        "train with the options it was trained with, or drop --trained-from")
+    return other
+
+
 def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: bool = False,
               ood_data: str | Sequence[str] | None = None, progress_bar: bool = True, validation: bool = True,
-              report_to="none") -> dict:
+              report_to="none", trained_from: Path | None = None) -> dict:
     """Train, save the adapter and write metrics.json: test metrics, and the validation split's under
     "validation" unless ``validation`` is False (a benchmark run no choice is made on: 11 extra passes over the
     split for a sampling method; :func:`add_validation` scores it later from the saved adapter).
@@ -350,17 +395,25 @@ def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: 
     ``overwrite`` builds the new run beside the old one and swaps it in once finished, so a failure keeps the
     old run; ``resume`` continues the checkpoint in ``output`` and refuses one written with other options.
     ``report_to``: an accelerate tracker ("tensorboard", "wandb", "mlflow") that gets what history.jsonl gets.
-    ``ood_data``: one dataset or several whose test texts are out-of-distribution inputs (:func:`ood_scores`)."""
+    ``ood_data``: one dataset or several whose test texts are out-of-distribution inputs (:func:`ood_scores`).
+    ``trained_from``: for a post-hoc method, a finished run of the training it repeats (:func:`training_config`);
+    its adapter and history stand in for the training loop, and the run's results are those training here would
+    give (the post-hoc step starts from the same seeded random state either way)."""
     t0 = time.perf_counter()
     reset_peak_memory()
     config.validate()
     check_report_to(report_to)
+    if trained_from is not None:
+        if resume:
+            raise BaraError("--resume continues this run's own training, --trained-from takes another run's; fix: "
+                            "pass one of them")
+        trained_run(Path(trained_from), config)
     work, resumed = check_output(output, resume, overwrite, config)
     state = distributed_state()
     replacing = work != output
     try:
         metrics = _train_into(work, replacing, config, resumed, t0, ood_data, progress_bar, validation, state,
-                              report_to)
+                              report_to, trained_from)
         if replacing and state.is_main_process:
             swap_in(work, output)
         return metrics
@@ -371,7 +424,7 @@ def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: 
 
 
 def _train_into(work: Path, replacing: bool, config: RunConfig, resumed: dict, t0: float, ood_data,
-                progress_bar: bool, validation: bool, state, report_to="none") -> dict:
+                progress_bar: bool, validation: bool, state, report_to="none", trained_from: Path | None = None) -> dict:
     task = task_of(config)
     ood = ood_tests(config, ood_data)
     classifier, method = build(config, task.label_names)
@@ -380,9 +433,16 @@ def _train_into(work: Path, replacing: bool, config: RunConfig, resumed: dict, t
         make_output(work, replacing)
     state.wait_for_everyone()
     before = float(resumed.get("seconds", 0.0))  # training time of the sessions before the checkpoint
-    history = train(classifier, method, task.train, task.validation, config.train, work, bool(resumed), progress_bar,
-                    extra=lambda: {"run": config.to_dict(), "seconds": before + time.perf_counter() - t0},
-                    report_to=report_to, tracker_config=config.resolved())
+    base_metrics, borrowed = {}, 0.0
+    if trained_from is not None:
+        history, base_metrics = _read_fit(Path(trained_from), config, classifier)
+        borrowed = float(base_metrics.get("train_seconds", 0.0))  # what training the fit cost, in that run
+    else:
+        history = train(classifier, method, task.train, task.validation, config.train, work, bool(resumed),
+                        progress_bar, extra=lambda: {"run": config.to_dict(), "seconds": before + time.perf_counter() - t0},
+                        report_to=report_to, tracker_config=config.resolved())
+    if method.trains_as:  # the same post-hoc step whether the fit was trained here or read from its run
+        torch.manual_seed(config.train.seed)
     method.fit_posthoc(classifier, batches(classifier, task.train, config.train.eval_batch_size),
                        batches(classifier, task.validation, config.train.eval_batch_size))
     if not is_main:
@@ -395,7 +455,7 @@ def _train_into(work: Path, replacing: bool, config: RunConfig, resumed: dict, t
         warnings.warn(budget["advice"], UserWarning, stacklevel=2)
     if config.train.eval_every:
         learning_curve(history, work / "curve.png", f"{method.name} on {task.name}: validation during training")
-    train_seconds = before + time.perf_counter() - t0
+    train_seconds = borrowed + before + time.perf_counter() - t0
     metrics = score(classifier, method, task.test, config, None, ood, work, progress_bar, task.name)
     if validation:  # choices (learning rates, a method's design) are made on these, never on test
         metrics["validation"] = score_validation(classifier, method, task, config, progress_bar)
@@ -408,14 +468,29 @@ def _train_into(work: Path, replacing: bool, config: RunConfig, resumed: dict, t
         "trainable_params": sum(p.numel() for p in classifier.parameters() if p.requires_grad),
         # Over every session of a resumed run, as history.jsonl covers every step.
         "train_seconds": train_seconds, "wall_seconds": before + time.perf_counter() - t0,
-        "peak_memory_mb": peak_memory_mb(), "torch_threads": torch.get_num_threads(),  # what the times were
+        "peak_memory_mb": max(peak_memory_mb(), base_metrics.get("peak_memory_mb", 0.0)),
+        "torch_threads": torch.get_num_threads(),  # what the times were
         "config": config.to_dict(), "versions": versions(),
         "convergence": budget,  # one-pass validation NLL at 80 % of the steps and at the end (None under 10 steps)
     })
+    if trained_from is not None:  # train_seconds and peak memory include that run's training; wall_seconds not
+        metrics["trained_from"] = str(trained_from)
     write_json(work / METRICS, metrics)
     for name in [*checkpoint.candidates(work), work / f".{checkpoint.NAME}.tmp"]:  # the run is finished
         shutil.rmtree(name, ignore_errors=True)
     return metrics
+
+
+def _read_fit(folder: Path, config: RunConfig, classifier: Classifier) -> tuple[list[dict], dict]:
+    """Load into ``classifier`` the adapter of the run in ``folder`` that trained ``config``'s fit; its history
+    and metrics."""
+    base = training_config(config)
+    fit = get_method(base.method, base.method_options)
+    fit.load_adapter_state(classifier, read_adapter(folder, classifier, fit))
+    history_file = folder / "history.jsonl"
+    history = ([json.loads(line) for line in history_file.read_text().splitlines() if line.strip()]
+               if history_file.exists() else [])
+    return history, json.loads((folder / METRICS).read_text())
 
 
 def save_adapter(classifier: Classifier, method: Method, config: RunConfig, task: Task, output: Path) -> None:

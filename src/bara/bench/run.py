@@ -69,8 +69,10 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
         start = time.perf_counter()
         try:
             if not (folder / runs.METRICS).exists():
-                runs.run_train(spec.config, folder, resume=checkpoint.find(folder) is not None, ood_data=spec.ood,
-                               progress_bar=progress, validation=validation)
+                resume = checkpoint.find(folder) is not None
+                fit = None if resume else trained_fit(spec, [output] + ([reuse] if reuse else []))
+                runs.run_train(spec.config, folder, resume=resume, ood_data=spec.ood, progress_bar=progress,
+                               validation=validation, trained_from=fit)
             # From the saved adapter, set by set, so an interruption here costs no retraining and no set twice.
             shifted = shift_results(folder)
             for name in (n for n in spec.shifts if n not in shifted):
@@ -98,6 +100,25 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
     return {"trained": len(pending) - len(failed) - len(lost), "reused": len(reused),
             "diverged": len(lost_before) + len(lost),
             "skipped": len(selected) - len(pending) - len(reused) - len(lost_before), "failed": failed}
+
+
+def trained_fit(spec: RunSpec, roots: list[Path]) -> Path | None:
+    """For a post-hoc method (:attr:`Method.trains_as`): a finished run, with its adapter, in ``roots`` that trained
+    exactly ``spec``'s fit (LoRA at the same data, seed, rate and schedule), so that it is not trained twice; None
+    where there is none (the run then trains its own)."""
+    base = runs.training_config(spec.config)
+    if base is None:
+        return None
+    for root in roots:
+        for folder in sorted((root / "runs" / spec.dataset).glob(f"*/seed{spec.seed}-*")):
+            try:
+                other = RunConfig.from_dict(json.loads((folder / runs.METRICS).read_text())["config"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if (other.method == base.method and runs.has_weights(folder)
+                    and not runs.training_differences(spec.config, other)):
+                return folder
+    return None
 
 
 # Seconds per training step when no finished run of the benchmark says better: MiniLM, batch 32 x 64 tokens, on 2 CPU

@@ -96,6 +96,11 @@ class Method:
     # model ("encoder", "causal"), each method's beside the evidence for it. A kind a method does not list (causal
     # LMs, for which no rate has been measured yet) trains at TrainConfig's shared lr.
     default_lr: ClassVar[dict[str, float]] = {}
+    # A post-hoc method whose training is exactly another method's (its objective, parameters and options of that
+    # method; only fit_posthoc and prediction differ): that method's name. A finished run of it at the same data,
+    # seed and schedule is then this method's fit (`bara train --trained-from`; `bara bench` finds it), so the
+    # same LoRA is not trained twice.
+    trains_as: ClassVar[str | None] = None
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_class()

@@ -714,6 +714,7 @@ class Laplace(Lora):
     # benchmarks/results/standard/results.md, each intent set's "Learning rates ... chosen on the validation split".
     default_lr = {"encoder": 5e-3}
     config_class = LaplaceConfig
+    trains_as = "lora"  # the LoRA fit trains as `lora` does, then the post-hoc step
 
     def __init__(self, config: LaplaceConfig | None = None):
         super().__init__(config)

@@ -81,6 +81,7 @@ class Temperature(Lora):
     # benchmarks/results/standard/results.md, each intent set's "Learning rates ... chosen on the validation split".
     default_lr = {"encoder": 5e-3}
     config_class = TemperatureConfig
+    trains_as = "lora"  # the LoRA fit trains as `lora` does, then the post-hoc step
 
     def __init__(self, config: TemperatureConfig | None = None):
         super().__init__(config)

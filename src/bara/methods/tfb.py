@@ -175,6 +175,7 @@ class Tfb(Lora):
     # LoRA's rate: TFB is post-hoc on a LoRA fit, which trains as LoRA does (lora's default_lr, measured).
     default_lr = {"encoder": 5e-3}
     config_class = TfbConfig
+    trains_as = "lora"  # the LoRA fit trains as `lora` does, then the post-hoc step
     default_samples = 10
 
     def __init__(self, config: TfbConfig | None = None):
