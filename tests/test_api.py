@@ -151,6 +151,36 @@ def test_save_and_reload_records_an_absolute_base_path(tmp_path, monkeypatch):
         bara.from_pretrained(bert(), tmp_path / "adapter")
 
 
+def test_bara_eval_scores_an_adapter_saved_by_the_python_api(tiny_bert, toy_data, tmp_path, capsys):
+    """An API adapter records no dataset: `bara eval` asks for --data once, then scores it as the API predicts."""
+    from transformers import AutoTokenizer
+
+    from bara import cli, runs
+    from bara.data import load_task
+
+    torch.manual_seed(0)
+    labels = load_task(toy_data).label_names
+    base = BertForSequenceClassification.from_pretrained(tiny_bert, num_labels=3, id2label=dict(enumerate(labels)))
+    model = bara.get_model(base, bara.get_method("lora", {"r": 4}).config,
+                           tokenizer=AutoTokenizer.from_pretrained(tiny_bert))
+    with torch.no_grad():  # a trained-looking adapter: not the zero update of a fresh LoRA
+        for name, p in model.classifier.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    model.save_pretrained(tmp_path / "adapter")
+    assert cli.main(["eval", "--adapter", str(tmp_path / "adapter"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "saved by the Python API" in err and "fix: pass --data" in err and ", ".join(labels) in err, err
+    metrics = runs.run_eval(tmp_path / "adapter", data=toy_data, progress_bar=False)
+    assert metrics["n_test"] == 24 and metrics["method"] == "lora" and metrics["model"] == tiny_bert
+    test = load_task(toy_data).test  # the in-memory model on the same batches: the loaded adapter is this one
+    probs = torch.cat([model.eval().method.predict(model.classifier, b, 0)[0]
+                       for b in runs.batches(model.classifier, test, 16)])
+    accuracy = (probs.argmax(-1) == torch.tensor(test.labels)).double().mean().item()
+    assert metrics["accuracy"] == pytest.approx(accuracy) and 0 < accuracy < 1
+    assert cli.main(["eval", "--adapter", str(tmp_path / "adapter"), "--data", toy_data, "--no-progress"]) == 0
+
+
 def test_causal_lm_predicts_the_next_token_or_the_label_tokens():
     base = llama()
     b = batch()

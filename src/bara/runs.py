@@ -553,9 +553,17 @@ def read_adapter(folder: Path, classifier: Classifier, method: Method) -> dict[s
 
 
 def _adapter_meta(config_file: Path) -> tuple[dict, RunConfig]:
+    """The adapter's config and its run's. An adapter saved by the Python API (``BaraModel.save_pretrained``) records
+    no run: its base model and method, with no dataset (``data`` is empty) and the default schedule."""
     try:
         meta = json.loads(config_file.read_text())
-        config = RunConfig.from_dict(meta["run"])
+        if "run" in meta:
+            config = RunConfig.from_dict(meta["run"])
+        elif not meta.get("base_model"):
+            raise ValueError("it records neither the run nor the base model")
+        else:
+            config = RunConfig(model=meta["base_model"], data="", method=meta["method"],
+                               method_options=meta["method_config"])
         labels = meta["label_names"]
         if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
             raise ValueError(f"label_names is {json.dumps(labels)[:60]}, not a list of 2 or more strings")
@@ -669,6 +677,9 @@ def run_eval(adapter: str | Path, data: str | None = None, samples: int | None =
         _check_writable(output)
     classifier, method, config = load_adapter(adapter)
     spec = data or config.data
+    if not spec:
+        raise BaraError(f"{adapter} was saved by the Python API, which records no dataset; fix: pass --data (a "
+                        f"dataset with its labels: {', '.join(classifier.label_names[:5])}...)")
     task = task_of(config, spec, max_eval, all_test=all_examples)
     if task.label_names != classifier.label_names:
         raise BaraError(f"{spec} has labels {task.label_names[:5]}..., the adapter was trained on "
