@@ -295,6 +295,29 @@ def test_trainer_checkpoints_hold_the_adapter_and_resume_from_it(tmp_path):
     assert fresh.progress.step == 4
 
 
+def test_load_best_model_at_end_restores_the_best_checkpoints_adapter(tmp_path):
+    from safetensors.torch import load_file
+
+    b = batch(16)
+    data = [{k: v[i] for k, v in b.items()} for i in range(16)]
+    # "Best" = the highest eval loss: an early checkpoint while training lowers the loss, so not the last state.
+    args = TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=4, report_to="none",
+                             learning_rate=5e-2, disable_tqdm=True, eval_strategy="steps", eval_steps=1,
+                             save_strategy="steps", save_steps=1, load_best_model_at_end=True,
+                             metric_for_best_model="loss", greater_is_better=True)
+    model = bara.get_model(bert(), "lora")
+    trainer = bara.Trainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+    trainer.train()
+    best = Path(trainer.state.best_model_checkpoint)
+    assert best.name != "checkpoint-4"
+    saved = load_file(best / "adapter_model.safetensors")
+    last = load_file(tmp_path / "checkpoint-4" / "adapter_model.safetensors")
+    assert any(not torch.equal(saved[k], last[k]) for k in saved)
+    model.save_pretrained(tmp_path / "final")
+    own = load_file(tmp_path / "final" / "adapter_model.safetensors")
+    assert set(own) == set(saved) and all(torch.equal(own[k], saved[k]) for k in saved)
+
+
 @pytest.mark.parametrize("method", ["temperature", "laplace"])
 def test_post_hoc_methods_evaluate_as_trained_until_fit_posthoc(method, tmp_path):
     model = bara.get_model(bert(), method)

@@ -435,6 +435,10 @@ class Trainer(HfTrainer):
         self.model.method.load_adapter_state(self.model.classifier,
                                              read_adapter(folder, self.model.classifier, self.model.method))
 
+    def _load_best_model(self) -> None:
+        # load_best_model_at_end: the adapter _save wrote into the best checkpoint, as a resume reads it.
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # The adapter, not the frozen base's weights (HF Trainer would save the whole state dict).
         output_dir = output_dir if output_dir is not None else self.args.output_dir
