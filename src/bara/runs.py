@@ -276,7 +276,8 @@ def score(classifier: Classifier, method: Method, split: Split, config: RunConfi
     labels = torch.tensor(split.labels)
     batch_size, seed = config.train.eval_batch_size, config.train.seed
     t0 = time.perf_counter()
-    probs = predict(classifier, method, split, samples, batch_size, seed, progress_bar)
+    with method.recording(seed):  # what the diagnostics below would otherwise sample again
+        probs = predict(classifier, method, split, samples, batch_size, seed, progress_bar)
     seconds = time.perf_counter() - t0
     ood = ood or {}
     ood_probs = {name: predict(classifier, method, s, samples, batch_size, seed, progress_bar) for name, s in ood.items()}

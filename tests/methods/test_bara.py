@@ -652,6 +652,40 @@ def test_diagnostics_report_gate_information_beside_its_null_and_a_shuffle_test(
     assert all(torch.equal(l.bara_gate[-1].weight, before[n]) for n, l in method.layers.items())  # restored
 
 
+def test_scoring_hands_its_sampled_pass_to_the_diagnostics_instead_of_sampling_it_again(tiny_bert, toy_data,
+                                                                                       tmp_path, monkeypatch):
+    from bara.data import load_task
+    from bara.methods.base import Method
+    from bara.metrics import evaluate
+
+    config = RunConfig(model=tiny_bert, data=toy_data, method="bara", method_options={"r": 4, "gate_init": 1.0},
+                       train=TrainConfig(steps=4, batch_size=8, max_length=16, eval_batch_size=10))
+    runs.run_train(config, tmp_path / "d", progress_bar=False, validation=False)
+    classifier, method, config = runs.load_adapter(tmp_path / "d")
+    split, samples = load_task(toy_data).test, method.default_samples
+    rows = []
+    classifier.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    reused = runs.score(classifier, method, split, config, None, progress_bar=False)
+    rows_reused, rows[:] = sum(rows), []
+    with monkeypatch.context() as patch:  # no recording: the diagnostics draw their own sampled pass
+        patch.setattr(type(method), "recording", Method.recording)
+        own = runs.score(classifier, method, split, config, None, progress_bar=False)
+    assert sum(rows) - rows_reused == samples * len(split.labels)  # one S-sample pass over the split fewer
+    for key in ("decided_share", "gate_mi", "gate_mi_null", "shuffle_nll_one_pass"):  # the one-pass ones
+        assert reused["diagnostics"][key] == own["diagnostics"][key], key
+    assert reused["nll"] == own["nll"]  # the scored predictive itself is unchanged
+    # The sampled shuffle test is against the scored predictive, its twin drawing the same numbers (seed, stacking).
+    torch.manual_seed(config.train.seed)
+    twin = []
+    for batch in runs.batches(classifier, split, 10):
+        with method.shuffled_gates(len(batch["labels"])):
+            twin.append(method.predict(classifier, batch, samples))
+    expected = evaluate(torch.cat(twin, 1), torch.tensor(split.labels))["nll"] - reused["nll"]
+    assert reused["diagnostics"]["shuffle_nll_sampled"] == pytest.approx(expected, abs=1e-9)
+    assert reused["diagnostics"]["rank_std_between_samples"] > 0
+    assert method._record is None  # consumed: a later diagnostics call samples its own
+
+
 def test_k_sample_objective_is_the_log_of_the_averaged_predictive(tiny_bert):
     classifier, method = _classifier(tiny_bert, "bara", train_samples=3)
     for layer_ in method.layers.values():

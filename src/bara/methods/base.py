@@ -7,6 +7,7 @@ module ever asks which method it is running.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import ClassVar
@@ -162,6 +163,13 @@ class Method:
     def diagnostics(self, classifier: Classifier, batches) -> dict:
         """Method-specific numbers for metrics.json (e.g. BaRA's effective ranks, AdaLoRA's ranks)."""
         return {}
+
+    @contextmanager
+    def recording(self, seed: int):
+        """Around the scoring's sampled prediction (drawn after ``torch.manual_seed(seed)``), whose batches the next
+        :meth:`diagnostics` call gets: a method whose diagnostics would sample the same predictive again keeps
+        what it needs from this one instead (BaRA). Nothing by default."""
+        yield
 
     def plots(self, classifier: Classifier, diagnostics: dict, output_dir, caption: str = "") -> list[str]:
         """Write method-specific plots into ``output_dir``, titled with ``caption`` (method, data and seed); return

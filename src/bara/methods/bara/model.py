@@ -96,6 +96,7 @@ class Bara(FactorPosteriorMethod):
     def __init__(self, config: BaraConfig | None = None):
         super().__init__(config)
         self.gating = gating(self.config)  # which gates there are (variants.py): what the loss and diagnostics add
+        self._record: dict | None = None  # a scoring's sampled pass, for the diagnostics (:meth:`recording`)
 
     @property
     def bayes_factors(self) -> bool:
@@ -217,6 +218,10 @@ class Bara(FactorPosteriorMethod):
             for layer in self.layers.values():
                 layer.shuffle_block = 0
 
+    def joint_ranks(self) -> torch.Tensor:
+        """The joint hard rank of every row of the last pass, ``[rows]``: its active gates, mean over layers."""
+        return torch.stack([l.last_g.float().sum(-1).cpu() for l in self.layers.values()]).mean(0)
+
     def sampled_ranks(self, classifier: Classifier, batches, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``samples`` Monte-Carlo passes: probabilities [S, N, C] and the joint hard rank of every sample [S, N]."""
         probs, ranks = [], []
@@ -224,10 +229,43 @@ class Bara(FactorPosteriorMethod):
             p, r = [], []
             for _ in range(samples):
                 p.append(self.predict(classifier, batch, 1)[0].cpu())
-                r.append(torch.stack([l.last_g.float().sum(-1).cpu() for l in self.layers.values()]).mean(0)
-                         if self.gating.network else torch.full((len(p[-1]),), float(self.config.r)))
+                r.append(self.joint_ranks() if self.gating.network else torch.full((len(p[-1]),), float(self.config.r)))
             probs.append(torch.stack(p)), ranks.append(torch.stack(r))
         return torch.cat(probs, 1), torch.cat(ranks, 1)
+
+    @contextmanager
+    def recording(self, seed: int):
+        """The sampled predictions inside keep their probabilities and each sample's joint rank: the next
+        :meth:`diagnostics` over the same batches takes them as its sampled pass (and draws its shuffled twin from
+        ``seed``, the same numbers) instead of sampling S more passes over the split."""
+        self._record = {"seed": seed, "probs": [], "ranks": [], "open": True}
+        try:
+            yield
+        finally:
+            self._record["open"] = False
+
+    @torch.no_grad()
+    def predict(self, classifier: Classifier, batch: dict, samples: int) -> torch.Tensor:
+        record = self._record
+        if samples == 0 or record is None or not record["open"] or not self.gating.network:
+            return super().predict(classifier, batch, samples)
+        passes = []  # the stacked copies of the batch go through in as few passes as MAX_ROWS allows
+        hook = classifier.register_forward_hook(lambda *_: passes.append(self.joint_ranks()))
+        try:
+            probs = super().predict(classifier, batch, samples)
+        finally:
+            hook.remove()
+        record["probs"].append(probs.cpu())
+        record["ranks"].append(torch.cat(passes).view(samples, -1))  # the copies are sample-major
+        return probs
+
+    def recorded(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """The recorded sampled pass, if it drew the default samples: probabilities [S, N, C], ranks [S, N] and its
+        seed; consumed."""
+        record, self._record = self._record, None
+        if not record or not record["probs"] or record["probs"][0].shape[0] != self.default_samples:
+            return None
+        return torch.cat(record["probs"], 1), torch.cat(record["ranks"], 1), record["seed"]
 
     def diagnostics(self, classifier: Classifier, batches) -> dict:
         """Effective ranks (the bound's complexity term) and whether the gate is decided and input-dependent,
@@ -236,6 +274,7 @@ class Bara(FactorPosteriorMethod):
         from ...metrics import evaluate
 
         batches = list(batches)
+        scored = self.recorded()  # the scoring's sampled pass over these batches (runs.score), if any
         stats = self.gate_statistics(classifier, batches)
         result = self.rank_summary(stats)
         if not self.gating.network:  # gate=none, BLoB's posterior: no gate to be decided or input-dependent
@@ -250,11 +289,20 @@ class Bara(FactorPosteriorMethod):
         with self.shuffled_gates(block):
             shuffled = self.gate_statistics(classifier, batches)["probs"]
         samples = self.default_samples
-        torch.manual_seed(0)
-        sampled, ranks = self.sampled_ranks(classifier, batches, samples)
-        torch.manual_seed(0)
-        with self.shuffled_gates(block):
-            sampled_shuffled, _ = self.sampled_ranks(classifier, batches, samples)
+        if scored is not None and scored[0].shape[1] == len(labels):  # the shuffled twin draws the same numbers
+            sampled, ranks, seed = scored
+            torch.manual_seed(seed)
+            twin = []
+            for batch in batches:
+                with self.shuffled_gates(len(batch["labels"])):  # within each stacked copy of the batch
+                    twin.append(self.predict(classifier, batch, samples).cpu())
+            sampled_shuffled = torch.cat(twin, 1)
+        else:
+            torch.manual_seed(0)
+            sampled, ranks = self.sampled_ranks(classifier, batches, samples)
+            torch.manual_seed(0)
+            with self.shuffled_gates(block):
+                sampled_shuffled, _ = self.sampled_ranks(classifier, batches, samples)
         predictions = {"one_pass": stats["probs"], "one_pass_shuffled": shuffled, "sampled": sampled,
                        "sampled_shuffled": sampled_shuffled}
         scores = {name: evaluate(p, labels) for name, p in predictions.items()}
