@@ -109,7 +109,8 @@ def untimed(values):
 def _tensors(folder: Path) -> dict:
     from safetensors.torch import load_file
 
-    return {f"{f.relative_to(folder)}:{k}": v for f in sorted(folder.rglob("*.safetensors")) for k, v in load_file(f).items()}
+    return {f"{f.relative_to(folder)}:{k}": v for f in sorted(folder.rglob("*.safetensors"))
+            for k, v in load_file(f).items()}
 
 
 @pytest.mark.parametrize("method, options", [("temperature", {}), ("laplace", {"ggn": "sampled"}), ("tfb", {})])

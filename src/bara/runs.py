@@ -371,6 +371,10 @@ def trained_run(folder: Path, config: RunConfig) -> RunConfig:
     """The config of the finished run in ``folder``, checked to have trained what ``config`` trains (BaraError
     naming the first difference otherwise)."""
     where = f"--trained-from {folder}"
+    if METHODS[config.method].trains_as is None:
+        posthoc = ", ".join(name for name, m in METHODS.items() if m.trains_as)
+        raise BaraError(f"--trained-from is for the post-hoc methods ({posthoc}); {config.method} trains its own "
+                        "objective; fix: drop --trained-from")
     if not (folder / METRICS).exists() or not has_weights(folder):
         raise BaraError(f"{where}: no finished run with an adapter there; fix: give the output folder of a finished "
                         f"'bara train --method {METHODS[config.method].trains_as or config.method}' run")
@@ -425,7 +429,8 @@ def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: 
 
 
 def _train_into(work: Path, replacing: bool, config: RunConfig, resumed: dict, t0: float, ood_data,
-                progress_bar: bool, validation: bool, state, report_to="none", trained_from: Path | None = None) -> dict:
+                progress_bar: bool, validation: bool, state, report_to="none",
+                trained_from: Path | None = None) -> dict:
     task = task_of(config)
     ood = ood_tests(config, ood_data)
     classifier, method = build(config, task.label_names)
@@ -440,8 +445,8 @@ def _train_into(work: Path, replacing: bool, config: RunConfig, resumed: dict, t
         borrowed = float(base_metrics.get("train_seconds", 0.0))  # what training the fit cost, in that run
     else:
         history = train(classifier, method, task.train, task.validation, config.train, work, bool(resumed),
-                        progress_bar, extra=lambda: {"run": config.to_dict(), "seconds": before + time.perf_counter() - t0},
-                        report_to=report_to, tracker_config=config.resolved())
+                        progress_bar, report_to=report_to, tracker_config=config.resolved(),
+                        extra=lambda: {"run": config.to_dict(), "seconds": before + time.perf_counter() - t0})
     if method.trains_as:  # the same post-hoc step whether the fit was trained here or read from its run
         torch.manual_seed(config.train.seed)
     method.fit_posthoc(classifier, batches(classifier, task.train, config.train.eval_batch_size),

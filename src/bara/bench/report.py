@@ -34,13 +34,13 @@ COST = [("train_seconds_per_step", "train s/step"), ("peak_memory_mb", "peak mem
         ("predict_seconds_s1", "predict s (S = 1)"), ("fast_predict_seconds", "predict s (one-pass)"),
         ("torch_threads", "threads")]
 COST_NOTE = ("Mean over seeds. train s/step: the run's train_seconds (data and model loading, training, any post-hoc "
-             "fit) over the steps it trained, both in the session that finished it (a post-hoc method fitted on a LoRA"
-             " run of the benchmark: that run's training time added); peak memory: resident memory of the process "
-             "during the run (CPU RAM); predict s: one prediction over the test split with the method's S samples (S ="
-             " 0: one deterministic pass), with one sample, and the one-pass fast path (— where the method predicts in"
-             " one pass anyway); threads: torch's intra-op threads in the run (— where the run predates the column). "
-             "Two runs side by side on one machine, one thread each, take longer per step than one run with both "
-             "threads, but finish more runs per hour.")
+             "fit) over the steps it trained, both in the session that finished it (a post-hoc method fitted on a "
+             "LoRA run of the benchmark: that run's training time added); peak memory: resident memory of the process"
+             " during the run (CPU RAM); predict s: one prediction over the test split with the method's S samples (S"
+             " = 0: one deterministic pass), with one sample, and the one-pass fast path (— where the method predicts"
+             " in one pass anyway); threads: torch's intra-op threads in the run (— where the run predates the "
+             "column). Two runs side by side on one machine, one thread each, take longer per step than one run with "
+             "both threads, but finish more runs per hour.")
 PROTOCOL = ("Every method trains with the same steps, batch size, max length, target modules and seeds; only the "
             "learning rate and the method's own options differ. Learning rates and options are chosen on the "
             "validation split; the test split is never used for a choice.")
