@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# Commit the finished run folders (those with metrics.json) of benchmarks/store, and nothing else.
+# Commit the finished run folders (those with metrics.json) of benchmarks/store, and nothing else: new runs, and
+# what later steps add to finished ones (shift_metrics.json, corruption_metrics.json). Also force-adds the adapters
+# that benchmarks/store/.gitignore excepts (standard's chosen banking77 runs, for the corruption curves).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 dirs=$(find benchmarks/store -name metrics.json -printf '%h\n' | sort)
 [ -n "$dirs" ] || { echo "no finished run"; exit 0; }
 git add -- $dirs
-new=$(git diff --cached --name-only -- benchmarks/store | grep metrics.json | cut -d/ -f3,5-7 || true)
-[ -n "$new" ] || { echo "no new finished run"; exit 0; }
-git commit -q -m "benchmarks/store: $(echo "$new" | wc -l) more finished runs: $(echo $new | tr '\n' ' ')" \
-  -- benchmarks/store && git log --oneline -1
+if [ -d benchmarks/store/standard ]; then
+  .venv/bin/python benchmarks/store/chosen_adapters.py standard banking77 2>/dev/null | xargs -r git add -f --
+fi
+staged=$(git diff --cached --name-only -- benchmarks/store)
+[ -n "$staged" ] || { echo "nothing new in finished runs"; exit 0; }
+new=$(echo "$staged" | grep '/metrics.json$' | cut -d/ -f3,5-7 || true)
+others=$(echo "$staged" | grep -v '/metrics.json$' | grep -c . || true)
+message="benchmarks/store: $(echo -n "$new" | grep -c . || true) more finished runs${new:+: $(echo $new | tr '\n' ' ')}"
+git commit -q -m "$message (and $others files of finished runs)" -- benchmarks/store && git log --oneline -1
