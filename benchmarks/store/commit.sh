@@ -12,7 +12,9 @@ if [ -d benchmarks/store/standard ]; then
 fi
 staged=$(git diff --cached --name-only -- benchmarks/store)
 [ -n "$staged" ] || { echo "nothing new in finished runs"; exit 0; }
-new=$(echo "$staged" | grep '/metrics.json$' | cut -d/ -f3,5-7 || true)
-others=$(echo "$staged" | grep -v '/metrics.json$' | grep -c . || true)
-message="benchmarks/store: $(echo -n "$new" | grep -c . || true) more finished runs${new:+: $(echo $new | tr '\n' ' ')}"
-git commit -q -m "$message (and $others files of finished runs)" -- benchmarks/store && git log --oneline -1
+new=$(echo "$staged" | grep '/metrics.json$' | xargs -r -n1 dirname || true)
+others=$(echo "$staged" | grep -v -F "${new:-/nothing/}" | grep -c . || true)
+message="benchmarks/store: $(echo -n "$new" | grep -c . || true) more finished runs"
+[ -z "$new" ] || message="$message: $(echo "$new" | cut -d/ -f3,5-7 | tr '\n' ' ')"
+[ "$others" = 0 ] || message="$message; $others files added to runs finished before"
+git commit -q -m "$message" -- benchmarks/store && git log --oneline -1
