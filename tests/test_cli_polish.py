@@ -53,6 +53,11 @@ def test_bench_says_how_many_runs_and_how_long_before_training(tmp_path, tiny_be
     bench.run_bench(str(preset), out, progress=False, announce=True)  # finished: measured, nothing left
     assert re.match(r"bara bench: 0 runs to train, 0 steps: .* s per step \(the median of 4 finished runs here\)",
                     capsys.readouterr().out)
+    # Temperature scaling at LoRA's rate trains nothing of its own: its steps are not counted.
+    preset = tiny_preset(tmp_path, tiny_bert, toy_data, methods='{ lora = "lora", ts = "temperature" }')
+    bench.run_bench(str(preset), tmp_path / "posthoc", progress=False, announce=True)
+    assert capsys.readouterr().out.startswith("bara bench: 4 runs to train (2 of them post-hoc on a LoRA run's "
+                                              "fit), 6 steps")
 
 
 def test_plot_titles_say_what_they_show(tmp_path, tiny_bert, toy_data, monkeypatch):

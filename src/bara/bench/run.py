@@ -102,6 +102,15 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
             "skipped": len(selected) - len(pending) - len(reused) - len(lost_before), "failed": failed}
 
 
+def reads_a_fit(spec: RunSpec, todo: list[RunSpec], output: Path) -> bool:
+    """Whether a post-hoc run will read its LoRA fit: from a finished run, or one of ``todo`` trained before it."""
+    if runs.training_config(spec.config) is None:
+        return False
+    earlier = todo[:todo.index(spec)]
+    return (trained_fit(spec, [output]) is not None
+            or any(not runs.training_differences(spec.config, s.config) for s in earlier))
+
+
 def trained_fit(spec: RunSpec, roots: list[Path]) -> Path | None:
     """For a post-hoc method (:attr:`Method.trains_as`): a finished run, with its adapter, in ``roots`` that trained
     exactly ``spec``'s fit (LoRA at the same data, seed, rate and schedule), so that it is not trained twice; None
@@ -148,8 +157,9 @@ def estimate(todo: list[RunSpec], output: Path) -> str:
     per_step = float(sorted(measured)[len(measured) // 2]) if measured else SECONDS_PER_STEP
     source = (f"the median of {len(measured)} finished runs here" if measured
               else "a guess for MiniLM on 2 CPU cores; a causal LM takes several times longer")
-    steps = [run_steps(s.config) for s in todo]
-    line = f"{len(todo)} runs to train"
+    fitted = [s for s in todo if reads_a_fit(s, todo, output)]  # they train nothing: the post-hoc step only
+    steps = [run_steps(s.config) for s in todo if s not in fitted]
+    line = f"{len(todo)} runs to train" + (f" ({len(fitted)} of them post-hoc on a LoRA run's fit)" if fitted else "")
     if None in steps:
         return f"{line}; no time estimate (runs of a whole dataset: their steps depend on its size)"
     hours = sum(steps) * per_step / 3600
