@@ -1122,3 +1122,21 @@ def test_compare_shows_each_run_beside_the_tuned_reference(tmp_path, tiny_bert, 
         assert map_["tuned accuracy %"] == map_["Δ NLL"] == map_["behind"] == "—"  # the reference has no map
         small = _table_cells(results, "### toy-30 beside the tuned reference")["lora"]
         assert small["tuned accuracy %"] == small["behind"] == "—" != small["accuracy %"]  # none at 30 examples
+
+    # A second reference for the other size (as defaults-tuned is for 500 examples): each table takes its own.
+    (tmp_path / "at30").mkdir()
+    preset = json.loads((tmp_path / "ref" / "preset.json").read_text())
+    preset["preset"]["datasets"]["toy"]["max_train"] = 30
+    (tmp_path / "at30" / "preset.json").write_text(json.dumps(preset))
+    shutil.copy(tmp_path / "better" / "results.jsonl", tmp_path / "at30" / "results.jsonl")
+    both = [tmp_path / "ref" / "results.jsonl", tmp_path / "at30" / "results.jsonl"]
+    bench.run_bench(str(mine), out, report_only=True, compare=both)
+    results = (out / "results.md").read_text()
+    better = [json.loads(line) for line in (tmp_path / "at30" / "results.jsonl").read_text().splitlines()]
+    for heading, tuned in (("### toy beside", reference), ("### toy-30 beside", better)):
+        cells = _table_cells(results, heading)["lora"]
+        assert cells["tuned accuracy %"] == f"{100 * mean(tuned, 'test_accuracy'):.1f}", heading
+    assert f"`{both[0]}`, `{both[1]}`" in results
+    with pytest.raises(BaraError, match=r"--compare: .*ref/results.jsonl and .*ref/results.jsonl both hold runs of "
+                                        r"lora on .* at all training examples; fix: give only one of them"):
+        bench.run_bench(str(mine), out, report_only=True, compare=[both[0], both[0]])

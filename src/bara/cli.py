@@ -34,6 +34,7 @@ BENCH_EXAMPLES = """examples:
   bara bench --preset ablations --output runs/bench-ablations --reuse runs/bench
   bara data fetch bigbench && bara bench --preset multiple-choice --output runs/bench-mc
   bara bench --preset defaults --output runs/bench-defaults --compare benchmarks/results/standard/results.jsonl
+  bara bench --preset defaults-tuned --output runs/bench-defaults-tuned --reuse runs/bench-defaults
 
 An interrupted benchmark continues where it stopped when the same command is run again: finished runs
 (folders with metrics.json, and shift_metrics.json when the dataset sets shift) are skipped, unfinished ones
@@ -236,9 +237,10 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
                    "(comma-separated)")
     b.add_argument("--reuse", metavar="DIR", type=Path, help="copy finished runs with the same config (hash) from "
                    "another benchmark's --output instead of training them, e.g. standard's BaRA runs for ablations")
-    b.add_argument("--compare", metavar="FILE", type=Path, help="another benchmark's results.jsonl (a tuned one, with "
-                   "its preset.json beside it, e.g. benchmarks/results/standard/results.jsonl): results.md shows each "
-                   "variant's test means beside its runs of the same method, model, data and training size")
+    b.add_argument("--compare", metavar="FILE", type=Path, action="append", help="another benchmark's results.jsonl "
+                   "(a tuned one, with its preset.json beside it, e.g. benchmarks/results/standard/results.jsonl): "
+                   "results.md shows each variant's test means beside its runs of the same method, model, data and "
+                   "training size; given twice, both (e.g. standard's at 1,000 examples and defaults-tuned's at 500)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     c = sub.add_parser("corrupt", help="score a benchmark's finished adapters on corrupted test inputs",

@@ -32,18 +32,19 @@ from ..errors import BaraError
 from .plan import (CHECKPOINT_EVERY, DIVERGED, SHIFT, Choice, Entry, Plan, RunSpec, choices, diverged, expand,
                    finished, plan, run_hash)
 from .presets import Preset, load_preset, packaged_presets
-from .report import load_reference, write_report
+from .report import load_reference, load_references, write_report
 from .run import ERROR, SECONDS_PER_STEP, check_defaults, estimate, run_steps, select, train_plan
 
 
 def run_bench(preset: Preset | str, output: str | Path, progress: bool = True, report_only: bool = False,
               only_dataset: str | None = None, only_method: str | None = None, command: str | None = None,
-              reuse: str | Path | None = None, announce: bool = False, compare: str | Path | None = None) -> dict:
+              reuse: str | Path | None = None, announce: bool = False,
+              compare: str | Path | list[str | Path] | None = None) -> dict:
     """Train the runs of ``preset`` not yet finished in ``output`` (those of ``only_dataset`` / ``only_method``
     if given), then write the report over every finished run of the preset. Returns the counts and the
     files written; raises BaraError at the end if a run failed. Before training, prints how many runs are left
     and about how long they take (with ``progress`` or ``announce``). ``compare``: another benchmark's results.jsonl
-    (a tuned one), whose test means results.md shows beside each run's (:func:`.report.load_reference`).
+    (a tuned one), or several, whose test means results.md shows beside each run's (:func:`.report.load_reference`).
 
     Dataset by dataset: first the candidate runs of every learning-rate grid (at the tuning seed), then, with
     the rates chosen on their validation metrics, the runs of every seed (the chosen candidate is one of them)."""
@@ -57,7 +58,7 @@ def run_bench(preset: Preset | str, output: str | Path, progress: bool = True, r
     reuse = Path(reuse) if reuse is not None else None
     if reuse is not None and not (reuse / "runs").is_dir():
         raise BaraError(f"--reuse {reuse} holds no runs/ folder; fix: give the --output folder of another 'bara bench'")
-    reference = None if compare is None else (str(compare), load_reference(compare))  # checked before training
+    reference = None if not compare else load_references(compare)  # checked before training
     check_defaults(plan_.all_runs(specs, output=output), [output] + ([reuse] if reuse is not None else []))
     summary = {"runs": len(specs), "selected": 0, "trained": 0, "reused": 0, "skipped": 0, "diverged": 0,
                "failed": []}
@@ -77,4 +78,4 @@ def run_bench(preset: Preset | str, output: str | Path, progress: bool = True, r
 
 __all__ = ["CHECKPOINT_EVERY", "DIVERGED", "ERROR", "SECONDS_PER_STEP", "SHIFT", "Choice", "Entry", "Plan", "Preset",
            "RunSpec", "choices", "diverged", "estimate", "expand", "finished", "load_preset", "load_reference",
-           "packaged_presets", "plan", "run_bench", "run_hash", "run_steps", "write_report"]
+           "load_references", "packaged_presets", "plan", "run_bench", "run_hash", "run_steps", "write_report"]

@@ -51,6 +51,21 @@ PROTOCOL = ("Every method trains with the same steps, batch size, max length, ta
 BEHIND = {"test_accuracy": 0.015, "test_nll": 0.05}
 
 
+def load_references(paths) -> tuple[str, dict[tuple, list[dict]]]:
+    """Several ``--compare`` files as one reference (:func:`load_reference`): their names and their runs, which
+    must not overlap (two tuned references for the same method, model, data and size would be ambiguous)."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    merged: dict[tuple, list[dict]] = {}
+    where: dict[tuple, Path] = {}
+    for path in paths:
+        for key, rows in load_reference(path).items():
+            if key in merged:
+                raise BaraError(f"--compare: {where[key]} and {path} both hold runs of {key[3]} on {key[1]} at "
+                                f"{key[2] or 'all'} training examples; fix: give only one of them")
+            merged[key], where[key] = rows, Path(path)
+    return "`, `".join(str(p) for p in paths), merged
+
+
 def load_reference(path: str | Path) -> dict[tuple, list[dict]]:
     """The runs of another benchmark's results.jsonl (``--compare``: a tuned one), by (model, data, training examples,
     method), read with the preset.json beside it (which says the model and each dataset's max_train). Only variants
