@@ -15,6 +15,6 @@ staged=$(git diff --cached --name-only -- benchmarks/store)
 new=$(echo "$staged" | grep '/metrics.json$' | xargs -r -n1 dirname || true)
 others=$(echo "$staged" | grep -v -F "${new:-/nothing/}" | grep -c . || true)
 message="benchmarks/store: $(echo -n "$new" | grep -c . || true) more finished runs"
-[ -z "$new" ] || message="$message: $(echo "$new" | cut -d/ -f3,5-7 | tr '\n' ' ')"
+[ -z "$new" ] || message="$message: $(echo "$new" | cut -d/ -f3,5-7 | paste -sd' ')"
 [ "$others" = 0 ] || message="$message; $others files added to runs finished before"
 git commit -q -m "$message" -- benchmarks/store && git log --oneline -1
