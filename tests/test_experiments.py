@@ -4,6 +4,7 @@ exactly one gate; the experiment presets vary what they say they vary."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -149,3 +150,24 @@ def test_a_factor_that_does_nothing_carries_no_evidence_and_the_others_some(tiny
     for key in ("decided_trained_gate", "decided_given_label_elbo", "decided_given_label_tempered"):
         assert 0.0 <= result[key] <= 1.0
     assert result["abs_dl_max"] == dl.abs().max().item()
+
+
+def test_before_after_table_puts_two_reports_side_by_side(tmp_path):
+    spec = importlib.util.spec_from_file_location("before_after", EXPERIMENTS.parent / "before_after.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    row = {"dataset": "banking77", "variant": "bara"}
+    before = [{**row, "seed": 0, "val_nll": 0.56, "test_nll": 0.64, "test_accuracy": 0.84},
+              {**row, "seed": 1, "test_nll": 0.66, "test_accuracy": 0.82}]
+    after = [{**row, "seed": 0, "val_nll": 0.45, "test_nll": 0.50, "decided_share": 0.3, "decided_share_null": 0.0}]
+    for name, rows in (("before", before), ("after", after)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = module.table(module.read(tmp_path / "before.jsonl"), module.read(tmp_path / "after.jsonl"), None)
+    lines = text.splitlines()
+    header = [c.strip() for c in lines[2].split("|")[1:-1]]
+    cells = {l.split("|")[2].strip(): dict(zip(header, (c.strip() for c in l.split("|")[1:-1]))) for l in lines[4:]}
+    assert lines[0] == "### banking77" and "decided null" in header  # the gate columns, where the after has them
+    assert cells["before"]["n"] == "2" and cells["before"]["test NLL"] == "0.650 ± 0.014"
+    assert cells["before"]["val NLL"] == "0.560" and cells["before"]["test acc %"] == "83.0 ± 1.4"
+    assert cells["before"]["decided"] == "—" and cells["after"]["decided"] == "0.300"
+    assert cells["after"]["test acc %"] == "—" and cells["after"]["test NLL"] == "0.500"
