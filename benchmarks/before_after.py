@@ -22,10 +22,13 @@ NUMBERS = [("val_accuracy", "val acc %"), ("val_ece", "val ECE %"), ("val_nll", 
            ("val_fast_nll", "val NLL one-pass"), ("test_accuracy", "test acc %"), ("test_ece", "test ECE %"),
            ("test_nll", "test NLL"), ("test_fast_accuracy", "test acc % one-pass"),
            ("test_fast_ece", "test ECE % one-pass"), ("test_fast_nll", "test NLL one-pass")]
-GATE = [("decided_share", "decided"), ("decided_share_null", "decided null"), ("gate_mi", "MI bits"),
-        ("gate_mi_null", "MI null"), ("shuffle_nll_one_pass", "shuffle ΔNLL one-pass"),
-        ("shuffle_nll_sampled", "shuffle ΔNLL S")]
+# BaRA's gate diagnostics on test (means over seeds) and on validation (val_: the chosen candidate).
+_GATE = [("decided_share", "decided"), ("decided_share_null", "decided null"), ("gate_mi", "MI bits"),
+         ("gate_mi_null", "MI null"), ("shuffle_nll_one_pass", "shuffle ΔNLL one-pass"),
+         ("shuffle_nll_sampled", "shuffle ΔNLL S")]
+GATE = [(f"val_{k}", f"val {h}") for k, h in _GATE] + [(k, f"test {h}") for k, h in _GATE]
 PERCENT = {"val_accuracy", "val_ece", "test_accuracy", "test_ece", "test_fast_accuracy", "test_fast_ece"}
+# Each dataset gets two tables: the predictive's numbers (every variant), and the gate's (variants that have one).
 
 
 def read(path: Path) -> list[dict]:
@@ -45,16 +48,21 @@ def table(before: list[dict], after: list[dict], variants: list[str] | None) -> 
     datasets = list(dict.fromkeys(r["dataset"] for r in before + after))
     for dataset in datasets:
         names = variants or list(dict.fromkeys(r["variant"] for r in before + after if r["dataset"] == dataset))
-        gate = any(r.get("decided_share") is not None for r in after if r["dataset"] == dataset)
-        columns = NUMBERS + (GATE if gate else [])
-        lines += ["", f"### {dataset}", "", "| variant | report | n | " + " | ".join(h for _, h in columns) + " |",
-                  "|---|---|---|" + "---|" * len(columns)]
-        for name in names:
-            for label, rows in (("before", before), ("after", after)):
-                mine = [r for r in rows if (r["dataset"], r["variant"]) == (dataset, name)]
-                if mine:
-                    lines.append(f"| {name} | {label} | {len(mine)} | "
-                                 + " | ".join(cell(mine, k) for k, _ in columns) + " |")
+        lines += ["", f"### {dataset}"]
+        for columns in (NUMBERS, GATE):
+            shown = [n for n in names if columns is NUMBERS or any(
+                r.get(k) is not None for r in before + after if (r["dataset"], r["variant"]) == (dataset, n)
+                for k, _ in GATE)]
+            if not shown:
+                continue
+            lines += ["", "| variant | report | n | " + " | ".join(h for _, h in columns) + " |",
+                      "|---|---|---|" + "---|" * len(columns)]
+            for name in shown:
+                for label, rows in (("before", before), ("after", after)):
+                    mine = [r for r in rows if (r["dataset"], r["variant"]) == (dataset, name)]
+                    if mine:
+                        lines.append(f"| {name} | {label} | {len(mine)} | "
+                                     + " | ".join(cell(mine, k) for k, _ in columns) + " |")
     return "\n".join(lines).lstrip("\n")
 
 
