@@ -14,7 +14,10 @@ staged=$(git diff --cached --name-only -- benchmarks/store)
 [ -n "$staged" ] || { echo "nothing new in finished runs"; exit 0; }
 new=$(echo "$staged" | grep '/metrics.json$' | xargs -r -n1 dirname || true)
 others=$(echo "$staged" | grep -v -F "${new:-/nothing/}" | grep -c . || true)
-message="benchmarks/store: $(echo -n "$new" | grep -c . || true) more finished runs"
-[ -z "$new" ] || message="$message: $(echo "$new" | cut -d/ -f3,5-7 | paste -sd' ')"
-[ "$others" = 0 ] || message="$message; $others files added to runs finished before"
+if [ -n "$new" ]; then
+  message="benchmarks/store: $(echo "$new" | grep -c .) more finished runs: $(echo "$new" | cut -d/ -f3,5-7 | paste -sd' ')"
+  [ "$others" = 0 ] || message="$message; $others files added to runs finished before"
+else
+  message="benchmarks/store: $others files added to runs finished before (corruption or shift points, adapters)"
+fi
 git commit -q -m "$message" -- benchmarks/store && git log --oneline -1
