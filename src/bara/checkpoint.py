@@ -201,6 +201,10 @@ def load(path: Path, optimizer, scheduler, rank: int = 0) -> tuple[int, dict[str
     rng_file = path / f"rng-{rank}.json"
     if rng_file.exists():
         _set_rng_state(json.loads(rng_file.read_text()))
-    history_file = path / HISTORY
-    history = [json.loads(line) for line in history_file.read_text().splitlines()] if history_file.exists() else []
-    return meta["step"], adapter, history
+    return meta["step"], adapter, read_history(path)
+
+
+def read_history(folder: Path) -> list[dict]:
+    """The step log ``folder/history.jsonl`` (a checkpoint's or a finished run's), empty where there is none."""
+    history_file = folder / HISTORY
+    return [json.loads(line) for line in history_file.read_text().splitlines()] if history_file.exists() else []

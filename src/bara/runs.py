@@ -356,38 +356,36 @@ def training_config(config: RunConfig) -> RunConfig | None:
                                method_options={k: v for k, v in config.method_options.items() if k in own})
 
 
-def training_differences(config: RunConfig, other: RunConfig) -> list[str]:
-    """The options (as ``name: ours vs theirs``) in which run ``other`` did not train what ``config`` trains;
-    empty when its adapter is ``config``'s fit."""
-    wanted = training_config(config)
-    if wanted is None:
-        return [f"method: {config.method} trains its own objective, not another method's fit"]
+def training_differences(wanted: RunConfig, other: RunConfig) -> list[str]:
+    """The options (as ``name: ours vs theirs``) in which run ``other`` did not train ``wanted`` (a post-hoc run's
+    :func:`training_config`); empty when its adapter is that run's fit."""
     ours, theirs = wanted.resolved(), other.resolved()
     return [f"{k}: {ours.get(k)!r} vs {theirs.get(k)!r}" for k in sorted(set(ours) | set(theirs))
             if k not in UNTRAINED and ours.get(k) != theirs.get(k)]
 
 
-def trained_run(folder: Path, config: RunConfig) -> RunConfig:
-    """The config of the finished run in ``folder``, checked to have trained what ``config`` trains (BaraError
+def trained_run(folder: Path, config: RunConfig) -> dict:
+    """The metrics of the finished run in ``folder``, checked to have trained what ``config`` trains (BaraError
     naming the first difference otherwise)."""
-    where = f"--trained-from {folder}"
-    if METHODS[config.method].trains_as is None:
+    where, wanted = f"--trained-from {folder}", training_config(config)
+    if wanted is None:
         posthoc = ", ".join(name for name, m in METHODS.items() if m.trains_as)
         raise BaraError(f"--trained-from is for the post-hoc methods ({posthoc}); {config.method} trains its own "
                         "objective; fix: drop --trained-from")
     if not (folder / METRICS).exists() or not has_weights(folder):
         raise BaraError(f"{where}: no finished run with an adapter there; fix: give the output folder of a finished "
-                        f"'bara train --method {METHODS[config.method].trains_as or config.method}' run")
+                        f"'bara train --method {wanted.method}' run")
     try:
-        other = RunConfig.from_dict(json.loads((folder / METRICS).read_text())["config"])
+        metrics = json.loads((folder / METRICS).read_text())
+        other = RunConfig.from_dict(metrics["config"])
     except (ValueError, KeyError, TypeError) as err:
         raise BaraError(f"{where}: its metrics.json holds no readable run config ({err}); fix: train that run "
                         "again") from None
-    differ = training_differences(config, other)
+    differ = training_differences(wanted, other)
     if differ:
         raise BaraError(f"{where}: that run did not train what this one trains ({'; '.join(differ[:3])}); fix: "
                         "train with the options it was trained with, or drop --trained-from")
-    return other
+    return metrics
 
 
 def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: bool = False,
@@ -408,17 +406,18 @@ def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: 
     reset_peak_memory()
     config.validate()
     check_report_to(report_to)
+    fit = None  # (folder, metrics) of the run whose fit this one reads
     if trained_from is not None:
         if resume:
             raise BaraError("--resume continues this run's own training, --trained-from takes another run's; fix: "
                             "pass one of them")
-        trained_run(Path(trained_from), config)
+        fit = Path(trained_from), trained_run(Path(trained_from), config)
     work, resumed = check_output(output, resume, overwrite, config)
     state = distributed_state()
     replacing = work != output
     try:
         metrics = _train_into(work, replacing, config, resumed, t0, ood_data, progress_bar, validation, state,
-                              report_to, trained_from)
+                              report_to, fit)
         if replacing and state.is_main_process:
             swap_in(work, output)
         return metrics
@@ -430,7 +429,7 @@ def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: 
 
 def _train_into(work: Path, replacing: bool, config: RunConfig, resumed: dict, t0: float, ood_data,
                 progress_bar: bool, validation: bool, state, report_to="none",
-                trained_from: Path | None = None) -> dict:
+                fit: tuple[Path, dict] | None = None) -> dict:
     task = task_of(config)
     ood = ood_tests(config, ood_data)
     classifier, method = build(config, task.label_names)
@@ -439,10 +438,10 @@ def _train_into(work: Path, replacing: bool, config: RunConfig, resumed: dict, t
         make_output(work, replacing)
     state.wait_for_everyone()
     before = float(resumed.get("seconds", 0.0))  # training time of the sessions before the checkpoint
-    base_metrics, borrowed = {}, 0.0
-    if trained_from is not None:
-        history, base_metrics = _read_fit(Path(trained_from), config, classifier)
-        borrowed = float(base_metrics.get("train_seconds", 0.0))  # what training the fit cost, in that run
+    base_metrics = {} if fit is None else fit[1]
+    borrowed = float(base_metrics.get("train_seconds", 0.0))  # what training the fit cost, in that run
+    if fit is not None:
+        history = _read_fit(fit[0], config, classifier)
     else:
         history = train(classifier, method, task.train, task.validation, config.train, work, bool(resumed),
                         progress_bar, report_to=report_to, tracker_config=config.resolved(),
@@ -479,24 +478,20 @@ def _train_into(work: Path, replacing: bool, config: RunConfig, resumed: dict, t
         "config": config.to_dict(), "versions": versions(),
         "convergence": budget,  # one-pass validation NLL at 80 % of the steps and at the end (None under 10 steps)
     })
-    if trained_from is not None:  # train_seconds and peak memory include that run's training; wall_seconds not
-        metrics["trained_from"] = str(trained_from)
+    if fit is not None:  # train_seconds and peak memory include that run's training; wall_seconds not
+        metrics["trained_from"] = str(fit[0])
     write_json(work / METRICS, metrics)
     for name in [*checkpoint.candidates(work), work / f".{checkpoint.NAME}.tmp"]:  # the run is finished
         shutil.rmtree(name, ignore_errors=True)
     return metrics
 
 
-def _read_fit(folder: Path, config: RunConfig, classifier: Classifier) -> tuple[list[dict], dict]:
-    """Load into ``classifier`` the adapter of the run in ``folder`` that trained ``config``'s fit; its history
-    and metrics."""
+def _read_fit(folder: Path, config: RunConfig, classifier: Classifier) -> list[dict]:
+    """Load into ``classifier`` the adapter of the run in ``folder`` that trained ``config``'s fit; its history."""
     base = training_config(config)
     fit = get_method(base.method, base.method_options)
     fit.load_adapter_state(classifier, read_adapter(folder, classifier, fit))
-    history_file = folder / "history.jsonl"
-    history = ([json.loads(line) for line in history_file.read_text().splitlines() if line.strip()]
-               if history_file.exists() else [])
-    return history, json.loads((folder / METRICS).read_text())
+    return checkpoint.read_history(folder)
 
 
 def save_adapter(classifier: Classifier, method: Method, config: RunConfig, task: Task, output: Path) -> None:

@@ -104,11 +104,12 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
 
 def reads_a_fit(spec: RunSpec, todo: list[RunSpec], output: Path) -> bool:
     """Whether a post-hoc run will read its LoRA fit: from a finished run, or one of ``todo`` trained before it."""
-    if runs.training_config(spec.config) is None:
+    wanted = runs.training_config(spec.config)
+    if wanted is None:
         return False
     earlier = todo[:todo.index(spec)]
     return (trained_fit(spec, [output]) is not None
-            or any(not runs.training_differences(spec.config, s.config) for s in earlier))
+            or any(not runs.training_differences(wanted, s.config) for s in earlier))
 
 
 def trained_fit(spec: RunSpec, roots: list[Path]) -> Path | None:
@@ -125,7 +126,7 @@ def trained_fit(spec: RunSpec, roots: list[Path]) -> Path | None:
             except (OSError, ValueError, KeyError, TypeError):
                 continue
             if (other.method == base.method and runs.has_weights(folder)
-                    and not runs.training_differences(spec.config, other)):
+                    and not runs.training_differences(base, other)):
                 return folder
     return None
 
