@@ -314,9 +314,16 @@ def test_learning_rate_grid_is_chosen_on_validation_then_fixed_for_every_seed(tm
     assert chosen_line.endswith("| **yes** |") and other_line.endswith("|  |")
     assert "follower takes lora's rate." in results and "finished runs: 4 of 4" in results
     log = capsys.readouterr().out.splitlines()  # without progress bars, a line per finished run
+    winner = next(c for c in candidates if c.config.train.lr == best)
+    # The candidates score validation only; the chosen one its test split once chosen, the other never.
     assert [line.split(" finished in ")[0] for line in log] == [f"tune toy: {c.name}" for c in candidates] + [
-        f"bench toy: {s.name}" for s in specs if s.hash not in {c.hash for c in candidates}]
+        f"test toy: {winner.name}"] + [f"bench toy: {s.name}" for s in specs if s.hash not in tried]
     assert log[0].endswith("min (1 of 2)") and log[-1].endswith("min (3 of 3)")
+    loser = next(c for c in candidates if c is not winner)
+    lost = json.loads((out / loser.folder / "metrics.json").read_text())
+    assert lost["test_deferred"] is True and "accuracy" not in lost and select in lost["validation"]
+    won = json.loads((out / winner.folder / "metrics.json").read_text())
+    assert "test_deferred" not in won and 0 <= won["accuracy"] <= 1 and won["validation"][select] == scores[best]
     calls[:] = []
     assert bench.run_bench(str(path), out, progress=False)["trained"] == 0 and calls == []
 

@@ -222,6 +222,30 @@ def test_validation_can_be_skipped_at_training_and_added_by_eval(tiny_bert, toy_
     assert (again["nll"], again["fast_path"]["nll"]) == (validation["nll"], validation["fast_path"]["nll"])
 
 
+def test_a_run_trained_without_its_test_split_scores_it_later_with_the_same_numbers(tiny_bert, toy_data, tmp_path):
+    # A benchmark's grid candidate: validation only at training; add_test scores test and OOD from the adapter.
+    cfg = config(tiny_bert, toy_data, method="bara", steps=3, r=4)
+    full = runs.run_train(cfg, tmp_path / "full", ood_data=toy_data, progress_bar=False)
+    late = tmp_path / "late"
+    deferred = runs.run_train(cfg, late, ood_data=toy_data, progress_bar=False, test=False)
+    assert deferred["test_deferred"] is True and runs.test_deferred(late)
+    assert "accuracy" not in deferred and "diagnostics" not in deferred and not (late / "reliability.png").exists()
+    assert deferred["validation"]["nll"] == full["validation"]["nll"]
+    from bara.report import load_runs
+    assert load_runs([late]) == []  # not a finished run until its test split is scored
+    scored = runs.add_test(late, toy_data, progress_bar=False)
+    assert not runs.test_deferred(late) and json.loads((late / "metrics.json").read_text()) == scored
+    for key in ("accuracy", "ece", "nll", "ood_auroc", "samples"):
+        assert scored[key] == pytest.approx(full[key], abs=1e-6), key
+    assert scored["fast_path"]["nll"] == pytest.approx(full["fast_path"]["nll"], abs=1e-6)
+    assert scored["diagnostics"]["gate_mi"] == pytest.approx(full["diagnostics"]["gate_mi"], abs=1e-6)
+    assert scored["wall_seconds"] > deferred["wall_seconds"] and scored["validation"] == deferred["validation"]
+    assert (late / "reliability.png").exists() and (late / "reliability-one-pass.png").exists()
+    assert [r["run"] for r in load_runs([late])] == ["late"]
+    with pytest.raises(ValueError, match="test split, its validation split or both"):
+        runs.run_train(cfg, tmp_path / "none", progress_bar=False, test=False, validation=False)
+
+
 def test_real_minilm_smoke(tmp_path):
     out = tmp_path / "minilm"
     cfg = RunConfig(model="minilm", data="stackoverflow", max_train=60, max_eval=60,

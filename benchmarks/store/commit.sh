@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Commit the finished run folders (those with metrics.json) of benchmarks/store, and nothing else: new runs, and
-# what later steps add to finished ones (shift_metrics.json, corruption_metrics.json). Also force-adds the adapters
-# that benchmarks/store/.gitignore excepts (standard's chosen banking77 runs, for the corruption curves).
+# what later steps add to finished ones (test scores of a chosen candidate, shift_metrics.json,
+# corruption_metrics.json). Also force-adds the adapters that benchmarks/store/.gitignore excepts
+# (kept_adapters.py: candidates waiting for their test split, standard's chosen banking77 runs) and untracks those no
+# longer needed (a candidate that lost the choice; the history keeps them).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 dirs=$(find benchmarks/store -name metrics.json -printf '%h\n' | sort)
 [ -n "$dirs" ] || { echo "no finished run"; exit 0; }
 git add -- $dirs
-if [ -d benchmarks/store/standard ]; then
-  .venv/bin/python benchmarks/store/chosen_adapters.py standard banking77 2>/dev/null | xargs -r git add -f --
-fi
+keep=$(.venv/bin/python benchmarks/store/kept_adapters.py)  # a failure stops here (set -e): nothing is untracked
+[ -z "$keep" ] || echo "$keep" | xargs git add -f --
+git ls-files 'benchmarks/store/*.safetensors' | { grep -vxF -e "${keep:-/nothing/}" || true; } \
+  | xargs -r git rm -q --cached --
 staged=$(git diff --cached --name-only -- benchmarks/store)
 [ -n "$staged" ] || { echo "nothing new in finished runs"; exit 0; }
 new=$(echo "$staged" | grep '/metrics.json$' | xargs -r -n1 dirname || true)

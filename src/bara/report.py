@@ -10,12 +10,14 @@ from .methods import METHODS
 
 
 def load_runs(folders) -> list[dict]:
-    """metrics.json of every finished run among ``folders`` (folders without one are unfinished: skipped)."""
+    """metrics.json of every finished run among ``folders`` (folders without one are unfinished, and a benchmark's
+    grid candidate whose test split is not scored yet is not finished either: skipped)."""
     runs = []
     for folder in folders:
         path = Path(folder) / "metrics.json"
-        if path.exists():
-            runs.append({"run": Path(folder).name, **json.loads(path.read_text())})
+        metrics = json.loads(path.read_text()) if path.exists() else {"test_deferred": True}
+        if not metrics.get("test_deferred"):
+            runs.append({"run": Path(folder).name, **metrics})
     return runs
 
 

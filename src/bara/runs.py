@@ -43,6 +43,8 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS = "adapter_config.json", "adapter_model
 BARA_CONFIG, BARA_STATE = "bara_config.json", "bara_state.safetensors"
 # Files (and checkpoint folders) a run writes: an overwrite replaces them all, and keeps any other file.
 ONE_PASS_RELIABILITY = "reliability-one-pass.png"
+# metrics.json of a run trained with test=False (a benchmark's grid candidate): validation only, until add_test.
+TEST_DEFERRED = "test_deferred"
 OUR_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BARA_CONFIG, BARA_STATE, METRICS, "history.jsonl", "reliability.png",
              ONE_PASS_RELIABILITY, "curve.png", "eval_metrics.json", checkpoint.NAME, TRACKING_DIR)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -390,10 +392,13 @@ def trained_run(folder: Path, config: RunConfig) -> dict:
 
 def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: bool = False,
               ood_data: str | Sequence[str] | None = None, progress_bar: bool = True, validation: bool = True,
-              report_to="none", trained_from: Path | None = None) -> dict:
+              report_to="none", trained_from: Path | None = None, test: bool = True) -> dict:
     """Train, save the adapter and write metrics.json: test metrics, and the validation split's under
     "validation" unless ``validation`` is False (a benchmark run no choice is made on: 11 extra passes over the
-    split for a sampling method; :func:`add_validation` scores it later from the saved adapter).
+    split for a sampling method; :func:`add_validation` scores it later from the saved adapter). ``test`` False
+    leaves the test split and the OOD sets unscored (``"test_deferred": true``; a grid candidate, which may lose the
+    choice on validation: a sampling method's test and OOD scoring is about half its cost); :func:`add_test` scores
+    them later from the saved adapter, with the same numbers.
 
     ``overwrite`` builds the new run beside the old one and swaps it in once finished, so a failure keeps the
     old run; ``resume`` continues the checkpoint in ``output`` and refuses one written with other options.
@@ -406,6 +411,8 @@ def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: 
     reset_peak_memory()
     config.validate()
     check_report_to(report_to)
+    if not (test or validation):
+        raise ValueError("a run scores its test split, its validation split or both")
     fit = None  # (folder, metrics) of the run whose fit this one reads
     if trained_from is not None:
         if resume:
@@ -417,7 +424,7 @@ def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: 
     replacing = work != output
     try:
         metrics = _train_into(work, replacing, config, resumed, t0, ood_data, progress_bar, validation, state,
-                              report_to, fit)
+                              report_to, fit, test)
         if replacing and state.is_main_process:
             swap_in(work, output)
         return metrics
@@ -429,7 +436,7 @@ def run_train(config: RunConfig, output: Path, resume: bool = False, overwrite: 
 
 def _train_into(work: Path, replacing: bool, config: RunConfig, resumed: dict, t0: float, ood_data,
                 progress_bar: bool, validation: bool, state, report_to="none",
-                fit: tuple[Path, dict] | None = None) -> dict:
+                fit: tuple[Path, dict] | None = None, test: bool = True) -> dict:
     task = task_of(config)
     ood = ood_tests(config, ood_data)
     classifier, method = build(config, task.label_names)
@@ -461,7 +468,8 @@ def _train_into(work: Path, replacing: bool, config: RunConfig, resumed: dict, t
     if config.train.eval_every:
         learning_curve(history, work / "curve.png", f"{method.name} on {task.name}: validation during training")
     train_seconds = borrowed + before + time.perf_counter() - t0
-    metrics = score(classifier, method, task.test, config, None, ood, work, progress_bar, task.name)
+    metrics = (score(classifier, method, task.test, config, None, ood, work, progress_bar, task.name) if test
+               else {TEST_DEFERRED: True})
     if validation:  # choices (learning rates, a method's design) are made on these, never on test
         metrics["validation"] = score_validation(classifier, method, task, config, progress_bar)
     metrics.update({
@@ -659,6 +667,28 @@ def add_validation(folder: Path, progress_bar: bool = True) -> dict:
     metrics = json.loads((folder / METRICS).read_text())
     classifier, method, config = load_adapter(folder)
     metrics["validation"] = score_validation(classifier, method, task_of(config), config, progress_bar)
+    write_json(folder / METRICS, metrics)
+    return metrics
+
+
+def test_deferred(folder: Path) -> bool:
+    """Whether the run in ``folder`` was trained with test=False and its test split is still unscored."""
+    path = folder / METRICS
+    return path.exists() and json.loads(path.read_text()).get(TEST_DEFERRED, False)
+
+
+def add_test(folder: Path, ood_data: str | Sequence[str] | None = None, progress_bar: bool = True) -> dict:
+    """Score the test split and the OOD sets of a run trained with test=False (:func:`run_train`) into its
+    metrics.json and plots, from its saved adapter: the numbers training would have written (every prediction is
+    seeded), and its wall_seconds grow by this scoring."""
+    t0 = time.perf_counter()
+    metrics = json.loads((folder / METRICS).read_text())
+    classifier, method, config = load_adapter(folder)
+    task = task_of(config)
+    scored = score(classifier, method, task.test, config, None, ood_tests(config, ood_data), folder, progress_bar,
+                   task.name)
+    metrics = {**scored, **{k: v for k, v in metrics.items() if k != TEST_DEFERRED}}  # test metrics first, as trained
+    metrics["wall_seconds"] += time.perf_counter() - t0
     write_json(folder / METRICS, metrics)
     return metrics
 

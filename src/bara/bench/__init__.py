@@ -17,10 +17,12 @@ Layout of the output folder ``DIR``::
     plots/          reliability-<dataset>-<variant>.png and the method's own plots (Method.run_files; copied
                     from the run of the lowest seed), accuracy-ece-<dataset>.png, accuracy-nll-<dataset>.png
 
-A run is finished when all of its outputs exist: metrics.json (written last by training), and shift_metrics.json
-with every shift set when its dataset sets ``shift``. Finished runs are skipped and are the only ones reported.
-Any other run is (re)started, from its checkpoint when it has one; one that has metrics.json but lacks shift
-evaluations only runs those, set by set. The preset format is documented at the top of ``benchmarks/presets.toml``.
+A run is finished when all of its outputs exist: metrics.json (written last by training) with its test split
+scored, and shift_metrics.json with every shift set when its dataset sets ``shift``. Finished runs are skipped and
+are the only ones reported. A grid's candidates score only their validation split when they train
+(``"test_deferred"`` in metrics.json): the one chosen scores its test split, OOD and shift sets from its saved
+adapter in the last stage, the others never do. Any other run is (re)started, from its checkpoint when it has one;
+one that has metrics.json but lacks its test or shift evaluations only runs those, set by set. The preset format is documented at the top of ``benchmarks/presets.toml``.
 """
 
 from __future__ import annotations

@@ -84,8 +84,15 @@ def shift_results(folder: Path) -> dict[str, dict]:
     return {name: m for name, m in values.items() if isinstance(m, dict) and m.get("split") == "all"}
 
 
+def trained(output: Path, spec: RunSpec) -> bool:
+    """The run has its adapter and metrics.json, its validation split scored if it is a candidate; its test split
+    may still wait for the choice (a grid candidate's, :func:`bara.runs.add_test`)."""
+    return not spec.pending and (output / spec.folder / runs.METRICS).exists()
+
+
 def finished(output: Path, spec: RunSpec) -> bool:
-    return (not spec.pending and (output / spec.folder / runs.METRICS).exists()
+    """Trained, scored on its test split and OOD sets, and evaluated on every shift set: a run of the report."""
+    return (trained(output, spec) and not runs.test_deferred(output / spec.folder)
             and set(spec.shifts) <= set(shift_results(output / spec.folder)))
 
 
@@ -441,8 +448,8 @@ def diverged(output: Path | None, spec: RunSpec) -> dict | None:
 
 
 def validation_metrics(output: Path | None, spec: RunSpec) -> dict:
-    """The validation metrics of a finished run; {} while it is unfinished or has none (not yet scored)."""
-    if output is None or not finished(output, spec):
+    """The validation metrics of a trained run; {} while it is untrained or has none (not yet scored)."""
+    if output is None or not trained(output, spec):
         return {}
     return json.loads((output / spec.folder / runs.METRICS).read_text()).get("validation", {})
 

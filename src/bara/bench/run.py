@@ -16,7 +16,7 @@ from ..errors import BaraError, Diverged
 from ..runs import RunConfig
 from ..trainer import total_steps
 from .plan import (DIVERGED, SHIFT, Plan, RunSpec, choices, diverged, expand, finished, sets, shift_results,
-                   validation_metrics)
+                   trained, validation_metrics)
 
 
 ERROR = "error.txt"  # traceback of a failed run, beside its partial outputs
@@ -42,11 +42,13 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
            validation: bool = False, reuse: Path | None = None, candidates: bool = False) -> dict:
     """Train the unfinished runs of ``selected``, one after another, or copy them from ``reuse`` where it holds
     them finished. ``validation``: they score the validation split (a grid's ``candidates`` are chosen on it; other
-    runs skip it unless the preset sets tune.validate_all)."""
+    runs skip it unless the preset sets tune.validate_all). ``candidates`` score nothing else (test, OOD and shift
+    sets wait until one is chosen: the runs of the last stage, which score them from the saved adapter)."""
     from tqdm.auto import tqdm
 
+    done = trained if candidates else finished
     selected = [s for s in selected if not s.pending]
-    reused = [s for s in selected if reuse is not None and not finished(output, s) and finished(reuse, s)]
+    reused = [s for s in selected if reuse is not None and not done(output, s) and done(reuse, s)]
     for spec in reused:  # the same hash: the same config, data, seed and evaluation sets
         target = output / spec.folder
         shutil.rmtree(target, ignore_errors=True)  # a checkpoint of an unfinished run of it
@@ -55,10 +57,10 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
         shutil.copytree(reuse / spec.folder, partial)
         partial.rename(target)
     if validation:  # a finished run that becomes a candidate (or is reused) after a change of the preset
-        for spec in (s for s in selected if finished(output, s) and not validation_metrics(output, s)):
+        for spec in (s for s in selected if trained(output, s) and not validation_metrics(output, s)):
             runs.add_validation(output / spec.folder, progress_bar=progress)
     lost_before = [s for s in selected if diverged(output, s)]  # the same settings diverge the same way again
-    pending = [s for s in selected if not finished(output, s) and s not in lost_before]
+    pending = [s for s in selected if not done(output, s) and s not in lost_before]
     bar = tqdm(total=len(selected), initial=len(selected) - len(pending), desc=desc, unit="run",
                disable=not progress or not selected, dynamic_ncols=True)
     failed, lost = [], []
@@ -72,12 +74,15 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
                 resume = checkpoint.find(folder) is not None
                 fit = None if resume else trained_fit(spec, [output] + ([reuse] if reuse else []))
                 runs.run_train(spec.config, folder, resume=resume, ood_data=spec.ood, progress_bar=progress,
-                               validation=validation, trained_from=fit)
-            # From the saved adapter, set by set, so an interruption here costs no retraining and no set twice.
-            shifted = shift_results(folder)
-            for name in (n for n in spec.shifts if n not in shifted):
-                shifted[name] = runs.run_eval(folder, data=name, progress_bar=progress, all_examples=True)
-                runs.write_json(folder / SHIFT, shifted)
+                               validation=validation, trained_from=fit, test=not candidates)
+            if not candidates:
+                if runs.test_deferred(folder):  # a candidate chosen on validation
+                    runs.add_test(folder, spec.ood, progress)
+                # From the saved adapter, set by set, so an interruption here costs no retraining and no set twice.
+                shifted = shift_results(folder)
+                for name in (n for n in spec.shifts if n not in shifted):
+                    shifted[name] = runs.run_eval(folder, data=name, progress_bar=progress, all_examples=True)
+                    runs.write_json(folder / SHIFT, shifted)
         except Exception as err:  # one failed run must not stop the others of a long benchmark
             folder.mkdir(parents=True, exist_ok=True)
             (folder / ERROR).write_text(traceback.format_exc())
@@ -173,7 +178,7 @@ def train_plan(plan_: Plan, selected: list[RunSpec], output: Path, progress: boo
     ({"selected", "trained", "reused", "skipped", "diverged", "failed": [run names]})."""
     check_fetched(selected)
     if progress or announce:
-        print(f"bara bench: {estimate([s for s in selected if not finished(output, s)], output)}", flush=True)
+        print(f"bara bench: {estimate([s for s in selected if not trained(output, s)], output)}", flush=True)
     output.mkdir(parents=True, exist_ok=True)
     preset = plan_.preset
     runs.write_json(output / "preset.json", {"name": preset.name, "source": preset.source, "preset": preset.values})
@@ -209,8 +214,13 @@ def train_dataset(plan_: Plan, selected: list[RunSpec], dataset: str, output: Pa
     if following:
         parts.append(_train(following, output, progress, f"tune {dataset}", validation=True, reuse=reuse,
                             candidates=True))
-    tried = {c.hash for c in tuning + following}  # the chosen candidates are runs of the tuning seed: done already
-    final = [s for s in select(expand(plan_, output), dataset, only_method) if s.hash not in tried]
+    tried = {c.hash for c in tuning + following}  # the chosen candidates are runs of the tuning seed: trained already
+    every = select(expand(plan_, output), dataset, only_method)
+    chosen_runs = [s for s in every if s.hash in tried and trained(output, s) and not finished(output, s)]
+    if chosen_runs:  # their test split, OOD and shift sets, scored from the adapter; counted once, as candidates
+        scored = _train(chosen_runs, output, progress, f"test {dataset}")
+        parts.append({**scored, "trained": 0, "skipped": 0})
+    final = [s for s in every if s.hash not in tried]
     parts.append(_train(final, output, progress, f"bench {dataset}", validation=plan_.validate_all, reuse=reuse))
     unchosen = []
     for entry in (e for e in plan_.entries if e.dataset == dataset and e.variant in leaders | wanted):
@@ -224,7 +234,7 @@ def check_defaults(specs: list[RunSpec], folders: list[Path]) -> None:
     """No finished run of ``specs`` in ``folders`` was trained under a method default that has changed since: its
     hash covers only the options the preset sets, so it would be skipped or reused as if it were this version's."""
     for folder in folders:
-        for spec in (s for s in specs if finished(folder, s)):
+        for spec in (s for s in specs if trained(folder, s)):
             changed = runs.changed_defaults(folder / spec.folder)
             if changed:
                 option, (then, now) = next(iter(changed.items()))
