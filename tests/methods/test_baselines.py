@@ -210,6 +210,20 @@ def test_ensemble_members_stay_different_after_training(tiny_bert, toy_data, tmp
     assert any(not torch.equal(members[0][n], members[1][n]) for n in members[0] if "lora_B" in n)
     probs = method.predict(classifier, classifier.encode(load_task(toy_data).test, list(range(8))), 3)
     assert probs.shape == (3, 8, 3) and (probs[0] - probs[2]).abs().max() > 1e-5
+    # The diagnostics take the members' probabilities of the scored pass instead of running every member again.
+    from bara.methods.base import Method
+
+    split, rows = load_task(toy_data).test, []
+    classifier.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    cfg = config(tiny_bert, toy_data, "ensemble")
+    reused = runs.score(classifier, method, split, cfg, None, progress_bar=False)
+    rows_reused, rows[:] = sum(rows), []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(method), "recording", Method.recording)
+        own = runs.score(classifier, method, split, cfg, None, progress_bar=False)
+    assert sum(rows) - rows_reused == len(split.labels)  # one pass of the members over the split fewer
+    assert reused["diagnostics"] == own["diagnostics"] and reused["nll"] == own["nll"]
+    assert method._recorded == []  # consumed: a later diagnostics call predicts its own
 
 
 # -- temperature scaling ------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ has no cheaper one-pass prediction, so both cost K passes and give the same pred
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -101,6 +102,9 @@ class Ensemble(Lora):
     def __init__(self, config: EnsembleConfig | None = None):
         super().__init__(config)
         self.default_samples = self.config.members  # the samples dimension is the K members
+        # The scoring's member probabilities, batch by batch: while recording, then for the next diagnostics.
+        self._record: list[torch.Tensor] | None = None
+        self._recorded: list[torch.Tensor] = []
 
     @property
     def member_names(self) -> list[str]:
@@ -158,13 +162,28 @@ class Ensemble(Lora):
         """The members' probabilities ``[K, B, C]`` (``samples > 0``) or their mean ``[1, B, C]`` (``samples = 0``)."""
         classifier.eval()
         probs = torch.softmax(self.member_logits(classifier, batch).float(), -1)
+        if samples > 0 and self._record is not None:
+            self._record.append(probs.cpu())
         return probs if samples > 0 else probs.mean(0, keepdim=True)
+
+    @contextmanager
+    def recording(self, seed: int):
+        """The members' probabilities of the scoring's pass are kept for the next :meth:`diagnostics`, which would
+        otherwise run every member over the split again (nothing here is random: ``seed`` is not needed)."""
+        self._record = []
+        try:
+            yield
+        finally:
+            self._record, self._recorded = None, self._record or []
 
     def diagnostics(self, classifier: Classifier, batches) -> dict:
         """Each member's accuracy and how often the members disagree on the top class."""
         correct, disagree, n = torch.zeros(self.config.members, dtype=torch.float64), 0, 0
-        for batch in batches:
-            top = self.predict(classifier, batch, 1).argmax(-1)  # [K, B]
+        batches, recorded, self._recorded = list(batches), self._recorded, []  # consumed
+        if [p.shape[1] for p in recorded] != [len(b["labels"]) for b in batches]:  # not the scoring of these
+            recorded = [self.predict(classifier, b, 1) for b in batches]
+        for probs, batch in zip(recorded, batches):
+            top = probs.argmax(-1).to(batch["labels"].device)  # [K, B]
             correct += (top == batch["labels"]).sum(1)
             disagree += int((top != top[:1]).any(0).sum())
             n += top.shape[1]
