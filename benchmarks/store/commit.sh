@@ -6,6 +6,7 @@
 # longer needed (a candidate that lost the choice; the history keeps them).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+[ -z "$(git diff --cached --name-only -- . ':!benchmarks/store')" ] || { echo "other changes are staged: commit or unstage them first"; exit 1; }
 dirs=$(find benchmarks/store -name metrics.json -printf '%h\n' | sort)
 [ -n "$dirs" ] || { echo "no finished run"; exit 0; }
 git add -- $dirs
@@ -23,4 +24,6 @@ if [ -n "$new" ]; then
 else
   message="benchmarks/store: $others files added to runs finished before (corruption or shift points, adapters)"
 fi
-git commit -q -m "$message" -- benchmarks/store && git log --oneline -1
+# The index, not `git commit -- benchmarks/store`: with paths git commits their working-tree state, and an adapter
+# untracked above (still on disk) would be committed again. Nothing else is staged (checked first).
+git commit -q -m "$message" && git log --oneline -1
