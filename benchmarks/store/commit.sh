@@ -20,9 +20,9 @@ new=$(echo "$staged" | grep '/metrics.json$' | xargs -r -n1 dirname || true)
 others=$(echo "$staged" | grep -v -F "${new:-/nothing/}" | grep -c . || true)
 if [ -n "$new" ]; then
   message="benchmarks/store: $(echo "$new" | grep -c .) more finished runs: $(echo "$new" | cut -d/ -f3,5-7 | paste -sd' ')"
-  [ "$others" = 0 ] || message="$message; $others files added to runs finished before"
+  [ "$others" = 0 ] || message="$message; $others files of runs finished before"
 else
-  message="benchmarks/store: $others files added to runs finished before (corruption or shift points, adapters)"
+  message="benchmarks/store: $others files of runs finished before (corruption or shift points, adapters kept or let go)"
 fi
 # The index, not `git commit -- benchmarks/store`: with paths git commits their working-tree state, and an adapter
 # untracked above (still on disk) would be committed again. Nothing else is staged (checked first).
