@@ -9,14 +9,21 @@ from pathlib import Path
 from .methods import METHODS
 
 
+# The key of metrics.json of a run trained without its test split (bara.runs.run_train(test=False)): a benchmark's
+# grid candidate, scored on validation only until bara.runs.add_test.
+TEST_DEFERRED = "test_deferred"
+
+
 def load_runs(folders) -> list[dict]:
     """metrics.json of every finished run among ``folders`` (folders without one are unfinished, and a benchmark's
     grid candidate whose test split is not scored yet is not finished either: skipped)."""
     runs = []
     for folder in folders:
         path = Path(folder) / "metrics.json"
-        metrics = json.loads(path.read_text()) if path.exists() else {"test_deferred": True}
-        if not metrics.get("test_deferred"):
+        if not path.exists():
+            continue
+        metrics = json.loads(path.read_text())
+        if not metrics.get(TEST_DEFERRED):
             runs.append({"run": Path(folder).name, **metrics})
     return runs
 

@@ -35,6 +35,7 @@ from .methods import DEFAULT_METHOD, METHODS, Method, get_method
 from .metrics import evaluate, ood_auroc
 from .models import EMBEDDED, load_model, model_kind
 from .plots import learning_curve, reliability_diagram
+from .report import TEST_DEFERRED
 from .trainer import (TRACKING_DIR, TrainConfig, batches, check_report_to, convergence, distributed_state, on_device,
                       train)
 
@@ -43,8 +44,6 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS = "adapter_config.json", "adapter_model
 BARA_CONFIG, BARA_STATE = "bara_config.json", "bara_state.safetensors"
 # Files (and checkpoint folders) a run writes: an overwrite replaces them all, and keeps any other file.
 ONE_PASS_RELIABILITY = "reliability-one-pass.png"
-# metrics.json of a run trained with test=False (a benchmark's grid candidate): validation only, until add_test.
-TEST_DEFERRED = "test_deferred"
 OUR_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BARA_CONFIG, BARA_STATE, METRICS, "history.jsonl", "reliability.png",
              ONE_PASS_RELIABILITY, "curve.png", "eval_metrics.json", checkpoint.NAME, TRACKING_DIR)
 DTYPES = ("float32", "bfloat16", "float16")

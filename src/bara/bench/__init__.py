@@ -22,7 +22,8 @@ scored, and shift_metrics.json with every shift set when its dataset sets ``shif
 are the only ones reported. A grid's candidates score only their validation split when they train
 (``"test_deferred"`` in metrics.json): the one chosen scores its test split, OOD and shift sets from its saved
 adapter in the last stage, the others never do. Any other run is (re)started, from its checkpoint when it has one;
-one that has metrics.json but lacks its test or shift evaluations only runs those, set by set. The preset format is documented at the top of ``benchmarks/presets.toml``.
+one that has metrics.json but lacks its test or shift evaluations only runs those, set by set. The preset format
+is documented at the top of ``benchmarks/presets.toml``.
 """
 
 from __future__ import annotations
