@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,14 @@ def test_bench_says_how_many_runs_and_how_long_before_training(tmp_path, tiny_be
     bench.run_bench(str(preset), tmp_path / "posthoc", progress=False, announce=True)
     assert capsys.readouterr().out.startswith("bara bench: 4 runs to train (2 of them post-hoc on a LoRA run's "
                                               "fit), 6 steps")
+    # A learning-rate grid: its 2 candidates (seed 0) and the other seed once chosen; after the candidates, the seed.
+    preset = tiny_preset(tmp_path, tiny_bert, toy_data, methods='{ lora = "lora" }', lr="default = [5e-3, 1e-2]")
+    bench.run_bench(str(preset), tmp_path / "grid", progress=False, announce=True, only_method="lora")
+    assert capsys.readouterr().out.startswith("bara bench: 3 runs to train, 9 steps")
+    for folder in (tmp_path / "grid" / "runs" / "toy" / "lora").glob("seed1-*"):
+        shutil.rmtree(folder)
+    bench.run_bench(str(preset), tmp_path / "grid", progress=False, announce=True, only_method="lora")
+    assert capsys.readouterr().out.startswith("bara bench: 1 runs to train, 3 steps")
 
 
 def test_plot_titles_say_what_they_show(tmp_path, tiny_bert, toy_data, monkeypatch):

@@ -178,7 +178,14 @@ def train_plan(plan_: Plan, selected: list[RunSpec], output: Path, progress: boo
     ({"selected", "trained", "reused", "skipped", "diverged", "failed": [run names]})."""
     check_fetched(selected)
     if progress or announce:
-        print(f"bara bench: {estimate([s for s in selected if not trained(output, s)], output)}", flush=True)
+        # Counted over the runs the plan will train: a grid's candidates (not its pending seed-0 run, which is one
+        # of them), and the seeds of a grid already chosen in ``output`` at their chosen rate.
+        keys = {(s.dataset, s.variant) for s in selected}
+        every = plan_.all_runs(expand(plan_, output), output=output)
+        known = {(s.dataset, s.variant) for s in every if not s.pending}  # a pending variant's: its candidates
+        todo = [s for s in every if (s.dataset, s.variant) in keys and not trained(output, s)
+                and not (s.pending and s.seed == plan_.tune_seed and (s.dataset, s.variant) in known)]
+        print(f"bara bench: {estimate(todo, output)}", flush=True)
     output.mkdir(parents=True, exist_ok=True)
     preset = plan_.preset
     runs.write_json(output / "preset.json", {"name": preset.name, "source": preset.source, "preset": preset.values})
