@@ -1040,6 +1040,31 @@ def test_reuse_copies_finished_runs_of_the_same_config_from_another_output(prese
         bench.run_bench(str(preset_file), second, progress=False, reuse=tmp_path / "nowhere")
 
 
+def test_reuse_finds_a_run_of_the_same_hash_under_another_dataset_name(preset_file, tmp_path, monkeypatch):
+    # e.g. `defaults`' banking77-1000 and standard's banking77: the hash covers the config, not the names.
+    first = tmp_path / "first"
+    bench.run_bench(str(preset_file), first, progress=False, only_method="lora")
+    renamed = tmp_path / "renamed.toml"
+    renamed.write_text(preset_file.read_text().replace("[tiny.datasets.toy]", "[tiny.datasets.toy-1000]"))
+    trained = []
+    real_run_train = runs.run_train
+    monkeypatch.setattr(runs, "run_train", lambda config, output, **kw: trained.append(config.method)
+                        or real_run_train(config, output, **kw))
+    second = tmp_path / "second"
+    summary = bench.run_bench(str(renamed), second, progress=False, only_method="lora", reuse=first)
+    assert trained == [] and (summary["trained"], summary["reused"]) == (0, 2)
+    for spec in bench.expand(str(renamed)):
+        if spec.variant == "lora":
+            assert spec.dataset == "toy-1000"
+            original = first / "runs" / "toy" / "lora" / spec.folder.name
+            assert (second / spec.folder / "metrics.json").read_bytes() == (original / "metrics.json").read_bytes()
+    # Another config (here another seed list: seed 2 has no run anywhere) still trains.
+    seeds = tmp_path / "seeds.toml"
+    seeds.write_text(renamed.read_text().replace("seeds = [0, 1]", "seeds = [0, 2]"))
+    summary = bench.run_bench(str(seeds), tmp_path / "third", progress=False, only_method="lora", reuse=first)
+    assert (summary["trained"], summary["reused"]) == (1, 1) and trained == ["lora"]
+
+
 def test_a_finished_run_trained_under_another_default_is_neither_skipped_nor_reused(preset_file, tmp_path):
     output = tmp_path / "out"
     bench.run_bench(str(preset_file), output, progress=False)

@@ -4,6 +4,7 @@ failed run does not stop the others."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -48,13 +49,14 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
 
     done = trained if candidates else finished
     selected = [s for s in selected if not s.pending]
-    reused = [s for s in selected if reuse is not None and not done(output, s) and done(reuse, s)]
+    sources = {s: reusable(reuse, s, done) for s in selected if reuse is not None and not done(output, s)}
+    reused = [s for s, source in sources.items() if source is not None]
     for spec in reused:  # the same hash: the same config, data, seed and evaluation sets
         target = output / spec.folder
         shutil.rmtree(target, ignore_errors=True)  # a checkpoint of an unfinished run of it
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(reuse / spec.folder, partial)
+        shutil.copytree(sources[spec], partial)
         partial.rename(target)
     if validation:  # a finished run that becomes a candidate (or is reused) after a change of the preset
         for spec in (s for s in selected if trained(output, s) and not validation_metrics(output, s)):
@@ -105,6 +107,18 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
     return {"trained": len(pending) - len(failed) - len(lost), "reused": len(reused),
             "diverged": len(lost_before) + len(lost),
             "skipped": len(selected) - len(pending) - len(reused) - len(lost_before), "failed": failed}
+
+
+def reusable(reuse: Path, spec: RunSpec, done) -> Path | None:
+    """The folder in ``reuse`` of a run ``done`` with ``spec``'s hash: under the same dataset and variant names, or
+    others (another preset's, e.g. `defaults`' banking77-1000 for standard's banking77): the hash covers the whole
+    config, the data and the evaluation sets, not the names. None when there is none."""
+    for folder in [reuse / spec.folder] + sorted((reuse / "runs").glob(f"*/*/{spec.folder.name}")):
+        named = dataclasses.replace(spec, dataset=folder.parent.parent.name, variant=folder.parent.name)
+        if done(reuse, named):
+            check_run_defaults(folder)  # checked up front for the same names (check_defaults), here for others
+            return folder
+    return None
 
 
 def reads_a_fit(spec: RunSpec, todo: list[RunSpec], output: Path) -> bool:
@@ -242,14 +256,18 @@ def check_defaults(specs: list[RunSpec], folders: list[Path]) -> None:
     hash covers only the options the preset sets, so it would be skipped or reused as if it were this version's."""
     for folder in folders:
         for spec in (s for s in specs if trained(folder, s)):
-            changed = runs.changed_defaults(folder / spec.folder)
-            if changed:
-                option, (then, now) = next(iter(changed.items()))
-                raise BaraError(
-                    f"{folder / spec.folder} was trained with {option} = {then!r}, but this version of bara defaults "
-                    f"to {now!r} (a run's hash covers only the options the preset sets); fix: move such runs out of "
-                    f"{folder / 'runs'} to train them again, or finish this benchmark with the bara version that "
-                    "trained them")
+            check_run_defaults(folder / spec.folder)
+
+
+def check_run_defaults(run: Path) -> None:
+    """BaraError when the finished run in ``run`` was trained under a method default that has changed since."""
+    changed = runs.changed_defaults(run)
+    if changed:
+        option, (then, now) = next(iter(changed.items()))
+        raise BaraError(
+            f"{run} was trained with {option} = {then!r}, but this version of bara defaults to {now!r} (a run's hash "
+            f"covers only the options the preset sets); fix: move such runs out of {run.parents[2]} to train them "
+            "again, or finish this benchmark with the bara version that trained them")
 
 
 def check_fetched(specs: list[RunSpec]) -> None:
