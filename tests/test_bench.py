@@ -13,6 +13,7 @@ import pytest
 
 from bara import bench, cli, report, runs
 from bara.errors import BaraError, Diverged
+from bara.methods.base import TARGET_MODULES
 from bara.runs import RunConfig
 from bara.trainer import TrainConfig
 
@@ -1097,15 +1098,27 @@ def test_packaged_defaults_preset_trains_every_method_with_no_flags():
              "hwu64-1000": ("hwu64", 1000)}
     assert list(dict.fromkeys(s.dataset for s in specs)) == list(sizes)
     assert len(specs) == 4 * len(METHODS) and {s.variant for s in specs} == set(METHODS)
-    assert not any(s.pending or s.ood or s.shift for s in specs) and {s.seed for s in specs} == {0}
+    assert not any(s.pending or s.shift for s in specs) and {s.seed for s in specs} == {0}
+    assert {s.dataset: s.ood for s in specs} == {"banking77-500": ("trec", "20ng"), "banking77-1000": ("trec", "20ng"),
+                                                 "hwu64-500": None, "hwu64-1000": None}
     for spec in specs:
         c = spec.config
-        assert (c.model, c.data, c.max_train, c.max_eval, c.method_options) == ("minilm", *sizes[spec.dataset], 1000, {})
+        assert (c.model, c.data, c.max_train, c.max_eval) == ("minilm", *sizes[spec.dataset], 1000)
+        # Options written out (so that the runs are standard's, same hash) only at the value no flag gives.
+        defaults = METHODS[c.method].config_class().to_dict()
+        assert c.method_options["target_modules"] == TARGET_MODULES["bert"]
+        assert all(value == defaults[key] for key, value in c.method_options.items() if key != "target_modules")
         assert c.train.lr == METHODS[c.method].default_lr["encoder"] == runs.default_lr("minilm", c.method)
         assert dataclasses.replace(c.train, lr=0.0, checkpoint_every=0) == TrainConfig(lr=0.0)  # bara train's schedule
     # ... which is standard's: the same steps, batch size, max length and warm-up.
     standard = next(s for s in bench.expand("standard") if s.dataset == "banking77").config.train
     assert dataclasses.replace(standard, lr=0.0, seed=0) == dataclasses.replace(specs[0].config.train, lr=0.0)
+    # At 1,000 examples, a method at the rate standard chose is standard's seed-0 run: `--reuse` finds it by hash.
+    standard_runs = bench.plan("standard")
+    for dataset in ("banking77", "hwu64"):
+        for entry in (e for e in standard_runs.entries if e.dataset == dataset):
+            mine = next(s for s in specs if s.dataset == f"{dataset}-1000" and s.variant == entry.variant)
+            assert entry.spec(mine.config.train.lr, 0).hash == mine.hash, entry.variant
 
 
 def test_compare_shows_each_run_beside_the_tuned_reference(tmp_path, tiny_bert, toy_data):

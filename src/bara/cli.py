@@ -28,12 +28,13 @@ EXAMPLES = """examples:
 
 BENCH_EXAMPLES = """examples:
   bara bench --preset quick --output runs/bench-quick
-  bara bench --preset standard --output runs/bench --only-dataset trec --only-method lora,bara
+  bara bench --preset standard --output runs/bench --only-dataset banking77 --only-method lora,bara
   bara bench --preset my-presets.toml:small --output runs/small
   bara bench --preset standard --output runs/bench --report-only
   bara bench --preset ablations --output runs/bench-ablations --reuse runs/bench
   bara data fetch bigbench && bara bench --preset multiple-choice --output runs/bench-mc
-  bara bench --preset defaults --output runs/bench-defaults --compare benchmarks/results/standard/results.jsonl
+  bara bench --preset defaults --output runs/bench-defaults --reuse runs/bench \
+      --compare benchmarks/results/standard/results.jsonl
   bara bench --preset defaults-tuned --output runs/bench-defaults-tuned --reuse runs/bench-defaults
 
 An interrupted benchmark continues where it stopped when the same command is run again: finished runs

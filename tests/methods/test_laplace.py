@@ -249,6 +249,7 @@ def test_probit_and_monte_carlo_probabilities():
 
 
 def tiny_classifier(tiny_bert, **options):
+    options = {"prior_fit": "marglik", **options}  # Laplace-LoRA's evidence fit: these tests fit without validation
     classifier, method = runs.build(RunConfig(model=tiny_bert, method="laplace", method_options=options,
                                               train=TrainConfig(max_length=16)), ["red", "green", "blue"])
     with torch.no_grad():
