@@ -3,6 +3,7 @@ file modes, the demo."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -52,8 +53,16 @@ def test_bench_says_how_many_runs_and_how_long_before_training(tmp_path, tiny_be
     bench.run_bench(str(preset), tmp_path / "again", progress=False, announce=True, only_method="lora")
     assert capsys.readouterr().out.startswith("bara bench: 2 runs to train, 6 steps")
     bench.run_bench(str(preset), out, progress=False, announce=True)  # finished: measured, nothing left
-    assert re.match(r"bara bench: 0 runs to train, 0 steps: .* s per step \(the median of 4 finished runs here\)",
-                    capsys.readouterr().out)
+    assert re.match(r"bara bench: 0 runs to train, 0 steps: about 0.0 h \(the median wall time per step of each "
+                    r"method's finished runs here, evaluation included: all \d+\.\d\d s\)", capsys.readouterr().out)
+    # A method with finished runs is estimated at its own time per step, evaluation included.
+    bara_runs = [s for s in bench.expand(str(preset)) if s.variant == "bara-small"]
+    walls = [json.loads((out / s.folder / "metrics.json").read_text())["wall_seconds"] / 3 for s in bara_runs]
+    shutil.rmtree(out / bara_runs[1].folder)
+    bench.run_bench(str(preset), out, progress=False, announce=True, only_method="bara-small")
+    text = capsys.readouterr().out
+    assert text.startswith(f"bara bench: 1 runs to train, 3 steps: about {walls[0] * 3 / 3600:.1f} h (")
+    assert f"included: bara {walls[0]:.2f} s)" in text.splitlines()[0]
     # Temperature scaling at LoRA's rate trains nothing of its own: its steps are not counted.
     preset = tiny_preset(tmp_path, tiny_bert, toy_data, methods='{ lora = "lora", ts = "temperature" }')
     bench.run_bench(str(preset), tmp_path / "posthoc", progress=False, announce=True)

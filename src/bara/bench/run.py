@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import statistics
 import time
 import traceback
 from pathlib import Path
@@ -163,27 +164,39 @@ def run_steps(config: RunConfig) -> int | None:
 
 
 def estimate(todo: list[RunSpec], output: Path) -> str:
-    """How many runs are left to train and about how long they take: at the seconds per step of the benchmark's
-    finished runs when there are some, else at SECONDS_PER_STEP."""
-    measured = []
+    """How many runs are left to train and about how long they take: each method at the median wall time per step
+    (evaluation included) of its finished runs in the benchmark, a method without one at the median of all, and
+    at SECONDS_PER_STEP (training only) when nothing is finished; a post-hoc run at its method's median wall time."""
+    per_step, posthoc = {}, {}  # method -> [wall seconds per training step], [wall seconds of a post-hoc step]
     for folder in (output / "runs").glob("*/*/*") if (output / "runs").is_dir() else ():
         try:
             metrics = json.loads((folder / runs.METRICS).read_text())
-            steps = run_steps(RunConfig.from_dict(metrics["config"]))
+            config = RunConfig.from_dict(metrics["config"])
+            wall = float(metrics["wall_seconds"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if steps:
-            measured.append(metrics["train_seconds"] / steps)
-    per_step = float(sorted(measured)[len(measured) // 2]) if measured else SECONDS_PER_STEP
-    source = (f"the median of {len(measured)} finished runs here" if measured
-              else "a guess for MiniLM on 2 CPU cores; a causal LM takes several times longer")
+        if "trained_from" in metrics:
+            posthoc.setdefault(config.method, []).append(wall)
+        elif run_steps(config):
+            per_step.setdefault(config.method, []).append(wall / run_steps(config))
     fitted = [s for s in todo if reads_a_fit(s, todo, output)]  # they train nothing: the post-hoc step only
-    steps = [run_steps(s.config) for s in todo if s not in fitted]
+    training = [s for s in todo if s not in fitted]
+    steps = [run_steps(s.config) for s in training]
     line = f"{len(todo)} runs to train" + (f" ({len(fitted)} of them post-hoc on a LoRA run's fit)" if fitted else "")
     if None in steps:
         return f"{line}; no time estimate (runs of a whole dataset: their steps depend on its size)"
-    hours = sum(steps) * per_step / 3600
-    return f"{line}, {sum(steps):,} steps: about {hours:.1f} h at {per_step:.2f} s per step ({source}), plus evaluation"
+    if not per_step:
+        hours = sum(steps) * SECONDS_PER_STEP / 3600
+        return (f"{line}, {sum(steps):,} steps: about {hours:.1f} h at {SECONDS_PER_STEP:.2f} s per step (a guess for "
+                "MiniLM on 2 CPU cores; a causal LM takes several times longer), plus evaluation")
+    median = {m: statistics.median(v) for m, v in per_step.items()}
+    overall = statistics.median(x for v in per_step.values() for x in v)
+    seconds = sum(n * median.get(s.config.method, overall) for s, n in zip(training, steps))
+    seconds += sum(statistics.median(posthoc[s.config.method]) for s in fitted if s.config.method in posthoc)
+    methods = sorted({s.config.method for s in training} & set(median))
+    rates = ", ".join(f"{m} {median[m]:.2f} s" for m in methods) or f"all {overall:.2f} s"
+    return (f"{line}, {sum(steps):,} steps: about {seconds / 3600:.1f} h (the median wall time per step of each "
+            f"method's finished runs here, evaluation included: {rates})")
 
 
 def train_plan(plan_: Plan, selected: list[RunSpec], output: Path, progress: bool, reuse: Path | None,
