@@ -175,10 +175,11 @@ def estimate(todo: list[RunSpec], output: Path) -> str:
             wall = float(metrics["wall_seconds"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
+        n = run_steps(config)
         if "trained_from" in metrics:
             posthoc.setdefault(config.method, []).append(wall)
-        elif run_steps(config):
-            per_step.setdefault(config.method, []).append(wall / run_steps(config))
+        elif n:
+            per_step.setdefault(config.method, []).append(wall / n)
     fitted = [s for s in todo if reads_a_fit(s, todo, output)]  # they train nothing: the post-hoc step only
     training = [s for s in todo if s not in fitted]
     steps = [run_steps(s.config) for s in training]

@@ -27,14 +27,15 @@ gradient at the layer's output and x_nt its input, for token t of instance n (pa
 When only ``n_fit`` of the N training instances are used, the GGN and the log-likelihood are scaled by
 N / n_fit.
 
-**Prior precision** (``prior_precision = 0``): δ maximises the Laplace approximation of the evidence,
+**Prior precision** (``prior_precision = 0``, ``prior_fit=marglik``): δ maximises the Laplace approximation of the
+evidence,
 
 .. math:: \log p(D \mid δ) ≈ \log p(D \mid θ^*) - \tfrac{δ}{2}\lVert θ^* \rVert^2 + \tfrac{P}{2}\log δ
           - \tfrac12 \log\det(\mathrm{GGN} + δ I),
 
 on a grid of log δ (1e-4 … 1e6), refined by golden-section search around the best grid point. With
-K-FAC, log det = Σ_l Σ_ij log(g_i a_j + δ) over the eigenvalues a of A_l and g of G_l. ``prior_fit=val``
-instead takes the δ of that grid whose probit predictive has the lowest NLL on validation instances (the
+K-FAC, log det = Σ_l Σ_ij log(g_i a_j + δ) over the eigenvalues a of A_l and g of G_l. ``prior_fit=val`` (the
+default) instead takes the δ of that grid whose probit predictive has the lowest NLL on validation instances (the
 per-class Jacobians are computed once and reused for every δ).
 
 **Predictive** (the linearised model, GLM): f(x; θ) ≈ f(x; θ*) + J(x)(θ − θ*), so the logits are
@@ -146,7 +147,7 @@ class Jacobians(Choices):
 @dataclass
 class LaplaceConfig(LoraConfig):
     prior_precision: float = option(0.0, "Laplace prior precision delta of N(0, 1/delta) on the adapter; "
-                                         "0 = fit delta by maximising the Laplace marginal likelihood")
+                                         "0 = fit delta as prior_fit says")
     # val by default: the marginal likelihood left the predictive badly under-confident on banking77 (validation
     # ECE 64.9 %, docs/experiments.md section 3), so every benchmark preset has fitted delta on validation since.
     prior_fit: str = option("val", "how delta is fitted when prior_precision = 0: val (the lowest probit NLL on the "
