@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import json
 import random
+import re
 
 import pytest
 
@@ -104,3 +105,54 @@ def test_corrupt_cli_errors_name_the_fix(finished_bench, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["corrupt", "--bench", str(finished_bench), "--data", "toy", "--intensities", "5,x"])
     assert "percentages" in capsys.readouterr().err
+
+
+def test_a_run_without_its_adapter_is_named_skipped_or_retrained_to_its_own_numbers(finished_bench, capsys):
+    out = finished_bench
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    row = next(r for r in rows if r["variant"] == "bara-small")
+    folder = out / "runs" / "toy" / row["variant"] / row["run"]
+    weights = sorted(folder.rglob("*.safetensors"))
+    kept = {w: w.read_bytes() for w in weights}
+    for w in weights:  # a store's run from another machine: metrics, no weights
+        w.unlink()
+    assert corruption.adapter_missing(folder)
+    assert cli.main(["corrupt", "--bench", str(out), "--data", "toy", "--intensities", "0,40", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"1 run(s) to score have no adapter here (trained on another machine?): runs/toy/bara-small/{row['run']}" in err
+    assert "--retrain-missing" in err and "--skip-missing" in err and not (out / "corruption-toy.md").exists()
+
+    assert cli.main(["corrupt", "--bench", str(out), "--data", "toy", "--intensities", "0,40", "--no-progress",
+                     "--skip-missing"]) == 0
+    report = (out / "corruption-toy.md").read_text()
+    assert f"Left out (no adapter here, --skip-missing; a mean over fewer seeds): bara-small/{row['run']}." in report
+    points = [json.loads(line) for line in (out / "corruption-toy.jsonl").read_text().splitlines()]
+    assert row["run"] not in {p["run"] for p in points} and len(points) == 3 * 2 * 2  # the other 3 runs
+    assert not (folder / corruption.RUN_FILE).exists()
+    capsys.readouterr()
+
+    assert cli.main(["corrupt", "--bench", str(out), "--data", "toy", "--intensities", "0,40", "--no-progress",
+                     "--retrain-missing"]) == 0
+    assert re.search(r"seed0-\w+: adapter retrained; (validation|test) accuracy [\d.]+, NLL [\d.]+ as stored",
+                     capsys.readouterr().out)
+    assert {w: w.read_bytes() for w in weights} == kept  # the very tensors it had: retrained bit for bit
+    assert not (folder / ".retrain.partial").exists() and not corruption.adapter_missing(folder)
+    points = [json.loads(line) for line in (out / "corruption-toy.jsonl").read_text().splitlines()]
+    assert len(points) == 4 * 2 * 2 and "Left out" not in (out / "corruption-toy.md").read_text()
+
+
+def test_a_retrained_run_that_scores_other_numbers_is_refused(finished_bench):
+    out = finished_bench
+    row = next(json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()
+               if '"variant": "bara-small"' in line)
+    folder = out / "runs" / "toy" / row["variant"] / row["run"]
+    for w in folder.rglob("*.safetensors"):
+        w.unlink()
+    metrics = json.loads((folder / METRICS).read_text())
+    block = metrics["validation"] if "validation" in metrics else metrics
+    block["nll"] += 0.01  # as if it had trained elsewhere
+    (folder / METRICS).write_text(json.dumps(metrics))
+    with pytest.raises(BaraError, match=r"retrained to other (validation|test) numbers \(nll .* -> .*\).*fix: set "
+                                        "OMP_NUM_THREADS"):
+        corruption.run_corrupt(out, ["toy"], intensities=[0, 40], progress_bar=False, missing="retrain")
+    assert corruption.adapter_missing(folder) and (folder / ".retrain.partial" / METRICS).exists()

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ -z "$(git diff --cached --name-only -- . ':!benchmarks/store')" ] || { echo "other changes are staged: commit or unstage them first"; exit 1; }
-dirs=$(find benchmarks/store -name metrics.json -printf '%h\n' | sort)
+dirs=$(find benchmarks/store -name metrics.json -not -path '*.partial/*' -printf '%h\n' | sort)  # not a run being built
 [ -n "$dirs" ] || { echo "no finished run"; exit 0; }
 git add -- $dirs
 keep=$(.venv/bin/python benchmarks/store/kept_adapters.py)  # a failure stops here (set -e): nothing is untracked

@@ -56,6 +56,7 @@ trained under a default this version of bara has changed stops the benchmark wit
 CORRUPT_EXAMPLES = """examples:
   bara corrupt --bench runs/bench-standard --data banking77
   bara corrupt --bench runs/bench-standard --data banking77,hwu64 --kinds typos --intensities 0,10,40
+  bara corrupt --bench benchmarks/store/standard --data banking77 --retrain-missing   # a store from other machines
 
 It scores the runs results.jsonl lists (the chosen ones, no losing grid candidates) and writes corruption-DATA.md,
 corruption-DATA.jsonl and plots/corruption-DATA.png into --bench; each run's points go to its folder
@@ -256,6 +257,12 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
     c.add_argument("--intensities", type=_percentages, default=list(corruption.INTENSITIES),
                    help="percent of letters (typos) or words (word_dropout) corrupted, comma-separated (default "
                    f"{','.join(map(str, corruption.INTENSITIES))})")
+    lacking = c.add_mutually_exclusive_group()
+    lacking.add_argument("--retrain-missing", action="store_true", help="train a run without an adapter here (a "
+                         "benchmark store keeps metrics, not weights) again from its stored config; its adapter is "
+                         "used only if it scores the run's stored numbers (to 1e-6)")
+    lacking.add_argument("--skip-missing", action="store_true", help="leave the runs without an adapter here out of "
+                         "the curves (the report lists them)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     data = sub.add_parser("data", help="fetch datasets that are not shipped with bara (BIG-bench)",
@@ -402,8 +409,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "corrupt":
             from . import corruption
 
+            missing = "retrain" if args.retrain_missing else "skip" if args.skip_missing else "error"
             written = corruption.run_corrupt(args.bench, args.data, args.kinds, args.intensities,
-                                             not args.no_progress, shlex.join(["bara", *argv]))
+                                             not args.no_progress, shlex.join(["bara", *argv]), missing)
             print("wrote " + ", ".join(str(p) for p in written))
         elif args.command == "data":
             _fetch(args)

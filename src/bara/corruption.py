@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import string
 from pathlib import Path
 
@@ -96,6 +97,61 @@ def _scores(metrics: dict) -> dict:
     return kept
 
 
+def _scored(folder: Path) -> dict:
+    path = folder / RUN_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _unscored(folder: Path, kinds, intensities) -> list[tuple[str, float]]:
+    done = _scored(folder)
+    return [(k, i) for k in kinds for i in intensities if f"{i:g}" not in done.get(k, {})]
+
+
+def adapter_missing(folder: Path) -> bool:
+    """Whether the finished run in ``folder`` lacks weights to score with (a benchmark store commits metrics, not
+    weights: a run trained on another machine has none here), its members' included."""
+    from .runs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, has_weights
+
+    return not has_weights(folder) or any((sub / ADAPTER_CONFIG).exists() and not (sub / ADAPTER_WEIGHTS).exists()
+                                          for sub in folder.iterdir() if sub.is_dir())
+
+
+def retrain_adapter(folder: Path, progress_bar: bool = True) -> str:
+    """Train the finished run in ``folder`` again, from the config in its metrics.json, for its weights: it scores
+    the split the run scored (validation if it has it, else test; not its OOD sets), and its adapter files move into
+    ``folder`` only when those numbers equal the stored ones to 1e-6 (a seeded run retrains bit for bit on the same
+    kind of machine); the stored metrics are never touched. Returns a line saying what matched. BaraError, the
+    retrained run left in ``folder/.retrain.partial`` to inspect, when they differ: its corrupted scores would not
+    belong with the run's clean ones."""
+    import torch
+
+    from .runs import METRICS as RUN_METRICS, RunConfig, run_train
+
+    stored = json.loads((folder / RUN_METRICS).read_text())
+    config = RunConfig.from_dict(stored["config"])
+    work = folder / ".retrain.partial"
+    on_validation = "validation" in stored
+    fresh = run_train(config, work, overwrite=True, progress_bar=progress_bar, validation=on_validation,
+                      test=not on_validation)
+    split, old, new = ("validation", stored["validation"], fresh["validation"]) if on_validation \
+        else ("test", stored, fresh)
+    differ = {k: (old[k], new[k]) for k in ("accuracy", "nll", "ece") if abs(old[k] - new[k]) > 1e-6}
+    if differ:
+        changes = ", ".join(f"{k} {a:.6f} -> {b:.6f}" for k, (a, b) in differ.items())
+        raise BaraError(f"{folder} retrained to other {split} numbers ({changes}): another kind of machine, or "
+                        f"another thread count (it trained with {stored.get('torch_threads')}; this one "
+                        f"{torch.get_num_threads()})?; the retrained run is left in {work}; fix: set "
+                        "OMP_NUM_THREADS to the run's, or pass --skip-missing to leave the run out")
+    for path in sorted(work.rglob("*")):
+        target = folder / path.relative_to(work)
+        if path.is_file() and (path.suffix == ".safetensors" or path.name.endswith("_config.json")) \
+                and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            path.replace(target)
+    shutil.rmtree(work)
+    return f"{folder}: adapter retrained; {split} accuracy {new['accuracy']:.4f}, NLL {new['nll']:.4f} as stored"
+
+
 def corrupt_run(folder: Path, kinds=KINDS, intensities=INTENSITIES, progress_bar: bool = True) -> dict:
     """Score the finished run in ``folder`` on its corrupted test split at every (kind, intensity) not scored yet;
     returns ``{kind: {intensity: metrics}}`` (intensities as strings, as in the JSON file)."""
@@ -105,8 +161,8 @@ def corrupt_run(folder: Path, kinds=KINDS, intensities=INTENSITIES, progress_bar
     from .runs import METRICS as RUN_METRICS, load_adapter, predict, task_of, write_json
 
     path = folder / RUN_FILE
-    done = json.loads(path.read_text()) if path.exists() else {}
-    todo = [(k, i) for k in kinds for i in intensities if f"{i:g}" not in done.get(k, {})]
+    done = _scored(folder)
+    todo = _unscored(folder, kinds, intensities)
     if not todo:
         return done
     run_metrics = json.loads((folder / RUN_METRICS).read_text())
@@ -163,12 +219,14 @@ def summarise(points: list[dict], kinds, intensities) -> dict:
     return table
 
 
-def markdown(dataset: str, table: dict, kinds, intensities, command: str) -> str:
+def markdown(dataset: str, table: dict, kinds, intensities, command: str, left_out=()) -> str:
     """The report: one table per corruption, a row per variant, accuracy % / ECE % / NLL per intensity (means over
-    seeds)."""
+    seeds); ``left_out`` lists the runs skipped for want of an adapter."""
     lines = [f"# {dataset}: the test split corrupted", "", f"`{command}`", "",
              "Each cell: accuracy % / ECE % / NLL, mean over seeds, of the method's own predictive (S samples for the "
              "sampling methods). Intensity 0 is the clean test split. Corruptions: see `bara corrupt --help`.", ""]
+    if left_out:
+        lines += [f"Left out (no adapter here, --skip-missing; a mean over fewer seeds): {', '.join(left_out)}.", ""]
     for kind in kinds:
         lines += [f"## {kind.replace('_', ' ')}", "",
                   "| method | " + " | ".join(f"{i:g} %" for i in intensities) + " |",
@@ -185,9 +243,11 @@ def markdown(dataset: str, table: dict, kinds, intensities, command: str) -> str
 
 
 def run_corrupt(output: Path, datasets: list[str], kinds=KINDS, intensities=INTENSITIES, progress_bar: bool = True,
-                command: str = "bara corrupt") -> list[Path]:
+                command: str = "bara corrupt", missing: str = "error") -> list[Path]:
     """Score every chosen run of ``datasets`` in the benchmark folder ``output`` on corrupted test splits and write
-    ``corruption-DATASET.md``, ``corruption-DATASET.jsonl`` and ``plots/corruption-DATASET.png``; returns their paths."""
+    ``corruption-DATASET.md``, ``corruption-DATASET.jsonl`` and ``plots/corruption-DATASET.png``; returns their paths.
+    A run with points left to score and no adapter in its folder: ``missing`` "error" (BaraError before any work,
+    naming them all), "skip" (left out, and listed in the report) or "retrain" (:func:`retrain_adapter`)."""
     from tqdm.auto import tqdm
 
     from .plots import corruption_curves
@@ -196,22 +256,39 @@ def run_corrupt(output: Path, datasets: list[str], kinds=KINDS, intensities=INTE
     for kind in kinds:
         for intensity in intensities:
             check(kind, intensity)
-    rows = {dataset: _finished_runs(output, dataset) for dataset in datasets}  # every error before any work
-    written = []
+    rows = {dataset: _finished_runs(output, dataset) for dataset in datasets}
+    lacking = []  # every error before any work
     for dataset, finished in rows.items():
-        points = []
-        for row in tqdm(finished, desc=f"corrupt {dataset}", unit="run", disable=not progress_bar):
+        for row in finished:
             folder = output / "runs" / dataset / row["variant"] / row["run"]
             if not folder.is_dir():
                 raise BaraError(f"{folder} is listed in results.jsonl but is not there (a report copied without its "
                                 "runs?); fix: point --bench at the folder 'bara bench' trained into")
+            if _unscored(folder, kinds, intensities) and adapter_missing(folder):
+                lacking.append(folder)
+    if lacking and missing == "error":
+        raise BaraError(f"{len(lacking)} run(s) to score have no adapter here (trained on another machine?): "
+                        f"{', '.join(str(f.relative_to(output)) for f in lacking)}; fix: pass --retrain-missing to "
+                        "train them again from their stored config (checked against their stored numbers), or "
+                        "--skip-missing to leave them out of the curves")
+    for folder in lacking if missing == "retrain" else ():
+        print(retrain_adapter(folder, progress_bar), flush=True)
+    written = []
+    for dataset, finished in rows.items():
+        points, left_out = [], []
+        for row in tqdm(finished, desc=f"corrupt {dataset}", unit="run", disable=not progress_bar):
+            folder = output / "runs" / dataset / row["variant"] / row["run"]
+            if folder in lacking and missing == "skip":
+                left_out.append(f"{row['variant']}/{row['run']}")
+                continue
             scored = corrupt_run(folder, kinds, intensities, progress_bar)
             points += [{"variant": row["variant"], "method": row["method"], "seed": row["seed"], "run": row["run"],
                         "kind": kind, "intensity": intensity, **scored[kind][f"{intensity:g}"]}
                        for kind in kinds for intensity in intensities]
         table = summarise(points, kinds, intensities)
         report = output / f"corruption-{dataset}.md"
-        write_atomic(report, lambda tmp: tmp.write_text(markdown(dataset, table, kinds, intensities, command)))
+        write_atomic(report, lambda tmp: tmp.write_text(markdown(dataset, table, kinds, intensities, command,
+                                                                 left_out)))
         lines = output / f"corruption-{dataset}.jsonl"
         write_atomic(lines, lambda tmp: tmp.write_text("".join(json.dumps(p) + "\n" for p in points)))
         plot = corruption_curves(table, kinds, intensities, output / "plots" / f"corruption-{dataset}.png",
