@@ -119,7 +119,8 @@ def test_a_run_without_its_adapter_is_named_skipped_or_retrained_to_its_own_numb
     assert corruption.adapter_missing(folder)
     assert cli.main(["corrupt", "--bench", str(out), "--data", "toy", "--intensities", "0,40", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert f"1 run(s) to score have no adapter here (trained on another machine?): runs/toy/bara-small/{row['run']}" in err
+    named = f"runs/toy/bara-small/{row['run']}"
+    assert f"1 run(s) to score have no adapter here (trained on another machine?): {named}" in err
     assert "--retrain-missing" in err and "--skip-missing" in err and not (out / "corruption-toy.md").exists()
 
     assert cli.main(["corrupt", "--bench", str(out), "--data", "toy", "--intensities", "0,40", "--no-progress",
