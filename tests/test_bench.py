@@ -1184,3 +1184,36 @@ def test_compare_shows_each_run_beside_the_tuned_reference(tmp_path, tiny_bert, 
     with pytest.raises(BaraError, match=r"--compare: .*ref/results.jsonl and .*ref/results.jsonl both hold runs of "
                                         r"lora on .* at all training examples; fix: give only one of them"):
         bench.run_bench(str(mine), out, report_only=True, compare=[both[0], both[0]])
+
+
+def test_a_run_another_live_process_trains_is_waited_for_and_a_dead_ones_lock_taken_over(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from bara.bench.run import claimed
+
+    folder = tmp_path / "runs" / "toy" / "lora" / "seed0-abc"
+    lock = folder.parent / ".seed0-abc.lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    threading.Thread(target=holder.wait, daemon=True).start()  # reaped when it ends: no zombie that looks alive
+    lock.write_text(str(holder.pid))
+    said = []
+    start = time.perf_counter()
+    with claimed(folder, poll_seconds=0.05, say=lambda *a, **k: said.append(a[0])):
+        waited = time.perf_counter() - start
+        assert holder.poll() is not None and lock.read_text() == str(os.getpid())
+    assert waited >= 1.0 and not lock.exists()
+    assert said == [f"bench: {folder} is being trained by process {holder.pid}; waiting for it"]
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # finished and reaped: its lock is stale
+    lock.write_text(str(gone.pid))
+    said.clear()
+    start = time.perf_counter()
+    with claimed(folder, poll_seconds=5, say=lambda *a, **k: said.append(a[0])):
+        assert lock.read_text() == str(os.getpid())
+    assert time.perf_counter() - start < 1 and said == [] and not lock.exists()

@@ -4,8 +4,10 @@ failed run does not stop the others."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import statistics
 import time
@@ -22,6 +24,51 @@ from .plan import (DIVERGED, SHIFT, Plan, RunSpec, choices, diverged, expand, fi
 
 
 ERROR = "error.txt"  # traceback of a failed run, beside its partial outputs
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def claimed(folder: Path, poll_seconds: float = 30.0, say=print):
+    """Hold the run in ``folder`` for this process: two streams of one benchmark (disjoint methods) can both need the
+    same run (MC dropout and BLoB wait for LoRA's candidates), and two processes training one folder would mix their
+    checkpoints. While another live process holds it (a lock file beside the folder with its pid), wait; a lock whose
+    process is gone is taken over. By hand rather than a library (filelock): a pid file says who holds it, and a
+    dead holder is seen at once."""
+    lock = folder.parent / f".{folder.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    waited = False
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                holder = 0
+            if holder and holder != os.getpid() and _alive(holder):
+                if not waited:
+                    say(f"bench: {folder} is being trained by process {holder}; waiting for it", flush=True)
+                    waited = True
+                time.sleep(poll_seconds)
+            else:
+                lock.unlink(missing_ok=True)  # its holder is gone (or wrote nothing yet: rare, retried)
+            continue
+        with os.fdopen(fd, "w") as out:
+            out.write(str(os.getpid()))
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def select(specs: list[RunSpec], only_dataset: str | None, only_method: str | None) -> list[RunSpec]:
@@ -73,19 +120,24 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
         (folder / ERROR).unlink(missing_ok=True)
         start = time.perf_counter()
         try:
-            if not (folder / runs.METRICS).exists():
-                resume = checkpoint.find(folder) is not None
-                fit = None if resume else trained_fit(spec, [output] + ([reuse] if reuse else []))
-                runs.run_train(spec.config, folder, resume=resume, ood_data=spec.ood, progress_bar=progress,
-                               validation=validation, trained_from=fit, test=not candidates)
-            if not candidates:
-                if runs.test_deferred(folder):  # a candidate chosen on validation
-                    runs.add_test(folder, spec.ood, progress)
-                # From the saved adapter, set by set, so an interruption here costs no retraining and no set twice.
-                shifted = shift_results(folder)
-                for name in (n for n in spec.shifts if n not in shifted):
-                    shifted[name] = runs.run_eval(folder, data=name, progress_bar=progress, all_examples=True)
-                    runs.write_json(folder / SHIFT, shifted)
+            with claimed(folder):
+                if diverged(output, spec):  # in the other process that held it meanwhile
+                    lost.append(spec)
+                    bar.update(1)
+                    continue
+                if not (folder / runs.METRICS).exists():
+                    resume = checkpoint.find(folder) is not None
+                    fit = None if resume else trained_fit(spec, [output] + ([reuse] if reuse else []))
+                    runs.run_train(spec.config, folder, resume=resume, ood_data=spec.ood, progress_bar=progress,
+                                   validation=validation, trained_from=fit, test=not candidates)
+                if not candidates:
+                    if runs.test_deferred(folder):  # a candidate chosen on validation
+                        runs.add_test(folder, spec.ood, progress)
+                    # From the saved adapter, set by set: an interruption here costs no retraining and no set twice.
+                    shifted = shift_results(folder)
+                    for name in (n for n in spec.shifts if n not in shifted):
+                        shifted[name] = runs.run_eval(folder, data=name, progress_bar=progress, all_examples=True)
+                        runs.write_json(folder / SHIFT, shifted)
         except Exception as err:  # one failed run must not stop the others of a long benchmark
             folder.mkdir(parents=True, exist_ok=True)
             (folder / ERROR).write_text(traceback.format_exc())
