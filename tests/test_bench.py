@@ -1217,3 +1217,8 @@ def test_a_run_another_live_process_trains_is_waited_for_and_a_dead_ones_lock_ta
     with claimed(folder, poll_seconds=5, say=lambda *a, **k: said.append(a[0])):
         assert lock.read_text() == str(os.getpid())
     assert time.perf_counter() - start < 1 and said == [] and not lock.exists()
+    lock.write_text("")  # a holder that died between creating the lock and writing its pid
+    os.utime(lock, (time.time() - 60, time.time() - 60))
+    with claimed(folder, poll_seconds=5, say=lambda *a, **k: said.append(a[0])):
+        assert lock.read_text() == str(os.getpid())
+    assert said == [] and not lock.exists()

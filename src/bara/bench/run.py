@@ -36,6 +36,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
 @contextlib.contextmanager
 def claimed(folder: Path, poll_seconds: float = 30.0, say=print):
     """Hold the run in ``folder`` for this process: two streams of one benchmark (disjoint methods) can both need the
@@ -59,8 +66,10 @@ def claimed(folder: Path, poll_seconds: float = 30.0, say=print):
                     say(f"bench: {folder} is being trained by process {holder}; waiting for it", flush=True)
                     waited = True
                 time.sleep(poll_seconds)
+            elif not holder and _age(lock) < 10:  # created a moment ago, its pid not written yet
+                time.sleep(0.1)
             else:
-                lock.unlink(missing_ok=True)  # its holder is gone (or wrote nothing yet: rare, retried)
+                lock.unlink(missing_ok=True)  # its holder is gone
             continue
         with os.fdopen(fd, "w") as out:
             out.write(str(os.getpid()))
