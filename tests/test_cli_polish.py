@@ -54,7 +54,8 @@ def test_bench_says_how_many_runs_and_how_long_before_training(tmp_path, tiny_be
     assert capsys.readouterr().out.startswith("bara bench: 2 runs to train, 6 steps")
     bench.run_bench(str(preset), out, progress=False, announce=True)  # finished: measured, nothing left
     assert re.match(r"bara bench: 0 runs to train, 0 steps: about 0.0 h \(the median wall time per step of each "
-                    r"method's finished runs here, evaluation included: all \d+\.\d\d s\)", capsys.readouterr().out)
+                    r"method's finished runs here, of the same dataset where it has some, evaluation included; over "
+                    r"all datasets: all \d+\.\d\d s\)", capsys.readouterr().out)
     # A method with finished runs is estimated at its own time per step, evaluation included.
     bara_runs = [s for s in bench.expand(str(preset)) if s.variant == "bara-small"]
     walls = [json.loads((out / s.folder / "metrics.json").read_text())["wall_seconds"] / 3 for s in bara_runs]
@@ -62,7 +63,17 @@ def test_bench_says_how_many_runs_and_how_long_before_training(tmp_path, tiny_be
     bench.run_bench(str(preset), out, progress=False, announce=True, only_method="bara-small")
     text = capsys.readouterr().out
     assert text.startswith(f"bara bench: 1 runs to train, 3 steps: about {walls[0] * 3 / 3600:.1f} h (")
-    assert f"included: bara {walls[0]:.2f} s)" in text.splitlines()[0]
+    assert f"over all datasets: bara {walls[0]:.2f} s)" in text.splitlines()[0]
+    # Another dataset's runs of the method (here 10^6 times slower a step) do not count where this one has some.
+    other = out / "runs" / "other" / "bara-small" / "seed0-x"
+    shutil.copytree(out / bara_runs[0].folder, other)
+    metrics = json.loads((other / "metrics.json").read_text())
+    (other / "metrics.json").write_text(json.dumps({**metrics, "wall_seconds": metrics["wall_seconds"] * 1e6}))
+    shutil.rmtree(out / bara_runs[1].folder)  # trained again above
+    bench.run_bench(str(preset), out, progress=False, announce=True, only_method="bara-small")
+    text = capsys.readouterr().out.splitlines()[0]
+    assert text.startswith(f"bara bench: 1 runs to train, 3 steps: about {walls[0] * 3 / 3600:.1f} h (") and \
+        "over all datasets: bara " in text and f"bara {walls[0]:.2f} s)" not in text
     # Temperature scaling at LoRA's rate trains nothing of its own: its steps are not counted.
     preset = tiny_preset(tmp_path, tiny_bert, toy_data, methods='{ lora = "lora", ts = "temperature" }')
     bench.run_bench(str(preset), tmp_path / "posthoc", progress=False, announce=True)

@@ -226,9 +226,12 @@ def run_steps(config: RunConfig) -> int | None:
 
 def estimate(todo: list[RunSpec], output: Path) -> str:
     """How many runs are left to train and about how long they take: each method at the median wall time per step
-    (evaluation included) of its finished runs in the benchmark, a method without one at the median of all, and
-    at SECONDS_PER_STEP (training only) when nothing is finished; a post-hoc run at its method's median wall time."""
+    (evaluation included) of its finished runs of the same dataset in the benchmark (a step's cost follows the
+    dataset's text lengths: clinc150's cost a third of banking77's), else of all its finished runs, a method without
+    one at the median of all, and at SECONDS_PER_STEP (training only) when nothing is finished; a post-hoc run at its
+    method's median wall time."""
     per_step, posthoc = {}, {}  # method -> [wall seconds per training step], [wall seconds of a post-hoc step]
+    on_data = {}  # (dataset, method) -> [wall seconds per training step]
     for folder in (output / "runs").glob("*/*/*") if (output / "runs").is_dir() else ():
         try:
             metrics = json.loads((folder / runs.METRICS).read_text())
@@ -241,6 +244,7 @@ def estimate(todo: list[RunSpec], output: Path) -> str:
             posthoc.setdefault(config.method, []).append(wall)
         elif n:
             per_step.setdefault(config.method, []).append(wall / n)
+            on_data.setdefault((folder.parent.parent.name, config.method), []).append(wall / n)
     fitted = [s for s in todo if reads_a_fit(s, todo, output)]  # they train nothing: the post-hoc step only
     training = [s for s in todo if s not in fitted]
     steps = [run_steps(s.config) for s in training]
@@ -253,12 +257,14 @@ def estimate(todo: list[RunSpec], output: Path) -> str:
                 "MiniLM on 2 CPU cores; a causal LM takes several times longer), plus evaluation")
     median = {m: statistics.median(v) for m, v in per_step.items()}
     overall = statistics.median(x for v in per_step.values() for x in v)
-    seconds = sum(n * median.get(s.config.method, overall) for s, n in zip(training, steps))
+    seconds = sum(n * (statistics.median(on_data[s.dataset, s.config.method]) if (s.dataset, s.config.method) in on_data
+                       else median.get(s.config.method, overall)) for s, n in zip(training, steps))
     seconds += sum(statistics.median(posthoc[s.config.method]) for s in fitted if s.config.method in posthoc)
     methods = sorted({s.config.method for s in training} & set(median))
     rates = ", ".join(f"{m} {median[m]:.2f} s" for m in methods) or f"all {overall:.2f} s"
     return (f"{line}, {sum(steps):,} steps: about {seconds / 3600:.1f} h (the median wall time per step of each "
-            f"method's finished runs here, evaluation included: {rates})")
+            f"method's finished runs here, of the same dataset where it has some, evaluation included; over all "
+            f"datasets: {rates})")
 
 
 def train_plan(plan_: Plan, selected: list[RunSpec], output: Path, progress: bool, reuse: Path | None,
