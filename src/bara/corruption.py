@@ -102,8 +102,8 @@ def _scored(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _unscored(folder: Path, kinds, intensities) -> list[tuple[str, float]]:
-    done = _scored(folder)
+def _unscored(done: dict, kinds, intensities) -> list[tuple[str, float]]:
+    """The (kind, intensity) points of ``kinds`` x ``intensities`` that ``done`` (a run's RUN_FILE) lacks."""
     return [(k, i) for k in kinds for i in intensities if f"{i:g}" not in done.get(k, {})]
 
 
@@ -162,7 +162,7 @@ def corrupt_run(folder: Path, kinds=KINDS, intensities=INTENSITIES, progress_bar
 
     path = folder / RUN_FILE
     done = _scored(folder)
-    todo = _unscored(folder, kinds, intensities)
+    todo = _unscored(done, kinds, intensities)
     if not todo:
         return done
     run_metrics = json.loads((folder / RUN_METRICS).read_text())
@@ -264,7 +264,7 @@ def run_corrupt(output: Path, datasets: list[str], kinds=KINDS, intensities=INTE
             if not folder.is_dir():
                 raise BaraError(f"{folder} is listed in results.jsonl but is not there (a report copied without its "
                                 "runs?); fix: point --bench at the folder 'bara bench' trained into")
-            if _unscored(folder, kinds, intensities) and adapter_missing(folder):
+            if _unscored(_scored(folder), kinds, intensities) and adapter_missing(folder):
                 lacking.append(folder)
     if lacking and missing == "error":
         raise BaraError(f"{len(lacking)} run(s) to score have no adapter here (trained on another machine?): "

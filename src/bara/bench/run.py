@@ -256,9 +256,10 @@ def estimate(todo: list[RunSpec], output: Path) -> str:
         return (f"{line}, {sum(steps):,} steps: about {hours:.1f} h at {SECONDS_PER_STEP:.2f} s per step (a guess for "
                 "MiniLM on 2 CPU cores; a causal LM takes several times longer), plus evaluation")
     median = {m: statistics.median(v) for m, v in per_step.items()}
+    median_on_data = {key: statistics.median(v) for key, v in on_data.items()}
     overall = statistics.median(x for v in per_step.values() for x in v)
-    seconds = sum(n * (statistics.median(on_data[s.dataset, s.config.method]) if (s.dataset, s.config.method) in on_data
-                       else median.get(s.config.method, overall)) for s, n in zip(training, steps))
+    seconds = sum(n * median_on_data.get((s.dataset, s.config.method), median.get(s.config.method, overall))
+                  for s, n in zip(training, steps))
     seconds += sum(statistics.median(posthoc[s.config.method]) for s in fitted if s.config.method in posthoc)
     methods = sorted({s.config.method for s in training} & set(median))
     rates = ", ".join(f"{m} {median[m]:.2f} s" for m in methods) or f"all {overall:.2f} s"
