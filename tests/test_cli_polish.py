@@ -54,8 +54,9 @@ def test_bench_says_how_many_runs_and_how_long_before_training(tmp_path, tiny_be
     assert capsys.readouterr().out.startswith("bara bench: 2 runs to train, 6 steps")
     bench.run_bench(str(preset), out, progress=False, announce=True)  # finished: measured, nothing left
     assert re.match(r"bara bench: 0 runs to train, 0 steps: about 0.0 h \(the median wall time per step of each "
-                    r"method's finished runs here, of the same dataset where it has some, evaluation included; over "
-                    r"all datasets: all \d+\.\d\d s\)", capsys.readouterr().out)
+                    r"method's finished runs here, of the same dataset where it has some, else scaled by that "
+                    r"dataset's cost against the others, evaluation included; over all datasets: all \d+\.\d\d s\)",
+                    capsys.readouterr().out)
     # A method with finished runs is estimated at its own time per step, evaluation included.
     bara_runs = [s for s in bench.expand(str(preset)) if s.variant == "bara-small"]
     walls = [json.loads((out / s.folder / "metrics.json").read_text())["wall_seconds"] / 3 for s in bara_runs]
@@ -74,6 +75,22 @@ def test_bench_says_how_many_runs_and_how_long_before_training(tmp_path, tiny_be
     text = capsys.readouterr().out.splitlines()[0]
     assert text.startswith(f"bara bench: 1 runs to train, 3 steps: about {walls[0] * 3 / 3600:.1f} h (") and \
         "over all datasets: bara " in text and f"bara {walls[0]:.2f} s)" not in text
+    # A method with no run on this dataset: its runs elsewhere, scaled by what LoRA costs here against there (here
+    # the other dataset is 10^6 times slower for LoRA too, so the estimate is this dataset's, not 10^6 times it).
+    lora_run = next(s for s in bench.expand(str(preset)) if s.variant == "lora")
+    for seed in (0, 1):  # two slow LoRA runs elsewhere, so that the median elsewhere is theirs
+        slow = out / "runs" / "other" / "lora" / f"seed{seed}-y"
+        shutil.copytree(out / lora_run.folder, slow)
+        metrics = json.loads((slow / "metrics.json").read_text())
+        (slow / "metrics.json").write_text(json.dumps({**metrics, "wall_seconds": metrics["wall_seconds"] * 1e6}))
+    for s in bara_runs:
+        shutil.rmtree(out / s.folder)
+    lora_here = json.loads((out / lora_run.folder / "metrics.json").read_text())["wall_seconds"] / 3
+    bara_there = json.loads((other / "metrics.json").read_text())["wall_seconds"] / 3
+    bench.run_bench(str(preset), out, progress=False, announce=True, only_method="bara-small")
+    expected = 2 * 3 * bara_there * lora_here / (lora_here * 1e6) / 3600
+    assert expected < 0.05 and bara_there * 6 / 3600 > 1000  # unscaled it would be thousands of hours
+    assert capsys.readouterr().out.startswith(f"bara bench: 2 runs to train, 6 steps: about {expected:.1f} h (")
     # Temperature scaling at LoRA's rate trains nothing of its own: its steps are not counted.
     preset = tiny_preset(tmp_path, tiny_bert, toy_data, methods='{ lora = "lora", ts = "temperature" }')
     bench.run_bench(str(preset), tmp_path / "posthoc", progress=False, announce=True)

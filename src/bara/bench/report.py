@@ -274,18 +274,24 @@ def _wall_time(plan_: Plan, specs: list[RunSpec], output: Path, dataset: str) ->
             "trained (a run copied by --reuse counts its original time).")
 
 
+def _tuned(plan_: Plan, dataset: str, output: Path) -> list[tuple]:
+    """The entries of ``dataset`` that have a grid, each with its candidates ``[(spec, lr, options)]``."""
+    return [(e, candidates) for e in plan_.entries
+            if e.dataset == dataset and (candidates := plan_.candidates(e, output))]
+
+
 def _tuning(plan_: Plan, dataset: str, output: Path, chosen: dict[tuple[str, str], Choice]) -> list[str]:
     """The learning rates chosen on validation for ``dataset``: every candidate's validation metrics."""
-    entries = [e for e in plan_.entries if e.dataset == dataset and plan_.candidates(e, output)]
-    if not entries:
+    tuned = _tuned(plan_, dataset, output)
+    if not tuned:
         return []
     lines = [f"Learning rates (and options with a grid) chosen on the validation split (seed {plan_.tune_seed}, "
              f"by validation {plan_.select}; the test split plays no part):", "",
              "| variant | lr | options | val accuracy % | val ECE % | val NLL | chosen |",
              "|---|---|---|---|---|---|---|"]
-    for entry in entries:
+    for entry, candidates in tuned:
         choice = chosen[dataset, entry.variant]
-        for spec, lr, options in plan_.candidates(entry, output):
+        for spec, lr, options in candidates:
             shown = ", ".join(f"{k} {v}" for k, v in options.items()) or "—"
             val, lost = validation_metrics(output, spec), diverged(output, spec)
             if lost:
@@ -311,9 +317,9 @@ def _prediction_choice(plan_: Plan, dataset: str, output: Path, chosen: dict[tup
     """Sampled or one-pass prediction, chosen per variant like its rate: by the validation metric of the chosen
     candidate. One number per method for readers who want one, without looking at the test split."""
     select, rows = plan_.select, []
-    for entry in (e for e in plan_.entries if e.dataset == dataset and plan_.candidates(e, output)):
+    for entry, candidates in _tuned(plan_, dataset, output):
         choice, group = chosen[dataset, entry.variant], next((g for g in groups if g["variant"] == entry.variant), None)
-        val = next((validation_metrics(output, c) for c, lr, options in plan_.candidates(entry, output)
+        val = next((validation_metrics(output, c) for c, lr, options in candidates
                     if (lr, options) == (choice.lr, choice.options)), {})
         if group is None or "fast_path" not in val or group.get("test_fast_nll", (None,))[0] is None:
             continue

@@ -227,9 +227,10 @@ def run_steps(config: RunConfig) -> int | None:
 def estimate(todo: list[RunSpec], output: Path) -> str:
     """How many runs are left to train and about how long they take: each method at the median wall time per step
     (evaluation included) of its finished runs of the same dataset in the benchmark (a step's cost follows the
-    dataset's text lengths: clinc150's cost a third of banking77's), else of all its finished runs, a method without
-    one at the median of all, and at SECONDS_PER_STEP (training only) when nothing is finished; a post-hoc run at its
-    method's median wall time."""
+    dataset's text lengths: clinc150's cost a third of banking77's), else of all its finished runs times the
+    dataset's factor (the median, over the methods finished on it and elsewhere, of their time per step on it over
+    their time elsewhere; 1 when there are none), a method without one at the median of all, and at
+    SECONDS_PER_STEP (training only) when nothing is finished; a post-hoc run at its method's median wall time."""
     per_step, posthoc = {}, {}  # method -> [wall seconds per training step], [wall seconds of a post-hoc step]
     on_data = {}  # (dataset, method) -> [wall seconds per training step]
     for folder in (output / "runs").glob("*/*/*") if (output / "runs").is_dir() else ():
@@ -258,14 +259,25 @@ def estimate(todo: list[RunSpec], output: Path) -> str:
     median = {m: statistics.median(v) for m, v in per_step.items()}
     median_on_data = {key: statistics.median(v) for key, v in on_data.items()}
     overall = statistics.median(x for v in per_step.values() for x in v)
-    seconds = sum(n * median_on_data.get((s.dataset, s.config.method), median.get(s.config.method, overall))
+
+    def factor(dataset: str) -> float:
+        ratios = []
+        for (d, m), here in median_on_data.items():
+            elsewhere = [x for (e, k), v in on_data.items() if k == m and e != d for x in v]
+            if d == dataset and elsewhere:
+                ratios.append(here / statistics.median(elsewhere))
+        return statistics.median(ratios) if ratios else 1.0
+
+    factors = {s.dataset: factor(s.dataset) for s in training}
+    seconds = sum(n * (median_on_data[s.dataset, s.config.method] if (s.dataset, s.config.method) in median_on_data
+                       else median.get(s.config.method, overall) * factors[s.dataset])
                   for s, n in zip(training, steps))
     seconds += sum(statistics.median(posthoc[s.config.method]) for s in fitted if s.config.method in posthoc)
     methods = sorted({s.config.method for s in training} & set(median))
     rates = ", ".join(f"{m} {median[m]:.2f} s" for m in methods) or f"all {overall:.2f} s"
     return (f"{line}, {sum(steps):,} steps: about {seconds / 3600:.1f} h (the median wall time per step of each "
-            f"method's finished runs here, of the same dataset where it has some, evaluation included; over all "
-            f"datasets: {rates})")
+            f"method's finished runs here, of the same dataset where it has some, else scaled by that dataset's cost "
+            f"against the others, evaluation included; over all datasets: {rates})")
 
 
 def train_plan(plan_: Plan, selected: list[RunSpec], output: Path, progress: bool, reuse: Path | None,
