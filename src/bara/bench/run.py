@@ -231,8 +231,8 @@ def estimate(todo: list[RunSpec], output: Path) -> str:
     dataset's factor (the median, over the methods finished on it and elsewhere, of their time per step on it over
     their time elsewhere; 1 when there are none), a method without one at the median of all, and at
     SECONDS_PER_STEP (training only) when nothing is finished; a post-hoc run at its method's median wall time."""
-    per_step, posthoc = {}, {}  # method -> [wall seconds per training step], [wall seconds of a post-hoc step]
     on_data = {}  # (dataset, method) -> [wall seconds per training step]
+    posthoc = {}  # method -> [wall seconds of a post-hoc step]
     for folder in (output / "runs").glob("*/*/*") if (output / "runs").is_dir() else ():
         try:
             metrics = json.loads((folder / runs.METRICS).read_text())
@@ -244,7 +244,6 @@ def estimate(todo: list[RunSpec], output: Path) -> str:
         if "trained_from" in metrics:
             posthoc.setdefault(config.method, []).append(wall)
         elif n:
-            per_step.setdefault(config.method, []).append(wall / n)
             on_data.setdefault((folder.parent.parent.name, config.method), []).append(wall / n)
     fitted = [s for s in todo if reads_a_fit(s, todo, output)]  # they train nothing: the post-hoc step only
     training = [s for s in todo if s not in fitted]
@@ -252,20 +251,23 @@ def estimate(todo: list[RunSpec], output: Path) -> str:
     line = f"{len(todo)} runs to train" + (f" ({len(fitted)} of them post-hoc on a LoRA run's fit)" if fitted else "")
     if None in steps:
         return f"{line}; no time estimate (runs of a whole dataset: their steps depend on its size)"
-    if not per_step:
+    if not on_data:
         hours = sum(steps) * SECONDS_PER_STEP / 3600
         return (f"{line}, {sum(steps):,} steps: about {hours:.1f} h at {SECONDS_PER_STEP:.2f} s per step (a guess for "
                 "MiniLM on 2 CPU cores; a causal LM takes several times longer), plus evaluation")
+    per_step = {}  # method -> [wall seconds per training step], every dataset
+    for (_, m), v in on_data.items():
+        per_step.setdefault(m, []).extend(v)
     median = {m: statistics.median(v) for m, v in per_step.items()}
     median_on_data = {key: statistics.median(v) for key, v in on_data.items()}
-    overall = statistics.median(x for v in per_step.values() for x in v)
+    overall = statistics.median(x for v in on_data.values() for x in v)
 
     def factor(dataset: str) -> float:
         ratios = []
-        for (d, m), here in median_on_data.items():
-            elsewhere = [x for (e, k), v in on_data.items() if k == m and e != d for x in v]
-            if d == dataset and elsewhere:
-                ratios.append(here / statistics.median(elsewhere))
+        for m in (m for d, m in median_on_data if d == dataset):
+            elsewhere = [x for (e, k), v in on_data.items() if k == m and e != dataset for x in v]
+            if elsewhere:
+                ratios.append(median_on_data[dataset, m] / statistics.median(elsewhere))
         return statistics.median(ratios) if ratios else 1.0
 
     factors = {s.dataset: factor(s.dataset) for s in training}
