@@ -57,6 +57,14 @@ def test_bench_says_how_many_runs_and_how_long_before_training(tmp_path, tiny_be
                     r"method's finished runs here, of the same dataset where it has some, else scaled by that "
                     r"dataset's cost against the others, evaluation included; over all datasets: all \d+\.\d\d s\)",
                     capsys.readouterr().out)
+    # Runs that --reuse copies are not counted, and the source's finished runs time the ones that are.
+    source = tmp_path / "source"
+    shutil.copytree(out, source)
+    bara_copy = next(s for s in bench.expand(str(preset)) if s.variant == "bara-small")
+    shutil.rmtree(source / bara_copy.folder)
+    bench.run_bench(str(preset), tmp_path / "copied", progress=False, announce=True, reuse=source)
+    assert re.match(r"bara bench: 1 runs to train, 3 steps: about \d+\.\d h \(the median wall time per step",
+                    capsys.readouterr().out)
     # A method with finished runs is estimated at its own time per step, evaluation included.
     bara_runs = [s for s in bench.expand(str(preset)) if s.variant == "bara-small"]
     walls = [json.loads((out / s.folder / "metrics.json").read_text())["wall_seconds"] / 3 for s in bara_runs]

@@ -224,16 +224,17 @@ def run_steps(config: RunConfig) -> int | None:
     return total_steps(config.train, config.max_train)[0] if config.max_train else None
 
 
-def estimate(todo: list[RunSpec], output: Path) -> str:
+def estimate(todo: list[RunSpec], output: Path, timed: tuple[Path, ...] = ()) -> str:
     """How many runs are left to train and about how long they take: each method at the median wall time per step
     (evaluation included) of its finished runs of the same dataset in the benchmark (a step's cost follows the
     dataset's text lengths: clinc150's cost a third of banking77's), else of all its finished runs times the
     dataset's factor (the median, over the methods finished on it and elsewhere, of their time per step on it over
     their time elsewhere; 1 when there are none), a method without one at the median of all, and at
-    SECONDS_PER_STEP (training only) when nothing is finished; a post-hoc run at its method's median wall time."""
+    SECONDS_PER_STEP (training only) when nothing is finished; a post-hoc run at its method's median wall time.
+    ``timed``: more benchmark outputs whose finished runs give step times (a --reuse source)."""
     on_data = {}  # (dataset, method) -> [wall seconds per training step]
     posthoc = {}  # method -> [wall seconds of a post-hoc step]
-    for folder in (output / "runs").glob("*/*/*") if (output / "runs").is_dir() else ():
+    for folder in (f for out in (output, *timed) if (out / "runs").is_dir() for f in (out / "runs").glob("*/*/*")):
         try:
             metrics = json.loads((folder / runs.METRICS).read_text())
             config = RunConfig.from_dict(metrics["config"])
@@ -294,8 +295,9 @@ def train_plan(plan_: Plan, selected: list[RunSpec], output: Path, progress: boo
         every = plan_.all_runs(expand(plan_, output), output=output)
         known = {(s.dataset, s.variant) for s in every if not s.pending}  # a pending variant's: its candidates
         todo = [s for s in every if (s.dataset, s.variant) in keys and not trained(output, s)
-                and not (s.pending and s.seed == plan_.tune_seed and (s.dataset, s.variant) in known)]
-        print(f"bara bench: {estimate(todo, output)}", flush=True)
+                and not (s.pending and s.seed == plan_.tune_seed and (s.dataset, s.variant) in known)
+                and not (reuse is not None and not s.pending and reusable(reuse, s, trained))]  # copied, not trained
+        print(f"bara bench: {estimate(todo, output, (reuse,) if reuse is not None else ())}", flush=True)
     output.mkdir(parents=True, exist_ok=True)
     preset = plan_.preset
     runs.write_json(output / "preset.json", {"name": preset.name, "source": preset.source, "preset": preset.values})
