@@ -1186,6 +1186,27 @@ def test_compare_shows_each_run_beside_the_tuned_reference(tmp_path, tiny_bert, 
         bench.run_bench(str(mine), out, report_only=True, compare=[both[0], both[0]])
 
 
+def test_a_stream_trains_the_runs_no_other_process_holds_first(tmp_path, tiny_bert, toy_data):
+    # Two streams whose method lists overlap (ablations: both select every variant of method bara) each take the runs
+    # the other does not hold, and wait for one the other holds only when nothing else is left.
+    import subprocess
+    import sys
+    import threading
+
+    preset = tiny_preset(tmp_path, tiny_bert, toy_data, methods='{ lora = "lora" }', lr="default = 5e-3")
+    out = tmp_path / "bench"
+    first, second = sorted(bench.expand(str(preset)), key=lambda s: s.seed)
+    lock = (out / first.folder).parent / f".{(out / first.folder).name}.lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
+    threading.Thread(target=holder.wait, daemon=True).start()
+    lock.write_text(str(holder.pid))  # held by a live process that ends without training it: then taken over
+    summary = bench.run_bench(str(preset), out, progress=False)
+    assert summary["trained"] == 2 and not lock.exists()
+    written = {s.seed: (out / s.folder / "metrics.json").stat().st_mtime_ns for s in (first, second)}
+    assert written[1] < written[0]  # seed 1 trained while seed 0 was held
+
+
 def test_a_run_another_live_process_trains_is_waited_for_and_a_dead_ones_lock_taken_over(tmp_path):
     import os
     import subprocess

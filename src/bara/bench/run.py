@@ -43,13 +43,26 @@ def _age(path: Path) -> float:
         return 0.0
 
 
+def _holder(lock: Path) -> int:
+    try:
+        return int(lock.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def held_elsewhere(folder: Path) -> bool:
+    """Whether another live process holds the run in ``folder`` (:func:`claimed`) right now."""
+    holder = _holder(folder.parent / f".{folder.name}.lock")
+    return bool(holder) and holder != os.getpid() and _alive(holder)
+
+
 @contextlib.contextmanager
 def claimed(folder: Path, poll_seconds: float = 30.0, say=print):
     """Hold the run in ``folder`` for this process: two streams of one benchmark (disjoint methods) can both need the
     same run (MC dropout and BLoB wait for LoRA's candidates), and two processes training one folder would mix their
-    checkpoints. While another live process holds it (a lock file beside the folder with its pid), wait; a lock whose
-    process is gone is taken over. By hand rather than a library (filelock): a pid file says who holds it, and a
-    dead holder is seen at once."""
+    checkpoints. While another live process holds it (a lock file beside the folder with its pid), wait (:func:`_train`
+    first trains the runs no other process holds); a lock whose process is gone is taken over. By hand rather than a
+    library (filelock): a pid file says who holds it, and a dead holder is seen at once."""
     lock = folder.parent / f".{folder.name}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     waited = False
@@ -57,10 +70,7 @@ def claimed(folder: Path, poll_seconds: float = 30.0, say=print):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            try:
-                holder = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                holder = 0
+            holder = _holder(lock)
             if holder and holder != os.getpid() and _alive(holder):
                 if not waited:
                     say(f"bench: {folder} is being trained by process {holder}; waiting for it", flush=True)
@@ -123,8 +133,14 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
     bar = tqdm(total=len(selected), initial=len(selected) - len(pending), desc=desc, unit="run",
                disable=not progress or not selected, dynamic_ncols=True)
     failed, lost = [], []
-    for i, spec in enumerate(pending, 1):
+    queue, i = list(pending), 0
+    while queue:
+        spec = queue.pop(0)
         folder = output / spec.folder
+        if any(not held_elsewhere(output / s.folder) for s in queue) and held_elsewhere(folder):
+            queue.append(spec)  # another stream trains it: the others first, and wait for it only at the end
+            continue
+        i += 1
         bar.set_postfix_str(spec.name)
         (folder / ERROR).unlink(missing_ok=True)
         start = time.perf_counter()
