@@ -77,7 +77,9 @@ def test_bench_says_how_many_runs_and_how_long_before_training(tmp_path, tiny_be
     other = out / "runs" / "other" / "bara-small" / "seed0-x"
     shutil.copytree(out / bara_runs[0].folder, other)
     metrics = json.loads((other / "metrics.json").read_text())
-    (other / "metrics.json").write_text(json.dumps({**metrics, "wall_seconds": metrics["wall_seconds"] * 1e6}))
+    other_data = {**metrics["config"], "data": "other-data"}  # runs of other data, under another name
+    (other / "metrics.json").write_text(json.dumps({**metrics, "wall_seconds": metrics["wall_seconds"] * 1e6,
+                                                    "config": other_data}))
     shutil.rmtree(out / bara_runs[1].folder)  # trained again above
     bench.run_bench(str(preset), out, progress=False, announce=True, only_method="bara-small")
     text = capsys.readouterr().out.splitlines()[0]
@@ -90,7 +92,8 @@ def test_bench_says_how_many_runs_and_how_long_before_training(tmp_path, tiny_be
         slow = out / "runs" / "other" / "lora" / f"seed{seed}-y"
         shutil.copytree(out / lora_run.folder, slow)
         metrics = json.loads((slow / "metrics.json").read_text())
-        (slow / "metrics.json").write_text(json.dumps({**metrics, "wall_seconds": metrics["wall_seconds"] * 1e6}))
+        (slow / "metrics.json").write_text(json.dumps({**metrics, "wall_seconds": metrics["wall_seconds"] * 1e6,
+                                                       "config": {**metrics["config"], "data": "other-data"}}))
     for s in bara_runs:
         shutil.rmtree(out / s.folder)
     bara_there = json.loads((other / "metrics.json").read_text())["wall_seconds"] / 3

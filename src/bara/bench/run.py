@@ -242,13 +242,14 @@ def run_steps(config: RunConfig) -> int | None:
 
 def estimate(todo: list[RunSpec], output: Path, timed: tuple[Path, ...] = ()) -> str:
     """How many runs are left to train and about how long they take: each method at the median wall time per step
-    (evaluation included) of its finished runs of the same dataset in the benchmark (a step's cost follows the
+    (evaluation included) of its finished runs of the same data in the benchmark or the ``timed`` ones (whatever a
+    preset calls it: defaults' banking77-500 is timed by standard's banking77; a step's cost follows the
     dataset's text lengths: clinc150's cost a third of banking77's), else of all its finished runs times the
     dataset's factor (the median, over the methods finished on it and elsewhere, of their time per step on it over
     their time elsewhere; 1 when there are none), a method without one at the median of all, and at
     SECONDS_PER_STEP (training only) when nothing is finished; a post-hoc run at its method's median wall time.
     ``timed``: more benchmark outputs whose finished runs give step times (a --reuse source)."""
-    on_data = {}  # (dataset, method) -> [wall seconds per training step]
+    on_data = {}  # (data, method) -> [wall seconds per training step]; by the data, not the preset's name for it
     posthoc = {}  # method -> [wall seconds of a post-hoc step]
     for folder in (f for out in (output, *timed) if (out / "runs").is_dir() for f in (out / "runs").glob("*/*/*")):
         try:
@@ -261,7 +262,7 @@ def estimate(todo: list[RunSpec], output: Path, timed: tuple[Path, ...] = ()) ->
         if "trained_from" in metrics:
             posthoc.setdefault(config.method, []).append(wall)
         elif n:
-            on_data.setdefault((folder.parent.parent.name, config.method), []).append(wall / n)
+            on_data.setdefault((config.data, config.method), []).append(wall / n)
     fitted = [s for s in todo if reads_a_fit(s, todo, output)]  # they train nothing: the post-hoc step only
     training = [s for s in todo if s not in fitted]
     steps = [run_steps(s.config) for s in training]
@@ -287,9 +288,9 @@ def estimate(todo: list[RunSpec], output: Path, timed: tuple[Path, ...] = ()) ->
                 ratios.append(median_on_data[dataset, m] / statistics.median(elsewhere))
         return statistics.median(ratios) if ratios else 1.0
 
-    factors = {s.dataset: factor(s.dataset) for s in training}
-    seconds = sum(n * (median_on_data[s.dataset, s.config.method] if (s.dataset, s.config.method) in median_on_data
-                       else median.get(s.config.method, overall) * factors[s.dataset])
+    factors = {s.config.data: factor(s.config.data) for s in training}
+    seconds = sum(n * (median_on_data[s.config.data, s.config.method] if (s.config.data, s.config.method)
+                       in median_on_data else median.get(s.config.method, overall) * factors[s.config.data])
                   for s, n in zip(training, steps))
     seconds += sum(statistics.median(posthoc[s.config.method]) for s in fitted if s.config.method in posthoc)
     methods = sorted({s.config.method for s in training} & set(median))
