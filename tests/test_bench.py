@@ -693,6 +693,24 @@ def test_validate_all_scores_every_run_and_reports_validation_means(preset_file,
     every = tmp_path / "every.toml"
     every.write_text(preset_file.read_text() + "\n[tiny.tune]\nvalidate_all = true\n")
     assert [s.hash for s in bench.expand(str(every))] == [s.hash for s in specs]  # the same runs
+    # A run another live process holds (another stream scoring it) is left to that process.
+    import subprocess
+    import sys
+    import threading
+
+    held = tmp_path / "held"
+    shutil.copytree(first, held)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    threading.Thread(target=holder.wait, daemon=True).start()
+    (held / specs[0].folder).with_name(f".{specs[0].folder.name}.lock").write_text(str(holder.pid))
+    try:
+        bench.run_bench(str(every), held, progress=False, only_method=specs[0].variant)
+    finally:
+        holder.kill()
+    scored = {s.seed: "validation" in json.loads((held / s.folder / "metrics.json").read_text())
+              for s in specs if s.variant == specs[0].variant}
+    assert scored == {specs[0].seed: False, 1 - specs[0].seed: True}
+
     out = tmp_path / "bench"
     summary = bench.run_bench(str(every), out, progress=False, reuse=first)
     assert (summary["trained"], summary["reused"]) == (0, 4)  # copied, then scored on validation

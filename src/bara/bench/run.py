@@ -127,7 +127,11 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
         partial.rename(target)
     if validation:  # a finished run that becomes a candidate (or is reused) after a change of the preset
         for spec in (s for s in selected if trained(output, s) and not validation_metrics(output, s)):
-            runs.add_validation(output / spec.folder, progress_bar=progress)
+            if held_elsewhere(output / spec.folder):
+                continue  # another stream is scoring it
+            with claimed(output / spec.folder):
+                if not validation_metrics(output, spec):  # scored by another stream meanwhile
+                    runs.add_validation(output / spec.folder, progress_bar=progress)
     lost_before = [s for s in selected if diverged(output, s)]  # the same settings diverge the same way again
     pending = [s for s in selected if not done(output, s) and s not in lost_before]
     bar = tqdm(total=len(selected), initial=len(selected) - len(pending), desc=desc, unit="run",
