@@ -7,11 +7,15 @@ import dataclasses
 import json
 import shutil
 import statistics
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from bara import bench, cli, report, runs
+from bara.bench.run import lock_file
 from bara.errors import BaraError, Diverged
 from bara.methods.base import TARGET_MODULES
 from bara.runs import RunConfig
@@ -21,6 +25,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 RATES = "default = 5e-3\nbara = 1e-2"  # the body of the tiny preset's [tiny.lr]
+
+
+def live_process(seconds: float) -> subprocess.Popen:
+    """Another process, alive for ``seconds`` (a stream holding a run's lock); reaped when it ends, so that no zombie
+    looks alive."""
+    process = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
+    threading.Thread(target=process.wait, daemon=True).start()
+    return process
 
 
 def tiny_preset(folder: Path, model: str, data: str, extra: str = "", methods: str | None = None,
@@ -694,15 +706,10 @@ def test_validate_all_scores_every_run_and_reports_validation_means(preset_file,
     every.write_text(preset_file.read_text() + "\n[tiny.tune]\nvalidate_all = true\n")
     assert [s.hash for s in bench.expand(str(every))] == [s.hash for s in specs]  # the same runs
     # A run another live process holds (another stream scoring it) is left to that process.
-    import subprocess
-    import sys
-    import threading
-
     held = tmp_path / "held"
     shutil.copytree(first, held)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    threading.Thread(target=holder.wait, daemon=True).start()
-    (held / specs[0].folder).with_name(f".{specs[0].folder.name}.lock").write_text(str(holder.pid))
+    holder = live_process(60)
+    lock_file(held / specs[0].folder).write_text(str(holder.pid))
     try:
         bench.run_bench(str(every), held, progress=False, only_method=specs[0].variant)
     finally:
@@ -1208,17 +1215,12 @@ def test_compare_shows_each_run_beside_the_tuned_reference(tmp_path, tiny_bert, 
 def test_a_stream_trains_the_runs_no_other_process_holds_first(tmp_path, tiny_bert, toy_data):
     # Two streams whose method lists overlap (ablations: both select every variant of method bara) each take the runs
     # the other does not hold, and wait for one the other holds only when nothing else is left.
-    import subprocess
-    import sys
-    import threading
-
     preset = tiny_preset(tmp_path, tiny_bert, toy_data, methods='{ lora = "lora" }', lr="default = 5e-3")
     out = tmp_path / "bench"
     first, second = sorted(bench.expand(str(preset)), key=lambda s: s.seed)
-    lock = (out / first.folder).parent / f".{(out / first.folder).name}.lock"
+    lock = lock_file(out / first.folder)
     lock.parent.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
-    threading.Thread(target=holder.wait, daemon=True).start()
+    holder = live_process(2)
     lock.write_text(str(holder.pid))  # held by a live process that ends without training it: then taken over
     summary = bench.run_bench(str(preset), out, progress=False)
     assert summary["trained"] == 2 and not lock.exists()
@@ -1228,9 +1230,6 @@ def test_a_stream_trains_the_runs_no_other_process_holds_first(tmp_path, tiny_be
 
 def test_a_run_another_live_process_trains_is_waited_for_and_a_dead_ones_lock_taken_over(tmp_path):
     import os
-    import subprocess
-    import sys
-    import threading
     import time
 
     from bara.bench.run import claimed
@@ -1238,8 +1237,7 @@ def test_a_run_another_live_process_trains_is_waited_for_and_a_dead_ones_lock_ta
     folder = tmp_path / "runs" / "toy" / "lora" / "seed0-abc"
     lock = folder.parent / ".seed0-abc.lock"
     lock.parent.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
-    threading.Thread(target=holder.wait, daemon=True).start()  # reaped when it ends: no zombie that looks alive
+    holder = live_process(1.5)
     lock.write_text(str(holder.pid))
     said = []
     start = time.perf_counter()

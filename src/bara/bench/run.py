@@ -43,6 +43,11 @@ def _age(path: Path) -> float:
         return 0.0
 
 
+def lock_file(folder: Path) -> Path:
+    """The lock of the run in ``folder`` (:func:`claimed`): beside the folder, holding its holder's pid."""
+    return folder.parent / f".{folder.name}.lock"
+
+
 def _holder(lock: Path) -> int:
     try:
         return int(lock.read_text().strip() or 0)
@@ -50,10 +55,13 @@ def _holder(lock: Path) -> int:
         return 0
 
 
+def _another_live(holder: int) -> bool:
+    return bool(holder) and holder != os.getpid() and _alive(holder)
+
+
 def held_elsewhere(folder: Path) -> bool:
     """Whether another live process holds the run in ``folder`` (:func:`claimed`) right now."""
-    holder = _holder(folder.parent / f".{folder.name}.lock")
-    return bool(holder) and holder != os.getpid() and _alive(holder)
+    return _another_live(_holder(lock_file(folder)))
 
 
 @contextlib.contextmanager
@@ -63,7 +71,7 @@ def claimed(folder: Path, poll_seconds: float = 30.0, say=print):
     checkpoints. While another live process holds it (a lock file beside the folder with its pid), wait (:func:`_train`
     first trains the runs no other process holds); a lock whose process is gone is taken over. By hand rather than a
     library (filelock): a pid file says who holds it, and a dead holder is seen at once."""
-    lock = folder.parent / f".{folder.name}.lock"
+    lock = lock_file(folder)
     lock.parent.mkdir(parents=True, exist_ok=True)
     waited = False
     while True:
@@ -71,7 +79,7 @@ def claimed(folder: Path, poll_seconds: float = 30.0, say=print):
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             holder = _holder(lock)
-            if holder and holder != os.getpid() and _alive(holder):
+            if _another_live(holder):
                 if not waited:
                     say(f"bench: {folder} is being trained by process {holder}; waiting for it", flush=True)
                     waited = True
@@ -141,7 +149,7 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
     while queue:
         spec = queue.pop(0)
         folder = output / spec.folder
-        if any(not held_elsewhere(output / s.folder) for s in queue) and held_elsewhere(folder):
+        if held_elsewhere(folder) and any(not held_elsewhere(output / s.folder) for s in queue):
             queue.append(spec)  # another stream trains it: the others first, and wait for it only at the end
             continue
         i += 1
