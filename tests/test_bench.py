@@ -1213,7 +1213,7 @@ def test_compare_shows_each_run_beside_the_tuned_reference(tmp_path, tiny_bert, 
 
 
 def test_a_stream_trains_the_runs_no_other_process_holds_first(tmp_path, tiny_bert, toy_data):
-    # Two streams whose method lists overlap (ablations: both select every variant of method bara) each take the runs
+    # Two streams whose method lists overlap (two ablations streams that both name a variant) each take the runs
     # the other does not hold, and wait for one the other holds only when nothing else is left.
     preset = tiny_preset(tmp_path, tiny_bert, toy_data, methods='{ lora = "lora" }', lr="default = 5e-3")
     out = tmp_path / "bench"
@@ -1260,3 +1260,20 @@ def test_a_run_another_live_process_trains_is_waited_for_and_a_dead_ones_lock_ta
     with claimed(folder, poll_seconds=5, say=lambda *a, **k: said.append(a[0])):
         assert lock.read_text() == str(os.getpid())
     assert said == [] and not lock.exists()
+
+
+def test_a_variant_name_selects_that_variant_and_a_method_name_every_variant_of_it(tmp_path, tiny_bert, toy_data):
+    from bara.bench.run import select
+
+    both = tiny_preset(tmp_path, tiny_bert, toy_data, methods='{ lora = "lora", bara = "bara", '
+                       'bara-small = { method = "bara", options = { r = 4 } } }')
+    specs = bench.expand(str(both))
+    picked = lambda specs, names: sorted({s.variant for s in select(specs, None, names)})  # noqa: E731
+    assert picked(specs, "bara") == ["bara"]  # BaRA's default variant, not every variant of method bara
+    assert picked(specs, "bara,bara-small") == ["bara", "bara-small"]
+    assert picked(specs, "lora, bara-small") == ["bara-small", "lora"]
+    assert len(select(specs, "toy", "bara")) == 2  # both seeds
+    variants_only = tiny_preset(tmp_path, tiny_bert, toy_data)  # bara-small is the only variant of method bara
+    assert picked(bench.expand(str(variants_only)), "bara") == ["bara-small"]
+    with pytest.raises(BaraError, match="'blob' is not in this preset; fix: use one of bara, bara-small, lora"):
+        select(specs, None, "blob")

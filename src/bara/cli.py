@@ -235,8 +235,8 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
     b.add_argument("--report-only", action="store_true", help="only rebuild the report from the finished runs")
     b.add_argument("--only-dataset", metavar="D", help="train only the runs of these datasets (comma-separated); "
                    "the report still covers every finished run of the preset")
-    b.add_argument("--only-method", metavar="M", help="train only the runs of these methods or variants "
-                   "(comma-separated)")
+    b.add_argument("--only-method", metavar="M", help="train only the runs of these variants or methods "
+                   "(comma-separated; a variant's name selects that variant only, a method's name every variant of it)")
     b.add_argument("--reuse", metavar="DIR", type=Path, help="copy finished runs with the same config (hash) from "
                    "another benchmark's --output instead of training them, e.g. standard's BaRA runs for ablations "
                    "(found by hash, under whatever dataset and variant names that benchmark gave them)")

@@ -99,12 +99,15 @@ def claimed(folder: Path, poll_seconds: float = 30.0, say=print):
 
 
 def select(specs: list[RunSpec], only_dataset: str | None, only_method: str | None) -> list[RunSpec]:
-    """Runs of the named datasets and of the named variants or methods (comma-separated lists)."""
+    """Runs of the named datasets and of the named variants or methods (comma-separated lists). A name that is a
+    variant's selects that variant only (``bara`` in ablations is BaRA's default, not all thirteen of its variants); a
+    method's name that no variant has selects every variant of that method."""
     chosen = specs
+    variants = {s.variant for s in specs}
     for wanted, valid, keep in (
             (only_dataset, {s.dataset for s in specs}, lambda s, names: s.dataset in names),
-            (only_method, {s.variant for s in specs} | {s.config.method for s in specs},
-             lambda s, names: s.variant in names or s.config.method in names)):
+            (only_method, variants | {s.config.method for s in specs},
+             lambda s, names: s.variant in names or (s.config.method in names and s.config.method not in variants))):
         if wanted:
             names = {n.strip() for n in wanted.split(",") if n.strip()}
             bad = sorted(names - valid)
