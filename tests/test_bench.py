@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bara import bench, cli, report, runs
-from bara.bench.run import lock_file
+from bara.bench.run import lock_file, select
 from bara.errors import BaraError, Diverged
 from bara.methods.base import TARGET_MODULES
 from bara.runs import RunConfig
@@ -1265,8 +1265,6 @@ def test_a_run_another_live_process_trains_is_waited_for_and_a_dead_ones_lock_ta
 
 
 def test_a_variant_name_selects_that_variant_and_a_method_name_every_variant_of_it(tmp_path, tiny_bert, toy_data):
-    from bara.bench.run import select
-
     both = tiny_preset(tmp_path, tiny_bert, toy_data, methods='{ lora = "lora", bara = "bara", '
                        'bara-small = { method = "bara", options = { r = 4 } } }')
     specs = bench.expand(str(both))
