@@ -147,7 +147,7 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
     pending = [s for s in selected if not done(output, s) and s not in lost_before]
     bar = tqdm(total=len(selected), initial=len(selected) - len(pending), desc=desc, unit="run",
                disable=not progress or not selected, dynamic_ncols=True)
-    failed, lost = [], []
+    failed, lost, walls = [], [], []  # walls: wall seconds of each run finished here
     queue, i = list(pending), 0
     while queue:
         spec = queue.pop(0)
@@ -192,9 +192,12 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
                 failed.append(spec.name)
                 bar.write(f"bench: {spec.name} failed: {message} (traceback in {folder / ERROR})")
         else:
-            if not progress:  # a line per run for logs of background benchmarks
-                print(f"{desc}: {spec.name} finished in {(time.perf_counter() - start) / 60:.1f} min "
-                      f"({i} of {len(pending)})", flush=True)
+            if not progress:  # a line per run for logs of background benchmarks, with the time left at this pace
+                walls.append(time.perf_counter() - start)
+                left = len(pending) - i
+                pace = f"; about {left * statistics.mean(walls) / 3600:.1f} h left at this pace" if left else ""
+                print(f"{desc}: {spec.name} finished in {walls[-1] / 60:.1f} min ({i} of {len(pending)}{pace})",
+                      flush=True)
         bar.update(1)
     bar.close()
     return {"trained": len(pending) - len(failed) - len(lost), "reused": len(reused),
