@@ -332,7 +332,7 @@ def test_learning_rate_grid_is_chosen_on_validation_then_fixed_for_every_seed(tm
     # The candidates score validation only; the chosen one its test split once chosen, the other never.
     assert [line.split(" finished in ")[0] for line in log] == [f"tune toy: {c.name}" for c in candidates] + [
         f"test toy: {winner.name}"] + [f"bench toy: {s.name}" for s in specs if s.hash not in tried]
-    assert re.search(r"min \(1 of 2; about \d+\.\d h left at this pace\)$", log[0])  # the pace of runs so far
+    assert re.search(r"min \(1 of 2; about (\d+ min|\d+\.\d h) left at this pace\)$", log[0])  # runs so far
     assert log[-1].endswith("min (3 of 3)")  # none left: no time to say
     loser = next(c for c in candidates if c is not winner)
     lost = json.loads((out / loser.folder / "metrics.json").read_text())

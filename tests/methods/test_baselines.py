@@ -78,6 +78,12 @@ def test_causal_lm_multiple_choice(method, tiny_llama, toy_choices, tmp_path):
     assert runs.run_eval(out, progress_bar=False)["nll"] == pytest.approx(metrics["nll"], abs=1e-6)
 
 
+def test_wrapping_a_causal_lm_with_peft_says_nothing_a_user_cannot_act_on(tiny_llama, recwarn):
+    classifier, _ = build(tiny_llama, "lora")
+    assert classifier.backbone.__class__.__name__.startswith("Peft")  # wrapped by peft, where the warning came from
+    assert [str(w.message) for w in recwarn if issubclass(w.category, FutureWarning)] == []
+
+
 def test_cli_lists_the_baselines_and_their_options(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])

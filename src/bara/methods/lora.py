@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,10 @@ def peft_wrap(classifier: Classifier, peft_config, adapter_name: str = "default"
     if classifier.head_names:
         peft_config.modules_to_save = classifier.head_names
     try:
-        classifier.backbone = get_peft_model(classifier.backbone, peft_config, adapter_name=adapter_name)
+        with warnings.catch_warnings():
+            # peft reads Llama's deprecated `is_gradient_checkpointing` (a FutureWarning per run, nothing to act on)
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            classifier.backbone = get_peft_model(classifier.backbone, peft_config, adapter_name=adapter_name)
     except ValueError as err:
         raise BaraError(f"cannot place the adapter: {err}; fix: pass --target-modules with this model's "
                         "linear layer names") from None
