@@ -194,8 +194,8 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
         else:
             if not progress:  # a line per run for logs of background benchmarks, with the time left at this pace
                 walls.append(time.perf_counter() - start)
-                left = (len(pending) - i) * statistics.mean(walls)
-                left = f"{left / 3600:.1f} h" if left >= 3600 else f"{max(left / 60, 1):.0f} min"
+                seconds = (len(pending) - i) * statistics.mean(walls)
+                left = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{max(seconds / 60, 1):.0f} min"
                 pace = f"; about {left} left at this pace" if i < len(pending) else ""
                 print(f"{desc}: {spec.name} finished in {walls[-1] / 60:.1f} min ({i} of {len(pending)}{pace})",
                       flush=True)
