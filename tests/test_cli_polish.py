@@ -63,7 +63,7 @@ def test_bench_says_how_many_runs_and_how_long_before_training(tmp_path, tiny_be
     bara_copy = next(s for s in bench.expand(str(preset)) if s.variant == "bara-small")
     shutil.rmtree(source / bara_copy.folder)
     bench.run_bench(str(preset), tmp_path / "copied", progress=False, announce=True, reuse=source)
-    assert re.match(r"bara bench: 1 runs to train, 3 steps: about \d+\.\d h \(the median wall time per step",
+    assert re.match(r"bara bench: 1 run to train, 3 steps: about \d+\.\d h \(the median wall time per step",
                     capsys.readouterr().out)
     # A method with finished runs is estimated at its own time per step, evaluation included.
     bara_runs = [s for s in bench.expand(str(preset)) if s.variant == "bara-small"]
@@ -71,7 +71,7 @@ def test_bench_says_how_many_runs_and_how_long_before_training(tmp_path, tiny_be
     shutil.rmtree(out / bara_runs[1].folder)
     bench.run_bench(str(preset), out, progress=False, announce=True, only_method="bara-small")
     text = capsys.readouterr().out
-    assert text.startswith(f"bara bench: 1 runs to train, 3 steps: about {walls[0] * 3 / 3600:.1f} h (")
+    assert text.startswith(f"bara bench: 1 run to train, 3 steps: about {walls[0] * 3 / 3600:.1f} h (")
     assert f"over all datasets: bara {walls[0]:.2f} s)" in text.splitlines()[0]
     # Another dataset's runs of the method (here 10^6 times slower a step) do not count where this one has some.
     other = out / "runs" / "other" / "bara-small" / "seed0-x"
@@ -83,7 +83,7 @@ def test_bench_says_how_many_runs_and_how_long_before_training(tmp_path, tiny_be
     shutil.rmtree(out / bara_runs[1].folder)  # trained again above
     bench.run_bench(str(preset), out, progress=False, announce=True, only_method="bara-small")
     text = capsys.readouterr().out.splitlines()[0]
-    assert text.startswith(f"bara bench: 1 runs to train, 3 steps: about {walls[0] * 3 / 3600:.1f} h (") and \
+    assert text.startswith(f"bara bench: 1 run to train, 3 steps: about {walls[0] * 3 / 3600:.1f} h (") and \
         "over all datasets: bara " in text and f"bara {walls[0]:.2f} s)" not in text
     # A method with no run on this dataset: its runs elsewhere, scaled by what LoRA costs here against there (here
     # the other dataset is 10^6 times slower for LoRA too, so the estimate is this dataset's, not 10^6 times it).
@@ -113,7 +113,7 @@ def test_bench_says_how_many_runs_and_how_long_before_training(tmp_path, tiny_be
     for folder in (tmp_path / "grid" / "runs" / "toy" / "lora").glob("seed1-*"):
         shutil.rmtree(folder)
     bench.run_bench(str(preset), tmp_path / "grid", progress=False, announce=True, only_method="lora")
-    assert capsys.readouterr().out.startswith("bara bench: 1 runs to train, 3 steps")
+    assert capsys.readouterr().out.startswith("bara bench: 1 run to train, 3 steps")
 
 
 def test_plot_titles_say_what_they_show(tmp_path, tiny_bert, toy_data, monkeypatch):

@@ -285,7 +285,8 @@ def estimate(todo: list[RunSpec], output: Path, timed: tuple[Path, ...] = ()) ->
     fitted = [s for s in todo if reads_a_fit(s, todo, output)]  # they train nothing: the post-hoc step only
     training = [s for s in todo if s not in fitted]
     steps = [run_steps(s.config) for s in training]
-    line = f"{len(todo)} runs to train" + (f" ({len(fitted)} of them post-hoc on a LoRA run's fit)" if fitted else "")
+    line = f"{len(todo)} run{'' if len(todo) == 1 else 's'} to train"
+    line += f" ({len(fitted)} of them post-hoc on a LoRA run's fit)" if fitted else ""
     if None in steps:
         return f"{line}; no time estimate (runs of a whole dataset: their steps depend on its size)"
     if not on_data:
