@@ -150,6 +150,26 @@ class FakeResponse(io.BytesIO):
         self.headers = {"Content-Length": str(len(data))}
 
 
+def test_multiemo_is_fetched_as_four_domains_with_one_label_space(cache, tmp_path):
+    """``--tasks multiemo`` means its four English sentence domains (the multiple-choice track's shift sets): each
+    loads with the same four sentiments in the same order, so a letter means the same label in every domain."""
+    moods = ("ambivalent", "positive", "negative", "neutral")
+    sentences = lambda domain, n: {"examples": [  # noqa: E731
+        {"input": f"{domain} sentence {i}.", "target_scores": {m: int(j == i % 4) for j, m in enumerate(moods)}}
+        for i in range(n)]}
+    domains = ("hotels", "medicine", "products", "reviews")
+    sdist = fake_sdist(tmp_path / "bigbench-1.0.0.tar.gz",
+                       {f"multiemo/{d}_sentence_en": sentences(d, 20 + 4 * k) for k, d in enumerate(domains)})
+    summary = bigbench.fetch(["multiemo"], sdist=sdist, progress=False)
+    assert list(summary) == [f"multiemo/{d}_sentence_en" for d in domains]
+    for k, d in enumerate(domains):
+        task = load_task(f"bigbench/multiemo/{d}_sentence_en")
+        assert task.label_names == ["A", "B", "C", "D"]
+        assert len(task.train) + len(task.validation) + len(task.test) == 20 + 4 * k
+        assert {tuple(c) for c in task.test.choices} == {moods}
+        assert all(t.startswith(f"{d} sentence") for t in task.test.texts)
+
+
 def test_fetch_downloads_checks_the_sha256_and_deletes_the_download(cache, tmp_path, monkeypatch, capsys):
     import hashlib
 

@@ -51,7 +51,10 @@ VERSION = "1.0.0"
 PREFIX = "bigbench/"
 # Checked on bigbench 1.0.0: each is scored by target_scores with one right choice.
 TASKS = ("social_iqa", "strategyqa", "winowhy", "epistemic_reasoning", "fact_checker/fever",
-         "fact_checker/politifact", "fact_checker/covid19_scientific")
+         "fact_checker/politifact", "fact_checker/covid19_scientific", "vitaminc_fact_verification",
+         # MultiEmo's English sentences (4 sentiments) in four domains: a dataset shift with one label space
+         "multiemo/hotels_sentence_en", "multiemo/medicine_sentence_en", "multiemo/products_sentence_en",
+         "multiemo/reviews_sentence_en")
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
 SPLIT_STREAM = 100  # a stream of sampling's generator that no other split uses
