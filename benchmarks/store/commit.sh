@@ -19,7 +19,8 @@ staged=$(git diff --cached --name-only -- benchmarks/store)
 new=$(echo "$staged" | grep '/metrics.json$' | xargs -r -n1 dirname || true)
 others=$(echo "$staged" | grep -v -F "${new:-/nothing/}" | grep -c . || true)
 if [ -n "$new" ]; then
-  message="benchmarks/store: $(echo "$new" | grep -c .) more finished runs: $(echo "$new" | cut -d/ -f3,5-7 | paste -sd' ')"
+  n=$(echo "$new" | grep -c .)
+  message="benchmarks/store: $n more finished run$([ "$n" = 1 ] || echo s): $(echo "$new" | cut -d/ -f3,5-7 | paste -sd' ')"
   [ "$others" = 0 ] || message="$message; $others files of runs finished before"
 else
   message="benchmarks/store: $others files of runs finished before (corruption or shift points, adapters kept or let go)"
