@@ -1004,16 +1004,16 @@ def test_packaged_multiple_choice_preset_and_ood_in_standard():
     assert {s.config.method_options.get("prior_fit") for s in specs if s.variant == "laplace"} == {"val"}
     assert not any(s.ood for s in specs)
     # Rates chosen on validation for LoRA and BaRA; the others take LoRA's (standard's MC dropout and BLoB always
-    # chose it), BLoB's KL-step rate chosen at it: 2 + 2 candidates a dataset, then 2 of BLoB's.
+    # chose it), BLoB's KL-step rate chosen at it: 3 + 2 candidates a dataset, then 2 of BLoB's.
     plan = bench.plan("multiple-choice")
     assert plan.select == "nll" and plan.tune_seed == 0
     assert {e.variant: e.lr for e in plan.entries} == {
-        **{m: (1e-3, 3e-3) for m in ("lora", "bara")},
+        "lora": (1e-3, 3e-3, 1e-2), "bara": (3e-3, 1e-2),
         **{m: "lora" for m in ("temperature", "laplace", "tfb", "mcdropout", "blob", "monteclora")}}
     assert {e.variant: e.option_grid for e in plan.entries if e.option_grid} == {
         "blob": {"kl_lr": [0.002, 0.01]}}
     candidates = [c for e in plan.entries for c, _, _ in plan.candidates(e)]
-    assert len({c.hash for c in candidates}) == len(candidates) == 3 * 4
+    assert len({c.hash for c in candidates}) == len(candidates) == 3 * 5
     assert {c.seed for c in candidates} == {0}
     assert not any(plan.candidates(e) for e in plan.entries if e.variant == "blob")  # until LoRA's rate is chosen
     for name, ood in (("standard", ("trec", "20ng")), ("quick", "trec")):
