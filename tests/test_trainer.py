@@ -67,6 +67,7 @@ def test_the_budget_check_reads_the_validation_nll_at_80_percent_and_at_the_end(
     assert convergence(_history({80: 0.100, 100: 0.095}, 100), 10)["verdict"] == "converged"  # 5 %, 0.005 nats
     stuck = convergence(_history({80: 1.10, 100: 1.09}, 100), 3)  # log 3 = 1.0986
     assert stuck["verdict"] == "not learning" and "chance level log 3" in stuck["advice"]
+    assert "another --lr (3x either way" in stuck["advice"]  # a rate too high stalls there too (§20: 1e-2)
     assert convergence(_history({80: 1.00, 100: 0.99}, 100), 10) == {
         "val_nll_at_80": 1.0, "val_nll_at_end": 0.99, "change": pytest.approx(-0.01), "verdict": "converged",
         "advice": ""}

@@ -178,7 +178,8 @@ def convergence(history: list[dict], num_labels: int) -> dict | None:
     if after >= (1 - CHANCE_WITHIN) * math.log(num_labels):
         verdict = "not learning"
         advice = (f"validation NLL {after:.4g} at the end, about the chance level log {num_labels} = "
-                  f"{math.log(num_labels):.4g}: the run has not learned the task; a higher --lr or more steps")
+                  f"{math.log(num_labels):.4g}: the run has not learned the task; another --lr (3x either way: a rate "
+                  f"too high stalls at the label prior as one too low does) or more steps")
     elif moved and change < -CONVERGED_WITHIN:
         verdict = "still falling"
         advice = f"validation NLL still falling {trend}: more steps (--epochs / --steps) or a higher --lr may do better"
