@@ -18,12 +18,14 @@ staged=$(git diff --cached --name-only -- benchmarks/store)
 [ -n "$staged" ] || { echo "nothing new in finished runs"; exit 0; }
 new=$(echo "$staged" | grep '/metrics.json$' | xargs -r -n1 dirname || true)
 others=$(echo "$staged" | grep -v -F "${new:-/nothing/}" | grep -c . || true)
+plural() { [ "$1" = 1 ] || echo s; }  # "1 run", "2 runs"
 if [ -n "$new" ]; then
   n=$(echo "$new" | grep -c .)
-  message="benchmarks/store: $n more finished run$([ "$n" = 1 ] || echo s): $(echo "$new" | cut -d/ -f3,5-7 | paste -sd' ')"
-  [ "$others" = 0 ] || message="$message; $others file$([ "$others" = 1 ] || echo s) of runs finished before"
+  message="benchmarks/store: $n more finished run$(plural "$n"): $(echo "$new" | cut -d/ -f3,5-7 | paste -sd' ')"
+  [ "$others" = 0 ] || message="$message; $others file$(plural "$others") of runs finished before"
 else
-  message="benchmarks/store: $others file$([ "$others" = 1 ] || echo s) of runs finished before (corruption or shift points, adapters kept or let go)"
+  message="benchmarks/store: $others file$(plural "$others") of runs finished before (corruption or shift points,"
+  message="$message adapters kept or let go)"
 fi
 # The index, not `git commit -- benchmarks/store`: with paths git commits their working-tree state, and an adapter
 # untracked above (still on disk) would be committed again. Nothing else is staged (checked first).

@@ -401,8 +401,9 @@ def main(argv: list[str] | None = None) -> int:
                                       args.only_dataset, args.only_method, shlex.join(["bara", *argv]), args.reuse,
                                       announce=True, compare=args.compare)
             if not args.report_only:
-                print(f"{summary['selected']} run{'' if summary['selected'] == 1 else 's'}: {summary['trained']} trained, {summary['reused']} copied from "
-                      f"--reuse, {summary['skipped']} already finished"
+                selected = summary["selected"]
+                print(f"{selected} run{'' if selected == 1 else 's'}: {summary['trained']} trained, "
+                      f"{summary['reused']} copied from --reuse, {summary['skipped']} already finished"
                       + (f", {summary['diverged']} diverged (not retried; results.md lists them)"
                          if summary["diverged"] else ""))
             print(f"wrote {args.output}/results.md, cost.md, results.jsonl and plots/")
