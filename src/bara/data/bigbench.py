@@ -43,6 +43,7 @@ from pathlib import Path
 from urllib.error import URLError
 from urllib.request import urlopen
 
+from ..cache import cache_dir
 from ..errors import BaraError
 from . import sampling
 from .files import RawTask, read_local
@@ -68,9 +69,8 @@ MEMBER = re.compile(r"(?:.*/)?bigbench/benchmark_tasks/(.+)/task\.json")
 
 
 def cache_root() -> Path:
-    """Where the converted tasks live: ``$BARA_CACHE/bigbench``, under the root of
-    :func:`bara.models.cache_dir` (spelled out here so that data never imports the model code)."""
-    return Path(os.environ.get("BARA_CACHE", Path.home() / ".cache" / "bara")) / "bigbench"
+    """Where the converted tasks live: ``$BARA_CACHE/bigbench``."""
+    return cache_dir() / "bigbench"
 
 
 def names() -> list[str]:
