@@ -125,12 +125,15 @@ def _metrics_files(out: Path) -> dict[Path, float]:
     return {p: p.stat().st_mtime_ns for p in sorted(out.glob("runs/*/*/*/metrics.json"))}
 
 
-def test_bench_trains_reports_and_skips_finished_runs(preset_file, tmp_path, monkeypatch):
+def test_bench_trains_reports_and_skips_finished_runs(preset_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "bench"
     specs = bench.expand(str(preset_file))
     argv = ["bench", "--preset", str(preset_file), "--output", str(out), "--only-method", "lora", "--no-progress"]
     assert cli.main(argv) == 0
     assert len(_metrics_files(out)) == 2
+    assert "\n2 runs: 2 trained, 0 copied from --reuse, 0 already finished\n" in capsys.readouterr().out
+    assert cli.main(argv) == 0  # nothing left to train: the same line says so
+    assert "\n2 runs: 0 trained, 0 copied from --reuse, 2 already finished\n" in capsys.readouterr().out
     assert f"`bara bench --preset {preset_file} --output {out} --only-method lora --no-progress`" in \
         (out / "results.md").read_text()
     assert len((out / "results.jsonl").read_text().splitlines()) == 2  # only finished runs are reported
