@@ -114,6 +114,13 @@ def test_bench_says_how_many_runs_and_how_long_before_training(tmp_path, tiny_be
         shutil.rmtree(folder)
     bench.run_bench(str(preset), tmp_path / "grid", progress=False, announce=True, only_method="lora")
     assert capsys.readouterr().out.startswith("bara bench: 1 run to train, 3 steps")
+    # Temperature at LoRA's rate, still to be chosen: its seed-0 run reads the chosen candidate's fit, and its seed-1
+    # run the fit of LoRA's seed-1 run; only LoRA's 2 candidates and its seed 1 train.
+    preset = tiny_preset(tmp_path, tiny_bert, toy_data, methods='{ lora = "lora", ts = "temperature" }',
+                         lr='default = [5e-3, 1e-2]\nts = "lora"')
+    bench.run_bench(str(preset), tmp_path / "grid-posthoc", progress=False, announce=True)
+    assert capsys.readouterr().out.startswith("bara bench: 5 runs to train (2 of them post-hoc on a LoRA run's "
+                                              "fit), 9 steps")
 
 
 def test_plot_titles_say_what_they_show(tmp_path, tiny_bert, toy_data, monkeypatch):

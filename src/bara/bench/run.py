@@ -219,11 +219,14 @@ def reusable(reuse: Path, spec: RunSpec, done) -> Path | None:
 
 
 def reads_a_fit(spec: RunSpec, todo: list[RunSpec], output: Path) -> bool:
-    """Whether a post-hoc run will read its LoRA fit: from a finished run, or one of ``todo`` trained before it."""
+    """Whether a post-hoc run will read its LoRA fit: from a finished run, or one of ``todo`` trained before it (a
+    grid's candidates train first on their dataset, so they come before its runs that wait for the choice)."""
     wanted = runs.training_config(spec.config)
     if wanted is None:
         return False
     earlier = todo[:todo.index(spec)]
+    if spec.pending:
+        earlier += [s for s in todo if s.dataset == spec.dataset and not s.pending]
     return (trained_fit(spec, [output]) is not None
             or any(not runs.training_differences(wanted, s.config) for s in earlier))
 
