@@ -269,10 +269,11 @@ def predict(classifier: Classifier, method: Method, split: Split, samples: int, 
 
 def score(classifier: Classifier, method: Method, split: Split, config: RunConfig, samples: int | None,
           ood: dict[str, Split] | None = None, output: Path | None = None, progress_bar: bool = True,
-          title: str = "", timing: bool = True) -> dict:
+          title: str = "", timing: bool = True, diagnostics: bool = True) -> dict:
     """Metrics on ``split`` at the method's sample count (and the one-pass prediction beside it when sampling);
-    ``timing`` adds the time of one sampled pass (for the cost table: the test split's is enough). ``ood``: the
-    OOD sets by name (:func:`ood_tests`), whose AUROCs :func:`ood_scores` adds."""
+    ``timing`` adds the time of one sampled pass (for the cost table: the test split's is enough), ``diagnostics``
+    the method's own (BaRA's gate statistics and shuffle test: about S + 3 more passes). ``ood``: the OOD sets by
+    name (:func:`ood_tests`), whose AUROCs :func:`ood_scores` adds."""
     samples = method.default_samples if samples is None else samples
     labels = torch.tensor(split.labels)
     batch_size, seed = config.train.eval_batch_size, config.train.seed
@@ -294,10 +295,10 @@ def score(classifier: Classifier, method: Method, split: Split, config: RunConfi
             t0 = time.perf_counter()
             predict(classifier, method, split, 1, batch_size, seed, progress_bar)
             result["predict_seconds_s1"] = time.perf_counter() - t0
-    diagnostics = method.diagnostics(classifier, (on_device(b, classifier)
-                                                  for b in batches(classifier, split, batch_size)))
-    if diagnostics:
-        result["diagnostics"] = diagnostics
+    own = method.diagnostics(classifier, (on_device(b, classifier) for b in batches(classifier, split, batch_size))
+                             ) if diagnostics else None
+    if own:
+        result["diagnostics"] = own
     if output is not None:
         caption = f"{method.name} on {title}, seed {seed}"
         predictive = f"{samples} samples" if samples > 0 else "one pass"
@@ -306,7 +307,7 @@ def score(classifier: Classifier, method: Method, split: Split, config: RunConfi
         if "fast_path" in result:  # a sampling method's own one-pass prediction, drawn too
             reliability_diagram(fast.mean(0), labels, output / ONE_PASS_RELIABILITY,
                                 title=f"{caption}: one pass — ECE {100 * result['fast_path']['ece']:.1f}%")
-        method.plots(classifier, diagnostics, output, caption)
+        method.plots(classifier, own or {}, output, caption)
     return result
 
 
@@ -694,10 +695,11 @@ def add_test(folder: Path, ood_data: str | Sequence[str] | None = None, progress
 
 def run_eval(adapter: str | Path, data: str | None = None, samples: int | None = None,
              ood_data: str | Sequence[str] | None = None, max_eval: int | None = None, output: Path | None = None,
-             progress_bar: bool = True, all_examples: bool = False) -> dict:
+             progress_bar: bool = True, all_examples: bool = False, extras: bool = True) -> dict:
     """The saved adapter's metrics on the test split of ``data`` (default its own), or with ``all_examples`` on
     every example of it (train, validation and test, capped at max_eval: a dataset it never trained on, such as a
-    shift set); "split" in the result says which."""
+    shift set); "split" in the result says which. ``extras=False``: the predictive's metrics only (sampled and one
+    pass), without the timing pass and the method's diagnostics (:func:`score`)."""
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 0):
         raise BaraError(f"--samples must be a whole number >= 0 (0: one deterministic pass), got {samples!r}; fix: "
                         "pass e.g. --samples 10, or leave it out for the method's own")
@@ -719,7 +721,7 @@ def run_eval(adapter: str | Path, data: str | None = None, samples: int | None =
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
     metrics = score(classifier, method, task.test, config, samples, ood, output,
-                    progress_bar, task.name)
+                    progress_bar, task.name, timing=extras, diagnostics=extras)
     metrics.update({"method": method.name, "model": config.model, "data": task.name, "seed": config.train.seed,
                     "n_test": len(task.test), "split": "all" if all_examples else "test", "adapter": str(adapter)})
     if output is not None:

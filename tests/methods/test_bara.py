@@ -494,6 +494,10 @@ def test_save_load_and_pruning_round_trips(tiny_bert, toy_data, tmp_path, norm):
     again = runs.run_eval(out, progress_bar=False)
     assert again["fast_path"]["nll"] == pytest.approx(metrics["fast_path"]["nll"], abs=1e-6)
     assert again["nll"] == pytest.approx(metrics["nll"], abs=1e-6)
+    lean = runs.run_eval(out, progress_bar=False, extras=False)  # as bench scores a shift set: the predictive only
+    assert (lean["nll"], lean["fast_path"]["nll"]) == pytest.approx((again["nll"], again["fast_path"]["nll"]))
+    assert "shuffle_nll_sampled" in again["diagnostics"] and "predict_seconds_s1" in again
+    assert "diagnostics" not in lean and "predict_seconds_s1" not in lean
 
     classifier, method, _ = runs.load_adapter(out)
     from bara.data import load_task
