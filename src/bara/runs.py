@@ -295,8 +295,10 @@ def score(classifier: Classifier, method: Method, split: Split, config: RunConfi
             t0 = time.perf_counter()
             predict(classifier, method, split, 1, batch_size, seed, progress_bar)
             result["predict_seconds_s1"] = time.perf_counter() - t0
-    own = method.diagnostics(classifier, (on_device(b, classifier) for b in batches(classifier, split, batch_size))
-                             ) if diagnostics else None
+    own = {}
+    if diagnostics:
+        own = method.diagnostics(classifier, (on_device(b, classifier)
+                                              for b in batches(classifier, split, batch_size)))
     if own:
         result["diagnostics"] = own
     if output is not None:
@@ -307,7 +309,7 @@ def score(classifier: Classifier, method: Method, split: Split, config: RunConfi
         if "fast_path" in result:  # a sampling method's own one-pass prediction, drawn too
             reliability_diagram(fast.mean(0), labels, output / ONE_PASS_RELIABILITY,
                                 title=f"{caption}: one pass — ECE {100 * result['fast_path']['ece']:.1f}%")
-        method.plots(classifier, own or {}, output, caption)
+        method.plots(classifier, own, output, caption)
     return result
 
 
