@@ -730,13 +730,18 @@ def test_validate_all_scores_every_run_and_reports_validation_means(preset_file,
     text = (out / "results.md").read_text().split("Validation split, every seed")[1]
     header = next(l for l in text.splitlines() if l.startswith("| variant |"))
     assert [c.strip() for c in header.strip("|").split("|")] == ["variant", "n", "accuracy %", "ECE %", "NLL",
-                                                                 "Brier", "one-pass NLL"]
+                                                                 "Brier", "one-pass NLL", "Δ NLL vs lora"]
+    assert "Δ NLL vs lora: the variant's NLL minus lora's on the same seed" in text
     for variant in ("lora", "bara-small"):
         line = next(l for l in text.splitlines() if l.startswith(f"| {variant} |"))
         cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
         nll = [val[variant, seed]["nll"] for seed in (0, 1)]
         assert cells[4] == f"{statistics.fmean(nll):.3f} ± {statistics.stdev(nll):.3f}"
         assert (cells[6] == "—") == (variant == "lora")  # LoRA predicts in one pass anyway
+        # Paired by seed against the first variant (LoRA, which gets none itself).
+        paired = [val[variant, seed]["nll"] - val["lora", seed]["nll"] for seed in (0, 1)]
+        assert cells[7] == ("—" if variant == "lora" else
+                            f"{statistics.fmean(paired):.3f} ± {statistics.stdev(paired):.3f}")
 
 
 def test_a_preset_file_can_extend_a_packaged_preset(tmp_path):

@@ -211,9 +211,16 @@ def _dataset_results(plan_: Plan, specs: list[RunSpec], dataset: str, rows: list
     lines += _prediction_choice(plan_, dataset, output, chosen, groups) + _post_hoc(rows)
     if plan_.validate_all:
         scored = [c for c in VALIDATION if any(r.get(c[0]) is not None for r in rows)]
+        first, paired = _paired_with_first(rows, "val_nll")
+        note = ""
+        if any(r.get(PAIRED) is not None for r in paired):
+            scored.append((PAIRED, f"Δ NLL vs {first}", "min"))
+            note = (f"; Δ NLL vs {first}: the variant's NLL minus {first}'s on the same seed (the same training "
+                    "subsample), mean ± std over the seeds both have: with few seeds the paired difference, not "
+                    "the means' spread, says whether two variants differ")
         lines += ["", "Validation split, every seed (tune.validate_all), for choices between variants made on "
-                  "validation (one-pass NLL: the deterministic prediction of a sampling method):", "",
-                  _table(report.summarize(rows, "variant", [k for k, _, _ in scored]), scored)]
+                  f"validation (one-pass NLL: the deterministic prediction of a sampling method{note}):", "",
+                  _table(report.summarize(paired, "variant", [k for k, _, _ in scored]), scored)]
     gone = [f"{s.variant} seed {s.seed} (step {lost[s.hash]['step']})" for s in specs
             if s.dataset == dataset and s.hash in lost]
     if gone:
@@ -226,6 +233,18 @@ def _dataset_results(plan_: Plan, specs: list[RunSpec], dataset: str, rows: list
         lines += ["", f"### {dataset} under shift: tested on `{shift}` (all its examples: {examples})", "",
                   _table(report.summarize(mine, "variant", [k for k, _, _ in SHIFTED]), SHIFTED)]
     return groups, lines
+
+
+PAIRED = "val_nll_vs_first"
+
+
+def _paired_with_first(rows: list[dict], key: str) -> tuple[str, list[dict]]:
+    """The first variant's name, and ``rows`` with :data:`PAIRED`: each row's ``key`` minus the first variant's at
+    the same seed (None for the first variant's own rows and where either is missing)."""
+    first = rows[0]["variant"]
+    base = {r["seed"]: r.get(key) for r in rows if r["variant"] == first}
+    return first, [{**r, PAIRED: r[key] - base[r["seed"]] if r["variant"] != first and r.get(key) is not None
+                    and base.get(r["seed"]) is not None else None} for r in rows]
 
 
 def _beside_reference(plan_: Plan, specs: list[RunSpec], dataset: str, rows: list[dict], name: str,
