@@ -668,19 +668,11 @@ def test_committed_results_keep_their_hashes():
     """Every run of the committed reports is the run today's presets make: its hash from today's plan, at the rate
     (and, for a grid's knob, one of the grid's options) it trained with."""
     root = Path(__file__).parents[1] / "benchmarks" / "results"
-    # Made stale on purpose on 2026-12-02, until ablations' rerun (issue 15) replaces it: trec is no longer run
-    # (scrambled labels) and banking77's runs add a second OOD set (20ng), which changes their hashes. standard's
-    # rerun replaced its report on 2026-12-03.
-    stale = {("ablations", data) for data in ("banking77", "trec")}
     for name in ("standard", "quick", "ablations"):
         entries = {(e.dataset, e.variant): e for e in bench.plan(name).entries}
         rows = [json.loads(line) for line in (root / name / "results.jsonl").read_text().splitlines()]
         assert len(rows) >= 6
         for row in rows:
-            if (name, row["dataset"]) in stale:
-                assert row["dataset"] == "trec" or row["hash"] not in {  # stale indeed: rerun, then drop `stale`
-                    s.hash for s in bench.expand(name) if s.dataset == row["dataset"]}
-                continue
             entry = entries[row["dataset"], row["variant"]]
             gridded = entries[row["dataset"], entry.lr] if isinstance(entry.lr, str) else entry
             hashes = {entry.spec(row["lr"], row["seed"], options).hash for options in gridded.option_sets()}
