@@ -1,4 +1,5 @@
-"""--dtype: a half-precision base with a float32 adapter; checkpoints keep every device's random state."""
+"""--dtype: a half-precision base with a float32 adapter; --mixed-precision: bfloat16 matrix products under autocast
+with float32 weights and logits; checkpoints keep every device's random state."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import torch
 
 from bara import bench, checkpoint, runs
 from bara.errors import BaraError
+from bara.heads import Classifier
+from bara.models import load_model
 from bara.methods.bara import BaraLinear
 from bara.runs import RunConfig
 from bara.trainer import TrainConfig
@@ -40,6 +43,60 @@ def test_dtype_is_checked_and_leaves_float32_run_hashes_as_they_were():
     legacy = RunConfig.from_dict({k: v for k, v in default.to_dict().items() if k != "dtype"})
     assert legacy.dtype == "float32" and bench.run_hash(legacy) == bench.run_hash(default)
     assert bench.run_hash(RunConfig(data="trec", dtype="bfloat16")) != bench.run_hash(default)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_mixed_precision_rounds_the_body_not_the_output_layer(tiny_bert, tiny_llama, kind):
+    model = tiny_bert if kind == "bert" else tiny_llama
+    labels = ["yes", "no", "maybe"]
+    torch.manual_seed(0)
+    exact = Classifier(load_model(model, 3), labels, 24)
+    torch.manual_seed(0)
+    mixed = Classifier(load_model(model, 3), labels, 24, autocast=torch.bfloat16)
+    mixed.load_state_dict(exact.state_dict())
+    exact.eval(), mixed.eval()
+    batch = exact.encode(type("S", (), {"texts": ["a b c", "d e f g h"], "labels": [0, 1], "choices": None})(), [0, 1])
+    def output_layer(classifier):
+        return classifier.backbone.get_submodule("classifier") if kind == "bert" \
+            else classifier.backbone.get_output_embeddings()
+
+    seen = {"exact": [], "mixed": []}
+    for name, classifier in (("exact", exact), ("mixed", mixed)):
+        output_layer(classifier).register_forward_hook(lambda m, a, o, name=name: seen[name].append((a[0].dtype,
+                                                                                                  o.dtype)))
+    with torch.no_grad():
+        want = exact(batch["input_ids"], batch["attention_mask"])
+        got = mixed(batch["input_ids"], batch["attention_mask"])
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the whole model under autocast rounds the logits too
+            rounded = exact(batch["input_ids"], batch["attention_mask"])
+    assert got.dtype == torch.float32 and got.shape == want.shape == (2, 3)
+    assert not torch.equal(got, want)  # the body ran in bfloat16 ...
+    assert torch.allclose(got, want, atol=0.05, rtol=0.02)  # ... to bfloat16's precision
+    # The mixed classifier's output layer saw float32 inputs with autocast off; without the hooks it is bfloat16.
+    assert seen["mixed"] == [(torch.float32, torch.float32)] and seen["exact"][-1][1] == torch.bfloat16
+    assert rounded.dtype == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu")  # the hooks left autocast as they found it
+
+
+def test_mixed_precision_trains_evaluates_and_is_checked(tiny_llama, toy_choices, tmp_path):
+    with pytest.raises(BaraError, match="--mixed-precision must be one of no, bf16, got 'fp8'; fix: "):
+        RunConfig(mixed_precision="fp8").validate()
+    default = RunConfig(data="trec")
+    legacy = RunConfig.from_dict({k: v for k, v in default.to_dict().items() if k != "mixed_precision"})
+    assert legacy.mixed_precision == "no" and bench.run_hash(legacy) == bench.run_hash(default)
+    mixed = RunConfig(model=tiny_llama, data=toy_choices, method="blob", mixed_precision="bf16",
+                      method_options={"r": 4, "target_modules": ["q_proj", "v_proj"]},
+                      train=TrainConfig(steps=3, batch_size=4, lr=5e-3, max_length=48, eval_batch_size=8))
+    assert bench.run_hash(mixed) != bench.run_hash(RunConfig(**{**mixed.__dict__, "mixed_precision": "no"}))
+    out = tmp_path / "run"
+    metrics = runs.run_train(mixed, out, progress_bar=False)
+    assert metrics["config"]["mixed_precision"] == "bf16" and metrics["nll"] > 0
+    classifier, _, loaded = runs.load_adapter(out)
+    assert loaded.mixed_precision == "bf16" and classifier.autocast == torch.bfloat16
+    assert {p.dtype for p in classifier.parameters()} == {torch.float32}
+    torch.manual_seed(0)
+    again = runs.run_eval(out, progress_bar=False)  # evaluated under the autocast it was trained with
+    assert again["nll"] == pytest.approx(metrics["nll"], abs=1e-6)
 
 
 def test_checkpoint_keeps_the_cuda_random_states(monkeypatch):

@@ -151,7 +151,7 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
     from . import corruption
     from .data import bigbench, builtin_tasks
     from .methods import DEFAULT_METHOD, METHODS
-    from .runs import DTYPES, RunConfig
+    from .runs import DTYPES, MIXED_PRECISION, RunConfig
     from .trainer import TRACKERS, TrainConfig
 
     top = argparse.ArgumentParser(prog="bara", description="Bayesian parameter-efficient fine-tuning with "
@@ -186,6 +186,10 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--max-length", type=int, default=d.max_length, help=f"max tokens per input (default {d.max_length})")
     t.add_argument("--dtype", default=RunConfig.dtype, choices=DTYPES, help="dtype of the base model's weights "
                    "(default float32); the adapter and its optimiser stay float32, as peft's")
+    t.add_argument("--mixed-precision", default=RunConfig.mixed_precision, choices=list(MIXED_PRECISION),
+                   help="bf16: the base model's matrix products in bfloat16 under torch.autocast, in training and "
+                   "prediction; weights, adapter and the output layer stay float32 (default no). About 1.6x faster "
+                   "for SmolLM2 on a CPU with avx512_bf16 or AMX; logits move by about 0.1")
     t.add_argument("--checkpoint-every", type=int, default=0, help="write a resumable checkpoint every N steps")
     t.add_argument("--eval-every", type=int, default=0, help="log validation accuracy/NLL/ECE every N steps")
     t.add_argument("--resume", action="store_true", help="continue the unfinished run in --output")
@@ -362,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                 model=args.model, data=args.data, method=args.method, method_options=options,
                 max_train=args.max_train, max_eval=args.max_eval, text_column=args.text_column,
                 label_column=args.label_column, dtype=args.dtype,
+                mixed_precision=args.mixed_precision,
                 train=TrainConfig(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=lr,
                                   warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
                                   max_length=args.max_length, seed=args.seed, checkpoint_every=args.checkpoint_every,

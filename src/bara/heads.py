@@ -9,6 +9,7 @@ The classifier also tokenizes, so every method, the trainer and the evaluator fe
 
 from __future__ import annotations
 
+import contextlib
 import string
 
 import torch
@@ -45,17 +46,44 @@ def float32_inputs(module: nn.Module, args: tuple) -> tuple:
     return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
+def exact_output(module: nn.Module) -> None:
+    """Run ``module`` with autocast off and its inputs in its own dtype, so that the logits it makes are not rounded
+    to bfloat16 under mixed precision (the body's matrix products are; the output layer is a small part of the
+    cost). torch.autocast has no per-module switch, so a forward pre-hook enters ``autocast(enabled=False)`` and a
+    forward hook that runs even when the forward raises leaves it."""
+    entered: list[contextlib.AbstractContextManager] = []
+
+    def enter(module: nn.Module, args: tuple) -> tuple:
+        dtype = next(module.parameters()).dtype
+        device = next(module.parameters()).device.type
+        entered.append(torch.autocast(device, enabled=False))
+        entered[-1].__enter__()
+        return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    def leave(module: nn.Module, args: tuple, output):
+        entered.pop().__exit__(None, None, None)
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave, always_call=True)
+
+
 class Classifier(nn.Module):
     """``forward(input_ids, attention_mask) -> logits [batch, num_labels]`` for encoders and causal LMs.
 
     A causal LM without labels (``label_names`` and ``label_ids`` None: the Python API's language model) returns the
     next-token logits ``[batch, vocab]`` at the last real token, or ``[batch, tokens, vocab]`` at every position
-    while ``all_positions`` is set (training on token labels)."""
+    while ``all_positions`` is set (training on token labels).
+
+    ``autocast``: a lower-precision dtype (bfloat16) in which the backbone's matrix products run under
+    ``torch.autocast`` in training and prediction alike (mixed precision, as accelerate's ``mixed_precision``, which
+    covers training only); the weights, the adapter and the output layer (the class head or the LM head, see
+    :func:`exact_output`) stay in their own dtype, and the logits are float32."""
 
     def __init__(self, loaded: LoadedModel, label_names: list[str] | None, max_length: int = 64,
-                 label_ids: list[int] | None = None):
+                 label_ids: list[int] | None = None, autocast: torch.dtype | None = None):
         super().__init__()
         self.backbone = loaded.backbone
+        self.autocast = autocast
         self.tokenizer = loaded.tokenizer
         self.kind = loaded.kind
         self.label_names = list(label_names) if label_names is not None else None
@@ -71,6 +99,11 @@ class Classifier(nn.Module):
             if any(p.dtype in (torch.float16, torch.bfloat16) for p in head.parameters()):
                 head.float()
                 head.register_forward_pre_hook(float32_inputs)
+        if autocast is not None:
+            outputs = [self.backbone.get_submodule(n) for n in self.head_names] if self.kind == "encoder" \
+                else [self.backbone.get_output_embeddings()]
+            for module in outputs:
+                exact_output(module)
 
     @property
     def head_names(self) -> list[str]:
@@ -98,6 +131,12 @@ class Classifier(nn.Module):
         return out
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.autocast is None:
+            return self._logits(input_ids, attention_mask)
+        with torch.autocast(input_ids.device.type, dtype=self.autocast):
+            return self._logits(input_ids, attention_mask).float()
+
+    def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.kind == "encoder":
             return self.backbone(input_ids=input_ids, attention_mask=attention_mask).logits
         # Positions count from the first real token.

@@ -47,6 +47,8 @@ ONE_PASS_RELIABILITY = "reliability-one-pass.png"
 OUR_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BARA_CONFIG, BARA_STATE, METRICS, "history.jsonl", "reliability.png",
              ONE_PASS_RELIABILITY, "curve.png", "eval_metrics.json", checkpoint.NAME, TRACKING_DIR)
 DTYPES = ("float32", "bfloat16", "float16")
+# --mixed-precision, accelerate's name and values: "no", or the dtype of autocast's matrix products
+MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16}
 PACKAGES = ("bara-peft", "torch", "transformers", "peft", "accelerate", "safetensors", "torchmetrics")
 
 
@@ -64,6 +66,7 @@ class RunConfig:
     label_column: str = "label"
     train: TrainConfig = field(default_factory=TrainConfig)
     dtype: str = "float32"  # of the base model's weights; the adapter stays float32 (as peft's)
+    mixed_precision: str = "no"  # bf16: the backbone's matrix products under torch.autocast (heads.Classifier)
 
     def to_dict(self) -> dict:
         values = dict(self.__dict__)
@@ -76,6 +79,9 @@ class RunConfig:
         if self.dtype not in DTYPES:
             raise BaraError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}; fix: pass --dtype "
                             "float32")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise BaraError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got "
+                            f"{self.mixed_precision!r}; fix: pass --mixed-precision no")
         get_method(self.method, self.method_options)
 
     def resolved(self) -> dict[str, object]:
@@ -233,7 +239,7 @@ def build(config: RunConfig, label_names: list[str], adapter_device: str | None 
     method = get_method(config.method, config.method_options)  # validates options before loading anything
     set_seed(config.train.seed)
     classifier = Classifier(load_model(config.model, len(label_names), getattr(torch, config.dtype)), label_names,
-                            config.train.max_length)
+                            config.train.max_length, autocast=MIXED_PRECISION[config.mixed_precision])
     positions = getattr(classifier.backbone.config, "max_position_embeddings", None)
     if isinstance(positions, int) and config.train.max_length > positions:
         raise BaraError(f"--max-length {config.train.max_length} is more than the {positions} positions of "

@@ -17,7 +17,7 @@ from .. import runs
 from ..data import bigbench, builtin_tasks
 from ..errors import BaraError
 from ..methods import METHODS
-from ..runs import RunConfig
+from ..runs import MIXED_PRECISION, RunConfig
 from ..trainer import TrainConfig
 from .presets import Preset, load_preset
 
@@ -279,6 +279,9 @@ def plan(preset: Preset | str) -> Plan:
     if not isinstance(seeds, list) or not seeds or any(type(s) is not int for s in seeds) \
             or len(set(seeds)) < len(seeds):
         raise BaraError(f"{where}: seeds must be a list of distinct integers, got {seeds!r}; fix: seeds = [0, 1, 2]")
+    if p.get("mixed_precision", "no") not in MIXED_PRECISION:
+        raise BaraError(f"{where}: mixed_precision = {p['mixed_precision']!r}; fix: use one of "
+                        f"{', '.join(map(repr, MIXED_PRECISION))}")
     tune_seed, select, option_grids, validate_all = _tuning(p, where)
     variants = _variants(p["methods"], where)
     shared = _typed(TrainConfig, p.get("train", {}), f"{where}, [train]")
@@ -361,6 +364,7 @@ def _dataset_entries(preset: Preset, dataset: str, settings, variants: dict, sha
             max_train=settings.get("max_train", p.get("max_train")),
             max_eval=settings.get("max_eval", p.get("max_eval")),
             text_column=settings.get("text_column", "text"), label_column=settings.get("label_column", "label"),
+            mixed_precision=p.get("mixed_precision", RunConfig.mixed_precision),
             train=TrainConfig(**train, lr=0.0, seed=0, checkpoint_every=CHECKPOINT_EVERY))
         entries.append(Entry(dataset, variant, _rate(rates[variant]), tuple(p["seeds"]), config, ood, shift, grid))
     for variant, lr in rates.items():
@@ -491,8 +495,9 @@ def run_hash(config: RunConfig, ood: str | tuple[str, ...] | None = None,
     ``checkpoint_every`` is left out: resuming is exact, so how often a run checkpoints does not change it."""
     values = config.to_dict()
     values["train"] = {k: v for k, v in values["train"].items() if k != "checkpoint_every"}
-    if values.get("dtype") == "float32":  # the default leaves the hash as it was before --dtype existed
-        del values["dtype"]
+    for key, default in (("dtype", "float32"), ("mixed_precision", "no")):
+        if values.get(key) == default:  # the default leaves the hash as it was before the option existed
+            del values[key]
     values.update({k: v if isinstance(v, str) else list(v) for k, v in (("ood", ood), ("shift", shift))
                    if v is not None})
     text = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

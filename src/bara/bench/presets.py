@@ -17,8 +17,8 @@ from ..errors import BaraError
 from ..methods import METHODS
 
 
-PRESET_KEYS = ("model", "seeds", "max_train", "max_eval", "methods", "train", "lr", "tune", "shared_options",
-               "options", "datasets", "extends")
+PRESET_KEYS = ("model", "seeds", "max_train", "max_eval", "mixed_precision", "methods", "train", "lr", "tune",
+               "shared_options", "options", "datasets", "extends")
 
 
 @dataclass
