@@ -78,14 +78,20 @@ def test_mixed_precision_rounds_the_body_not_the_output_layer(tiny_bert, tiny_ll
     assert not torch.is_autocast_enabled("cpu")  # the hooks left autocast as they found it
 
 
-def test_mixed_precision_trains_evaluates_and_is_checked(tiny_llama, toy_choices, tmp_path):
+# Every method of the multiple-choice track, which trains under bf16: Laplace's Kronecker factors and TFB's search
+# run through the same autocast classifier.
+@pytest.mark.parametrize("method", ["blob", "bara", "laplace", "tfb", "temperature", "mcdropout", "monteclora"])
+def test_mixed_precision_trains_evaluates_and_is_checked(tiny_llama, toy_choices, tmp_path, method):
     with pytest.raises(BaraError, match="--mixed-precision must be one of no, bf16, got 'fp8'; fix: "):
         RunConfig(mixed_precision="fp8").validate()
     default = RunConfig(data="trec")
     legacy = RunConfig.from_dict({k: v for k, v in default.to_dict().items() if k != "mixed_precision"})
     assert legacy.mixed_precision == "no" and bench.run_hash(legacy) == bench.run_hash(default)
-    mixed = RunConfig(model=tiny_llama, data=toy_choices, method="blob", mixed_precision="bf16",
-                      method_options={"r": 4, "target_modules": ["q_proj", "v_proj"]},
+    options = {"target_modules": ["q_proj", "v_proj"]}
+    if method in ("blob", "bara", "laplace", "tfb"):
+        options["r"] = 4
+    mixed = RunConfig(model=tiny_llama, data=toy_choices, method=method, mixed_precision="bf16",
+                      method_options=options,
                       train=TrainConfig(steps=3, batch_size=4, lr=5e-3, max_length=48, eval_batch_size=8))
     assert bench.run_hash(mixed) != bench.run_hash(RunConfig(**{**mixed.__dict__, "mixed_precision": "no"}))
     out = tmp_path / "run"
@@ -94,6 +100,7 @@ def test_mixed_precision_trains_evaluates_and_is_checked(tiny_llama, toy_choices
     classifier, _, loaded = runs.load_adapter(out)
     assert loaded.mixed_precision == "bf16" and classifier.autocast == torch.bfloat16
     assert {p.dtype for p in classifier.parameters()} == {torch.float32}
+    assert 0 <= metrics["accuracy"] <= 1 and metrics["ece"] >= 0
     torch.manual_seed(0)
     again = runs.run_eval(out, progress_bar=False)  # evaluated under the autocast it was trained with
     assert again["nll"] == pytest.approx(metrics["nll"], abs=1e-6)
