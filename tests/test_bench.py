@@ -257,6 +257,7 @@ def test_unfinished_runs_resume_and_failures_are_recorded(preset_file, tmp_path,
     ('["bara"]', RATES, "[tiny.options.bara]\ngate = \"sometimes\"", r"gate='sometimes' is not one of"),
     ('["lora"]', RATES, "epoch = 3", r"unknown key\(s\) epoch"),
     ('["lora"]', RATES, "seeds = []", r"seeds must be a list"),
+    ('["lora"]', RATES, 'mixed_precision = "fp8"', r"mixed_precision = 'fp8'; fix: use one of 'no', 'bf16'"),
     ('["lora"]', RATES, "extends = \"other\"",
      r"extends 'other', which is neither in the same file nor a packaged preset"),
     # learning-rate grids and option grids
@@ -280,6 +281,19 @@ def test_preset_errors_name_the_fix(tmp_path, tiny_bert, toy_data, methods, lr, 
     path.write_text(text)
     with pytest.raises(BaraError, match=message):
         bench.expand(str(path))
+
+
+def test_mixed_precision_preset_trains_its_runs_under_it_and_says_so(tmp_path, tiny_bert, toy_data):
+    plain = bench.expand(str(tiny_preset(tmp_path, tiny_bert, toy_data, methods='["lora"]')))
+    path = tiny_preset(tmp_path, tiny_bert, toy_data, extra='mixed_precision = "bf16"', methods='["lora"]')
+    specs = bench.expand(str(path))
+    assert {s.config.mixed_precision for s in specs} == {"bf16"} and {s.config.mixed_precision for s in plain} == {"no"}
+    assert {s.hash for s in specs}.isdisjoint(s.hash for s in plain)  # never reused as a float32 run
+    out = tmp_path / "bench"
+    bench.run_bench(str(path), out, progress=False)
+    metrics = json.loads((out / specs[0].folder / "metrics.json").read_text())
+    assert metrics["config"]["mixed_precision"] == "bf16" and metrics["nll"] > 0
+    assert "Mixed precision `bf16` for every method" in (out / "results.md").read_text()
 
 
 @pytest.mark.parametrize("select, pick", [("nll", min), ("accuracy", max)])
@@ -993,6 +1007,7 @@ def test_packaged_multiple_choice_preset_and_ood_in_standard():
         mine = [s.config for s in specs if s.dataset == dataset]
         assert len({json.dumps({**c.train.to_dict(), "lr": 0, "seed": 0}) for c in mine}) == 1
         assert {(c.model, c.max_train, c.max_eval, c.data) for c in mine} == {("smollm2", 1000, 200, data[dataset])}
+        assert {c.mixed_precision for c in mine} == {"bf16"}  # 1.6x faster (docs/experiments.md §22)
         assert all(c.method_options["target_modules"] == ["q_proj", "v_proj"] for c in mine)
         steps = 600 if dataset == "fever" else 400  # FEVER learns only after 400 steps at 3e-3
         assert all(c.train.max_length == 128 and c.train.steps == steps and c.train.batch_size == 8 for c in mine)
@@ -1018,6 +1033,7 @@ def test_packaged_multiple_choice_preset_and_ood_in_standard():
     assert not any(plan.candidates(e) for e in plan.entries if e.variant == "blob")  # until LoRA's rate is chosen
     for name, ood in (("standard", ("trec", "20ng")), ("quick", "trec")):
         assert {(s.dataset, s.ood) for s in bench.expand(name) if s.ood} == {("banking77", ood)}
+        assert {s.config.mixed_precision for s in bench.expand(name)} == {"no"}
         assert not any(s.shift for s in bench.expand(name))
 
 

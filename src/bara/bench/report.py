@@ -399,8 +399,11 @@ def _scope(preset: Preset, specs: list[RunSpec]) -> str:
     first = specs[0].config
     seeds = ", ".join(str(s) for s in dict.fromkeys(s.seed for s in specs))
     cap = lambda n: "all" if n is None else f"{n:,}"  # noqa: E731
+    precision = "" if first.mixed_precision == "no" else (
+        f" Mixed precision `{first.mixed_precision}` for every method: the base model's matrix products in "
+        f"{first.mixed_precision} under autocast, in training and prediction; weights, adapters and logits float32.")
     return (f"- Model `{first.model}`; training examples: {cap(first.max_train)}; validation and test examples: "
-            f"{cap(first.max_eval)}; seeds {seeds}.")
+            f"{cap(first.max_eval)}; seeds {seeds}.{precision}")
 
 
 def _schedule(specs: list[RunSpec], dataset: str) -> str:
