@@ -1167,6 +1167,16 @@ def test_packaged_defaults_preset_trains_every_method_with_no_flags():
         for entry in (e for e in standard_runs.entries if e.dataset == dataset):
             mine = next(s for s in specs if s.dataset == f"{dataset}-1000" and s.variant == entry.variant)
             assert entry.spec(mine.config.train.lr, 0).hash == mine.hash, entry.variant
+    # defaults-tuned, the reference at 500 examples, tunes as standard does: LoRA, AdaLoRA and BaRA on a grid that
+    # holds their default rate (so the candidate at it is the defaults run itself), every other method at LoRA's.
+    tuned = bench.plan("defaults-tuned")
+    assert {e.dataset for e in tuned.entries} == {"banking77-500", "hwu64-500"}
+    grids = {e.variant: e.lr for e in tuned.entries if e.dataset == "hwu64-500"}
+    assert grids == {m: (5e-3, 1e-2) if m in ("lora", "adalora", "bara") else "lora" for m in METHODS}
+    assert all(runs.default_lr("minilm", m) in grids[m] for m in ("lora", "adalora", "bara"))
+    by_hash = {s.hash for s in specs}
+    for entry in (e for e in tuned.entries if isinstance(e.lr, tuple)):
+        assert entry.spec(runs.default_lr("minilm", entry.variant), 0).hash in by_hash, entry
 
 
 def test_compare_shows_each_run_beside_the_tuned_reference(tmp_path, tiny_bert, toy_data):
