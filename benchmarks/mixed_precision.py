@@ -17,9 +17,8 @@ import sys
 
 import torch
 
-from speed import SHAPES, make_batch, timed  # benchmarks/speed.py, beside this file
+from speed import SHAPES, make_batch, timed, train_step  # benchmarks/speed.py, beside this file
 
-from bara.methods import Progress  # noqa: E402
 from bara.runs import RunConfig, build  # noqa: E402
 from bara.trainer import TrainConfig  # noqa: E402
 
@@ -53,24 +52,16 @@ def main() -> None:
                     logp[precision] = classifier(batch["input_ids"], batch["attention_mask"]).log_softmax(-1)
             gap = (logp["no"] - logp["bf16"]).abs().max().item()
 
-            def train_step(precision):
-                classifier, m, optimizer, batch = setups[precision]
-                classifier.train()
-                loss, _ = m.loss(classifier, batch, Progress(50, 100, 1000))
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
-
             def predict(precision):
                 classifier, m, _, batch = setups[precision]
                 m.predict(classifier, batch, 10)
 
             times: dict[str, list[float]] = {}
             for precision in PRECISIONS:  # warm-up
-                train_step(precision), predict(precision)
+                train_step(setups[precision]), predict(precision)
             for _ in range(args.repeats):  # interleaved: drifts in machine load hit both alike
                 for precision in PRECISIONS:
-                    times.setdefault(f"train/{precision}", []).append(timed(lambda: train_step(precision)))
+                    times.setdefault(f"train/{precision}", []).append(timed(lambda: train_step(setups[precision])))
                     times.setdefault(f"S10/{precision}", []).append(timed(lambda: predict(precision)))
             med = {k: statistics.median(v) for k, v in times.items()}
             print(f"\n{model} {method}: batch {batch_size} x {length}, {args.repeats} interleaved repeats, medians")

@@ -39,6 +39,16 @@ def make_batch(classifier, batch_size: int, length: int) -> dict:
     return classifier.encode(split, list(range(batch_size)))
 
 
+def train_step(setup) -> None:
+    """One training step (forward + backward + AdamW) of a ``(classifier, method, optimizer, batch)`` setup."""
+    classifier, m, optimizer, batch = setup
+    classifier.train()
+    loss, _ = m.loss(classifier, batch, Progress(50, 100, 1000))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -87,14 +97,6 @@ def main() -> None:
             batch = make_batch(classifier, batch_size, length)
             setups[method] = (classifier, m, optimizer, batch)
 
-        def train_step(method):
-            classifier, m, optimizer, batch = setups[method]
-            classifier.train()
-            loss, _ = m.loss(classifier, batch, Progress(50, 100, 1000))
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-
         def predict(method, samples):
             classifier, m, _, batch = setups[method]
             m.predict(classifier, batch, samples)
@@ -110,10 +112,10 @@ def main() -> None:
             classifier.train()
             memory[method] = train_memory_mb(classifier, lambda: m.loss(classifier, batch, Progress(50, 100, 1000)))
         for method in METHODS:  # warm-up
-            train_step(method), predict(method, 0)
+            train_step(setups[method]), predict(method, 0)
         for _ in range(args.repeats):  # interleaved: drifts in machine load hit every method alike
             for method in METHODS:
-                times.setdefault(f"train/{method}", []).append(timed(lambda: train_step(method)))
+                times.setdefault(f"train/{method}", []).append(timed(lambda: train_step(setups[method])))
                 times.setdefault(f"pass/{method}", []).append(timed(lambda: predict(method, 0)))
             for method in ("blob", "bara"):
                 times.setdefault(f"S10/{method}", []).append(timed(lambda: predict(method, 10)))

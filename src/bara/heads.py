@@ -54,11 +54,10 @@ def exact_output(module: nn.Module) -> None:
     entered: list[contextlib.AbstractContextManager] = []
 
     def enter(module: nn.Module, args: tuple) -> tuple:
-        dtype = next(module.parameters()).dtype
-        device = next(module.parameters()).device.type
-        entered.append(torch.autocast(device, enabled=False))
+        weight = next(module.parameters())
+        entered.append(torch.autocast(weight.device.type, enabled=False))
         entered[-1].__enter__()
-        return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+        return tuple(a.to(weight.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
     def leave(module: nn.Module, args: tuple, output):
         entered.pop().__exit__(None, None, None)
