@@ -559,6 +559,30 @@ def test_post_hoc_methods_take_their_fit_from_the_benchmarks_lora_run_of_the_sam
     assert metrics["ts", 0]["diagnostics"]["temperature"] != metrics["ts", 1]["diagnostics"]["temperature"]
 
 
+def test_a_post_hoc_method_trains_its_own_fit_where_the_lora_run_has_no_weights_here(tmp_path, tiny_bert, toy_data):
+    """A store from another machine commits a LoRA run's configs and metrics, not its weights: a post-hoc run does
+    not take that run as its fit (it used to fail reading the missing tensors) but trains the same LoRA itself."""
+    path = tiny_preset(tmp_path, tiny_bert, toy_data, methods='{ lora = "lora", ts = "temperature" }',
+                       lr="default = 5e-3")
+    out = tmp_path / "bench"
+    bench.run_bench(str(path), out, progress=False)
+    specs = {(s.variant, s.seed): s for s in bench.expand(str(path), out)}
+    lora, ts = out / specs["lora", 0].folder, out / specs["ts", 0].folder
+    assert runs.has_weights(lora)
+    before = json.loads((ts / "metrics.json").read_text())
+    for weights in lora.rglob("*.safetensors"):
+        weights.unlink()
+    assert not runs.has_weights(lora) and (lora / "adapter_config.json").exists()
+    shutil.rmtree(ts)
+    bench.run_bench(str(path), out, progress=False)
+    after = json.loads((ts / "metrics.json").read_text())
+    assert "trained_from" not in after and not (ts / "error.txt").exists()
+    assert runs.has_weights(ts)
+    # The same seeded LoRA, trained here: the temperature and the test numbers as before.
+    assert after["diagnostics"]["temperature"] == pytest.approx(before["diagnostics"]["temperature"], abs=1e-6)
+    assert after["nll"] == pytest.approx(before["nll"], abs=1e-6)
+
+
 def test_option_grids_are_chosen_with_the_rate_and_keep_the_usual_run(tmp_path, tiny_bert, toy_data):
     methods = ('{ blob = "blob", small = { method = "blob", options = { r = 4 } }, '
                'own = { method = "blob", options = { kl_lr = 0.03 } } }')

@@ -110,10 +110,9 @@ def _unscored(done: dict, kinds, intensities) -> list[tuple[str, float]]:
 def adapter_missing(folder: Path) -> bool:
     """Whether the finished run in ``folder`` lacks weights to score with (a benchmark store commits metrics, not
     weights: a run trained on another machine has none here), its members' included."""
-    from .runs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, has_weights
+    from .runs import has_weights
 
-    return not has_weights(folder) or any((sub / ADAPTER_CONFIG).exists() and not (sub / ADAPTER_WEIGHTS).exists()
-                                          for sub in folder.iterdir() if sub.is_dir())
+    return not has_weights(folder)
 
 
 def retrain_adapter(folder: Path, progress_bar: bool = True) -> str:

@@ -554,8 +554,15 @@ def meta_file(folder: Path) -> Path:
 
 
 def has_weights(folder: Path) -> bool:
-    """Whether ``folder`` holds an adapter's tensors (a method's several peft adapters sit in subfolders only)."""
-    return (folder / BARA_CONFIG).exists() or (folder / ADAPTER_WEIGHTS).exists()
+    """Whether ``folder`` holds an adapter's tensors: each adapter config :func:`write_adapter` wrote (its own, a
+    subfolder's for a method's further peft adapters) with its weights beside it. False for a run of a benchmark
+    store trained on another machine: the store commits configs and metrics, not weights."""
+    if not folder.is_dir():
+        return False
+    configs = [folder / ADAPTER_CONFIG] + [sub / ADAPTER_CONFIG for sub in folder.iterdir()
+                                           if sub.is_dir() and not sub.name.startswith(".")]  # not .retrain.partial
+    configs = [c for c in configs if c.exists()]
+    return bool(configs) and all((c.parent / ADAPTER_WEIGHTS).exists() for c in configs)
 
 
 def read_adapter(folder: Path, classifier: Classifier, method: Method) -> dict[str, torch.Tensor]:
