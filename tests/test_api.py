@@ -130,17 +130,6 @@ def test_trainer_uses_the_method_groups_and_runs_the_kl_step(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a rate the user chose: no warning
         bara.Trainer(model=model, args=args, train_dataset=data)
-    # A rate chosen at several run lengths: the one of this run's (16 examples / 4 a step x 100 epochs = 400).
-    from bara.methods.bara.model import Bara
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Bara, "default_lr", {"encoder": {320: 1e-2, 640: 5e-3}})
-        long = TrainingArguments(str(tmp_path), report_to="none", per_device_train_batch_size=4, num_train_epochs=100)
-        with pytest.warns(UserWarning, match=r"bara's own rate .* is 0\.008 .*learning_rate=0\.008\)"):
-            bara.Trainer(model=model, args=long, train_dataset=data)
-        with pytest.warns(UserWarning, match=r"learning_rate=0\.005\)"):  # max_steps wins over epochs
-            bara.Trainer(model=model, args=TrainingArguments(str(tmp_path), report_to="none", max_steps=900),
-                         train_dataset=data)
 
 
 def test_save_and_reload_records_an_absolute_base_path(tmp_path, monkeypatch):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -568,59 +567,6 @@ def test_a_run_stopped_too_early_says_so_and_a_converged_one_does_not(tiny_bert,
         warnings.simplefilter("error", UserWarning)  # no budget warning
         metrics = run(150, "long")
     assert metrics["convergence"]["verdict"] == "converged" and metrics["accuracy"] == 1.0
-
-
-def test_a_default_rate_chosen_at_several_run_lengths_follows_the_runs_length(tiny_bert, toy_data, tmp_path,
-                                                                               monkeypatch, capsys):
-    from bara import bench
-    from bara.methods.base import describe_rate, rate_at
-    from bara.methods.lora import Lora
-
-    table = {320: 1e-2, 640: 5e-3}
-    assert rate_at(3e-3, 10) == rate_at(3e-3, None) == 3e-3
-    assert [rate_at(table, n) for n in (1, 320, 400, 640, 5000, None)] == [1e-2, 1e-2, 8e-3, 5e-3, 5e-3, 5e-3]
-    assert rate_at({100: 1e-2, 200: 4e-3, 400: 1e-3}, 300) == 1.78e-3  # 4e-3 x (1/4) ** log2(1.5), 3 digits
-    assert describe_rate(table) == "0.01 up to 320 steps, 0.005 from 640 (log-linear between)"
-    assert describe_rate(2e-3) == "0.002"
-    monkeypatch.setattr(Lora, "default_lr", {"encoder": table})
-
-    # The run's own length: --steps, else --epochs over its training examples (toy: 60; batch 8).
-    def config(**train) -> RunConfig:
-        max_train = train.pop("max_train", None)
-        return RunConfig(model=tiny_bert, data=toy_data, method="lora", max_train=max_train,
-                         train=TrainConfig(batch_size=8, **train))
-    assert runs.run_default_lr(config(steps=700)) == 5e-3
-    assert runs.run_default_lr(config(epochs=50)) == 8e-3  # 8 batches x 50 = 400 steps
-    assert runs.run_default_lr(config(epochs=50, max_train=30)) == 1e-2  # 4 x 50 = 200
-    assert runs.run_default_lr(dataclasses.replace(config(epochs=50), method="adalora")) == 1e-2  # a number
-
-    # bara train and bara bench give a run the same rate, so a preset's run is the one bara train makes.
-    preset = tmp_path / "p.toml"
-    preset.write_text(f"""[p]
-model = {json.dumps(tiny_bert)}
-seeds = [0]
-methods = ["lora", "adalora"]
-[p.train]
-epochs = 50
-batch_size = 8
-[p.datasets.toy]
-data = {json.dumps(toy_data)}
-[p.datasets.half]
-data = {json.dumps(toy_data)}
-max_train = 30
-""")
-    rates = {(e.dataset, e.variant): e.lr for e in bench.plan(str(preset)).entries}
-    assert rates == {("toy", "lora"): 8e-3, ("toy", "adalora"): 1e-2, ("half", "lora"): 1e-2,
-                     ("half", "adalora"): 1e-2}
-    argv = ["train", "--model", tiny_bert, "--data", toy_data, "--method", "lora", "--steps", "2", "--batch-size",
-            "8", "--max-length", "24", "--output", str(tmp_path / "run"), "--no-progress"]
-    assert cli.main(argv) == 0
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["config"]["train"]["lr"] == 1e-2
-    assert "lr: 0.01, lora's default for this model (--lr sets another)\n" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        cli.main(["train", "--method", "lora", "--help"])
-    assert ("default for --method lora: 0.01 up to 320 steps, 0.005 from 640 (log-linear between) on encoders "
-            "such as minilm") in " ".join(capsys.readouterr().out.split())
 
 
 def test_train_without_lr_uses_the_methods_own_default_for_the_model(tiny_bert, tiny_llama, toy_data, tmp_path,

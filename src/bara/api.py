@@ -30,7 +30,7 @@ from transformers.modeling_outputs import CausalLMOutput, SequenceClassifierOutp
 from .errors import BaraError
 from .heads import Classifier
 from .methods import METHODS, Method, MethodConfig, Progress, get_method
-from .methods.base import rate_at, to_device
+from .methods.base import to_device
 from .models import LoadedModel, load_model
 from .runs import (ADAPTER_WEIGHTS, check_adapter_size, has_weights, meta_file, read_adapter, trained_options,
                    versions, write_adapter)
@@ -413,25 +413,12 @@ class Trainer(HfTrainer):
         super().__init__(model, args, *positional, **kwargs)
         self.add_callback(MethodSteps(self))
         own = type(model.method).default_lr.get(model.classifier.kind)
-        if own is not None:
-            own = rate_at(own, self._total_steps())
         if self.args.learning_rate == TrainingArguments.learning_rate and own and own != self.args.learning_rate:
             # transformers' default is a full fine-tuning rate: an adapter trained at it is far from converged.
             warnings.warn(f"bara.Trainer: learning_rate is transformers' default {self.args.learning_rate:g}, but "
                           f"{model.method.name}'s own rate for this kind of model is {own:g} (the benchmark's "
                           f"validation choice, as 'bara train' uses without --lr); fix: TrainingArguments("
                           f"learning_rate={own:g}), or any other rate you chose", UserWarning, stacklevel=2)
-
-    def _total_steps(self) -> int | None:
-        """The run's optimiser steps as ``args`` and the training set give them (for a default rate that depends on
-        the run's length); None where the training set has no length (an iterable dataset without max_steps)."""
-        if self.args.max_steps > 0:
-            return self.args.max_steps
-        try:
-            per_step = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
-            return math.ceil(self.args.num_train_epochs * math.ceil(len(self.train_dataset) / per_step))
-        except TypeError:
-            return None
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:

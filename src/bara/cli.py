@@ -101,16 +101,14 @@ def _lr_help(only: str | None, shared: float) -> str:
     """What --lr defaults to: the method's own rate for the model's kind (its ``default_lr``, beside the evidence),
     else the shared one."""
     from .methods import METHODS
-    from .methods.base import describe_rate
 
     kinds = {"encoder": "encoders such as minilm", "causal": "causal LMs such as smollm2"}
     if only in METHODS:
         rates = METHODS[only].default_lr
         return f"default for --method {only}: " + "; ".join(
-            f"{describe_rate(rates[kind])} on {what}" if kind in rates
-            else f"{shared:g} on {what} (none measured for it yet)" for kind, what in kinds.items())
-    own = ", ".join(f"{name} {describe_rate(m.default_lr['encoder'])}" for name, m in METHODS.items()
-                    if "encoder" in m.default_lr)
+            f"{rates[kind]:g} on {what}" if kind in rates else f"{shared:g} on {what} (none measured for it yet)"
+            for kind, what in kinds.items())
+    own = ", ".join(f"{name} {m.default_lr['encoder']:g}" for name, m in METHODS.items() if "encoder" in m.default_lr)
     return (f"default: the method's own on encoders such as minilm ({own}; the benchmark's validation choices), "
             f"{shared:g} where it has none (causal LMs such as smollm2); 'bara train --method M --help' shows M's")
 
@@ -363,17 +361,16 @@ def main(argv: list[str] | None = None) -> int:
             if ignored:
                 raise BaraError(f"--{ignored[0].replace('_', '-')} does not apply to --method {args.method}; "
                                 f"fix: drop it (it is an option of another method)")
+            lr = runs.default_lr(args.model, args.method) if args.lr is None else args.lr
             config = runs.RunConfig(
                 model=args.model, data=args.data, method=args.method, method_options=options,
                 max_train=args.max_train, max_eval=args.max_eval, text_column=args.text_column,
                 label_column=args.label_column, dtype=args.dtype,
                 mixed_precision=args.mixed_precision,
-                train=TrainConfig(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
-                                  lr=args.lr or TrainConfig.lr, warmup_ratio=args.warmup_ratio,
-                                  max_grad_norm=args.max_grad_norm, max_length=args.max_length, seed=args.seed,
-                                  checkpoint_every=args.checkpoint_every, eval_every=args.eval_every))
-            lr = runs.run_default_lr(config) if args.lr is None else args.lr
-            config = dataclasses.replace(config, train=dataclasses.replace(config.train, lr=lr))
+                train=TrainConfig(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=lr,
+                                  warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
+                                  max_length=args.max_length, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                                  eval_every=args.eval_every))
             metrics = runs.run_train(config, args.output, args.resume, args.overwrite, args.ood_data,
                                      not args.no_progress, validation=not args.no_validation,
                                      report_to=args.report_to, trained_from=args.trained_from)

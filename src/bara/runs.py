@@ -32,13 +32,12 @@ from .data.bolt import LabelDefectWarning
 from .errors import BaraError
 from .heads import Classifier
 from .methods import DEFAULT_METHOD, METHODS, Method, get_method
-from .methods.base import rate_at
 from .metrics import evaluate, ood_auroc
 from .models import EMBEDDED, load_model, model_kind
 from .plots import learning_curve, reliability_diagram
 from .report import TEST_DEFERRED
 from .trainer import (TRACKING_DIR, TrainConfig, batches, check_report_to, convergence, distributed_state, on_device,
-                      total_steps, train)
+                      train)
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS = "adapter_config.json", "adapter_model.safetensors", "metrics.json"
 # An adapter peft can load keeps peft's two file names; bara's config and the tensors peft does not hold sit beside.
@@ -100,26 +99,14 @@ class RunConfig:
         return cls(**values)
 
 
-def default_lr(model: str, method: str, steps: int | None = None) -> float:
+def default_lr(model: str, method: str) -> float:
     """The peak learning rate of ``method`` on ``model`` when none is given (``bara train`` without --lr, a preset
-    without an lr for it): the method's ``default_lr`` for the model's kind at a run of ``steps`` total training
-    steps (:func:`rate_at`), else TrainConfig's shared rate (also for a model whose config cannot be read: it fails
-    to load, with the reason)."""
+    without an lr for it): the method's ``default_lr`` for the model's kind, else TrainConfig's shared rate (also
+    for a model whose config cannot be read: it fails to load, with the reason)."""
     if method not in METHODS:
         raise BaraError(f"unknown method '{method}'; fix: use one of {', '.join(sorted(METHODS))}")
     rates = METHODS[method].default_lr
-    rate = rates.get(model_kind(model)) if rates else None
-    return TrainConfig.lr if rate is None else rate_at(rate, steps)
-
-
-def run_default_lr(config: RunConfig) -> float:
-    """:func:`default_lr` for the run ``config`` describes (its lr aside): where the method's rate depends on the
-    run's length, its total steps (--steps, else --epochs over its training examples, loaded to be counted)."""
-    rates = METHODS[config.method].default_lr if config.method in METHODS else None
-    if not isinstance((rates or {}).get(model_kind(config.model)), dict):
-        return default_lr(config.model, config.method)
-    steps = config.train.steps or total_steps(config.train, len(task_of(config).train))[0]
-    return default_lr(config.model, config.method, steps)
+    return rates.get(model_kind(model), TrainConfig.lr) if rates else TrainConfig.lr
 
 
 def versions() -> dict:

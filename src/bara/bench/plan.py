@@ -153,10 +153,10 @@ def _variants(methods, where: str) -> dict[str, tuple[str, dict]]:
     return variants
 
 
-def _learning_rate(preset_lr: dict, dataset_lr, variant: str, method: str):
+def _learning_rate(preset_lr: dict, dataset_lr, variant: str, method: str, model: str):
     """The first rate set of: dataset's for the variant, the method; preset's for the variant, the method;
-    the dataset's own (a number, or its default); the preset's default; else None: the method's default for the
-    run (``bara train``'s without --lr, :func:`runs.run_default_lr`), which the entry's config gives."""
+    the dataset's own (a number, or its default); the preset's default; else the method's default for the model
+    (``bara train``'s without --lr)."""
     per_dataset = dataset_lr if isinstance(dataset_lr, dict) else {}
     for table, key in ((per_dataset, variant), (per_dataset, method), (preset_lr, variant), (preset_lr, method)):
         if key in table:
@@ -166,7 +166,7 @@ def _learning_rate(preset_lr: dict, dataset_lr, variant: str, method: str):
     for table in (per_dataset, preset_lr):
         if "default" in table:
             return table["default"]
-    return None
+    return runs.default_lr(model, method)
 
 
 @dataclass
@@ -352,7 +352,7 @@ def _dataset_entries(preset: Preset, dataset: str, settings, variants: dict, sha
         merged = {**p.get("shared_options", {}), **p.get("options", {}).get(method, {}), **own}
         merged = _typed(METHODS[method].config_class, merged, f"{where}, variant '{variant}'")
         METHODS[method].config_class.from_dict(merged)  # its own checks of the values
-        rates[variant] = _learning_rate(p.get("lr", {}), settings.get("lr"), variant, method)
+        rates[variant] = _learning_rate(p.get("lr", {}), settings.get("lr"), variant, method, p["model"])
         # A variant that takes another's rate takes its chosen options where it has the same method: a grid of the
         # method applies to it only where the other is of another method (BLoB's KL-step rate at LoRA's rate).
         follows = rates[variant] if isinstance(rates[variant], str) else None
@@ -366,8 +366,6 @@ def _dataset_entries(preset: Preset, dataset: str, settings, variants: dict, sha
             text_column=settings.get("text_column", "text"), label_column=settings.get("label_column", "label"),
             mixed_precision=p.get("mixed_precision", RunConfig.mixed_precision),
             train=TrainConfig(**train, lr=0.0, seed=0, checkpoint_every=CHECKPOINT_EVERY))
-        if rates[variant] is None:
-            rates[variant] = runs.run_default_lr(config)
         entries.append(Entry(dataset, variant, _rate(rates[variant]), tuple(p["seeds"]), config, ood, shift, grid))
     for variant, lr in rates.items():
         if isinstance(lr, str) and (lr not in rates or isinstance(rates[lr], str)):

@@ -7,7 +7,6 @@ module ever asks which method it is running.
 from __future__ import annotations
 
 import dataclasses
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
@@ -96,11 +95,8 @@ class Method:
     diverged_fix: ClassVar[str] = ""
     # The peak learning rate `bara train` uses when --lr is left out (and a preset that sets none), by the kind of
     # model ("encoder", "causal"), each method's beside the evidence for it. A kind a method does not list (causal
-    # LMs, for which no rate has been measured yet) trains at TrainConfig's shared lr. A rate is a number, or, where
-    # validation chose differently for runs of different lengths, a table {total training steps: rate} of those
-    # choices: a run takes the rate of its length, log-linear between two measured lengths, the nearest one's
-    # outside them (rate_at, below).
-    default_lr: ClassVar[dict[str, float | dict[int, float]]] = {}
+    # LMs, for which no rate has been measured yet) trains at TrainConfig's shared lr.
+    default_lr: ClassVar[dict[str, float]] = {}
     # A post-hoc method whose training is exactly another method's (its objective, parameters and options of that
     # method; only fit_posthoc and prediction differ): that method's name. A finished run of it at the same data,
     # seed and schedule is then this method's fit (`bara train --trained-from`; `bara bench` finds it), so the
@@ -265,35 +261,3 @@ def repeated_passes(classifier: Classifier, batch: dict, samples: int) -> torch.
         logits = classifier(ids.repeat(s, 1), mask.repeat(s, 1)).float()
         probs.append(torch.softmax(logits, -1).view(s, ids.shape[0], -1))
     return torch.cat(probs)
-
-
-def rate_at(rate: float | dict[int, float], steps: int | None) -> float:
-    """A method's default rate (:attr:`Method.default_lr`) for a run of ``steps`` total training steps: a number
-    for any length; from a table {steps: rate} of validation choices at several lengths, the measured one at a
-    measured length, log-linear in log steps between two (the product rate x steps of two choices is often
-    near-constant, a fixed budget of update), the nearest one's below the shortest and above the longest, where
-    nothing was measured. ``steps`` None: the longest measured length's, the benchmark's reference run. Three
-    significant digits, so that a run's config (and hash) reads as it was chosen."""
-    if not isinstance(rate, dict):
-        return float(rate)
-    lengths = sorted(rate)
-    if steps is None or steps >= lengths[-1]:
-        return float(rate[lengths[-1]])
-    if steps <= lengths[0]:
-        return float(rate[lengths[0]])
-    high = next(n for n in lengths if n >= steps)
-    low = lengths[lengths.index(high) - 1]
-    w = math.log(steps / low) / math.log(high / low)
-    return float(f"{math.exp((1 - w) * math.log(rate[low]) + w * math.log(rate[high])):.3g}")
-
-
-def describe_rate(rate: float | dict[int, float]) -> str:
-    """A default rate in words, e.g. '0.01 up to 320 steps, 0.005 from 640 (log-linear between)'."""
-    if not isinstance(rate, dict):
-        return f"{rate:g}"
-    lengths = sorted(rate)
-    if len(lengths) == 1:
-        return f"{rate[lengths[0]]:g}"
-    middle = "".join(f", {rate[n]:g} at {n}" for n in lengths[1:-1])
-    return (f"{rate[lengths[0]]:g} up to {lengths[0]} steps{middle}, {rate[lengths[-1]]:g} from {lengths[-1]} "
-            "(log-linear between)")
