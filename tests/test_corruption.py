@@ -100,6 +100,12 @@ def test_corrupt_scores_every_chosen_run_and_resumes(finished_bench):
 def test_corrupt_cli_errors_name_the_fix(finished_bench, tmp_path, capsys):
     assert cli.main(["corrupt", "--bench", str(tmp_path / "nowhere"), "--data", "toy"]) == 2
     assert "has no results.jsonl" in capsys.readouterr().err
+    store = tmp_path / "standard"
+    (store / "runs").mkdir(parents=True)  # a benchmark store: run folders, no report
+    assert cli.main(["corrupt", "--bench", str(store), "--data", "toy"]) == 2
+    assert (f"has run folders but no results.jsonl (no report written here yet); fix: write it with 'bara bench "
+            f"--preset PRESET --output {store} --report-only' (PRESET: the preset that made the runs, e.g. standard)"
+            in " ".join(capsys.readouterr().err.split()))
     assert cli.main(["corrupt", "--bench", str(finished_bench), "--data", "banking77"]) == 2
     assert "no finished run of 'banking77'; fix: use one of toy" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -190,6 +190,10 @@ def corrupt_run(folder: Path, kinds=KINDS, intensities=INTENSITIES, progress_bar
 def _finished_runs(output: Path, dataset: str) -> list[dict]:
     """The rows of the benchmark's results.jsonl for ``dataset`` (the chosen runs: no losing grid candidates)."""
     results = output / "results.jsonl"
+    if not results.exists() and (output / "runs").is_dir():  # a benchmark store keeps the run folders, no report
+        raise BaraError(f"{output} has run folders but no results.jsonl (no report written here yet); fix: write "
+                        f"it with 'bara bench --preset PRESET --output {output} --report-only' (PRESET: the preset "
+                        f"that made the runs, e.g. {output.name}), then rerun this command")
     if not results.exists():
         raise BaraError(f"{output} has no results.jsonl; fix: point --bench at the --output folder of a 'bara bench' "
                         "that has finished runs")
