@@ -29,4 +29,6 @@ for output in sorted(p.parent for p in STORE.glob("*/runs")):
         waits = runs.test_deferred(folder) and (spec.folder in final or (spec.dataset, spec.variant) in open_grids)
         if waits or ((output.name, spec.dataset) in CORRUPTED and spec.folder in final):
             for tensors in sorted(folder.rglob("*.safetensors")):
-                print(tensors.relative_to(Path.cwd()))
+                inner = tensors.relative_to(folder).parts[:-1]  # the adapter's own subfolders, not a checkpoint's
+                if not any(part.startswith(".") or part == "checkpoint" for part in inner):  # nor .retrain.partial
+                    print(tensors.relative_to(Path.cwd()))
