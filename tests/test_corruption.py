@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from bara import bench, cli, corruption
+from bara import bench, cli, corruption, runs
 from bara.data.tasks import Split
 from bara.errors import BaraError
 from bara.runs import METRICS
@@ -122,7 +122,7 @@ def test_a_run_without_its_adapter_is_named_skipped_or_retrained_to_its_own_numb
     kept = {w: w.read_bytes() for w in weights}
     for w in weights:  # a store's run from another machine: metrics, no weights
         w.unlink()
-    assert corruption.adapter_missing(folder)
+    assert not runs.has_weights(folder)
     assert cli.main(["corrupt", "--bench", str(out), "--data", "toy", "--intensities", "0,40", "--no-progress"]) == 2
     err = capsys.readouterr().err
     named = f"runs/toy/bara-small/{row['run']}"
@@ -143,7 +143,7 @@ def test_a_run_without_its_adapter_is_named_skipped_or_retrained_to_its_own_numb
     assert re.search(r"seed0-\w+: adapter retrained; (validation|test) accuracy [\d.]+, NLL [\d.]+ as stored",
                      capsys.readouterr().out)
     assert {w: w.read_bytes() for w in weights} == kept  # the very tensors it had: retrained bit for bit
-    assert not (folder / ".retrain.partial").exists() and not corruption.adapter_missing(folder)
+    assert not (folder / ".retrain.partial").exists() and runs.has_weights(folder)
     points = [json.loads(line) for line in (out / "corruption-toy.jsonl").read_text().splitlines()]
     assert len(points) == 4 * 2 * 2 and "Left out" not in (out / "corruption-toy.md").read_text()
 
@@ -162,4 +162,4 @@ def test_a_retrained_run_that_scores_other_numbers_is_refused(finished_bench):
     with pytest.raises(BaraError, match=r"retrained to other (validation|test) numbers \(nll .* -> .*\).*fix: set "
                                         "OMP_NUM_THREADS"):
         corruption.run_corrupt(out, ["toy"], intensities=[0, 40], progress_bar=False, missing="retrain")
-    assert corruption.adapter_missing(folder) and (folder / ".retrain.partial" / METRICS).exists()
+    assert not runs.has_weights(folder) and (folder / ".retrain.partial" / METRICS).exists()

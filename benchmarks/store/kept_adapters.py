@@ -28,7 +28,5 @@ for output in sorted(p.parent for p in STORE.glob("*/runs")):
             continue
         waits = runs.test_deferred(folder) and (spec.folder in final or (spec.dataset, spec.variant) in open_grids)
         if waits or ((output.name, spec.dataset) in CORRUPTED and spec.folder in final):
-            for tensors in sorted(folder.rglob("*.safetensors")):
-                inner = tensors.relative_to(folder).parts[:-1]  # the adapter's own subfolders, not a checkpoint's
-                if not any(part.startswith(".") or part == "checkpoint" for part in inner):  # nor .retrain.partial
-                    print(tensors.relative_to(Path.cwd()))
+            for tensors in sorted(runs.adapter_files(folder)):  # not a checkpoint's, nor a .retrain.partial's
+                print(tensors.relative_to(Path.cwd()))

@@ -107,14 +107,6 @@ def _unscored(done: dict, kinds, intensities) -> list[tuple[str, float]]:
     return [(k, i) for k in kinds for i in intensities if f"{i:g}" not in done.get(k, {})]
 
 
-def adapter_missing(folder: Path) -> bool:
-    """Whether the finished run in ``folder`` lacks weights to score with (a benchmark store commits metrics, not
-    weights: a run trained on another machine has none here), its members' included."""
-    from .runs import has_weights
-
-    return not has_weights(folder)
-
-
 def retrain_adapter(folder: Path, progress_bar: bool = True) -> str:
     """Train the finished run in ``folder`` again, from the config in its metrics.json, for its weights: it scores
     the split the run scored (validation if it has it, else test; not its OOD sets), and its adapter files move into
@@ -255,6 +247,7 @@ def run_corrupt(output: Path, datasets: list[str], kinds=KINDS, intensities=INTE
 
     from .plots import corruption_curves
     from .checkpoint import write_atomic
+    from .runs import has_weights
 
     for kind in kinds:
         for intensity in intensities:
@@ -267,7 +260,7 @@ def run_corrupt(output: Path, datasets: list[str], kinds=KINDS, intensities=INTE
             if not folder.is_dir():
                 raise BaraError(f"{folder} is listed in results.jsonl but is not there (a report copied without its "
                                 "runs?); fix: point --bench at the folder 'bara bench' trained into")
-            if _unscored(_scored(folder), kinds, intensities) and adapter_missing(folder):
+            if _unscored(_scored(folder), kinds, intensities) and not has_weights(folder):
                 lacking.append(folder)
     if lacking and missing == "error":
         raise BaraError(f"{len(lacking)} run(s) to score have no adapter here (trained on another machine?): "

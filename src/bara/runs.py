@@ -553,16 +553,27 @@ def meta_file(folder: Path) -> Path:
     return folder / BARA_CONFIG if (folder / BARA_CONFIG).exists() else folder / ADAPTER_CONFIG
 
 
-def has_weights(folder: Path) -> bool:
-    """Whether ``folder`` holds an adapter's tensors: each adapter config :func:`write_adapter` wrote (its own, a
-    subfolder's for a method's further peft adapters) with its weights beside it. False for a run of a benchmark
-    store trained on another machine: the store commits configs and metrics, not weights."""
+def _adapter_configs(folder: Path) -> list[Path]:
+    """The adapter configs :func:`write_adapter` wrote in ``folder``: its own and a subfolder's for a method's further
+    peft adapters (not a dotted folder such as .retrain.partial, nor the checkpoint, which hold no config)."""
     if not folder.is_dir():
-        return False
+        return []
     configs = [folder / ADAPTER_CONFIG] + [sub / ADAPTER_CONFIG for sub in folder.iterdir()
-                                           if sub.is_dir() and not sub.name.startswith(".")]  # not .retrain.partial
-    configs = [c for c in configs if c.exists()]
+                                           if sub.is_dir() and not sub.name.startswith(".")]
+    return [c for c in configs if c.exists()]
+
+
+def has_weights(folder: Path) -> bool:
+    """Whether ``folder`` holds an adapter's tensors: each adapter config with its weights beside it. False for a
+    run of a benchmark store trained on another machine: the store commits configs and metrics, not weights."""
+    configs = _adapter_configs(folder)
     return bool(configs) and all((c.parent / ADAPTER_WEIGHTS).exists() for c in configs)
+
+
+def adapter_files(folder: Path) -> list[Path]:
+    """The adapter's tensor files in ``folder`` that are there: each config's weights, and bara_state.safetensors."""
+    files = [c.parent / ADAPTER_WEIGHTS for c in _adapter_configs(folder)] + [folder / BARA_STATE]
+    return [f for f in files if f.exists()]
 
 
 def read_adapter(folder: Path, classifier: Classifier, method: Method) -> dict[str, torch.Tensor]:
