@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import random
 import re
 
@@ -87,6 +88,9 @@ def test_corrupt_scores_every_chosen_run_and_resumes(finished_bench):
         assert ("fast_path" in point) == (point["variant"] == "bara-small")  # a sampling method's one pass too
     report = (out / "corruption-toy.md").read_text()
     assert "## typos" in report and "## word dropout" in report and "| bara-small |" in report
+    classes = json.loads((folder / METRICS).read_text())["num_labels"]  # the null to read the numbers against
+    assert classes >= 2 and (f"a uniform prediction over the {classes} classes (it knows nothing), scores accuracy "
+                             f"{100 / classes:.1f} %, NLL ln {classes} = {math.log(classes):.3f}") in report
     # a rerun scores nothing again; a lost point is scored again, to the same numbers
     run = out / "runs" / "toy" / points[-1]["variant"] / points[-1]["run"] / corruption.RUN_FILE
     before = json.loads(run.read_text())

@@ -22,6 +22,7 @@ continues where it stopped); the benchmark-level table and plot go to the benchm
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import string
@@ -198,6 +199,17 @@ def _finished_runs(output: Path, dataset: str) -> list[dict]:
     return mine
 
 
+def _num_labels(output: Path, dataset: str, finished: list[dict]) -> int | None:
+    """The classes of ``dataset``, from a finished run's metrics.json (None if none records them)."""
+    from .runs import METRICS as RUN_METRICS
+
+    for row in finished:
+        path = output / "runs" / dataset / row["variant"] / row["run"] / RUN_METRICS
+        if path.exists() and json.loads(path.read_text()).get("num_labels"):
+            return int(json.loads(path.read_text())["num_labels"])
+    return None
+
+
 def summarise(points: list[dict], kinds, intensities) -> dict:
     """``{variant: {kind: {intensity: {metric: (mean, std, n)}}}}`` over seeds, from the per-run points."""
     table: dict = {}
@@ -214,12 +226,19 @@ def summarise(points: list[dict], kinds, intensities) -> dict:
     return table
 
 
-def markdown(dataset: str, table: dict, kinds, intensities, command: str, left_out=()) -> str:
+def markdown(dataset: str, table: dict, kinds, intensities, command: str, left_out=(),
+             num_labels: int | None = None) -> str:
     """The report: one table per corruption, a row per variant, accuracy % / ECE % / NLL per intensity (means over
-    seeds); ``left_out`` lists the runs skipped for want of an adapter."""
+    seeds); ``left_out`` lists the runs skipped for want of an adapter; ``num_labels`` adds the null (a uniform
+    prediction) to read the numbers against."""
     lines = [f"# {dataset}: the test split corrupted", "", f"`{command}`", "",
              "Each cell: accuracy % / ECE % / NLL, mean over seeds, of the method's own predictive (S samples for the "
              "sampling methods). Intensity 0 is the clean test split. Corruptions: see `bara corrupt --help`.", ""]
+    if num_labels:
+        lines += [f"The null, a uniform prediction over the {num_labels} classes (it knows nothing), scores accuracy "
+                  f"{100 / num_labels:.1f} %, NLL ln {num_labels} = {math.log(num_labels):.3f} and an ECE of about "
+                  f"0 at every intensity: an NLL above {math.log(num_labels):.3f} is worse than knowing nothing, and "
+                  "a low ECE means something only beside the accuracy it comes with.", ""]
     if left_out:
         lines += [f"Left out (no adapter here, --skip-missing; a mean over fewer seeds): {', '.join(left_out)}.", ""]
     for kind in kinds:
@@ -282,12 +301,13 @@ def run_corrupt(output: Path, datasets: list[str], kinds=KINDS, intensities=INTE
                         "kind": kind, "intensity": intensity, **scored[kind][f"{intensity:g}"]}
                        for kind in kinds for intensity in intensities]
         table = summarise(points, kinds, intensities)
+        num_labels = _num_labels(output, dataset, finished)
         report = output / f"corruption-{dataset}.md"
         write_atomic(report, lambda tmp: tmp.write_text(markdown(dataset, table, kinds, intensities, command,
-                                                                 left_out)))
+                                                                 left_out, num_labels)))
         lines = output / f"corruption-{dataset}.jsonl"
         write_atomic(lines, lambda tmp: tmp.write_text("".join(json.dumps(p) + "\n" for p in points)))
         plot = corruption_curves(table, kinds, intensities, output / "plots" / f"corruption-{dataset}.png",
-                                 f"{dataset}: test split corrupted (mean ± std over seeds)")
+                                 f"{dataset}: test split corrupted (mean ± std over seeds)", num_labels)
         written += [report, lines, plot]
     return written

@@ -8,6 +8,7 @@ written atomically (:func:`bara.checkpoint.write_atomic`): a reader never sees h
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -163,9 +164,11 @@ def learning_curve(history: list[dict], path, title: str | None = None) -> Path:
 CORRUPTION_PANELS = (("accuracy", "accuracy %", 100.0), ("ece", "ECE %", 100.0), ("nll", "NLL", 1.0))
 
 
-def corruption_curves(table: dict, kinds, intensities, path, title: str) -> Path:
+def corruption_curves(table: dict, kinds, intensities, path, title: str, num_labels: int | None = None) -> Path:
     """Accuracy, ECE and NLL against the corruption intensity, a row per corruption and a line per method (mean over
-    seeds, a band of one standard deviation): ``table`` is :func:`bara.corruption.summarise`'s."""
+    seeds, a band of one standard deviation): ``table`` is :func:`bara.corruption.summarise`'s. ``num_labels`` draws
+    the null, a uniform prediction (accuracy 1 / C, NLL ln C), as a dashed line."""
+    null = {"accuracy": 100.0 / num_labels, "nll": math.log(num_labels)} if num_labels else {}
     fig = _figure(figsize=(13, 3.4 * len(kinds)))
     axes = np.atleast_2d(fig.subplots(len(kinds), len(CORRUPTION_PANELS), squeeze=False))
     for row, kind in zip(axes, kinds):
@@ -179,6 +182,8 @@ def corruption_curves(table: dict, kinds, intensities, path, title: str) -> Path
                 std = scale * np.array([s for _, (_, s, _) in points])
                 ax.plot(xs, mean, marker="osD^vPX*hp<>"[i % 12], color=f"C{i % 10}", label=variant)
                 ax.fill_between(xs, mean - std, mean + std, color=f"C{i % 10}", alpha=0.12, linewidth=0)
+            if metric in null:
+                ax.axhline(null[metric], color="0.4", linestyle="--", linewidth=1, label="uniform (null)")
             ax.set_xlabel(f"{kind.replace('_', ' ')} (% corrupted)")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
