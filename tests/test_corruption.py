@@ -136,7 +136,8 @@ def test_a_run_without_its_adapter_is_named_skipped_or_retrained_to_its_own_numb
     assert cli.main(["corrupt", "--bench", str(out), "--data", "toy", "--intensities", "0,40", "--no-progress",
                      "--skip-missing"]) == 0
     report = (out / "corruption-toy.md").read_text()
-    assert f"Left out (no adapter here, --skip-missing; a mean over fewer seeds): bara-small/{row['run']}." in report
+    assert (f"Left out (their methods' means are over fewer seeds): bara-small/{row['run']} (no adapter here, "
+            "--skip-missing).") in report
     points = [json.loads(line) for line in (out / "corruption-toy.jsonl").read_text().splitlines()]
     assert row["run"] not in {p["run"] for p in points} and len(points) == 3 * 2 * 2  # the other 3 runs
     assert not (folder / corruption.RUN_FILE).exists()
@@ -152,7 +153,8 @@ def test_a_run_without_its_adapter_is_named_skipped_or_retrained_to_its_own_numb
     assert len(points) == 4 * 2 * 2 and "Left out" not in (out / "corruption-toy.md").read_text()
 
 
-def test_a_retrained_run_that_scores_other_numbers_is_refused(finished_bench):
+def test_a_retrained_run_that_scores_other_numbers_is_left_out_and_not_retrained_again(finished_bench,
+                                                                                     monkeypatch):
     out = finished_bench
     row = next(json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()
                if '"variant": "bara-small"' in line)
@@ -165,5 +167,18 @@ def test_a_retrained_run_that_scores_other_numbers_is_refused(finished_bench):
     (folder / METRICS).write_text(json.dumps(metrics))
     with pytest.raises(BaraError, match=r"retrained to other (validation|test) numbers \(nll .* -> .*\).*fix: set "
                                         "OMP_NUM_THREADS"):
-        corruption.run_corrupt(out, ["toy"], intensities=[0, 40], progress_bar=False, missing="retrain")
+        corruption.retrain_adapter(folder, progress_bar=False)
     assert not runs.has_weights(folder) and (folder / ".retrain.partial" / METRICS).exists()
+
+    # the whole command goes on without it: a warning, the other runs scored, the run named in the report
+    trained = []
+    monkeypatch.setattr(runs, "run_train", lambda *a, **k: trained.append(a) or {})
+    with pytest.warns(UserWarning, match=r"retrained to other .* it is left out of the curves"):
+        corruption.run_corrupt(out, ["toy"], intensities=[0, 40], progress_bar=False, missing="retrain")
+    assert not trained  # the refused retrain is compared again, not trained again
+    report = (out / "corruption-toy.md").read_text()
+    assert (f"bara-small/{row['run']} (retrained here to other numbers than it stored, --retrain-missing)"
+            in report)
+    points = [json.loads(line) for line in (out / "corruption-toy.jsonl").read_text().splitlines()]
+    assert row["run"] not in {p["run"] for p in points} and len(points) == 3 * 2 * 2
+    assert not runs.has_weights(folder) and not (folder / corruption.RUN_FILE).exists()

@@ -264,7 +264,9 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
     lacking = c.add_mutually_exclusive_group()
     lacking.add_argument("--retrain-missing", action="store_true", help="train a run without an adapter here (a "
                          "benchmark store keeps metrics, not weights) again from its stored config; its adapter is "
-                         "used only if it scores the run's stored numbers (to 1e-6)")
+                         "used only if it scores the run's stored numbers (to 1e-6; one that does not, e.g. trained on "
+                         "another kind of CPU, is left out with a warning, and a rerun compares it again without "
+                         "retraining)")
     lacking.add_argument("--skip-missing", action="store_true", help="leave the runs without an adapter here out of "
                          "the curves (the report lists them)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
