@@ -895,6 +895,7 @@ def test_bench_reports_ood_auroc_and_shift_and_finishes_interrupted_shift_runs(s
     aurocs = [r["test_ood_auroc"] for r in rows]
     assert main["lora"]["OOD AUROC"].strip("*") == \
         f"{statistics.fmean(aurocs):.3f} ± {statistics.stdev(aurocs):.3f}"
+    assert (out / "plots" / "shift-toy.png").read_bytes()[:8] == PNG_MAGIC  # in domain beside the shift set
     under = _table_cells(results, f"### toy under shift: tested on `{shift}` (all its examples: 30)")
     accuracies = [r["shift"][shift]["accuracy"] for r in rows]
     assert under["lora"]["n"] == "2" and set(under["lora"]) == {"variant", "n", "accuracy %", "ECE %", "NLL", "Brier"}

@@ -190,3 +190,28 @@ def corruption_curves(table: dict, kinds, intensities, path, title: str, num_lab
     axes[0, -1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def shift_plot(table: dict, sets: list[str], path, title: str) -> Path:
+    """Accuracy, ECE and NLL of each method in domain and under shift: ``sets`` along the x axis (in domain first),
+    a marker per method at its mean over seeds with a bar of one standard deviation, the methods side by side.
+    ``table``: ``{variant: {set: {"accuracy" | "ece" | "nll": (mean, std)}}}`` (std None for one seed)."""
+    fig = _figure(figsize=(13, 4.2))
+    axes = fig.subplots(1, len(CORRUPTION_PANELS))
+    width = 0.7 / max(len(table), 1)
+    for ax, (metric, label, scale) in zip(axes, CORRUPTION_PANELS):
+        for i, (variant, by_set) in enumerate(table.items()):
+            cells = [(j, by_set[name][metric]) for j, name in enumerate(sets)
+                     if name in by_set and by_set[name][metric][0] is not None]
+            if not cells:
+                continue
+            xs = [j + (i - (len(table) - 1) / 2) * width for j, _ in cells]
+            ax.errorbar(xs, [scale * m for _, (m, _) in cells], yerr=[scale * (s or 0.0) for _, (_, s) in cells],
+                        fmt="osD^vPX*hp<>"[i % 12], color=f"C{i % 10}", label=variant, capsize=2, markersize=5)
+        ax.set_xticks(range(len(sets)), [name.rsplit("/", 1)[-1] for name in sets], rotation=15, ha="right",
+                      fontsize=8)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, axis="y")
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import report, runs
 from ..errors import BaraError
 from ..methods import METHODS
-from ..plots import scatter_methods
+from ..plots import scatter_methods, shift_plot
 from .plan import SELECT, Choice, Plan, RunSpec, choices, diverged, finished, sets, shift_results, validation_metrics
 from .presets import Preset
 
@@ -171,9 +171,12 @@ def write_report(plan_: Plan, specs: list[RunSpec], output: Path, command: str,
             results += _beside_reference(plan_, specs, dataset, dataset_rows, *compare)
         written += _dataset_plots(output / "plots", dataset, groups, output,
                                   [(s, m) for s, m in done if s.dataset == dataset])
+        if any(r.get("shift") for r in dataset_rows):
+            written.append(_shift_plot(output / "plots", dataset, dataset_rows))
     names = [f"{n}-<dataset>-<variant>.png" for n in _run_plots(METHODS.values())]
     results += ["", f"Plots in plots/: {', '.join(names[:-1])} and {names[-1]} (the run of the lowest finished seed), "
-                "accuracy-ece-<dataset>.png and accuracy-nll-<dataset>.png (means)."]
+                "accuracy-ece-<dataset>.png and accuracy-nll-<dataset>.png (means), and shift-<dataset>.png where a "
+                "dataset names shift sets (accuracy, ECE and NLL in domain and on each shift set, mean ± std)."]
     written.append(_write_text(output / "results.md", "\n".join(results) + "\n"))
     written.append(_write_text(output / "cost.md", "\n".join(cost) + "\n"))
     return written
@@ -419,6 +422,22 @@ def _schedule(specs: list[RunSpec], dataset: str) -> str:
         ("Shift: also tested on", mine[0].shift)) if value)
     return (f"Data `{mine[0].config.data}`: {length}, batch size {t.batch_size}, max length {t.max_length}, "
             f"learning rate {lr}.{extra}")
+
+
+def _shift_plot(plots: Path, dataset: str, rows: list[dict]) -> Path:
+    """shift-DATASET.png: each variant's test numbers in domain beside its numbers on each shift set."""
+    names = list(dict.fromkeys(name for r in rows for name in r.get("shift", {})))
+    inside = f"{dataset} (test)"
+    table = {}
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == variant]
+        cells = {inside: {m: report.mean_std(r.get(f"test_{m}") for r in mine) for m in ("accuracy", "ece", "nll")}}
+        for name in names:
+            cells[name] = {m: report.mean_std(r["shift"][name].get(m) for r in mine if name in r.get("shift", {}))
+                           for m in ("accuracy", "ece", "nll")}
+        table[variant] = cells
+    return shift_plot(table, [inside] + names, plots / f"shift-{dataset}.png",
+                      f"{dataset}: in domain and under shift (test; mean ± std over seeds)")
 
 
 def _dataset_plots(plots: Path, dataset: str, groups: list[dict], output: Path, done: list) -> list[Path]:
