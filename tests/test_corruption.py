@@ -10,6 +10,7 @@ import random
 import re
 
 import pytest
+import torch
 
 from bara import bench, cli, corruption, runs
 from bara.data.tasks import Split
@@ -171,8 +172,8 @@ def test_a_retrained_run_that_scores_other_numbers_is_left_out_and_not_retrained
     assert not runs.has_weights(folder) and (folder / ".retrain.partial" / METRICS).exists()
 
     # the whole command goes on without it: a warning, the other runs scored, the run named in the report
-    trained = []
-    monkeypatch.setattr(runs, "run_train", lambda *a, **k: trained.append(a) or {})
+    trained, refused = [], json.loads((folder / ".retrain.partial" / METRICS).read_text())
+    monkeypatch.setattr(runs, "run_train", lambda *a, **k: trained.append(a) or refused)
     with pytest.warns(UserWarning, match=r"retrained to other .* it is left out of the curves"):
         corruption.run_corrupt(out, ["toy"], intensities=[0, 40], progress_bar=False, missing="retrain")
     assert not trained  # the refused retrain is compared again, not trained again
@@ -182,3 +183,7 @@ def test_a_retrained_run_that_scores_other_numbers_is_left_out_and_not_retrained
     points = [json.loads(line) for line in (out / "corruption-toy.jsonl").read_text().splitlines()]
     assert row["run"] not in {p["run"] for p in points} and len(points) == 3 * 2 * 2
     assert not runs.has_weights(folder) and not (folder / corruption.RUN_FILE).exists()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: refused["torch_threads"] + 1)  # as the fix advises
+    with pytest.warns(UserWarning, match="left out of the curves"):
+        corruption.run_corrupt(out, ["toy"], intensities=[0, 40], progress_bar=False, missing="retrain")
+    assert len(trained) == 1  # at another thread count it trains again

@@ -115,8 +115,8 @@ def retrain_adapter(folder: Path, progress_bar: bool = True) -> str:
     ``folder`` only when those numbers equal the stored ones to 1e-6 (a seeded run retrains bit for bit on the same
     kind of machine); the stored metrics are never touched. Returns a line saying what matched. BaraError, the
     retrained run left in ``folder/.retrain.partial`` to inspect, when they differ: its corrupted scores would not
-    belong with the run's clean ones. A finished retrain left there by an earlier call is compared again, not
-    trained again."""
+    belong with the run's clean ones. A finished retrain left there by an earlier call at the same thread count is
+    compared again, not trained again."""
     import torch
 
     from .runs import METRICS as RUN_METRICS, RunConfig, run_train
@@ -125,8 +125,10 @@ def retrain_adapter(folder: Path, progress_bar: bool = True) -> str:
     config = RunConfig.from_dict(stored["config"])
     work = folder / ".retrain.partial"
     on_validation = "validation" in stored
-    if (work / RUN_METRICS).exists():  # retrained before (and refused): the same code trains the same numbers
-        fresh = json.loads((work / RUN_METRICS).read_text())
+    before = json.loads((work / RUN_METRICS).read_text()) if (work / RUN_METRICS).exists() else {}
+    # Retrained before here (and refused; the folder is never committed) at this thread count: the same numbers again.
+    if before.get("torch_threads") == torch.get_num_threads():
+        fresh = before
     else:
         fresh = run_train(config, work, overwrite=True, progress_bar=progress_bar, validation=on_validation,
                           test=not on_validation)
