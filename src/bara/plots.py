@@ -164,11 +164,18 @@ def learning_curve(history: list[dict], path, title: str | None = None) -> Path:
 CORRUPTION_PANELS = (("accuracy", "accuracy %", 100.0), ("ece", "ECE %", 100.0), ("nll", "NLL", 1.0))
 
 
+def _null_line(ax, metric: str, num_labels: int | None) -> None:
+    """The null of ``metric`` as a dashed line: a uniform prediction over ``num_labels`` classes (accuracy 1 / C in %,
+    NLL ln C; its ECE is about 0, no line)."""
+    null = {"accuracy": 100.0 / num_labels, "nll": math.log(num_labels)} if num_labels else {}
+    if metric in null:
+        ax.axhline(null[metric], color="0.4", linestyle="--", linewidth=1, label="uniform (null)")
+
+
 def corruption_curves(table: dict, kinds, intensities, path, title: str, num_labels: int | None = None) -> Path:
     """Accuracy, ECE and NLL against the corruption intensity, a row per corruption and a line per method (mean over
     seeds, a band of one standard deviation): ``table`` is :func:`bara.corruption.summarise`'s. ``num_labels`` draws
     the null, a uniform prediction (accuracy 1 / C, NLL ln C), as a dashed line."""
-    null = {"accuracy": 100.0 / num_labels, "nll": math.log(num_labels)} if num_labels else {}
     fig = _figure(figsize=(13, 3.4 * len(kinds)))
     axes = np.atleast_2d(fig.subplots(len(kinds), len(CORRUPTION_PANELS), squeeze=False))
     for row, kind in zip(axes, kinds):
@@ -182,8 +189,7 @@ def corruption_curves(table: dict, kinds, intensities, path, title: str, num_lab
                 std = scale * np.array([s for _, (_, s, _) in points])
                 ax.plot(xs, mean, marker="osD^vPX*hp<>"[i % 12], color=f"C{i % 10}", label=variant)
                 ax.fill_between(xs, mean - std, mean + std, color=f"C{i % 10}", alpha=0.12, linewidth=0)
-            if metric in null:
-                ax.axhline(null[metric], color="0.4", linestyle="--", linewidth=1, label="uniform (null)")
+            _null_line(ax, metric, num_labels)
             ax.set_xlabel(f"{kind.replace('_', ' ')} (% corrupted)")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
@@ -192,10 +198,11 @@ def corruption_curves(table: dict, kinds, intensities, path, title: str, num_lab
     return _save(fig, path)
 
 
-def shift_plot(table: dict, sets: list[str], path, title: str) -> Path:
+def shift_plot(table: dict, sets: list[str], path, title: str, num_labels: int | None = None) -> Path:
     """Accuracy, ECE and NLL of each method in domain and under shift: ``sets`` along the x axis (in domain first),
     a marker per method at its mean over seeds with a bar of one standard deviation, the methods side by side.
-    ``table``: ``{variant: {set: {"accuracy" | "ece" | "nll": (mean, std)}}}`` (std None for one seed)."""
+    ``table``: ``{variant: {set: {"accuracy" | "ece" | "nll": (mean, std)}}}`` (std None for one seed);
+    ``num_labels`` draws the null as :func:`corruption_curves` does."""
     fig = _figure(figsize=(13, 4.2))
     axes = fig.subplots(1, len(CORRUPTION_PANELS))
     width = 0.7 / max(len(table), 1)
@@ -208,6 +215,7 @@ def shift_plot(table: dict, sets: list[str], path, title: str) -> Path:
             xs = [j + (i - (len(table) - 1) / 2) * width for j, _ in cells]
             ax.errorbar(xs, [scale * m for _, (m, _) in cells], yerr=[scale * (s or 0.0) for _, (_, s) in cells],
                         fmt="osD^vPX*hp<>"[i % 12], color=f"C{i % 10}", label=variant, capsize=2, markersize=5)
+        _null_line(ax, metric, num_labels)
         ax.set_xticks(range(len(sets)), [name.rsplit("/", 1)[-1] for name in sets], rotation=15, ha="right",
                       fontsize=8)
         ax.set_ylabel(label)

@@ -172,7 +172,8 @@ def write_report(plan_: Plan, specs: list[RunSpec], output: Path, command: str,
         written += _dataset_plots(output / "plots", dataset, groups, output,
                                   [(s, m) for s, m in done if s.dataset == dataset])
         if any(r.get("shift") for r in dataset_rows):
-            written.append(_shift_plot(output / "plots", dataset, dataset_rows))
+            classes = next((m.get("num_labels") for s, m in done if s.dataset == dataset), None)
+            written.append(_shift_plot(output / "plots", dataset, dataset_rows, classes))
     names = [f"{n}-<dataset>-<variant>.png" for n in _run_plots(METHODS.values())]
     results += ["", f"Plots in plots/: {', '.join(names[:-1])} and {names[-1]} (the run of the lowest finished seed), "
                 "accuracy-ece-<dataset>.png and accuracy-nll-<dataset>.png (means), and shift-<dataset>.png where a "
@@ -424,8 +425,9 @@ def _schedule(specs: list[RunSpec], dataset: str) -> str:
             f"learning rate {lr}.{extra}")
 
 
-def _shift_plot(plots: Path, dataset: str, rows: list[dict]) -> Path:
-    """shift-DATASET.png: each variant's test numbers in domain beside its numbers on each shift set."""
+def _shift_plot(plots: Path, dataset: str, rows: list[dict], num_labels: int | None) -> Path:
+    """shift-DATASET.png: each variant's test numbers in domain beside its numbers on each shift set, and the null
+    (a uniform prediction over ``num_labels`` classes)."""
     names = list(dict.fromkeys(name for r in rows for name in r.get("shift", {})))
     inside = f"{dataset} (test)"
     table = {}
@@ -437,7 +439,7 @@ def _shift_plot(plots: Path, dataset: str, rows: list[dict]) -> Path:
                            for m in ("accuracy", "ece", "nll")}
         table[variant] = cells
     return shift_plot(table, [inside] + names, plots / f"shift-{dataset}.png",
-                      f"{dataset}: in domain and under shift (test; mean ± std over seeds)")
+                      f"{dataset}: in domain and under shift (test; mean ± std over seeds)", num_labels)
 
 
 def _dataset_plots(plots: Path, dataset: str, groups: list[dict], output: Path, done: list) -> list[Path]:
