@@ -212,8 +212,9 @@ def _num_labels(output: Path, dataset: str, finished: list[dict]) -> int | None:
 
     for row in finished:
         path = output / "runs" / dataset / row["variant"] / row["run"] / RUN_METRICS
-        if path.exists() and json.loads(path.read_text()).get("num_labels"):
-            return int(json.loads(path.read_text())["num_labels"])
+        classes = json.loads(path.read_text()).get("num_labels") if path.exists() else None
+        if classes:
+            return int(classes)
     return None
 
 

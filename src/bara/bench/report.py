@@ -231,8 +231,7 @@ def _dataset_results(plan_: Plan, specs: list[RunSpec], dataset: str, rows: list
         lines += ["", "Diverged (non-finite training loss; left out of the means above, and not retried: the "
                   "same settings diverge the same way): " + ", ".join(gone) + "."]
     for shift in dict.fromkeys(name for r in rows for name in r.get("shift", {})):
-        mine = [{"variant": r["variant"], **{f"shift_{k}": v for k, v in r["shift"][shift].items()}}
-                for r in rows if shift in r.get("shift", {})]
+        mine = _shifted(rows, shift)
         examples = ", ".join(str(n) for n in dict.fromkeys(r["shift_n"] for r in mine))
         lines += ["", f"### {dataset} under shift: tested on `{shift}` (all its examples: {examples})", "",
                   _table(report.summarize(mine, "variant", [k for k, _, _ in SHIFTED]), SHIFTED)]
@@ -425,19 +424,23 @@ def _schedule(specs: list[RunSpec], dataset: str) -> str:
             f"learning rate {lr}.{extra}")
 
 
+def _shifted(rows: list[dict], shift: str) -> list[dict]:
+    """The rows' numbers on the shift set ``shift``, as ``shift_<metric>`` beside each row's variant."""
+    return [{"variant": r["variant"], **{f"shift_{k}": v for k, v in r["shift"][shift].items()}}
+            for r in rows if shift in r.get("shift", {})]
+
+
 def _shift_plot(plots: Path, dataset: str, rows: list[dict], num_labels: int | None) -> Path:
     """shift-DATASET.png: each variant's test numbers in domain beside its numbers on each shift set, and the null
     (a uniform prediction over ``num_labels`` classes)."""
-    names = list(dict.fromkeys(name for r in rows for name in r.get("shift", {})))
+    metrics = ("accuracy", "ece", "nll")
     inside = f"{dataset} (test)"
-    table = {}
-    for variant in dict.fromkeys(r["variant"] for r in rows):
-        mine = [r for r in rows if r["variant"] == variant]
-        cells = {inside: {m: report.mean_std(r.get(f"test_{m}") for r in mine) for m in ("accuracy", "ece", "nll")}}
-        for name in names:
-            cells[name] = {m: report.mean_std(r["shift"][name].get(m) for r in mine if name in r.get("shift", {}))
-                           for m in ("accuracy", "ece", "nll")}
-        table[variant] = cells
+    table = {g["variant"]: {inside: {m: g[f"test_{m}"] for m in metrics}}
+             for g in report.summarize(rows, "variant", [f"test_{m}" for m in metrics])}
+    names = list(dict.fromkeys(name for r in rows for name in r.get("shift", {})))
+    for name in names:
+        for g in report.summarize(_shifted(rows, name), "variant", [f"shift_{m}" for m in metrics]):
+            table[g["variant"]][name] = {m: g[f"shift_{m}"] for m in metrics}
     return shift_plot(table, [inside] + names, plots / f"shift-{dataset}.png",
                       f"{dataset}: in domain and under shift (test; mean ± std over seeds)", num_labels)
 
