@@ -187,3 +187,42 @@ def test_a_retrained_run_that_scores_other_numbers_is_left_out_and_not_retrained
     with pytest.warns(UserWarning, match="left out of the curves"):
         corruption.run_corrupt(out, ["toy"], intensities=[0, 40], progress_bar=False, missing="retrain")
     assert len(trained) == 1  # at another thread count it trains again
+
+
+def test_the_report_names_the_runs_not_scored_yet_and_report_only_scores_nothing(finished_bench, monkeypatch):
+    out = finished_bench
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    scored_before = []
+    real = corruption.corrupt_run
+
+    def stop_after_one(folder, *args, **kwargs):  # the command stops (killed) after the first run
+        if scored_before:
+            raise KeyboardInterrupt
+        scored_before.append(folder)
+        return real(folder, *args, **kwargs)
+
+    monkeypatch.setattr(corruption, "corrupt_run", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        corruption.run_corrupt(out, ["toy"], intensities=[0, 40], progress_bar=False)
+    report = (out / "corruption-toy.md").read_text()  # written after the one run it scored
+    names = [f"{r['variant']}/{r['run']}" for r in rows]
+    done = f"{scored_before[0].parent.name}/{scored_before[0].name}"
+    assert f"**Partial**: {len(rows) - 1} run(s) not scored yet" in report
+    assert all((name in report) == (name != done) for name in names)
+    points = [json.loads(line) for line in (out / "corruption-toy.jsonl").read_text().splitlines()]
+    assert {p["run"] for p in points} == {scored_before[0].name} and len(points) == 2 * 2
+    assert f"| {scored_before[0].parent.name} (1 seed) |" in report  # a partial mean says over how many seeds
+
+    monkeypatch.setattr(corruption, "corrupt_run", lambda *a, **k: pytest.fail("report-only scored a run"))
+    for w in scored_before[0].rglob("*.safetensors"):  # no adapter needed to report: no error for one missing
+        w.unlink()
+    assert cli.main(["corrupt", "--bench", str(out), "--data", "toy", "--intensities", "0,40", "--no-progress",
+                     "--report-only"]) == 0
+    def without_command(text):
+        return [line for line in text.splitlines() if not line.startswith("`bara corrupt")]
+
+    assert without_command((out / "corruption-toy.md").read_text()) == without_command(report)
+    monkeypatch.setattr(corruption, "corrupt_run", real)
+    corruption.run_corrupt(out, ["toy"], intensities=[0, 40], progress_bar=False, missing="skip")
+    assert "Partial" not in (out / "corruption-toy.md").read_text()
+    assert len((out / "corruption-toy.jsonl").read_text().splitlines()) == len(rows) * 2 * 2

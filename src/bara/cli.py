@@ -61,6 +61,8 @@ CORRUPT_EXAMPLES = """examples:
 It scores the runs results.jsonl lists (the chosen ones, no losing grid candidates) and writes corruption-DATA.md,
 corruption-DATA.jsonl and plots/corruption-DATA.png into --bench; each run's points go to its folder
 (corruption_metrics.json), so an interrupted command continues where it stopped and a rerun costs nothing.
+The report is rewritten after each run from the points scored so far (the runs not scored yet are named, not
+averaged), so a long command can be read while it works; --report-only writes it and scores nothing.
 """
 
 DATA_EXAMPLES = """examples:
@@ -269,6 +271,9 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
                          "retraining)")
     lacking.add_argument("--skip-missing", action="store_true", help="leave the runs without an adapter here out of "
                          "the curves (the report lists them)")
+    c.add_argument("--report-only", action="store_true", help="score nothing: write the report from the points "
+                   "scored so far (while a long command is still at work, or after it stopped); the runs not fully "
+                   "scored are named in it")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     data = sub.add_parser("data", help="fetch datasets that are not shipped with bara (BIG-bench)",
@@ -419,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
 
             missing = "retrain" if args.retrain_missing else "skip" if args.skip_missing else "error"
             written = corruption.run_corrupt(args.bench, args.data, args.kinds, args.intensities,
-                                             not args.no_progress, shlex.join(["bara", *argv]), missing)
+                                             not args.no_progress, shlex.join(["bara", *argv]), missing,
+                                             args.report_only)
             print("wrote " + ", ".join(str(p) for p in written))
         elif args.command == "data":
             _fetch(args)

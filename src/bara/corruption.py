@@ -235,10 +235,11 @@ def summarise(points: list[dict], kinds, intensities) -> dict:
 
 
 def markdown(dataset: str, table: dict, kinds, intensities, command: str, left_out=(),
-             num_labels: int | None = None) -> str:
+             num_labels: int | None = None, pending=()) -> str:
     """The report: one table per corruption, a row per variant, accuracy % / ECE % / NLL per intensity (means over
     seeds); ``left_out`` lists the runs skipped for want of an adapter, each with the reason; ``num_labels`` adds
-    the null (a uniform prediction) to read the numbers against."""
+    the null (a uniform prediction) to read the numbers against; ``pending`` lists the runs not (fully) scored yet,
+    which makes the report a partial one."""
     lines = [f"# {dataset}: the test split corrupted", "", f"`{command}`", "",
              "Each cell: accuracy % / ECE % / NLL, mean over seeds, of the method's own predictive (S samples for the "
              "sampling methods). Intensity 0 is the clean test split. Corruptions: see `bara corrupt --help`.", ""]
@@ -247,6 +248,9 @@ def markdown(dataset: str, table: dict, kinds, intensities, command: str, left_o
                   f"{100 / num_labels:.1f} %, NLL ln {num_labels} = {math.log(num_labels):.3f} and an ECE of about "
                   f"0 at every intensity: an NLL above {math.log(num_labels):.3f} is worse than knowing nothing, and "
                   "a low ECE means something only beside the accuracy it comes with.", ""]
+    if pending:
+        lines += [f"**Partial**: {len(pending)} run(s) not scored yet, their methods' means are over fewer seeds "
+                  f"(the same command scores them): {', '.join(pending)}.", ""]
     if left_out:
         lines += [f"Left out (their methods' means are over fewer seeds): {'; '.join(left_out)}.", ""]
     for kind in kinds:
@@ -259,22 +263,58 @@ def markdown(dataset: str, table: dict, kinds, intensities, command: str, left_o
                 cell = kinds_.get(kind, {}).get(intensity)
                 cells.append("—" if cell is None else f"{100 * cell['accuracy'][0]:.1f} / {100 * cell['ece'][0]:.1f} / "
                              f"{cell['nll'][0]:.3f}")
-            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+            seeds = max((cell["accuracy"][2] for cell in kinds_.get(kind, {}).values()), default=0)
+            label = f"{variant} ({seeds} seed{'s' if seeds > 1 else ''})" if pending or left_out else variant
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
+def _write_report(output: Path, dataset: str, finished: list[dict], kinds, intensities, command: str,
+                  why: dict) -> list[Path]:
+    """Write ``corruption-DATASET.md``, ``.jsonl`` and ``plots/corruption-DATASET.png`` from the points the runs'
+    folders hold now: a run with every point is in the means, one that lacks some is named as not scored yet (a
+    partial report), one in ``why`` ({folder: reason}) as left out."""
+    from .checkpoint import write_atomic
+    from .plots import corruption_curves
+
+    points, left_out, pending = [], [], []
+    for row in finished:
+        folder = output / "runs" / dataset / row["variant"] / row["run"]
+        name = f"{row['variant']}/{row['run']}"
+        scored = _scored(folder)
+        if folder in why:
+            left_out.append(f"{name} ({why[folder]})")
+        elif _unscored(scored, kinds, intensities):
+            pending.append(name)
+        else:
+            points += [{"variant": row["variant"], "method": row["method"], "seed": row["seed"], "run": row["run"],
+                        "kind": kind, "intensity": intensity, **scored[kind][f"{intensity:g}"]}
+                       for kind in kinds for intensity in intensities]
+    table = summarise(points, kinds, intensities)
+    num_labels = _num_labels(output, dataset, finished)
+    report = output / f"corruption-{dataset}.md"
+    write_atomic(report, lambda tmp: tmp.write_text(markdown(dataset, table, kinds, intensities, command, left_out,
+                                                             num_labels, pending)))
+    lines = output / f"corruption-{dataset}.jsonl"
+    write_atomic(lines, lambda tmp: tmp.write_text("".join(json.dumps(p) + "\n" for p in points)))
+    plot = corruption_curves(table, kinds, intensities, output / "plots" / f"corruption-{dataset}.png",
+                             f"{dataset}: test split corrupted (mean ± std over seeds)", num_labels)
+    return [report, lines, plot]
+
+
 def run_corrupt(output: Path, datasets: list[str], kinds=KINDS, intensities=INTENSITIES, progress_bar: bool = True,
-                command: str = "bara corrupt", missing: str = "error") -> list[Path]:
+                command: str = "bara corrupt", missing: str = "error", report_only: bool = False) -> list[Path]:
     """Score every chosen run of ``datasets`` in the benchmark folder ``output`` on corrupted test splits and write
     ``corruption-DATASET.md``, ``corruption-DATASET.jsonl`` and ``plots/corruption-DATASET.png``; returns their paths.
+    The report is written before the first run and again after each, from the points scored so far (a run not
+    fully scored yet is named there, not averaged), so a long command that stops leaves a partial report to read;
+    ``report_only`` writes it and scores nothing.
     A run with points left to score and no adapter in its folder: ``missing`` "error" (BaraError before any work,
     naming them all), "skip" (left out, and listed in the report) or "retrain" (:func:`retrain_adapter`; a run that
     retrains to other numbers than it stored is left out with a warning, and listed in the report)."""
     from tqdm.auto import tqdm
 
-    from .plots import corruption_curves
-    from .checkpoint import write_atomic
     from .runs import has_weights
 
     for kind in kinds:
@@ -290,6 +330,9 @@ def run_corrupt(output: Path, datasets: list[str], kinds=KINDS, intensities=INTE
                                 "runs?); fix: point --bench at the folder 'bara bench' trained into")
             if _unscored(_scored(folder), kinds, intensities) and not has_weights(folder):
                 lacking.append(folder)
+    if report_only:
+        return [path for dataset, finished in rows.items()
+                for path in _write_report(output, dataset, finished, kinds, intensities, command, {})]
     if lacking and missing == "error":
         raise BaraError(f"{len(lacking)} run(s) to score have no adapter here (trained on another machine?): "
                         f"{', '.join(str(f.relative_to(output)) for f in lacking)}; fix: pass --retrain-missing to "
@@ -304,24 +347,10 @@ def run_corrupt(output: Path, datasets: list[str], kinds=KINDS, intensities=INTE
             why[folder] = "retrained here to other numbers than it stored, --retrain-missing"
     written = []
     for dataset, finished in rows.items():
-        points, left_out = [], []
+        written += _write_report(output, dataset, finished, kinds, intensities, command, why)  # the same paths later
         for row in tqdm(finished, desc=f"corrupt {dataset}", unit="run", disable=not progress_bar):
             folder = output / "runs" / dataset / row["variant"] / row["run"]
-            if folder in why:
-                left_out.append(f"{row['variant']}/{row['run']} ({why[folder]})")
-                continue
-            scored = corrupt_run(folder, kinds, intensities, progress_bar)
-            points += [{"variant": row["variant"], "method": row["method"], "seed": row["seed"], "run": row["run"],
-                        "kind": kind, "intensity": intensity, **scored[kind][f"{intensity:g}"]}
-                       for kind in kinds for intensity in intensities]
-        table = summarise(points, kinds, intensities)
-        num_labels = _num_labels(output, dataset, finished)
-        report = output / f"corruption-{dataset}.md"
-        write_atomic(report, lambda tmp: tmp.write_text(markdown(dataset, table, kinds, intensities, command,
-                                                                 left_out, num_labels)))
-        lines = output / f"corruption-{dataset}.jsonl"
-        write_atomic(lines, lambda tmp: tmp.write_text("".join(json.dumps(p) + "\n" for p in points)))
-        plot = corruption_curves(table, kinds, intensities, output / "plots" / f"corruption-{dataset}.png",
-                                 f"{dataset}: test split corrupted (mean ± std over seeds)", num_labels)
-        written += [report, lines, plot]
+            if folder not in why and _unscored(_scored(folder), kinds, intensities):
+                corrupt_run(folder, kinds, intensities, progress_bar)
+                _write_report(output, dataset, finished, kinds, intensities, command, why)
     return written
