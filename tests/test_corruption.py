@@ -218,6 +218,7 @@ def test_the_report_names_the_runs_not_scored_yet_and_report_only_scores_nothing
         w.unlink()
     assert cli.main(["corrupt", "--bench", str(out), "--data", "toy", "--intensities", "0,40", "--no-progress",
                      "--report-only"]) == 0
+
     def without_command(text):
         return [line for line in text.splitlines() if not line.startswith("`bara corrupt")]
 
