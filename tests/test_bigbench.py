@@ -142,6 +142,25 @@ def test_fetch_from_an_sdist_archive_makes_the_tasks_loadable(cache, tmp_path, c
     assert "'nope' is not a BIG-bench task of bara" in capsys.readouterr().err
 
 
+
+def test_fetch_from_a_big_bench_checkout_reads_the_same_tasks_as_the_sdist(cache, tmp_path):
+    """Where PyPI refuses the sdist, a clone of github.com/google/BIG-bench (bigbench/benchmark_tasks at its root)
+    gives the same records as the sdist with the same task.json."""
+    tasks = {"strategyqa": yes_no_task(50), **fact_checker_tasks()}
+    for name, task in tasks.items():
+        (tmp_path / "BIG-bench" / "bigbench" / "benchmark_tasks" / name).mkdir(parents=True)
+        (tmp_path / "BIG-bench" / "bigbench" / "benchmark_tasks" / name / "task.json").write_text(json.dumps(task))
+    from_checkout = bigbench.fetch(["strategyqa", "fact_checker/fever"], sdist=tmp_path / "BIG-bench",
+                                   progress=False, root=tmp_path / "a")
+    from_sdist = bigbench.fetch(["strategyqa", "fact_checker/fever"], sdist=fake_sdist(tmp_path / "s.tar.gz", tasks),
+                                progress=False, root=tmp_path / "b")
+    assert from_checkout == from_sdist and from_checkout["strategyqa"]["test"] == 10
+    for task in ("strategyqa", "fact_checker/fever"):
+        for name in bigbench.FILES:
+            assert (tmp_path / "a" / task / name).read_bytes() == (tmp_path / "b" / task / name).read_bytes()
+    with pytest.raises(BaraError, match="no bigbench/benchmark_tasks/winowhy/task.json"):
+        bigbench.fetch(["winowhy"], sdist=tmp_path / "BIG-bench", progress=False, root=tmp_path / "a")
+
 class FakeResponse(io.BytesIO):
     """Stands in for the HTTP response of PyPI's file host."""
 
@@ -193,6 +212,15 @@ def test_fetch_downloads_checks_the_sha256_and_deletes_the_download(cache, tmp_p
 
     monkeypatch.setattr(bigbench, "urlopen", offline)
     with pytest.raises(BaraError, match="could not download .*no route to host.*fix: check the connection"):
+        bigbench.fetch(["social_iqa"], progress=False)
+    assert sorted(p.name for p in cache.iterdir()) == ["strategyqa", "winowhy"]
+
+    def refused(url, timeout):  # what this workplace's registry answers for the sdist since 2026-12-05
+        raise bigbench.HTTPError(url, 403, "Forbidden", {}, io.BytesIO(b"This package version is not available."))
+
+    monkeypatch.setattr(bigbench, "urlopen", refused)
+    with pytest.raises(BaraError, match=r"PyPI refused .*bigbench-1\.0\.0\.tar\.gz \(HTTP 403: This package version is "
+                                        r"not available\.\); fix: download .*github\.com/google/BIG-bench.*--sdist PATH"):
         bigbench.fetch(["social_iqa"], progress=False)
     assert sorted(p.name for p in cache.iterdir()) == ["strategyqa", "winowhy"]
 

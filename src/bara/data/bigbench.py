@@ -40,7 +40,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.error import URLError
+from urllib.error import HTTPError, URLError
 from urllib.request import urlopen
 
 from ..cache import cache_dir
@@ -61,6 +61,11 @@ SPLIT_SEED = 0
 SPLIT_STREAM = 100  # a stream of sampling's generator that no other split uses
 FILES = ("train.jsonl", "test.jsonl")
 FETCH_HINT = "run 'bara data fetch bigbench' (downloads the bigbench sdist from PyPI once, about 360 MB)"
+# Where PyPI refuses the sdist (this workplace's registry has answered 403 "This package version is not available"
+# since 2026-12-05), the same task.json files come from the sdist fetched elsewhere or from a BIG-bench checkout.
+ELSEWHERE = (f"download bigbench-{VERSION}.tar.gz (sha256 {{sha}}) or clone https://github.com/google/BIG-bench on a "
+             "machine that can, and pass it with 'bara data fetch bigbench --sdist PATH' (the .tar.gz or the "
+             "checkout's folder)")
 # The sdist on PyPI (its sha256 as pip reported it when checking a download against a pinned hash, 2026-12-01).
 SDIST_URL = ("https://files.pythonhosted.org/packages/95/f8/"
              f"c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/bigbench-{VERSION}.tar.gz")
@@ -258,6 +263,10 @@ def download(workdir: Path, progress: bool = True) -> Path:
                     out.write(chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))
+    except HTTPError as err:  # the host answered: retrying will not help, the file must come from elsewhere
+        body = err.read(200).decode("utf-8", "replace").strip()
+        raise BaraError(f"PyPI refused {SDIST_URL} (HTTP {err.code}{': ' + body if body else ''}); fix: "
+                        + ELSEWHERE.format(sha=SDIST_SHA256)) from None
     except (URLError, OSError) as err:
         raise BaraError(f"could not download {SDIST_URL} ({getattr(err, 'reason', err)}); fix: check the connection "
                         "to PyPI, or download the sdist elsewhere and pass it with --sdist FILE") from None
@@ -286,7 +295,7 @@ def fetch(tasks: list[str] | None = None, force: bool = False, sdist: Path | Non
     workdir = Path(tempfile.mkdtemp(dir=root, prefix=".download-"))  # beside the cache: same disk, cleaned up
     try:
         print(f"downloading bigbench=={VERSION} from PyPI (about 360 MB, checked by sha256; only {len(todo)} "
-              "task.json files are kept)", flush=True)
+              f"task.json file{'s are' if len(todo) > 1 else ' is'} kept)", flush=True)
         source = download(workdir, progress)
         return extract(source, todo, root)
     finally:
