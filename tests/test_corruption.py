@@ -189,6 +189,46 @@ def test_a_retrained_run_that_scores_other_numbers_is_left_out_and_not_retrained
     assert len(trained) == 1  # at another thread count it trains again
 
 
+def test_retrains_are_scored_one_by_one_and_a_retrain_cut_half_way_continues(finished_bench, monkeypatch):
+    """A retrained adapter is not kept across machines, so each run is scored as soon as it is retrained (a command
+    stopped later keeps its points), and a retrain stopped half-way continues from its checkpoint."""
+    from bara import checkpoint
+
+    out = finished_bench
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    folders = [out / "runs" / "toy" / r["variant"] / r["run"] for r in rows if r["variant"] == "bara-small"]
+    kept = {}
+    for folder in folders:  # from another machine: no weights; stored as checkpointing every step (not in the hash)
+        kept.update({w: w.read_bytes() for w in folder.rglob("*.safetensors")})
+        for w in folder.rglob("*.safetensors"):
+            w.unlink()
+        metrics = json.loads((folder / METRICS).read_text())
+        metrics["config"]["train"]["checkpoint_every"] = 1
+        (folder / METRICS).write_text(json.dumps(metrics))
+    real_save = checkpoint.save
+
+    def cut_second_retrain_at_step_2(output_dir, step, *args, **kwargs):
+        real_save(output_dir, step, *args, **kwargs)
+        if folders[1] in output_dir.parents and step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", cut_second_retrain_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        corruption.run_corrupt(out, ["toy"], intensities=[0, 40], progress_bar=False, missing="retrain")
+    assert (folders[0] / corruption.RUN_FILE).exists() and runs.has_weights(folders[0])  # scored before the cut
+    partial = folders[1] / ".retrain.partial"
+    assert checkpoint.candidates(partial) and not (partial / METRICS).exists()
+    assert not (folders[1] / corruption.RUN_FILE).exists()
+
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    calls, real_train = [], runs.run_train
+    monkeypatch.setattr(runs, "run_train", lambda *a, **k: calls.append(k) or real_train(*a, **k))
+    corruption.run_corrupt(out, ["toy"], intensities=[0, 40], progress_bar=False, missing="retrain")
+    assert [k.get("resume") for k in calls] == [True]  # continued, not trained from the start
+    assert {w: w.read_bytes() for w in kept} == kept  # both retrained bit for bit, the cut one included
+    assert runs.has_weights(folders[1]) and not partial.exists() and (folders[1] / corruption.RUN_FILE).exists()
+    assert len((out / "corruption-toy.jsonl").read_text().splitlines()) == len(rows) * 2 * 2
+
 def test_the_report_names_the_runs_not_scored_yet_and_report_only_scores_nothing(finished_bench, monkeypatch):
     out = finished_bench
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]

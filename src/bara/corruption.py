@@ -116,9 +116,10 @@ def retrain_adapter(folder: Path, progress_bar: bool = True) -> str:
     kind of machine); the stored metrics are never touched. Returns a line saying what matched. BaraError, the
     retrained run left in ``folder/.retrain.partial`` to inspect, when they differ: its corrupted scores would not
     belong with the run's clean ones. A finished retrain left there by an earlier call at the same thread count is
-    compared again, not trained again."""
+    compared again, not trained again; one stopped half-way continues from its checkpoint."""
     import torch
 
+    from . import checkpoint
     from .runs import METRICS as RUN_METRICS, RunConfig, run_train
 
     stored = json.loads((folder / RUN_METRICS).read_text())
@@ -130,8 +131,16 @@ def retrain_adapter(folder: Path, progress_bar: bool = True) -> str:
     if before.get("torch_threads") == torch.get_num_threads():
         fresh = before
     else:
-        fresh = run_train(config, work, overwrite=True, progress_bar=progress_bar, validation=on_validation,
-                          test=not on_validation)
+        fresh = None
+        if not before and checkpoint.candidates(work):  # a retrain stopped half-way: continued (resuming is exact)
+            try:
+                fresh = run_train(config, work, resume=True, progress_bar=progress_bar, validation=on_validation,
+                                  test=not on_validation)
+            except BaraError:  # a damaged checkpoint, or one of another config: trained again below
+                fresh = None
+        if fresh is None:
+            fresh = run_train(config, work, overwrite=True, progress_bar=progress_bar, validation=on_validation,
+                              test=not on_validation)
     split, old, new = ("validation", stored["validation"], fresh["validation"]) if on_validation \
         else ("test", stored, fresh)
     differ = {k: (old[k], new[k]) for k in ("accuracy", "nll", "ece") if abs(old[k] - new[k]) > 1e-6}
@@ -339,18 +348,23 @@ def run_corrupt(output: Path, datasets: list[str], kinds=KINDS, intensities=INTE
                         "train them again from their stored config (checked against their stored numbers), or "
                         "--skip-missing to leave them out of the curves")
     why = {folder: "no adapter here, --skip-missing" for folder in lacking if missing == "skip"}
-    for folder in lacking if missing == "retrain" else ():
-        try:
-            print(retrain_adapter(folder, progress_bar), flush=True)
-        except BaraError as error:  # another kind of machine: the other runs are still worth scoring
-            warnings.warn(f"{error}; it is left out of the curves", UserWarning, stacklevel=2)
-            why[folder] = "retrained here to other numbers than it stored, --retrain-missing"
     written = []
     for dataset, finished in rows.items():
         written += _write_report(output, dataset, finished, kinds, intensities, command, why)  # the same paths later
         for row in tqdm(finished, desc=f"corrupt {dataset}", unit="run", disable=not progress_bar):
             folder = output / "runs" / dataset / row["variant"] / row["run"]
-            if folder not in why and _unscored(_scored(folder), kinds, intensities):
-                corrupt_run(folder, kinds, intensities, progress_bar)
-                _write_report(output, dataset, finished, kinds, intensities, command, why)
+            if folder in why or not _unscored(_scored(folder), kinds, intensities):
+                continue
+            # Retrained just before it is scored, not all first: a command stopped after N retrains keeps N runs'
+            # points (a retrained adapter is not committed, so one not scored yet would be trained again later).
+            if folder in lacking:
+                try:
+                    print(retrain_adapter(folder, progress_bar), flush=True)
+                except BaraError as error:  # another kind of machine: the other runs are still worth scoring
+                    warnings.warn(f"{error}; it is left out of the curves", UserWarning, stacklevel=2)
+                    why[folder] = "retrained here to other numbers than it stored, --retrain-missing"
+                    _write_report(output, dataset, finished, kinds, intensities, command, why)
+                    continue
+            corrupt_run(folder, kinds, intensities, progress_bar)
+            _write_report(output, dataset, finished, kinds, intensities, command, why)
     return written
