@@ -186,8 +186,10 @@ def test_bench_trains_reports_and_skips_finished_runs(preset_file, tmp_path, mon
     for hours, spec in enumerate(specs, 1):  # 1 + 2 + 3 + 4 hours: the dataset's wall time in all
         metrics_file = out / spec.folder / "metrics.json"
         metrics_file.write_text(json.dumps({**json.loads(metrics_file.read_text()), "wall_seconds": 3600.0 * hours}))
+    (out / "preset.json").unlink()  # a store's run folders come without it (never committed there)
     bench.run_bench(str(preset_file), out, progress=False, report_only=True)
     assert "Wall time: 10.00 h over the 4 finished runs of this dataset" in (out / "cost.md").read_text()
+    assert json.loads((out / "preset.json").read_text())["name"] == "tiny"  # what --compare reads beside it
     header = next(l for l in cost.splitlines() if l.startswith("| variant |"))
     columns = [c.strip() for c in header.split("|")[1:-1]]
     assert {"predict s (test, S)", "predict s (S = 1)", "predict s (one-pass)", "threads"} <= set(columns)

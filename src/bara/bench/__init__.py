@@ -13,7 +13,7 @@ Layout of the output folder ``DIR``::
     results.md      per dataset: variant x metric, mean ± std over seeds, best in bold (OOD AUROC where the
                     dataset sets `ood`, one per set); a table "under shift" per set where it sets `shift`
     cost.md         per dataset: variant x (train s/step, peak memory, trainable parameters, prediction time)
-    preset.json     the preset as resolved for the last training call
+    preset.json     the preset as resolved for the last report (what --compare reads beside results.jsonl)
     plots/          reliability-<dataset>-<variant>.png and the method's own plots (Method.run_files; copied
                     from the run of the lowest seed), accuracy-ece-<dataset>.png, accuracy-nll-<dataset>.png
 
@@ -32,6 +32,7 @@ import shlex
 from pathlib import Path
 
 from ..errors import BaraError
+from ..runs import write_json
 from .plan import (CHECKPOINT_EVERY, DIVERGED, SHIFT, Choice, Entry, Plan, RunSpec, choices, diverged, expand,
                    finished, plan, run_hash)
 from .presets import Preset, load_preset, packaged_presets
@@ -70,6 +71,9 @@ def run_bench(preset: Preset | str, output: str | Path, progress: bool = True, r
     specs = expand(plan_, output)
     command = command or shlex.join(["bara", "bench", "--preset", given, "--output", str(output)])
     if report_only or not summary["failed"] or any(finished(output, s) for s in specs):
+        output.mkdir(parents=True, exist_ok=True)  # beside the report (--compare reads it), --report-only too
+        preset_ = plan_.preset
+        write_json(output / "preset.json", {"name": preset_.name, "source": preset_.source, "preset": preset_.values})
         summary["written"] = write_report(plan_, specs, output, command, reference)
     if summary["failed"]:
         first = summary["failed"][0]

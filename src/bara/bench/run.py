@@ -342,8 +342,6 @@ def train_plan(plan_: Plan, selected: list[RunSpec], output: Path, progress: boo
                 and not (reuse is not None and not s.pending and reusable(reuse, s, trained))]  # copied, not trained
         print(f"bara bench: {estimate(todo, output, (reuse,) if reuse is not None else ())}", flush=True)
     output.mkdir(parents=True, exist_ok=True)
-    preset = plan_.preset
-    runs.write_json(output / "preset.json", {"name": preset.name, "source": preset.source, "preset": preset.values})
     summary = {"selected": 0, "trained": 0, "reused": 0, "skipped": 0, "diverged": 0, "failed": []}
     unchosen = []  # a grid whose every candidate diverged: its runs cannot start
     for dataset in dict.fromkeys(s.dataset for s in selected):
