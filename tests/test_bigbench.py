@@ -142,7 +142,6 @@ def test_fetch_from_an_sdist_archive_makes_the_tasks_loadable(cache, tmp_path, c
     assert "'nope' is not a BIG-bench task of bara" in capsys.readouterr().err
 
 
-
 def test_fetch_from_a_big_bench_checkout_reads_the_same_tasks_as_the_sdist(cache, tmp_path):
     """Where PyPI refuses the sdist, a clone of github.com/google/BIG-bench (bigbench/benchmark_tasks at its root)
     gives the same records as the sdist with the same task.json."""
@@ -160,6 +159,7 @@ def test_fetch_from_a_big_bench_checkout_reads_the_same_tasks_as_the_sdist(cache
             assert (tmp_path / "a" / task / name).read_bytes() == (tmp_path / "b" / task / name).read_bytes()
     with pytest.raises(BaraError, match="no bigbench/benchmark_tasks/winowhy/task.json"):
         bigbench.fetch(["winowhy"], sdist=tmp_path / "BIG-bench", progress=False, root=tmp_path / "a")
+
 
 class FakeResponse(io.BytesIO):
     """Stands in for the HTTP response of PyPI's file host."""

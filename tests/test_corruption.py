@@ -229,6 +229,7 @@ def test_retrains_are_scored_one_by_one_and_a_retrain_cut_half_way_continues(fin
     assert runs.has_weights(folders[1]) and not partial.exists() and (folders[1] / corruption.RUN_FILE).exists()
     assert len((out / "corruption-toy.jsonl").read_text().splitlines()) == len(rows) * 2 * 2
 
+
 def test_the_report_names_the_runs_not_scored_yet_and_report_only_scores_nothing(finished_bench, monkeypatch):
     out = finished_bench
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
