@@ -230,6 +230,21 @@ def test_retrains_are_scored_one_by_one_and_a_retrain_cut_half_way_continues(fin
     assert len((out / "corruption-toy.jsonl").read_text().splitlines()) == len(rows) * 2 * 2
 
 
+def test_only_method_scores_those_runs_and_the_report_names_the_others(finished_bench, capsys):
+    out = finished_bench
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert cli.main(["corrupt", "--bench", str(out), "--data", "toy", "--intensities", "0,40", "--no-progress",
+                     "--only-method", "bara"]) == 0  # a method's name: its variant bara-small
+    scored = {r["variant"] for r in rows
+              if (out / "runs" / "toy" / r["variant"] / r["run"] / corruption.RUN_FILE).exists()}
+    assert scored == {"bara-small"}
+    report = (out / "corruption-toy.md").read_text()
+    assert "**Partial**: 2 run(s) not scored yet" in report and "| bara-small (2 seeds) |" in report
+    assert all(f"lora/{r['run']}" in report for r in rows if r["variant"] == "lora")
+    assert cli.main(["corrupt", "--bench", str(out), "--data", "toy", "--only-method", "lora,blob"]) == 2
+    assert "--only-method: 'blob' has no finished run here; fix: use some of bara, bara-small, lora" in \
+        capsys.readouterr().err
+
 def test_the_report_names_the_runs_not_scored_yet_and_report_only_scores_nothing(finished_bench, monkeypatch):
     out = finished_bench
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]

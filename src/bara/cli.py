@@ -57,6 +57,7 @@ CORRUPT_EXAMPLES = """examples:
   bara corrupt --bench runs/bench-standard --data banking77
   bara corrupt --bench runs/bench-standard --data banking77,hwu64 --kinds typos --intensities 0,10,40
   bara corrupt --bench benchmarks/store/standard --data banking77 --retrain-missing   # a store from other machines
+  bara corrupt --bench runs/bench-standard --data banking77 --only-method bara,adalora  # these first
 
 It scores the runs results.jsonl lists (the chosen ones, no losing grid candidates) and writes corruption-DATA.md,
 corruption-DATA.jsonl and plots/corruption-DATA.png into --bench; each run's points go to its folder
@@ -272,6 +273,9 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
                          "retraining)")
     lacking.add_argument("--skip-missing", action="store_true", help="leave the runs without an adapter here out of "
                          "the curves (the report lists them)")
+    c.add_argument("--only-method", metavar="M", type=_comma_list, help="score only the runs of these variants or "
+                   "methods (comma-separated), e.g. the ones to read first, or to split the work between two "
+                   "processes; the report still covers every run")
     c.add_argument("--report-only", action="store_true", help="score nothing: write the report from the points "
                    "scored so far (while a long command is still at work, or after it stopped); the runs not fully "
                    "scored are named in it")
@@ -426,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             missing = "retrain" if args.retrain_missing else "skip" if args.skip_missing else "error"
             written = corruption.run_corrupt(args.bench, args.data, args.kinds, args.intensities,
                                              not args.no_progress, shlex.join(["bara", *argv]), missing,
-                                             args.report_only)
+                                             args.report_only, args.only_method)
             print("wrote " + ", ".join(str(p) for p in written))
         elif args.command == "data":
             _fetch(args)

@@ -196,6 +196,18 @@ def corrupt_run(folder: Path, kinds=KINDS, intensities=INTENSITIES, progress_bar
     return done
 
 
+def _chosen(rows: dict[str, list[dict]], only_method: list[str] | None):
+    """The test a row passes to be scored: every row, or those whose variant or method is one of ``only_method``."""
+    if not only_method:
+        return lambda row: True
+    names = set(only_method)
+    valid = {row[key] for finished in rows.values() for row in finished for key in ("variant", "method")}
+    if names - valid:
+        raise BaraError(f"--only-method: '{sorted(names - valid)[0]}' has no finished run here; fix: use some of "
+                        f"{', '.join(sorted(valid))}")
+    return lambda row: row["variant"] in names or row["method"] in names
+
+
 def _finished_runs(output: Path, dataset: str) -> list[dict]:
     """The rows of the benchmark's results.jsonl for ``dataset`` (the chosen runs: no losing grid candidates)."""
     results = output / "results.jsonl"
@@ -313,12 +325,14 @@ def _write_report(output: Path, dataset: str, finished: list[dict], kinds, inten
 
 
 def run_corrupt(output: Path, datasets: list[str], kinds=KINDS, intensities=INTENSITIES, progress_bar: bool = True,
-                command: str = "bara corrupt", missing: str = "error", report_only: bool = False) -> list[Path]:
+                command: str = "bara corrupt", missing: str = "error", report_only: bool = False,
+                only_method: list[str] | None = None) -> list[Path]:
     """Score every chosen run of ``datasets`` in the benchmark folder ``output`` on corrupted test splits and write
     ``corruption-DATASET.md``, ``corruption-DATASET.jsonl`` and ``plots/corruption-DATASET.png``; returns their paths.
     The report is written before the first run and again after each, from the points scored so far (a run not
     fully scored yet is named there, not averaged), so a long command that stops leaves a partial report to read;
-    ``report_only`` writes it and scores nothing.
+    ``report_only`` writes it and scores nothing. ``only_method``: score only the runs of these variants or methods
+    (the others wait, named in the report as not scored yet): some methods first, or two processes side by side.
     A run with points left to score and no adapter in its folder: ``missing`` "error" (BaraError before any work,
     naming them all), "skip" (left out, and listed in the report) or "retrain" (:func:`retrain_adapter`; a run that
     retrains to other numbers than it stored is left out with a warning, and listed in the report)."""
@@ -330,9 +344,10 @@ def run_corrupt(output: Path, datasets: list[str], kinds=KINDS, intensities=INTE
         for intensity in intensities:
             check(kind, intensity)
     rows = {dataset: _finished_runs(output, dataset) for dataset in datasets}
+    chosen = _chosen(rows, only_method)
     lacking = []  # every error before any work
     for dataset, finished in rows.items():
-        for row in finished:
+        for row in filter(chosen, finished):
             folder = output / "runs" / dataset / row["variant"] / row["run"]
             if not folder.is_dir():
                 raise BaraError(f"{folder} is listed in results.jsonl but is not there (a report copied without its "
@@ -351,7 +366,8 @@ def run_corrupt(output: Path, datasets: list[str], kinds=KINDS, intensities=INTE
     written = []
     for dataset, finished in rows.items():
         written += _write_report(output, dataset, finished, kinds, intensities, command, why)  # the same paths later
-        for row in tqdm(finished, desc=f"corrupt {dataset}", unit="run", disable=not progress_bar):
+        for row in tqdm(list(filter(chosen, finished)), desc=f"corrupt {dataset}", unit="run",
+                        disable=not progress_bar):
             folder = output / "runs" / dataset / row["variant"] / row["run"]
             if folder in why or not _unscored(_scored(folder), kinds, intensities):
                 continue
