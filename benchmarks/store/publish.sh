@@ -9,10 +9,15 @@
 #    benchmarks/results/PRESET-before-after.md (the old report stays in git's history);
 # 3. replaces results.md, cost.md, results.jsonl, preset.json, plots/ and any corruption-*.md in benchmarks/results/PRESET.
 # It commits nothing: read the diff, then commit. Run it when the rerun is complete (or to look at it so far).
+# --no-before-after (anywhere after PRESET) skips step 2: publishing a rerun again as it grows keeps the table of the
+# report before the rerun (it would otherwise compare the rerun with its own earlier part).
 set -euo pipefail
-[ $# -ge 1 ] || { sed -n 2,11p "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,13p "$0"; exit 2; }
 PRESET=$1
 shift
+BEFORE_AFTER=1 OPTIONS=()
+for arg in "$@"; do if [ "$arg" = --no-before-after ]; then BEFORE_AFTER=0; else OPTIONS+=("$arg"); fi; done
+set -- "${OPTIONS[@]}"
 cd "$(dirname "$0")/../.."
 STORE=benchmarks/store/$PRESET
 DEST=benchmarks/results/$PRESET
@@ -20,7 +25,7 @@ DEST=benchmarks/results/$PRESET
 OMP_NUM_THREADS=1 MPLBACKEND=Agg HF_HUB_OFFLINE=1 .venv/bin/bara bench --preset "$PRESET" --output "$STORE" \
   --report-only --no-progress "$@"
 mkdir -p "$DEST"
-if [ -f "$DEST/results.jsonl" ]; then
+if [ "$BEFORE_AFTER" = 1 ] && [ -f "$DEST/results.jsonl" ]; then
   .venv/bin/python benchmarks/before_after.py "$DEST/results.jsonl" "$STORE/results.jsonl" \
     > "benchmarks/results/$PRESET-before-after.md"
   echo "wrote benchmarks/results/$PRESET-before-after.md (before: the report in $DEST, after: $STORE's)"
