@@ -30,6 +30,9 @@ if [ "$CORRUPT" = 1 ]; then
   echo "== $(date -Is) start corrupt $PRESET $DATA $* (code $FROZEN)" >> "$LOG"
   (
     trap '' HUP  # as nohup: the stream outlives the shell that started it
+    # a new clone's store has run folders but no report (not committed): bara corrupt reads its results.jsonl
+    [ -f "benchmarks/store/$PRESET/results.jsonl" ] || .venv/bin/python -c "$RUN" bench --preset "$PRESET" \
+      --output "benchmarks/store/$PRESET" --report-only --no-progress >> "$LOG" 2>&1 || exit
     for methods in "$@"; do
       only=(); [ "$methods" = all ] || only=(--only-method "$methods")
       .venv/bin/python -c "$RUN" corrupt --bench "benchmarks/store/$PRESET" --data "$DATA" --retrain-missing \
