@@ -120,7 +120,7 @@ def retrain_adapter(folder: Path, progress_bar: bool = True) -> str:
     import torch
 
     from . import checkpoint
-    from .runs import METRICS as RUN_METRICS, RunConfig, run_train
+    from .runs import METRICS as RUN_METRICS, RunConfig, resumable, run_train
 
     stored = json.loads((folder / RUN_METRICS).read_text())
     config = RunConfig.from_dict(stored["config"])
@@ -131,16 +131,16 @@ def retrain_adapter(folder: Path, progress_bar: bool = True) -> str:
     if before.get("torch_threads") == torch.get_num_threads():
         fresh = before
     else:
-        fresh = None
-        if not before and checkpoint.candidates(work):  # a retrain stopped half-way: continued (resuming is exact)
+        # A retrain stopped half-way continues (resuming is exact); a damaged checkpoint, or one of another config,
+        # is trained again from the start. Checked here, before training: an error of the training itself surfaces.
+        resume = not before and bool(checkpoint.candidates(work))
+        if resume:
             try:
-                fresh = run_train(config, work, resume=True, progress_bar=progress_bar, validation=on_validation,
-                                  test=not on_validation)
-            except BaraError:  # a damaged checkpoint, or one of another config: trained again below
-                fresh = None
-        if fresh is None:
-            fresh = run_train(config, work, overwrite=True, progress_bar=progress_bar, validation=on_validation,
-                              test=not on_validation)
+                resumable(work, config)
+            except BaraError:
+                resume = False
+        fresh = run_train(config, work, resume=resume, overwrite=not resume, progress_bar=progress_bar,
+                          validation=on_validation, test=not on_validation)
     split, old, new = ("validation", stored["validation"], fresh["validation"]) if on_validation \
         else ("test", stored, fresh)
     differ = {k: (old[k], new[k]) for k in ("accuracy", "nll", "ece") if abs(old[k] - new[k]) > 1e-6}
