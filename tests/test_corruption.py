@@ -245,6 +245,18 @@ def test_only_method_scores_those_runs_and_the_report_names_the_others(finished_
     assert "--only-method: 'blob' has no finished run here; fix: use some of bara, bara-small, lora" in \
         capsys.readouterr().err
 
+def test_only_method_follows_bench_rule_where_a_name_is_a_variant_and_a_method():
+    # ablations: `bara` is BaRA's default variant and the method of its other variants; as `bara bench --only-method
+    # bara` trains that variant only, `bara corrupt --only-method bara` scores it only
+    rows = {"toy": [{"variant": v, "method": m} for v, m in
+                    (("bara", "bara"), ("bara-k1", "bara"), ("lora", "lora"), ("blob-small", "blob"))]}
+    picked = lambda names: [r["variant"] for r in rows["toy"] if corruption._chosen(rows, names)(r)]
+    assert picked(["bara"]) == ["bara"]
+    assert picked(["bara-k1", "lora"]) == ["bara-k1", "lora"]
+    assert picked(["blob"]) == ["blob-small"]  # a method's name that no variant has: every variant of it
+    assert picked(None) == ["bara", "bara-k1", "lora", "blob-small"]
+
+
 def test_the_report_names_the_runs_not_scored_yet_and_report_only_scores_nothing(finished_bench, monkeypatch):
     out = finished_bench
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]

@@ -197,15 +197,20 @@ def corrupt_run(folder: Path, kinds=KINDS, intensities=INTENSITIES, progress_bar
 
 
 def _chosen(rows: dict[str, list[dict]], only_method: list[str] | None):
-    """The test a row passes to be scored: every row, or those whose variant or method is one of ``only_method``."""
+    """The test a row passes to be scored: every row, or those ``only_method`` selects by ``bara bench``'s rule (a
+    variant's name selects that variant only; a method's name that no variant has, every variant of it)."""
+    from .bench.run import method_matcher
+
     if not only_method:
         return lambda row: True
     names = set(only_method)
-    valid = {row[key] for finished in rows.values() for row in finished for key in ("variant", "method")}
+    variants = {row["variant"] for finished in rows.values() for row in finished}
+    valid = variants | {row["method"] for finished in rows.values() for row in finished}
     if names - valid:
         raise BaraError(f"--only-method: '{sorted(names - valid)[0]}' has no finished run here; fix: use some of "
                         f"{', '.join(sorted(valid))}")
-    return lambda row: row["variant"] in names or row["method"] in names
+    match = method_matcher(names, variants)
+    return lambda row: match(row["variant"], row["method"])
 
 
 def _finished_runs(output: Path, dataset: str) -> list[dict]:

@@ -98,6 +98,12 @@ def claimed(folder: Path, poll_seconds: float = 30.0, say=print):
         lock.unlink(missing_ok=True)
 
 
+def method_matcher(names: set[str], variants: set[str]):
+    """``--only-method``'s rule, shared by ``bara bench`` and ``bara corrupt``: a name that is a variant's selects that
+    variant only; a method's name that no variant has selects every variant of that method."""
+    return lambda variant, method: variant in names or (method in names and method not in variants)
+
+
 def select(specs: list[RunSpec], only_dataset: str | None, only_method: str | None) -> list[RunSpec]:
     """Runs of the named datasets and of the named variants or methods (comma-separated lists). A name that is a
     variant's selects that variant only (``bara`` in ablations is BaRA's default, not all thirteen of its variants); a
@@ -107,7 +113,7 @@ def select(specs: list[RunSpec], only_dataset: str | None, only_method: str | No
     for wanted, valid, keep in (
             (only_dataset, {s.dataset for s in specs}, lambda s, names: s.dataset in names),
             (only_method, variants | {s.config.method for s in specs},
-             lambda s, names: s.variant in names or (s.config.method in names and s.config.method not in variants))):
+             lambda s, names: method_matcher(names, variants)(s.variant, s.config.method))):
         if wanted:
             names = {n.strip() for n in wanted.split(",") if n.strip()}
             bad = sorted(names - valid)
