@@ -30,7 +30,8 @@ TUNE_KEYS = ("seed", "select", "options", "validate_all")
 SELECT = {"nll": min, "accuracy": max, "ece": min, "brier": min}
 WORST = {min: math.inf, max: -math.inf}  # the score of a candidate that diverged
 HARNESS_SET = ("lr", "seed", "checkpoint_every")  # TrainConfig fields a preset does not set in [P.train]
-DATASET_KEYS = ("data", "lr", "max_train", "max_eval", "text_column", "label_column", "ood", "shift")
+DATASET_KEYS = ("data", "lr", "max_train", "max_eval", "mixed_precision", "text_column", "label_column", "ood",
+                "shift")
 # {shift set: run_eval's metrics of the trained adapter on all its examples}, one entry per `shift` dataset
 SHIFT = "shift_metrics.json"
 
@@ -346,6 +347,9 @@ def _dataset_entries(preset: Preset, dataset: str, settings, variants: dict, sha
         if value is not None and (type(value) is not int or value < 1):
             raise BaraError(f"{at}: {key} = {value!r} must be a positive integer; fix: e.g. {key} = 1000, or "
                             "leave it out to keep every example")
+    if settings.get("mixed_precision", "no") not in MIXED_PRECISION:
+        raise BaraError(f"{at}: mixed_precision = {settings['mixed_precision']!r}; fix: use one of "
+                        f"{', '.join(map(repr, MIXED_PRECISION))}")
     train = {**shared, **_typed(TrainConfig, {k: v for k, v in settings.items() if k in train_fields}, at)}
     entries, rates = [], {}
     for variant, (method, own) in variants.items():
@@ -364,7 +368,7 @@ def _dataset_entries(preset: Preset, dataset: str, settings, variants: dict, sha
             max_train=settings.get("max_train", p.get("max_train")),
             max_eval=settings.get("max_eval", p.get("max_eval")),
             text_column=settings.get("text_column", "text"), label_column=settings.get("label_column", "label"),
-            mixed_precision=p.get("mixed_precision", RunConfig.mixed_precision),
+            mixed_precision=settings.get("mixed_precision", p.get("mixed_precision", RunConfig.mixed_precision)),
             train=TrainConfig(**train, lr=0.0, seed=0, checkpoint_every=CHECKPOINT_EVERY))
         entries.append(Entry(dataset, variant, _rate(rates[variant]), tuple(p["seeds"]), config, ood, shift, grid))
     for variant, lr in rates.items():

@@ -4,6 +4,7 @@ hooks), so nothing here names a method."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import platform
@@ -402,11 +403,29 @@ def _scope(preset: Preset, specs: list[RunSpec]) -> str:
     first = specs[0].config
     seeds = ", ".join(str(s) for s in dict.fromkeys(s.seed for s in specs))
     cap = lambda n: "all" if n is None else f"{n:,}"  # noqa: E731
-    precision = "" if first.mixed_precision == "no" else (
-        f" Mixed precision `{first.mixed_precision}` for every method: the base model's matrix products in "
-        f"{first.mixed_precision} under autocast, in training and prediction; weights, adapters and logits float32.")
-    return (f"- Model `{first.model}`; training examples: {cap(first.max_train)}; validation and test examples: "
-            f"{cap(first.max_eval)}; seeds {seeds}.{precision}")
+
+    order = list(preset.values.get("datasets", {}))
+    specs = sorted(specs, key=lambda s: order.index(s.dataset) if s.dataset in order else len(order))
+
+    def setting(key) -> tuple[object, dict[str, object]]:  # most datasets' value (a tie: the first's), the others
+        values = {s.dataset: getattr(s.config, key) for s in specs}
+        counts = collections.Counter(values.values())
+        common = next(v for v in values.values() if counts[v] == max(counts.values()))
+        return common, {d: v for d, v in values.items() if v != common}
+
+    def text(key) -> str:
+        common, others = setting(key)
+        return cap(common) + (f" ({'; '.join(f'{d}: {cap(v)}' for d, v in others.items())})" if others else "")
+
+    precisions = {s.dataset: s.config.mixed_precision for s in specs}
+    mixed = sorted({p for p in precisions.values() if p != "no"})
+    where = ("every method" if "no" not in precisions.values() else "every method of " + ", ".join(
+        d for d, p in precisions.items() if p != "no") + " (float32 elsewhere)")
+    precision = "".join(
+        f" Mixed precision `{p}` for {where}: the base model's matrix products in {p} under autocast, in training "
+        "and prediction; weights, adapters and logits float32." for p in mixed)
+    return (f"- Model `{first.model}`; training examples: {text('max_train')}; validation and test examples: "
+            f"{text('max_eval')}; seeds {seeds}.{precision}")
 
 
 def _schedule(specs: list[RunSpec], dataset: str) -> str:
