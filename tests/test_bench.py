@@ -303,7 +303,8 @@ def test_one_dataset_in_mixed_precision_and_the_report_says_which(tmp_path, tiny
     path = tiny_preset(tmp_path, tiny_bert, toy_data, methods='["lora"]', extra=(
         f'\n[tiny.datasets.long]\ndata = {json.dumps(toy_data)}\nmixed_precision = "bf16"\nmax_eval = 8'))
     (tmp_path / "plain").mkdir()
-    plain = {s.hash for s in bench.expand(str(tiny_preset(tmp_path / "plain", tiny_bert, toy_data, methods='["lora"]')))}
+    plain_preset = tiny_preset(tmp_path / "plain", tiny_bert, toy_data, methods='["lora"]')
+    plain = {s.hash for s in bench.expand(str(plain_preset))}
     specs = bench.expand(str(path))
     assert {(s.dataset, s.config.mixed_precision) for s in specs} == {("toy", "no"), ("long", "bf16")}
     assert {s.hash for s in specs if s.dataset == "toy"} == plain

@@ -245,6 +245,7 @@ def test_only_method_scores_those_runs_and_the_report_names_the_others(finished_
     assert "--only-method: 'blob' has no finished run here; fix: use some of bara, bara-small, lora" in \
         capsys.readouterr().err
 
+
 def test_only_method_follows_bench_rule_where_a_name_is_a_variant_and_a_method():
     # ablations: `bara` is BaRA's default variant and the method of its other variants; as `bara bench --only-method
     # bara` trains that variant only, `bara corrupt --only-method bara` scores it only

@@ -274,9 +274,9 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
     lacking.add_argument("--skip-missing", action="store_true", help="leave the runs without an adapter here out of "
                          "the curves (the report lists them)")
     c.add_argument("--only-method", metavar="M", type=_comma_list, help="score only the runs of these variants or "
-                   "methods (comma-separated; as in bara bench, a variant's name selects that variant only, a method's name "
-                   "every variant of it), e.g. the ones to read first, or to split the work between two "
-                   "processes; the report still covers every run")
+                   "methods (comma-separated; as in bara bench, a variant's name selects that variant only, a "
+                   "method's name every variant of it), e.g. the ones to read first, or to split the work between "
+                   "two processes; the report still covers every run")
     c.add_argument("--report-only", action="store_true", help="score nothing: write the report from the points "
                    "scored so far (while a long command is still at work, or after it stopped); the runs not fully "
                    "scored are named in it")
