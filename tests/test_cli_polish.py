@@ -54,9 +54,9 @@ def test_bench_says_how_many_runs_and_how_long_before_training(tmp_path, tiny_be
     assert capsys.readouterr().out.startswith("bara bench: 2 runs to train, 6 steps")
     bench.run_bench(str(preset), out, progress=False, announce=True)  # finished: measured, nothing left
     assert re.match(r"bara bench: 0 runs to train, 0 steps: about 0.0 h \(the median wall time per step of each "
-                    r"method's finished runs here, of the same dataset where it has some, else scaled by that "
-                    r"dataset's cost against the others, evaluation included; over all datasets: all \d+\.\d\d s\)",
-                    capsys.readouterr().out)
+                    r"method's finished runs here, of the same dataset where it has some \(at the same max length and "
+                    r"mixed precision where there are\), else scaled by that dataset's cost against the others, "
+                    r"evaluation included; over all datasets: all \d+\.\d\d s\)", capsys.readouterr().out)
     # Runs that --reuse copies are not counted, and the source's finished runs time the ones that are.
     source = tmp_path / "source"
     shutil.copytree(out, source)
@@ -73,6 +73,17 @@ def test_bench_says_how_many_runs_and_how_long_before_training(tmp_path, tiny_be
     text = capsys.readouterr().out
     assert text.startswith(f"bara bench: 1 run to train, 3 steps: about {walls[0] * 3 / 3600:.1f} h (")
     assert f"over all datasets: bara {walls[0]:.2f} s)" in text.splitlines()[0]
+    # Runs of the same data in another precision (here 10^6 times slower a step) do not time this one's.
+    shutil.rmtree(out / bara_runs[1].folder)  # trained again above
+    bf16 = out / "runs" / "toy" / "bara-small" / "seed9-bf16"
+    shutil.copytree(out / bara_runs[0].folder, bf16)
+    metrics = json.loads((bf16 / "metrics.json").read_text())
+    (bf16 / "metrics.json").write_text(json.dumps({**metrics, "wall_seconds": metrics["wall_seconds"] * 1e6,
+                                                   "config": {**metrics["config"], "mixed_precision": "bf16"}}))
+    bench.run_bench(str(preset), out, progress=False, announce=True, only_method="bara-small")
+    hours = walls[0] * 3 / 3600  # mixed in, the median of the two would make it hundreds of hours
+    assert capsys.readouterr().out.startswith(f"bara bench: 1 run to train, 3 steps: about {hours:.1f} h (")
+    shutil.rmtree(bf16)
     # Another dataset's runs of the method (here 10^6 times slower a step) do not count where this one has some.
     other = out / "runs" / "other" / "bara-small" / "seed0-x"
     shutil.copytree(out / bara_runs[0].folder, other)
