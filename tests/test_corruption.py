@@ -9,6 +9,7 @@ import math
 import random
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,6 +90,15 @@ def test_corrupt_scores_every_chosen_run_and_resumes(finished_bench):
         assert ("fast_path" in point) == (point["variant"] == "bara-small")  # a sampling method's one pass too
     report = (out / "corruption-toy.md").read_text()
     assert "## typos" in report and "## word dropout" in report and "| bara-small |" in report
+    # under the sampling method, its one-pass prediction on the same inputs; none for LoRA (it has only one)
+    typos = report.split("## typos")[1].split("## word dropout")[0]
+    one_pass = next(line for line in typos.splitlines() if line.startswith("| bara-small, one pass |"))
+    passes = [p["fast_path"] for p in points if p["variant"] == "bara-small" and p["kind"] == "typos"
+              and p["intensity"] == 40]
+    assert len(passes) == 2 and one_pass.endswith(
+        f"{100 * np.mean([p['accuracy'] for p in passes]):.1f} / {100 * np.mean([p['ece'] for p in passes]):.1f} / "
+        f"{np.mean([p['nll'] for p in passes]):.3f} |")
+    assert "| lora, one pass" not in report
     classes = json.loads((folder / METRICS).read_text())["num_labels"]  # the null to read the numbers against
     assert classes >= 2 and (f"a uniform prediction over the {classes} classes (it knows nothing), scores accuracy "
                              f"{100 / classes:.1f} %, NLL ln {classes} = {math.log(classes):.3f}") in report
@@ -291,7 +301,11 @@ def test_the_report_names_the_runs_not_scored_yet_and_report_only_scores_nothing
     def without_command(text):
         return [line for line in text.splitlines() if not line.startswith("`bara corrupt")]
 
-    assert without_command((out / "corruption-toy.md").read_text()) == without_command(report)
+    rewritten = (out / "corruption-toy.md").read_text()
+    assert without_command(rewritten) == without_command(report)
+    # it names the command that scores the points (to reproduce them), and itself
+    scoring = f"bara corrupt --bench {out} --data toy --intensities 0,40 --no-progress"
+    assert f"`{scoring}` (this report rewritten from the points it scored: `{scoring} --report-only`)" in rewritten
     monkeypatch.setattr(corruption, "corrupt_run", real)
     corruption.run_corrupt(out, ["toy"], intensities=[0, 40], progress_bar=False, missing="skip")
     assert "Partial" not in (out / "corruption-toy.md").read_text()

@@ -244,8 +244,11 @@ def _num_labels(output: Path, dataset: str, finished: list[dict]) -> int | None:
     return None
 
 
-def summarise(points: list[dict], kinds, intensities) -> dict:
-    """``{variant: {kind: {intensity: {metric: (mean, std, n)}}}}`` over seeds, from the per-run points."""
+def summarise(points: list[dict], kinds, intensities, one_pass: bool = False) -> dict:
+    """``{variant: {kind: {intensity: {metric: (mean, std, n)}}}}`` over seeds, from the per-run points;
+    ``one_pass``: of the sampling methods' one-pass predictions instead (the other variants left out)."""
+    if one_pass:
+        points = [{**p, **p["fast_path"]} for p in points if "fast_path" in p]
     table: dict = {}
     for variant in dict.fromkeys(p["variant"] for p in points):
         for kind in kinds:
@@ -261,14 +264,22 @@ def summarise(points: list[dict], kinds, intensities) -> dict:
 
 
 def markdown(dataset: str, table: dict, kinds, intensities, command: str, left_out=(),
-             num_labels: int | None = None, pending=()) -> str:
+             num_labels: int | None = None, pending=(), one_pass: dict | None = None) -> str:
     """The report: one table per corruption, a row per variant, accuracy % / ECE % / NLL per intensity (means over
     seeds); ``left_out`` lists the runs skipped for want of an adapter, each with the reason; ``num_labels`` adds
     the null (a uniform prediction) to read the numbers against; ``pending`` lists the runs not (fully) scored yet,
-    which makes the report a partial one."""
-    lines = [f"# {dataset}: the test split corrupted", "", f"`{command}`", "",
+    which makes the report a partial one; ``one_pass`` (:func:`summarise`'s, of the one-pass predictions) adds a
+    row under each sampling method."""
+    one_pass = one_pass or {}
+    said = f"`{command}`"
+    if " --report-only" in command:  # the command that scores the points is the one that reproduces them
+        said = (f"`{command.replace(' --report-only', '')}` (this report rewritten from the points it scored: "
+                f"`{command}`)")
+    lines = [f"# {dataset}: the test split corrupted", "", said, "",
              "Each cell: accuracy % / ECE % / NLL, mean over seeds, of the method's own predictive (S samples for the "
-             "sampling methods). Intensity 0 is the clean test split. Corruptions: see `bara corrupt --help`.", ""]
+             "sampling methods). Intensity 0 is the clean test split. Corruptions: see `bara corrupt --help`."
+             + (" Under each sampling method, its one-pass prediction on the same inputs (\", one pass\"): the "
+                "difference is what its sampling buys." if one_pass else ""), ""]
     if num_labels:
         lines += [f"The null, a uniform prediction over the {num_labels} classes (it knows nothing), scores accuracy "
                   f"{100 / num_labels:.1f} %, NLL ln {num_labels} = {math.log(num_labels):.3f} and an ECE of about "
@@ -284,14 +295,16 @@ def markdown(dataset: str, table: dict, kinds, intensities, command: str, left_o
                   "| method | " + " | ".join(f"{i:g} %" for i in intensities) + " |",
                   "|---|" + "---|" * len(intensities)]
         for variant, kinds_ in table.items():
-            cells = []
-            for intensity in intensities:
-                cell = kinds_.get(kind, {}).get(intensity)
-                cells.append("—" if cell is None else f"{100 * cell['accuracy'][0]:.1f} / {100 * cell['ece'][0]:.1f} / "
-                             f"{cell['nll'][0]:.3f}")
-            seeds = max((cell["accuracy"][2] for cell in kinds_.get(kind, {}).values()), default=0)
-            label = f"{variant} ({seeds} seed{'s' if seeds > 1 else ''})" if pending or left_out else variant
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            rows = [(variant, kinds_)] + ([(f"{variant}, one pass", one_pass[variant])] if variant in one_pass else [])
+            for name, cells_of in rows:
+                cells = []
+                for intensity in intensities:
+                    cell = cells_of.get(kind, {}).get(intensity)
+                    cells.append("—" if cell is None else f"{100 * cell['accuracy'][0]:.1f} / "
+                                 f"{100 * cell['ece'][0]:.1f} / {cell['nll'][0]:.3f}")
+                seeds = max((cell["accuracy"][2] for cell in cells_of.get(kind, {}).values()), default=0)
+                label = f"{name} ({seeds} seed{'s' if seeds > 1 else ''})" if pending or left_out else name
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -320,8 +333,9 @@ def _write_report(output: Path, dataset: str, finished: list[dict], kinds, inten
     table = summarise(points, kinds, intensities)
     num_labels = _num_labels(output, dataset, finished)
     report = output / f"corruption-{dataset}.md"
+    one_pass = summarise(points, kinds, intensities, one_pass=True)
     write_atomic(report, lambda tmp: tmp.write_text(markdown(dataset, table, kinds, intensities, command, left_out,
-                                                             num_labels, pending)))
+                                                             num_labels, pending, one_pass)))
     lines = output / f"corruption-{dataset}.jsonl"
     write_atomic(lines, lambda tmp: tmp.write_text("".join(json.dumps(p) + "\n" for p in points)))
     plot = corruption_curves(table, kinds, intensities, output / "plots" / f"corruption-{dataset}.png",
