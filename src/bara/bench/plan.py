@@ -280,9 +280,7 @@ def plan(preset: Preset | str) -> Plan:
     if not isinstance(seeds, list) or not seeds or any(type(s) is not int for s in seeds) \
             or len(set(seeds)) < len(seeds):
         raise BaraError(f"{where}: seeds must be a list of distinct integers, got {seeds!r}; fix: seeds = [0, 1, 2]")
-    if p.get("mixed_precision", "no") not in MIXED_PRECISION:
-        raise BaraError(f"{where}: mixed_precision = {p['mixed_precision']!r}; fix: use one of "
-                        f"{', '.join(map(repr, MIXED_PRECISION))}")
+    _check_precision(p, where)
     tune_seed, select, option_grids, validate_all = _tuning(p, where)
     variants = _variants(p["methods"], where)
     shared = _typed(TrainConfig, p.get("train", {}), f"{where}, [train]")
@@ -347,9 +345,7 @@ def _dataset_entries(preset: Preset, dataset: str, settings, variants: dict, sha
         if value is not None and (type(value) is not int or value < 1):
             raise BaraError(f"{at}: {key} = {value!r} must be a positive integer; fix: e.g. {key} = 1000, or "
                             "leave it out to keep every example")
-    if settings.get("mixed_precision", "no") not in MIXED_PRECISION:
-        raise BaraError(f"{at}: mixed_precision = {settings['mixed_precision']!r}; fix: use one of "
-                        f"{', '.join(map(repr, MIXED_PRECISION))}")
+    _check_precision(settings, at)
     train = {**shared, **_typed(TrainConfig, {k: v for k, v in settings.items() if k in train_fields}, at)}
     entries, rates = [], {}
     for variant, (method, own) in variants.items():
@@ -376,6 +372,13 @@ def _dataset_entries(preset: Preset, dataset: str, settings, variants: dict, sha
             raise BaraError(f"{at}: '{variant}' takes the learning rate of '{lr}', which is not a variant of "
                             "this preset with a rate or grid of its own; fix: name one, e.g. lora")
     return entries
+
+
+def _check_precision(table: dict, where: str) -> None:
+    """A preset's or a dataset's ``mixed_precision``, if set, is one bara knows."""
+    if table.get("mixed_precision", "no") not in MIXED_PRECISION:
+        raise BaraError(f"{where}: mixed_precision = {table['mixed_precision']!r}; fix: use one of "
+                        f"{', '.join(map(repr, MIXED_PRECISION))}")
 
 
 def _dataset_data(settings: dict, dataset: str, at: str) -> tuple[str, str | tuple | None, str | tuple | None]:

@@ -418,12 +418,15 @@ def _scope(preset: Preset, specs: list[RunSpec]) -> str:
         return cap(common) + (f" ({'; '.join(f'{d}: {cap(v)}' for d, v in others.items())})" if others else "")
 
     precisions = {s.dataset: s.config.mixed_precision for s in specs}
-    mixed = sorted({p for p in precisions.values() if p != "no"})
-    where = ("every method" if "no" not in precisions.values() else "every method of " + ", ".join(
-        d for d, p in precisions.items() if p != "no") + " (float32 elsewhere)")
+
+    def where(p: str) -> str:  # the datasets in precision p
+        mine = [d for d, q in precisions.items() if q == p]
+        return ("every method" if len(mine) == len(precisions)
+                else f"every method of {', '.join(mine)} (float32 elsewhere)")
+
     precision = "".join(
-        f" Mixed precision `{p}` for {where}: the base model's matrix products in {p} under autocast, in training "
-        "and prediction; weights, adapters and logits float32." for p in mixed)
+        f" Mixed precision `{p}` for {where(p)}: the base model's matrix products in {p} under autocast, in training "
+        "and prediction; weights, adapters and logits float32." for p in sorted(set(precisions.values()) - {"no"}))
     return (f"- Model `{first.model}`; training examples: {text('max_train')}; validation and test examples: "
             f"{text('max_eval')}; seeds {seeds}.{precision}")
 
