@@ -325,6 +325,68 @@ def test_kl_step_sgd_takes_the_factor_kl_out_of_the_loss_into_an_sgd_step(tiny_b
     assert linear_schedule(0, 100, 0.1) == 0 and linear_schedule(10, 100, 0.1) == 1 and linear_schedule(100, 100, 0.1) == 0
 
 
+def _ngvi_fit(steps: int, decay: float, kl_scale: float = 1.0, n_train: int = 500):
+    """A BLoB layer (mu_A and B held fixed) under a squared error, whose curvature in every entry of A is known:
+    d^2/dA_ij^2 of mean_n 0.5 ||h_n - y_n||^2 = scaling^2 ||B_i||^2 mean_n x_nj^2. Returns (sigma_A after ``steps``
+    ngvi steps, the fixed point 1/sqrt(1/prior_sigma^2 + N h / kl_scale))."""
+    from bara.methods.blob import BlobConfig
+    from bara.methods.factor_posterior import FactorLinear, ngvi_sigma_step
+
+    torch.manual_seed(0)
+    config = BlobConfig(r=4, alpha=8.0, kl_step="ngvi", sigma_param="log", curvature_decay=decay, kl_scale=kl_scale)
+    module = FactorLinear(nn.Linear(6, 5), config)
+    with torch.no_grad():
+        module.bara_B.normal_(0, 0.5)
+    x = torch.randn(64, 1, 6) * torch.tensor([0.3, 0.6, 1.0, 1.5, 2.0, 3.0])  # a curvature that differs by entry
+    module.mode = "mean"
+    with torch.no_grad():  # targets at the mean's output: the gradient is then the noise's alone (a lower variance)
+        y = module(x) + 0.1 * torch.randn(64, 1, 5)
+    module.mode = "sample"  # flipout's draws, no dropout
+    for step in range(1, steps + 1):
+        loss = 0.5 * (module(x) - y).pow(2).sum(-1).mean()
+        loss.backward()
+        ngvi_sigma_step([module], config, Progress(step, steps, n_train, 64))
+        assert module.sigma_free.grad is None and module.sigma_grad is None  # consumed
+    h = module.scaling ** 2 * module.bara_B.detach().pow(2).sum(0)[:, None] * x.pow(2).mean((0, 1))[None, :]
+    return module.sigma_A.detach(), (1 / config.prior_sigma ** 2 + n_train * h / kl_scale) ** -0.5
+
+
+def test_ngvi_sets_sigma_a_to_the_variational_fixed_point_of_a_known_curvature():
+    sigma, expected = _ngvi_fit(steps=3000, decay=0.995)
+    assert sigma.shape == expected.shape == (4, 6)
+    ratio = sigma / expected
+    assert (ratio - 1).abs().max() < 0.15 and (ratio.mean() - 1).abs() < 0.03
+    assert expected.std() / expected.mean() > 0.3  # entries differ: a single shared sigma would not pass
+    # a tempered KL (kl_scale < 1) is a colder posterior: sigma shrinks by about sqrt(kl_scale) where N h dominates
+    cold, cold_expected = _ngvi_fit(steps=3000, decay=0.995, kl_scale=0.1)
+    assert ((cold / cold_expected) - 1).abs().max() < 0.15 and (cold < sigma).all()
+    # from the first step on: the bias-corrected mean does not start from sigma_A's initialisation (~0.002)
+    early, _ = _ngvi_fit(steps=1, decay=0.98)
+    assert early.min() > 2 * 0.05 ** 2  # twice the largest initial sigma_A, rho^2 <= init_sigma^2
+
+
+def test_ngvi_needs_log_sigma_and_keeps_mu_a_on_the_kl_sgd_step(tiny_bert):
+    for bad in ({"sigma_param": "rho2"}, {"sigma_optimizer": "adamw"}, {"curvature_decay": 1.0}):
+        with pytest.raises(BaraError, match="kl_step=ngvi|curvature_decay"):
+            BaraConfig(kl_step="ngvi", **bad).validate()
+    classifier, method = _classifier(tiny_bert, "bara", kl_step="ngvi", kl_lr=0.01)
+    layers = list(method.layers.values())
+    groups = [p for g in method.param_groups(classifier, 1e-3, 0.0) for p in g["params"]]
+    assert not any(p is l.sigma_free for l in layers for p in groups)  # not AdamW's
+    batch = _batch(classifier)
+    loss, _ = method.loss(classifier, batch, Progress(50, 100, 1000, 32))
+    loss.backward()
+    assert all(l.sigma_grad is not None and torch.equal(l.sigma_grad, l.sigma_free.grad) for l in layers)
+    for l in layers:
+        l.sigma_free.grad.mul_(0.01)  # the trainer's clipping: the estimate reads the gradient from before it
+    mu_before = [l.bara_A_mu.detach().clone() for l in layers]
+    sigma_before = [l.sigma_A.detach().clone() for l in layers]
+    method.on_step_end(classifier, Progress(47, 100, 1000, 32))
+    assert all(not torch.equal(l.bara_A_mu, m) for l, m in zip(layers, mu_before))  # the KL's SGD step on mu_A
+    assert all(not torch.allclose(l.sigma_A, s) for l, s in zip(layers, sigma_before))
+    assert all((l.sigma_A <= 0.2 + 1e-6).all() and l.sigma_free.grad is None for l in layers)
+
+
 def test_monte_carlo_prediction_is_batched_seeded_and_varies(tiny_bert):
     classifier, method = _classifier(tiny_bert, "bara")
     for layer_ in method.layers.values():

@@ -10,7 +10,9 @@ training). AdamW minimises
 
 over mu_A, B and the head; with ``kl_step=sgd`` (the default, as BLoB's code) :math:`KL_A` is left out of J and
 :func:`~.factor_posterior.kl_sgd_step` steps it after each AdamW step, with sigma_A's parameter, which AdamW then
-never sees. After every step sigma_A is bounded by ``max_sigma`` (0: no bound). The prediction averages S sampled
+never sees; with ``kl_step=ngvi`` that step moves mu_A only and sigma_A is set to VI's fixed point from the NLL's
+curvature (:func:`~.factor_posterior.ngvi_sigma_step`). After every step sigma_A is bounded by ``max_sigma`` (0: no
+bound). The prediction averages S sampled
 passes (flipout's draws), or takes one pass with A = mu_A.
 """
 
@@ -27,7 +29,8 @@ from transformers.pytorch_utils import Conv1D
 from ..errors import BaraError
 from ..heads import Classifier
 from .base import Method, Progress, repeated_passes
-from .factor_posterior import SIGMA_PARAMS, FactorLinear, clamp_sigma, kl_sgd_step, sigma_in_adamw
+from .factor_posterior import (SIGMA_PARAMS, FactorLinear, clamp_sigma, kl_sgd_step, ngvi_sigma_step,
+                               sigma_in_adamw)
 from .lora import target_modules
 
 # The ranks in a report; on test, their spread and the global gates' rank as well.
@@ -118,12 +121,15 @@ class FactorPosteriorMethod(Method):
         return F.cross_entropy(self.forward(model, batch), batch["labels"])
 
     def on_step_end(self, classifier: Classifier, progress: Progress) -> None:
-        """BLoB's SGD KL step (kl_step=sgd), then sigma_A's bound."""
+        """BLoB's SGD KL step (kl_step=sgd; mu_A's part, then sigma_A at VI's fixed point with ngvi), then sigma_A's
+        bound."""
         if not self.bayes_factors:
             return
         layers = list(self.layers.values())
-        if self.config.kl_step == "sgd":
+        if self.config.kl_step in ("sgd", "ngvi"):
             kl_sgd_step(layers, self.config, progress)
+        if self.config.kl_step == "ngvi":
+            ngvi_sigma_step(layers, self.config, progress)
         clamp_sigma(layers, self.config)
 
     # -- prediction ---------------------------------------------------------------------------------

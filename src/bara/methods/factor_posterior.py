@@ -9,6 +9,17 @@ it per instance with random signs: :math:`A x \approx \mu_A x + ((x \odot s_{in}
 With ``kl_step=sgd`` (BLoB's code) a second optimiser, plain SGD at ``kl_lr`` with linear warm-up and decay, steps
 :math:`w_t\,KL(q(A) \| p(A))` after each AdamW step, :math:`w_t = 2^i/(2^{M+1} - 1)`, :math:`i = t \bmod M`,
 :math:`M = 100 N^{\pi/\gamma}/b` (:func:`blob_kl_weight`), and sigma_A's parameter only there.
+With ``kl_step=ngvi`` the same step moves mu_A only, and sigma_A is set after every step to where Gaussian VI's
+fixed point puts it given the curvature seen so far (:func:`ngvi_sigma_step`, the precision update of variational
+online Newton / IVON, Shen et al. 2024):
+
+.. math:: \sigma_A^{-2} = \sigma_p^{-2} + N\,h/\kappa, \qquad
+          \hat h = \frac{\partial \bar\ell}{\partial E}\,\frac{E}{\sigma_A^2}
+          = \frac{\partial \bar\ell / \partial \log\sigma_A}{\sigma_A^2},
+
+h the bias-corrected running mean (decay ``curvature_decay``) of :math:`\hat h`, floored at 0: Price's theorem
+makes :math:`\hat h` an unbiased estimate of :math:`E_q[\partial^2 \bar\ell / \partial A^2]` (the mean NLL's
+curvature in each entry of A) from the noise E = sigma_A * eps the pass drew; kappa = ``kl_scale`` tempers it.
 
 :class:`FactorLinear` is the layer of this posterior, :math:`h = W_0 x + \frac{\alpha}{r} B\,(z \odot A x)` with
 z = 1: BLoB's layer as it stands, BaRA's (:class:`~bara.methods.bara.layer.BaraLinear`) with its gate's z. Its
@@ -50,6 +61,8 @@ class KlStep(Choices):
     """A separate plain-SGD step after each AdamW step, as BLoB's code."""
     LOSS = "loss"
     """In the objective with the data term, by AdamW: the ELBO as written."""
+    NGVI = "ngvi"
+    """mu_A's part as ``sgd``; sigma_A set to VI's fixed point from the NLL's curvature (:func:`ngvi_sigma_step`)."""
 
 
 class SigmaOptimizer(Choices):
@@ -81,13 +94,18 @@ class FactorPosteriorConfig(LoraConfig):
     kl_step: str = option("sgd", "how KL(q(A) || prior) is minimised: sgd (as BLoB's code: a separate plain-SGD "
                                  "step after each AdamW step, lr kl_lr with warm-up and linear decay, weighted by "
                                  "BLoB's KL reweighting) | loss (in the objective, with the data term, by AdamW: "
-                                 "the ELBO as written)", KlStep)
+                                 "the ELBO as written) | ngvi (mu_A's part as sgd; sigma_A set after every step "
+                                 "to Gaussian VI's fixed point 1/sigma^2 = 1/prior_sigma^2 + N h / kl_scale, h a "
+                                 "running estimate of the NLL's curvature in A, as IVON: needs sigma_param log)",
+                          KlStep)
     sigma_optimizer: str = option("sgd", "with kl_step=sgd, what steps sigma_A's parameter: sgd (only the SGD KL "
                                          "step, as BLoB's code) or adamw (AdamW at the main rate as well: bara "
                                          "before 2026-12-01, which drove rho through 0 and diverged at high rates; "
                                          "kept so those runs are told apart, docs/experiments.md section 10)",
                                   SigmaOptimizer)
     kl_lr: float = option(0.002, "learning rate of the kl_step=sgd step (BLoB: 0.002 for RoBERTa, 0.01 for LLaMA)")
+    curvature_decay: float = option(0.98, "with kl_step=ngvi: decay of the running mean of the curvature "
+                                          "estimate (bias-corrected; 0.98 averages about the last 50 steps)")
     kl_gamma: float = option(8.0, "BLoB's reweighting: the KL weight of step t is 2^i / (2^(M+1) - 1), i = t mod "
                                   "M, M = 100 N^(pi/gamma) / batch size; 0 = a weight 1/M with M = batches per "
                                   "epoch")
@@ -105,6 +123,12 @@ class FactorPosteriorConfig(LoraConfig):
             raise BaraError(f"kl_gamma must be >= 0 (0 = no reweighting), got {self.kl_gamma}")
         if self.max_sigma < 0:
             raise BaraError(f"max_sigma must be >= 0 (0 = no bound), got {self.max_sigma}")
+        if not 0 <= self.curvature_decay < 1:
+            raise BaraError(f"curvature_decay must be in [0, 1), got {self.curvature_decay}")
+        if self.kl_step == "ngvi" and (self.sigma_param != "log" or self.sigma_optimizer != "sgd"):
+            raise BaraError("kl_step=ngvi sets sigma_A from the curvature and needs sigma_param=log and "
+                            f"sigma_optimizer=sgd, got {self.sigma_param} and {self.sigma_optimizer}; fix: drop "
+                            "those options or pick another kl_step")
 
 
 def sigma_parameter(r: int, d_in: int, config: FactorPosteriorConfig) -> tuple[str, nn.Parameter]:
@@ -196,6 +220,9 @@ class FactorLinear(nn.Module):
         nn.init.kaiming_uniform_(self.bara_A_mu, a=math.sqrt(5))  # as peft's LoRA A
         if self.bayes_factors:
             setattr(self, *sigma_parameter(r, d_in, config))
+            if config.kl_step == "ngvi":  # the curvature estimate needs the gradient before the trainer clips it
+                self.sigma_free.register_post_accumulate_grad_hook(self._keep_sigma_grad)
+        self.sigma_grad: torch.Tensor | None = None
         self.bara_B = nn.Parameter(torch.zeros(self.out_features, r))
         self.mode = "train"  # train: dropout and flipout; sample: flipout; mean: one pass with A = mu_A
 
@@ -216,6 +243,9 @@ class FactorLinear(nn.Module):
     @property
     def sigma_A(self) -> torch.Tensor:
         return sigma_of(self.sigma_free, self.config)
+
+    def _keep_sigma_grad(self, param: torch.Tensor) -> None:
+        self.sigma_grad = param.grad.detach().clone()
 
     def kl_A(self) -> torch.Tensor:
         """KL(q(A) || N(0, prior_sigma^2)), summed over the layer; 0 for a point estimate."""
@@ -295,22 +325,47 @@ def blob_kl_weight(step: int, num_train: int, batch_size: int, gamma: float) -> 
 def kl_sgd_step(layers: list, config: FactorPosteriorConfig, progress: Progress) -> None:
     """BLoB's second optimiser: plain SGD at kl_lr (linear warm-up and decay) on w_t KL_A for mu_A and sigma_A's
     parameter, plus, for the latter, the data term's gradient from this step's backward pass (AdamW does not
-    own it, so nothing else steps or clears it)."""
+    own it, so nothing else steps or clears it). With kl_step=ngvi, mu_A's part only (:func:`ngvi_sigma_step` sets
+    sigma_A)."""
     c = config
     lr = c.kl_lr * linear_schedule(progress.step - 1, progress.total_steps, c.kl_warmup)
     weight = blob_kl_weight(progress.step, progress.num_train, progress.batch_size, c.kl_gamma)
-    params = [p for layer in layers for p in (layer.bara_A_mu, layer.sigma_free)]
+    with_sigma = c.kl_step != "ngvi"
+    params = [p for layer in layers for p in (layer.bara_A_mu, layer.sigma_free)[:1 + with_sigma]]
     with torch.enable_grad():
         kl = c.kl_scale * sum(layer.kl_A() for layer in layers)
         grads = torch.autograd.grad(kl, params)
     with torch.no_grad():
         for p, g in zip(params, grads):
             p.sub_(lr * weight * g.to(p.dtype))
-        for layer in layers if c.sigma_optimizer == "sgd" else ():  # else AdamW steps and clears it
+        for layer in layers if c.sigma_optimizer == "sgd" and with_sigma else ():  # else AdamW steps and clears it
             sigma = layer.sigma_free
             if sigma.grad is not None:
                 sigma.sub_(lr * sigma.grad)
                 sigma.grad = None
+
+
+@torch.no_grad()
+def ngvi_sigma_step(layers: list, config: FactorPosteriorConfig, progress: Progress) -> None:
+    """kl_step=ngvi: sigma_A set to Gaussian VI's fixed point given the curvature so far, 1/sigma^2 = 1/prior_sigma^2
+    + N h / kl_scale, h the bias-corrected running mean of this step's estimate g E / sigma^2 (g the unclipped
+    gradient of the mean NLL in log sigma, the layer's ``sigma_grad``), floored at 0. The running mean is read back
+    from sigma_A itself (h = kl_scale (1/sigma^2 - 1/prior_sigma^2) / N), so it needs no state of its own and a
+    resumed run continues it. Hand-written: torch has no VI optimiser, and IVON's (the ``ivon`` package) would
+    also take over mu_A, which AdamW steps here."""
+    c, n, t = config, progress.num_train, progress.step
+    decay, prior_precision = c.curvature_decay, 1.0 / c.prior_sigma ** 2
+    for layer in layers:
+        grad, layer.sigma_grad = layer.sigma_grad, None
+        log_sigma = layer.bara_A_log_sigma
+        log_sigma.grad = None  # consumed here: AdamW does not own it
+        if grad is None:
+            continue
+        precision = torch.exp(-2.0 * log_sigma.double())
+        h_hat = grad.double() * precision
+        running = c.kl_scale * (precision - prior_precision).clamp_min(0) / n * (1 - decay ** (t - 1))
+        h = ((decay * running + (1 - decay) * h_hat) / (1 - decay ** t)).clamp_min(0)
+        log_sigma.copy_((-0.5 * torch.log(prior_precision + n * h / c.kl_scale)).to(log_sigma.dtype))
 
 
 @torch.no_grad()

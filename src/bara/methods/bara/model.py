@@ -22,7 +22,9 @@ dataset size N, step t, KL warm-up :math:`\beta_t` (0 -> 1 over the first ``kl_w
    on :math:`w_t\,KL_A` for mu_A and on :math:`\partial\ell/\partial s + w_t\,\partial KL_A/\partial s` for
    sigma_A's parameter s (log sigma, or BLoB's rho), which AdamW never sees. :math:`w_t = 2^i/(2^{M+1} - 1)`,
    :math:`i = t \bmod M`, :math:`M = 100 N^{\pi/\gamma}/b` (BLoB's KL reweighting: on average 1/M per step, about
-   21 times the ELBO's 1/N at N = 1,000; ``kl_gamma = 0``: :math:`1/M` with M batches per epoch).
+   21 times the ELBO's 1/N at N = 1,000; ``kl_gamma = 0``: :math:`1/M` with M batches per epoch). ``kl_step=ngvi``:
+   that step on mu_A only, and sigma_A set to Gaussian VI's fixed point from the NLL's curvature in A
+   (:func:`~..factor_posterior.ngvi_sigma_step`).
 3. ``pi_update=svi`` (default): then q(pi_k) = Beta(alpha_k, beta_k) takes a stochastic natural-gradient step
    towards its conjugate optimum given the step's usage :math:`u_k` (batch mean of rho): :math:`(\alpha, \beta)
    \leftarrow (1 - \eta_t)(\alpha, \beta) + \eta_t(\alpha_0/r + N' u_k,\ 1 + N'(1 - u_k))`, N' = N
