@@ -387,6 +387,18 @@ def test_ngvi_needs_log_sigma_and_keeps_mu_a_on_the_kl_sgd_step(tiny_bert):
     assert all((l.sigma_A <= 0.2 + 1e-6).all() and l.sigma_free.grad is None for l in layers)
 
 
+def test_a_ngvi_run_saves_the_sigma_a_it_set_and_reports_it(tiny_bert, toy_data, tmp_path):
+    config = RunConfig(model=tiny_bert, data=toy_data, method="bara", method_options={"kl_step": "ngvi"},
+                       train=TrainConfig(steps=6, batch_size=8, max_length=16))
+    metrics = runs.run_train(config, tmp_path / "ngvi", progress_bar=False)
+    _, loaded, _ = runs.load_adapter(tmp_path / "ngvi")
+    sigma = torch.cat([layer.sigma_A.flatten() for layer in loaded.layers.values()])
+    # six steps from B = 0: the NLL's curvature in A is still small, so sigma_A is near the prior's 0.2, far above
+    # its initialisation (at most 0.0025), and the report reads the same sigma_A as the saved adapter
+    assert sigma.max() <= 0.2 + 1e-6 and sigma.median() > 0.1
+    assert metrics["diagnostics"]["sigma_A_median"] == pytest.approx(sigma.median().item(), rel=1e-5)
+
+
 def test_monte_carlo_prediction_is_batched_seeded_and_varies(tiny_bert):
     classifier, method = _classifier(tiny_bert, "bara")
     for layer_ in method.layers.values():
@@ -551,6 +563,8 @@ def test_save_load_and_pruning_round_trips(tiny_bert, toy_data, tmp_path, norm):
     for key in ("joint_effective_rank", "selection_variability", "hard_rank_std", "complexity", "complexity_lora"):
         assert key in diag
     assert 0 <= diag["joint_effective_rank"] <= 16 and diag["complexity_lora"] == 2 * 2 * 16 * 64
+    # sigma_A as initialised, rho^2 with rho ~ U(0.05 / sqrt 2, 0.05): BLoB's KL step barely moves it (section 18)
+    assert 0.00125 <= diag["sigma_A_median"] <= 0.0025 and 0 < diag["mu_A_abs_mean"] < 0.1
     assert metrics["fast_path"]["n"] == 24 and metrics["samples"] == 10
     assert (out / "rank.png").exists()
     again = runs.run_eval(out, progress_bar=False)

@@ -186,8 +186,20 @@ class FactorPosteriorMethod(Method):
             "global_rank_mean": float(np.mean([l["global_rank"] for l in per_layer])),
             "complexity": sum(l["mean_expected_rank"] * (l["d_in"] + l["d_out"]) for l in per_layer),
             "complexity_lora": sum(r_max * (l["d_in"] + l["d_out"]) for l in per_layer),
+            **self.sigma_summary(),
             "layers": layers,
         }
+
+    @torch.no_grad()
+    def sigma_summary(self) -> dict:
+        """sigma_A over every entry of every layer (mean, median) and |mu_A|'s mean: how wide the posterior on A is
+        beside the mean it is around (docs/experiments.md sections 18 and 26); none for a point estimate."""
+        if not self.bayes_factors or not self.layers:
+            return {}
+        sigma = torch.cat([layer.sigma_A.float().flatten() for layer in self.layers.values()])
+        mu = torch.cat([layer.bara_A_mu.float().flatten() for layer in self.layers.values()])
+        return {"sigma_A_mean": sigma.mean().item(), "sigma_A_median": sigma.median().item(),
+                "mu_A_abs_mean": mu.abs().mean().item()}
 
     @classmethod
     def summary(cls, diagnostics: dict, validation: bool = False) -> dict:
