@@ -127,8 +127,9 @@ class FactorPosteriorConfig(LoraConfig):
             raise BaraError(f"curvature_decay must be in [0, 1), got {self.curvature_decay}")
         if self.kl_step == "ngvi" and (self.sigma_param != "log" or self.sigma_optimizer != "sgd"):
             raise BaraError("kl_step=ngvi sets sigma_A from the curvature and needs sigma_param=log and "
-                            f"sigma_optimizer=sgd, got {self.sigma_param} and {self.sigma_optimizer}; fix: drop "
-                            "those options or pick another kl_step")
+                            f"sigma_optimizer=sgd, got {self.sigma_param} and {self.sigma_optimizer}; fix: pass "
+                            "--sigma-param log (BLoB's default is rho2) and --sigma-optimizer sgd, or another "
+                            "--kl-step")
 
 
 def sigma_parameter(r: int, d_in: int, config: FactorPosteriorConfig) -> tuple[str, nn.Parameter]:
