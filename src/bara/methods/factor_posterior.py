@@ -352,7 +352,7 @@ def ngvi_sigma_step(layers: list, config: FactorPosteriorConfig, progress: Progr
     + N h / kl_scale, h the bias-corrected running mean of this step's estimate g E / sigma^2 (g the unclipped
     gradient of the mean NLL in log sigma, the layer's ``sigma_grad``), floored at 0. The running mean is read back
     from sigma_A itself (h = kl_scale (1/sigma^2 - 1/prior_sigma^2) / N), so it needs no state of its own and a
-    resumed run continues it. Hand-written: torch has no VI optimiser, and IVON's (the ``ivon`` package) would
+    resumed run continues it. Hand-written: torch has no VI optimiser, and IVON's own (PyPI's ``ivon-opt``) would
     also take over mu_A, which AdamW steps here."""
     c, n, t = config, progress.num_train, progress.step
     decay, prior_precision = c.curvature_decay, 1.0 / c.prior_sigma ** 2
