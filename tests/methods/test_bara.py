@@ -333,7 +333,8 @@ def _ngvi_fit(steps: int, decay: float, kl_scale: float = 1.0, n_train: int = 50
     from bara.methods.factor_posterior import FactorLinear, ngvi_sigma_step
 
     torch.manual_seed(0)
-    config = BlobConfig(r=4, alpha=8.0, kl_step="ngvi", sigma_param="log", curvature_decay=decay, kl_scale=kl_scale)
+    config = BlobConfig(r=4, alpha=8.0, kl_step="ngvi", sigma_param="log", curvature_decay=decay,
+                        kl_scale=kl_scale)
     module = FactorLinear(nn.Linear(6, 5), config)
     with torch.no_grad():
         module.bara_B.normal_(0, 0.5)
