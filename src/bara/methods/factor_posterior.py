@@ -124,8 +124,8 @@ class FactorPosteriorConfig(LoraConfig):
         if self.max_sigma < 0:
             raise BaraError(f"max_sigma must be >= 0 (0 = no bound), got {self.max_sigma}")
         if not 0 <= self.curvature_decay < 1:
-            raise BaraError(f"curvature_decay must be in [0, 1), got {self.curvature_decay}; fix: pass --curvature-decay "
-                            "0.98 (the default: about the last 50 steps) or another value below 1")
+            raise BaraError(f"curvature_decay must be in [0, 1), got {self.curvature_decay}; fix: pass "
+                            "--curvature-decay 0.98 (the default: about the last 50 steps) or another value below 1")
         if self.kl_step == "ngvi" and (self.sigma_param != "log" or self.sigma_optimizer != "sgd"):
             raise BaraError("kl_step=ngvi sets sigma_A from the curvature and needs sigma_param=log and "
                             f"sigma_optimizer=sgd, got {self.sigma_param} and {self.sigma_optimizer}; fix: pass "
