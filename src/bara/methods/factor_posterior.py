@@ -333,7 +333,8 @@ def kl_sgd_step(layers: list, config: FactorPosteriorConfig, progress: Progress)
     lr = c.kl_lr * linear_schedule(progress.step - 1, progress.total_steps, c.kl_warmup)
     weight = blob_kl_weight(progress.step, progress.num_train, progress.batch_size, c.kl_gamma)
     with_sigma = c.kl_step != "ngvi"
-    params = [p for layer in layers for p in (layer.bara_A_mu, layer.sigma_free)[:1 + with_sigma]]
+    params = [p for layer in layers
+              for p in ((layer.bara_A_mu, layer.sigma_free) if with_sigma else (layer.bara_A_mu,))]
     with torch.enable_grad():
         kl = c.kl_scale * sum(layer.kl_A() for layer in layers)
         grads = torch.autograd.grad(kl, params)
