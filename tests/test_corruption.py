@@ -295,8 +295,8 @@ def test_the_report_names_the_runs_not_scored_yet_and_report_only_scores_nothing
     monkeypatch.setattr(corruption, "corrupt_run", lambda *a, **k: pytest.fail("report-only scored a run"))
     for w in scored_before[0].rglob("*.safetensors"):  # no adapter needed to report: no error for one missing
         w.unlink()
-    assert cli.main(["corrupt", "--bench", str(out), "--data", "toy", "--intensities", "0,40", "--no-progress",
-                     "--report-only"]) == 0
+    assert cli.main(["corrupt", "--bench", str(out), "--data", "toy", "--report", "--intensities", "0,40",
+                     "--no-progress"]) == 0  # --report: argparse's abbreviation of --report-only
 
     def without_command(text):
         return [line for line in text.splitlines() if not line.startswith("`bara corrupt")]
@@ -305,7 +305,8 @@ def test_the_report_names_the_runs_not_scored_yet_and_report_only_scores_nothing
     assert without_command(rewritten) == without_command(report)
     # it names the command that scores the points (to reproduce them), and itself
     scoring = f"bara corrupt --bench {out} --data toy --intensities 0,40 --no-progress"
-    assert f"`{scoring}` (this report rewritten from the points it scored: `{scoring} --report-only`)" in rewritten
+    rewriting = f"bara corrupt --bench {out} --data toy --report --intensities 0,40 --no-progress"
+    assert f"`{scoring}` (this report rewritten from the points it scored: `{rewriting}`)" in rewritten
     monkeypatch.setattr(corruption, "corrupt_run", real)
     corruption.run_corrupt(out, ["toy"], intensities=[0, 40], progress_bar=False, missing="skip")
     assert "Partial" not in (out / "corruption-toy.md").read_text()

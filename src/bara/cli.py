@@ -429,9 +429,11 @@ def main(argv: list[str] | None = None) -> int:
             from . import corruption
 
             missing = "retrain" if args.retrain_missing else "skip" if args.skip_missing else "error"
+            # argparse takes any unambiguous prefix of an option: the words it read as --report-only
+            scoring = [a for a in argv if not (a.startswith("--rep") and "--report-only".startswith(a))]
             written = corruption.run_corrupt(args.bench, args.data, args.kinds, args.intensities,
                                              not args.no_progress, shlex.join(["bara", *argv]), missing,
-                                             args.report_only, args.only_method)
+                                             args.report_only, args.only_method, shlex.join(["bara", *scoring]))
             print("wrote " + ", ".join(str(p) for p in written))
         elif args.command == "data":
             _fetch(args)

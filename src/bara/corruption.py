@@ -264,17 +264,18 @@ def summarise(points: list[dict], kinds, intensities, one_pass: bool = False) ->
 
 
 def markdown(dataset: str, table: dict, kinds, intensities, command: str, left_out=(),
-             num_labels: int | None = None, pending=(), one_pass: dict | None = None) -> str:
+             num_labels: int | None = None, pending=(), one_pass: dict | None = None,
+             scored_by: str | None = None) -> str:
     """The report: one table per corruption, a row per variant, accuracy % / ECE % / NLL per intensity (means over
     seeds); ``left_out`` lists the runs skipped for want of an adapter, each with the reason; ``num_labels`` adds
     the null (a uniform prediction) to read the numbers against; ``pending`` lists the runs not (fully) scored yet,
     which makes the report a partial one; ``one_pass`` (:func:`summarise`'s, of the one-pass predictions) adds a
-    row under each sampling method."""
+    row under each sampling method. ``scored_by``: the command that scored the points, when ``command`` only
+    rewrote the report from them (``--report-only``): the one that reproduces them is named first."""
     one_pass = one_pass or {}
     said = f"`{command}`"
-    if " --report-only" in command:  # the command that scores the points is the one that reproduces them
-        said = (f"`{command.replace(' --report-only', '')}` (this report rewritten from the points it scored: "
-                f"`{command}`)")
+    if scored_by:
+        said = f"`{scored_by}` (this report rewritten from the points it scored: `{command}`)"
     lines = [f"# {dataset}: the test split corrupted", "", said, "",
              "Each cell: accuracy % / ECE % / NLL, mean over seeds, of the method's own predictive (S samples for the "
              "sampling methods). Intensity 0 is the clean test split. Corruptions: see `bara corrupt --help`."
@@ -310,10 +311,10 @@ def markdown(dataset: str, table: dict, kinds, intensities, command: str, left_o
 
 
 def _write_report(output: Path, dataset: str, finished: list[dict], kinds, intensities, command: str,
-                  why: dict) -> list[Path]:
+                  why: dict, scored_by: str | None = None) -> list[Path]:
     """Write ``corruption-DATASET.md``, ``.jsonl`` and ``plots/corruption-DATASET.png`` from the points the runs'
     folders hold now: a run with every point is in the means, one that lacks some is named as not scored yet (a
-    partial report), one in ``why`` ({folder: reason}) as left out."""
+    partial report), one in ``why`` ({folder: reason}) as left out; ``scored_by`` as :func:`markdown`'s."""
     from .checkpoint import write_atomic
     from .plots import corruption_curves
 
@@ -335,7 +336,7 @@ def _write_report(output: Path, dataset: str, finished: list[dict], kinds, inten
     report = output / f"corruption-{dataset}.md"
     one_pass = summarise(points, kinds, intensities, one_pass=True)
     write_atomic(report, lambda tmp: tmp.write_text(markdown(dataset, table, kinds, intensities, command, left_out,
-                                                             num_labels, pending, one_pass)))
+                                                             num_labels, pending, one_pass, scored_by)))
     lines = output / f"corruption-{dataset}.jsonl"
     write_atomic(lines, lambda tmp: tmp.write_text("".join(json.dumps(p) + "\n" for p in points)))
     plot = corruption_curves(table, kinds, intensities, output / "plots" / f"corruption-{dataset}.png",
@@ -345,13 +346,15 @@ def _write_report(output: Path, dataset: str, finished: list[dict], kinds, inten
 
 def run_corrupt(output: Path, datasets: list[str], kinds=KINDS, intensities=INTENSITIES, progress_bar: bool = True,
                 command: str = "bara corrupt", missing: str = "error", report_only: bool = False,
-                only_method: list[str] | None = None) -> list[Path]:
+                only_method: list[str] | None = None, scored_by: str | None = None) -> list[Path]:
     """Score every chosen run of ``datasets`` in the benchmark folder ``output`` on corrupted test splits and write
     ``corruption-DATASET.md``, ``corruption-DATASET.jsonl`` and ``plots/corruption-DATASET.png``; returns their paths.
     The report is written before the first run and again after each, from the points scored so far (a run not
     fully scored yet is named there, not averaged), so a long command that stops leaves a partial report to read;
-    ``report_only`` writes it and scores nothing. ``only_method``: score only the runs of these variants or methods
-    (the others wait, named in the report as not scored yet): some methods first, or two processes side by side.
+    ``report_only`` writes it and scores nothing (``scored_by``: the command that scores the points, named in that
+    report as the one that reproduces them; by default ``command`` without --report-only). ``only_method``: score
+    only the runs of these variants or methods (the others wait, named in the report as not scored yet): some
+    methods first, or two processes side by side.
     A run with points left to score and no adapter in its folder: ``missing`` "error" (BaraError before any work,
     naming them all), "skip" (left out, and listed in the report) or "retrain" (:func:`retrain_adapter`; a run that
     retrains to other numbers than it stored is left out with a warning, and listed in the report)."""
@@ -374,8 +377,9 @@ def run_corrupt(output: Path, datasets: list[str], kinds=KINDS, intensities=INTE
             if _unscored(_scored(folder), kinds, intensities) and not has_weights(folder):
                 lacking.append(folder)
     if report_only:
+        scored_by = scored_by or " ".join(a for a in command.split(" ") if a != "--report-only")
         return [path for dataset, finished in rows.items()
-                for path in _write_report(output, dataset, finished, kinds, intensities, command, {})]
+                for path in _write_report(output, dataset, finished, kinds, intensities, command, {}, scored_by)]
     if lacking and missing == "error":
         raise BaraError(f"{len(lacking)} run(s) to score have no adapter here (trained on another machine?): "
                         f"{', '.join(str(f.relative_to(output)) for f in lacking)}; fix: pass --retrain-missing to "
