@@ -180,3 +180,21 @@ def test_before_after_table_puts_two_reports_side_by_side(tmp_path):
     assert numbers["after"]["test acc %"] == "—" and numbers["after"]["test NLL"] == "0.500"
     assert gate["before"]["test decided"] == "—" and gate["after"]["test decided"] == "0.300"
     assert gate["after"]["test decided null"] == "0.000" and gate["after"]["val decided"] == "—"
+
+
+def test_sigma_seed1_experiment_is_standards_seed1_bara_and_the_ngvi_prior_beside_it():
+    """docs/experiments.md section 27 reads its default runs as standard's own seed-1 BaRA runs (clinc150's retrained
+    to the same folder): the same hashes, and the variant differs by its two options only."""
+    from bara import bench
+
+    plan, standard = bench.plan(str(EXPERIMENTS / "sigma-seed1.toml")), bench.plan("standard")
+    for dataset in ("banking77", "hwu64", "clinc150"):
+        mine = {e.variant: e for e in plan.entries if e.dataset == dataset}
+        theirs = next(e for e in standard.entries if e.dataset == dataset and e.variant == "bara")
+        chosen = mine["bara"].lr
+        assert chosen in theirs.lr  # the rate standard chose is one of its grid's
+        assert mine["bara"].spec(chosen, 1).hash == theirs.spec(chosen, 1).hash
+        ngvi = mine["bara-ngvi-p005"].spec(chosen, 1)
+        assert ngvi.hash != theirs.spec(chosen, 1).hash
+        assert ngvi.config.method_options == {**theirs.config.method_options, "kl_step": "ngvi", "prior_sigma": 0.05}
+    assert plan.validate_all and set(plan.preset.values["seeds"]) == {1}
