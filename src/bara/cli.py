@@ -429,11 +429,13 @@ def main(argv: list[str] | None = None) -> int:
             from . import corruption
 
             missing = "retrain" if args.retrain_missing else "skip" if args.skip_missing else "error"
-            # argparse takes any unambiguous prefix of an option: the words it read as --report-only
+            # The command that scores the points a --report-only rewrite reads: argv without the words argparse took
+            # as --report-only (it accepts any unambiguous prefix, e.g. --report).
             scoring = [a for a in argv if not (a.startswith("--rep") and "--report-only".startswith(a))]
             written = corruption.run_corrupt(args.bench, args.data, args.kinds, args.intensities,
                                              not args.no_progress, shlex.join(["bara", *argv]), missing,
-                                             args.report_only, args.only_method, shlex.join(["bara", *scoring]))
+                                             args.report_only, args.only_method,
+                                             shlex.join(["bara", *scoring]) if args.report_only else None)
             print("wrote " + ", ".join(str(p) for p in written))
         elif args.command == "data":
             _fetch(args)

@@ -352,7 +352,7 @@ def run_corrupt(output: Path, datasets: list[str], kinds=KINDS, intensities=INTE
     The report is written before the first run and again after each, from the points scored so far (a run not
     fully scored yet is named there, not averaged), so a long command that stops leaves a partial report to read;
     ``report_only`` writes it and scores nothing (``scored_by``: the command that scores the points, named in that
-    report as the one that reproduces them; by default ``command`` without --report-only). ``only_method``: score
+    report as the one that reproduces them; the CLI derives it from the parsed flag). ``only_method``: score
     only the runs of these variants or methods (the others wait, named in the report as not scored yet): some
     methods first, or two processes side by side.
     A run with points left to score and no adapter in its folder: ``missing`` "error" (BaraError before any work,
@@ -377,7 +377,6 @@ def run_corrupt(output: Path, datasets: list[str], kinds=KINDS, intensities=INTE
             if _unscored(_scored(folder), kinds, intensities) and not has_weights(folder):
                 lacking.append(folder)
     if report_only:
-        scored_by = scored_by or " ".join(a for a in command.split(" ") if a != "--report-only")
         return [path for dataset, finished in rows.items()
                 for path in _write_report(output, dataset, finished, kinds, intensities, command, {}, scored_by)]
     if lacking and missing == "error":
