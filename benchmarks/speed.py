@@ -124,16 +124,19 @@ def main() -> None:
         print(f"\n{model}: batch {batch_size} x {length}, {args.repeats} interleaved repeats, medians")
         for method in METHODS:
             print(f"  train step {method:5s} {med[f'train/{method}']:.3f} s  "
-                  f"ratio to lora {med[f'train/{method}'] / med['train/lora']:.2f}" + ("   (target <= 1.15)" if method == "bara" else ""))
+                  f"ratio to lora {med[f'train/{method}'] / med['train/lora']:.2f}"
+                  + ("   (target <= 1.15)" if method == "bara" else ""))
         for method in METHODS:
             print(f"  train step memory {method:5s} {memory[method]:.0f} MiB beyond the frozen model  "
-                  f"ratio to lora {memory[method] / memory['lora']:.2f}" + ("   (target <= 1.10)" if method == "bara" else ""))
+                  f"ratio to lora {memory[method] / memory['lora']:.2f}"
+                  + ("   (target <= 1.10)" if method == "bara" else ""))
         print(f"  fast path  bara  {med['pass/bara']:.3f} s  ratio to lora forward "
               f"{med['pass/bara'] / med['pass/lora']:.2f}   (target <= 1.05)")
         for method in ("blob", "bara"):
             print(f"  S=10 {method:5s} batched {med[f'S10/{method}']:.3f} s = "
                   f"{med[f'S10/{method}'] / med['pass/lora']:.2f} x one lora pass; 10 single passes "
-                  f"{med[f'loop10/{method}']:.3f} s (batched/looped {med[f'S10/{method}'] / med[f'loop10/{method}']:.2f})")
+                  f"{med[f'loop10/{method}']:.3f} s "
+                  f"(batched/looped {med[f'S10/{method}'] / med[f'loop10/{method}']:.2f})")
         sys.stdout.flush()
 
 

@@ -257,7 +257,8 @@ def test_bad_input_is_one_error_with_a_fix():
         bara.get_model(bert(), bara.BaraConfig(r=4))(**batch(), pixel_values=torch.zeros(1))
 
 
-@pytest.mark.parametrize("model,data,method", [("tiny_bert", "toy_data", "lora"), ("tiny_llama", "toy_choices", "bara")])
+@pytest.mark.parametrize("model,data,method",
+                         [("tiny_bert", "toy_data", "lora"), ("tiny_llama", "toy_choices", "bara")])
 def test_from_pretrained_loads_a_bara_train_adapter(request, tmp_path, model, data, method):
     from bara import runs
     from bara.data import load_task

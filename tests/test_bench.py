@@ -977,7 +977,8 @@ def test_several_ood_and_shift_sets_get_a_column_and_a_table_each(tmp_path, tiny
         write_tsv(second / f"{split}.tsv", [(f"wall {split} {i} is painted {colours[i % 3]}", colours[i % 3])
                                             for i in range(n)])
     path = tiny_preset(tmp_path, tiny_bert, toy_data, methods='["lora"]')
-    path.write_text(path.read_text() + f"ood = {json.dumps([ood, shift])}\nshift = {json.dumps([shift, str(second)])}\n")
+    path.write_text(path.read_text()
+                    + f"ood = {json.dumps([ood, shift])}\nshift = {json.dumps([shift, str(second)])}\n")
     specs = bench.expand(str(path))
     assert [(s.ood, s.shift) for s in specs] == [((ood, shift), (shift, str(second)))] * 2
     config = specs[0].config
@@ -998,7 +999,8 @@ def test_several_ood_and_shift_sets_get_a_column_and_a_table_each(tmp_path, tiny
     for name in (ood, shift):
         values = [json.loads((out / s.folder / "metrics.json").read_text())["ood_auroc_by_set"][name] for s in specs]
         assert [r[f"test_ood_auroc[{name}]"] for r in rows] == values
-        assert main[f"OOD AUROC {name}"].strip("*") == f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+        expected = f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+        assert main[f"OOD AUROC {name}"].strip("*") == expected
     metrics = json.loads((out / specs[0].folder / "metrics.json").read_text())
     assert metrics["ood_auroc"] == metrics["ood_auroc_by_set"][ood]  # the first set's, under the usual key
     for name, n in ((shift, 30), (str(second), 15)):  # every example of each shift set

@@ -219,8 +219,9 @@ def test_fetch_downloads_checks_the_sha256_and_deletes_the_download(cache, tmp_p
         raise bigbench.HTTPError(url, 403, "Forbidden", {}, io.BytesIO(b"This package version is not available."))
 
     monkeypatch.setattr(bigbench, "urlopen", refused)
-    with pytest.raises(BaraError, match=r"PyPI refused .*bigbench-1\.0\.0\.tar\.gz \(HTTP 403: This package version is "
-                                        r"not available\.\); fix: download .*github\.com/google/BIG-bench.*--sdist PATH"):
+    with pytest.raises(BaraError, match=r"PyPI refused .*bigbench-1\.0\.0\.tar\.gz \(HTTP 403: This package "
+                                        r"version is not available\.\); fix: download "
+                                        r".*github\.com/google/BIG-bench.*--sdist PATH"):
         bigbench.fetch(["social_iqa"], progress=False)
     assert sorted(p.name for p in cache.iterdir()) == ["strategyqa", "winowhy"]
 

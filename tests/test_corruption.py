@@ -21,7 +21,8 @@ from bara.runs import METRICS
 from test_bench import PNG_MAGIC, tiny_preset
 
 _WORDS = random.Random(1)
-TEXT = " ".join(_WORDS.choice(["transfer", "money", "card", "lost", "my", "please", "account", "why"]) for _ in range(400))
+_VOCABULARY = ["transfer", "money", "card", "lost", "my", "please", "account", "why"]
+TEXT = " ".join(_WORDS.choice(_VOCABULARY) for _ in range(400))
 
 
 def test_no_corruption_at_intensity_zero_and_the_same_texts_for_the_same_seed():

@@ -187,7 +187,8 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, help=f"peak learning rate ({_lr_help(only_method, d.lr)})")
     t.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="fraction of steps of linear warm-up")
     t.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping (0 = off)")
-    t.add_argument("--max-length", type=int, default=d.max_length, help=f"max tokens per input (default {d.max_length})")
+    t.add_argument("--max-length", type=int, default=d.max_length,
+                   help=f"max tokens per input (default {d.max_length})")
     t.add_argument("--dtype", default=RunConfig.dtype, choices=DTYPES, help="dtype of the base model's weights "
                    "(default float32); the adapter and its optimiser stay float32, as peft's")
     t.add_argument("--mixed-precision", default=RunConfig.mixed_precision, choices=list(MIXED_PRECISION),
@@ -311,7 +312,8 @@ def table(metrics: dict) -> str:
     lines = [head] + [f"  {k:<10} {v:>10}" for k, v in rows]
     if "fast_path" in metrics:
         fp = metrics["fast_path"]
-        lines.append(f"  one-pass: accuracy {100 * fp['accuracy']:.2f}%  ECE {100 * fp['ece']:.2f}%  NLL {fp['nll']:.4f}")
+        lines.append(f"  one-pass: accuracy {100 * fp['accuracy']:.2f}%  ECE {100 * fp['ece']:.2f}%  "
+                     f"NLL {fp['nll']:.4f}")
     numbers = [f"{k} {v:.4g}" for k, v in metrics.get("diagnostics", {}).items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if numbers:  # the method's own numbers (metrics.json has them all)

@@ -544,7 +544,9 @@ def kl_gate_bernoulli(q: GateBernoulli, p: GateBernoulli) -> torch.Tensor:
 def kl_bernoulli_logits(logits_q, logits_p) -> torch.Tensor:
     r"""Elementwise KL(Bernoulli(σ(ℓ_q)) ‖ Bernoulli(σ(ℓ_p))) from logits, sp = softplus, ρ = σ(ℓ_q):
 
-    .. math:: \rho\,[\mathrm{sp}(-\ell_p) - \mathrm{sp}(-\ell_q)] + (1 - \rho)\,[\mathrm{sp}(\ell_p) - \mathrm{sp}(\ell_q)].
+    .. math::
+
+        \rho\,[\mathrm{sp}(-\ell_p) - \mathrm{sp}(-\ell_q)] + (1 - \rho)\,[\mathrm{sp}(\ell_p) - \mathrm{sp}(\ell_q)].
 
     torch's registered Bernoulli KL sets the result to inf wherever a probability rounds to 0 or 1; this form stays
     finite and exact for every finite logit.

@@ -86,7 +86,8 @@ def resolve(name: str) -> str:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
-            raise BaraError(f"model folder '{path}' has no config.json; fix: point --model at a transformers model folder")
+            raise BaraError(f"model folder '{path}' has no config.json; "
+                            "fix: point --model at a transformers model folder")
         return str(path)
     if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1:
         raise BaraError(f"model '{name}' not found; fix: use minilm, smollm2, a model folder or a hub id")

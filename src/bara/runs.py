@@ -288,7 +288,8 @@ def score(classifier: Classifier, method: Method, split: Split, config: RunConfi
         probs = predict(classifier, method, split, samples, batch_size, seed, progress_bar)
     seconds = time.perf_counter() - t0
     ood = ood or {}
-    ood_probs = {name: predict(classifier, method, s, samples, batch_size, seed, progress_bar) for name, s in ood.items()}
+    ood_probs = {name: predict(classifier, method, s, samples, batch_size, seed, progress_bar)
+                 for name, s in ood.items()}
     result = {**evaluate(probs, labels), **ood_scores(probs, ood_probs), "samples": samples,
               "predict_seconds": seconds}
     if samples > 0 and method.one_pass:

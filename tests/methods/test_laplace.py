@@ -186,7 +186,8 @@ def test_spread_batches_takes_n_fit_instances_from_evenly_spread_batches():
 # -- evidence --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("structure", ["kron", "diag"])
 def test_log_marginal_likelihood_matches_the_dense_formula(structure):
-    """log p(D|θ*) − δ/2 ‖θ*‖² + P/2 log δ − 1/2 log det(GGN + δ I), the log det by dense slogdet (1e-8)."""
+    """log p(D|θ*) − δ/2 ‖θ*‖² + P/2 log δ − 1/2 log det(GGN + δ I), the log det by dense slogdet
+    (1e-8)."""
     model = TinyAdapted()
     batch = data(n=5)
     posterior = fit(model, batch, structure=structure)

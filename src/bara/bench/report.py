@@ -261,8 +261,8 @@ def _beside_reference(plan_: Plan, specs: list[RunSpec], dataset: str, rows: lis
              f"training examples ({config.max_train or 'all'}), — where it has none; Δ: these minus the tuned "
              f"(accuracy in points); behind: more than {100 * BEHIND['test_accuracy']:g} points of accuracy or "
              f"{BEHIND['test_nll']:g} NLL worse than the tuned.", "",
-             "| variant | n | accuracy % | tuned accuracy % | Δ accuracy | ECE % | tuned ECE % | NLL | tuned NLL | Δ NLL "
-             "| behind |",
+             "| variant | n | accuracy % | tuned accuracy % | Δ accuracy | ECE % | tuned ECE % | NLL | tuned NLL "
+             "| Δ NLL | behind |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     keys = ("test_accuracy", "test_ece", "test_nll")
     for group in report.summarize(rows, "variant", list(keys)):

@@ -180,7 +180,8 @@ class BaraConfig(FactorPosteriorConfig):
     train_samples: int = option(2, "K: the data term is -log (1/K) sum_k p(y | x, w_k) over K samples drawn in one "
                                    "batched pass (K = 1: one sample): training the averaged predictive that is "
                                    "scored; costs K times the forward and backward pass")
-    # Default 0.5 (peft's AdaLoRA weight): most of AdaLoRA's lead was its orthogonality; docs/experiments.md, section 11.
+    # Default 0.5 (peft's AdaLoRA weight): most of AdaLoRA's lead was its orthogonality;
+    # docs/experiments.md, section 11.
     orth_reg: float = option(0.5, "weight of the disentanglement penalty: the Frobenius norm of the off-diagonal "
                                   "cosine similarities between A's rows and between B's columns (AdaLoRA's "
                                   "orthogonality of P and Q, without fixing their scale), mean over layers")
