@@ -198,3 +198,23 @@ def test_sigma_seed1_experiment_is_standards_seed1_bara_and_the_ngvi_prior_besid
         assert ngvi.hash != theirs.spec(chosen, 1).hash
         assert ngvi.config.method_options == {**theirs.config.method_options, "kl_step": "ngvi", "prior_sigma": 0.05}
     assert plan.validate_all and set(plan.preset.values["seeds"]) == {1}
+
+
+def test_rank_experiment_is_standards_bara_and_r32_beside_it():
+    """docs/experiments.md section 28 reads its default runs as standard's own BaRA runs (seed 0 reused, seed 1 the
+    retrains of section 27): the same hashes, at standard's chosen rate, and r 32 differs by that option only."""
+    from bara import bench
+
+    plan, standard = bench.plan(str(EXPERIMENTS / "rank.toml")), bench.plan("standard")
+    assert {e.dataset for e in plan.entries} == {"hwu64", "clinc150"}
+    for dataset in ("hwu64", "clinc150"):
+        mine = {e.variant: e for e in plan.entries if e.dataset == dataset}
+        assert set(mine) == {"bara", "bara-r32"}
+        theirs = next(e for e in standard.entries if e.dataset == dataset and e.variant == "bara")
+        chosen = mine["bara"].lr
+        assert chosen in theirs.lr and mine["bara-r32"].lr == chosen
+        for seed in (0, 1):
+            assert mine["bara"].spec(chosen, seed).hash == theirs.spec(chosen, seed).hash
+            r32 = mine["bara-r32"].spec(chosen, seed)
+            assert r32.config.method_options == {**theirs.config.method_options, "r": 32}
+    assert plan.validate_all and set(plan.preset.values["seeds"]) == {0, 1}
