@@ -1145,6 +1145,37 @@ def test_reuse_copies_finished_runs_of_the_same_config_from_another_output(prese
         bench.run_bench(str(preset_file), second, progress=False, reuse=tmp_path / "nowhere")
 
 
+def test_reuse_under_validate_all_trains_a_run_that_has_neither_validation_scores_nor_adapter(
+        tmp_path, tiny_bert, toy_data, monkeypatch, capsys):
+    # A benchmark store commits metrics, not weights: a run there without validation scores cannot be scored on
+    # validation after the copy, so it trains here instead of failing on the missing adapter.
+    first = tmp_path / "first"
+    (tmp_path / "plain").mkdir(), (tmp_path / "validated").mkdir()
+    plain = tiny_preset(tmp_path / "plain", tiny_bert, toy_data, methods='["lora"]')
+    bench.run_bench(str(plain), first, progress=False)
+    stripped, kept = (next(s for s in bench.expand(str(plain)) if s.seed == seed) for seed in (1, 0))
+    (first / stripped.folder / "adapter_model.safetensors").unlink()
+    validated = tiny_preset(tmp_path / "validated", tiny_bert, toy_data, methods='["lora"]',
+                            extra="[tiny.tune]\nvalidate_all = true")
+    assert [s.hash for s in bench.expand(str(validated))] == [s.hash for s in bench.expand(str(plain))]
+    trained = []
+    real_run_train = runs.run_train
+    monkeypatch.setattr(runs, "run_train", lambda config, output, **kw: trained.append(config.train.seed)
+                        or real_run_train(config, output, **kw))
+    second = tmp_path / "second"
+    summary = bench.run_bench(str(validated), second, progress=False, reuse=first)
+    assert trained == [1] and (summary["trained"], summary["reused"]) == (1, 1)
+    assert f"{stripped.name} in {first} has no validation scores and no adapter" in capsys.readouterr().out
+    for spec in (stripped, kept):
+        assert set(json.loads((second / spec.folder / "metrics.json").read_text())["validation"]) >= {"nll"}
+    assert (second / stripped.folder / "adapter_model.safetensors").exists()
+    # The same run in the output itself (a store benched again under validate_all): one error naming the fix.
+    bench.run_bench(str(plain), tmp_path / "third", progress=False)
+    (tmp_path / "third" / stripped.folder / "adapter_model.safetensors").unlink()
+    with pytest.raises(BaraError, match=r"seed1-.* has no validation scores and no adapter .*; fix: remove .*seed1-"):
+        bench.run_bench(str(validated), tmp_path / "third", progress=False)
+
+
 def test_reuse_finds_a_run_of_the_same_hash_under_another_dataset_name(preset_file, tmp_path, monkeypatch):
     # e.g. `defaults`' banking77-1000 and standard's banking77: the hash covers the config, not the names.
     first = tmp_path / "first"

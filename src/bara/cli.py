@@ -248,7 +248,8 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
                    "(comma-separated; a variant's name selects that variant only, a method's name every variant of it)")
     b.add_argument("--reuse", metavar="DIR", type=Path, help="copy finished runs with the same config (hash) from "
                    "another benchmark's --output instead of training them, e.g. standard's BaRA runs for ablations "
-                   "(found by hash, under whatever dataset and variant names that benchmark gave them)")
+                   "(found by hash, under whatever dataset and variant names that benchmark gave them; a run to be "
+                   "scored on validation is copied only with its validation scores or its adapter, else trained here)")
     b.add_argument("--compare", metavar="FILE", type=Path, action="append", help="another benchmark's results.jsonl "
                    "(a tuned one, with its preset.json beside it, e.g. benchmarks/results/standard/results.jsonl): "
                    "results.md shows each variant's test means beside its runs of the same method, model, data and "

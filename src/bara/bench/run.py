@@ -133,8 +133,11 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
 
     done = trained if candidates else finished
     selected = [s for s in selected if not s.pending]
-    sources = {s: reusable(reuse, s, done) for s in selected if reuse is not None and not done(output, s)}
+    sources = {s: reusable(reuse, s, done, validation) for s in selected if reuse is not None and not done(output, s)}
     reused = [s for s, source in sources.items() if source is not None]
+    for spec in (s for s, source in sources.items() if source is None and reusable(reuse, s, done)):
+        print(f"bara bench: {spec.name} in {reuse} has no validation scores and no adapter to score them with (a "
+              "store commits metrics, not weights): training it here", flush=True)
     for spec in reused:  # the same hash: the same config, data, seed and evaluation sets
         target = output / spec.folder
         shutil.rmtree(target, ignore_errors=True)  # a checkpoint of an unfinished run of it
@@ -146,6 +149,11 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
         for spec in (s for s in selected if trained(output, s) and not validation_metrics(output, s)):
             if held_elsewhere(output / spec.folder):
                 continue  # another stream is scoring it
+            if not (output / spec.folder / runs.ADAPTER_WEIGHTS).exists():
+                raise BaraError(f"{spec.name} in {output} has no validation scores and no adapter to score them with "
+                                "(a benchmark store commits metrics, not weights); fix: remove "
+                                f"{output / spec.folder} to train it again, or bench into another --output with "
+                                f"--reuse {output}")
             with claimed(output / spec.folder):
                 if not validation_metrics(output, spec):  # scored by another stream meanwhile
                     runs.add_validation(output / spec.folder, progress_bar=progress)
@@ -215,12 +223,16 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
             "skipped": len(selected) - len(pending) - len(reused) - len(lost_before), "failed": failed}
 
 
-def reusable(reuse: Path, spec: RunSpec, done) -> Path | None:
+def reusable(reuse: Path, spec: RunSpec, done, validation: bool = False) -> Path | None:
     """The folder in ``reuse`` of a run ``done`` with ``spec``'s hash: under the same dataset and variant names, or
     others (another preset's, e.g. `defaults`' banking77-1000 for standard's banking77): the hash covers the whole
-    config, the data and the evaluation sets, not the names. None when there is none."""
+    config, the data and the evaluation sets, not the names. With ``validation``, only one that has its validation
+    scores or the adapter to score them (a benchmark store commits most runs' metrics without their weights).
+    None when there is none."""
     for folder in [reuse / spec.folder] + sorted((reuse / "runs").glob(f"*/*/{spec.folder.name}")):
         named = dataclasses.replace(spec, dataset=folder.parent.parent.name, variant=folder.parent.name)
+        if validation and not (validation_metrics(reuse, named) or (folder / runs.ADAPTER_WEIGHTS).exists()):
+            continue
         if done(reuse, named):
             check_run_defaults(folder)  # checked up front for the same names (check_defaults), here for others
             return folder
@@ -354,7 +366,8 @@ def train_plan(plan_: Plan, selected: list[RunSpec], output: Path, progress: boo
         known = {(s.dataset, s.variant) for s in every if not s.pending}  # a pending variant's: its candidates
         todo = [s for s in every if (s.dataset, s.variant) in keys and not trained(output, s)
                 and not (s.pending and s.seed == plan_.tune_seed and (s.dataset, s.variant) in known)
-                and not (reuse is not None and not s.pending and reusable(reuse, s, trained))]  # copied, not trained
+                and not (reuse is not None and not s.pending
+                         and reusable(reuse, s, trained, plan_.validate_all))]  # copied, not trained
         print(f"bara bench: {estimate(todo, output, (reuse,) if reuse is not None else ())}", flush=True)
     output.mkdir(parents=True, exist_ok=True)
     summary = {"selected": 0, "trained": 0, "reused": 0, "skipped": 0, "diverged": 0, "failed": []}
