@@ -200,21 +200,28 @@ def test_sigma_seed1_experiment_is_standards_seed1_bara_and_the_ngvi_prior_besid
     assert plan.validate_all and set(plan.preset.values["seeds"]) == {1}
 
 
-def test_rank_experiment_is_standards_bara_and_r32_beside_it():
-    """docs/experiments.md section 28 reads its default runs as standard's own BaRA runs (seed 0 reused, seed 1 the
-    retrains of section 27): the same hashes, at standard's chosen rate, and r 32 differs by that option only."""
+def test_rank_experiment_is_standards_runs_and_double_rank_beside_them():
+    """docs/experiments.md section 28 reads its default runs as standard's own BaRA and AdaLoRA runs (banking77's
+    BaRA runs as the ablations'): the same hashes, at standard's chosen rate, and each double-rank variant differs
+    by its rank options only."""
     from bara import bench
 
     plan, standard = bench.plan(str(EXPERIMENTS / "rank.toml")), bench.plan("standard")
-    assert {e.dataset for e in plan.entries} == {"hwu64", "clinc150"}
-    for dataset in ("hwu64", "clinc150"):
+    ablations = {e.spec(1e-2, seed).hash for e in bench.plan("ablations").entries for seed in (0, 1)
+                 if e.dataset == "banking77" and e.variant in ("bara", "bara-r32")}  # at BaRA's chosen 1e-2
+    assert {e.dataset for e in plan.entries} == {"hwu64", "clinc150", "banking77"}
+    for dataset in ("hwu64", "clinc150", "banking77"):
         mine = {e.variant: e for e in plan.entries if e.dataset == dataset}
-        assert set(mine) == {"bara", "bara-r32"}
-        theirs = next(e for e in standard.entries if e.dataset == dataset and e.variant == "bara")
-        chosen = mine["bara"].lr
-        assert chosen in theirs.lr and mine["bara-r32"].lr == chosen
-        for seed in (0, 1):
-            assert mine["bara"].spec(chosen, seed).hash == theirs.spec(chosen, seed).hash
-            r32 = mine["bara-r32"].spec(chosen, seed)
-            assert r32.config.method_options == {**theirs.config.method_options, "r": 32}
+        assert set(mine) == {"bara", "bara-r32", "adalora", "adalora-r24"}
+        for method, double, options in (("bara", "bara-r32", {"r": 32}),
+                                        ("adalora", "adalora-r24", {"r": 24, "target_r": 16})):
+            theirs = next(e for e in standard.entries if e.dataset == dataset and e.variant == method)
+            chosen = mine[method].lr
+            assert chosen in theirs.lr and mine[double].lr == chosen
+            for seed in (0, 1):
+                assert mine[method].spec(chosen, seed).hash == theirs.spec(chosen, seed).hash
+                wider = mine[double].spec(chosen, seed)
+                assert wider.config.method_options == {**theirs.config.method_options, **options}
+                if dataset == "banking77" and method == "bara":
+                    assert {wider.hash, mine[method].spec(chosen, seed).hash} <= ablations
     assert plan.validate_all and set(plan.preset.values["seeds"]) == {0, 1}
