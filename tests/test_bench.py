@@ -1348,6 +1348,37 @@ def test_a_stream_trains_the_runs_no_other_process_holds_first(tmp_path, tiny_be
     assert written[1] < written[0]  # seed 1 trained while seed 0 was held
 
 
+def test_a_run_the_awaited_process_trained_is_counted_and_logged_as_trained_elsewhere(tmp_path, tiny_bert, toy_data,
+                                                                                       monkeypatch, capsys):
+    import contextlib
+    import shutil
+
+    from bara.bench import run as bench_run
+
+    preset = tiny_preset(tmp_path, tiny_bert, toy_data, methods='{ lora = "lora" }', lr="default = 5e-3")
+    done, out = tmp_path / "done", tmp_path / "bench"
+    bench.run_bench(str(preset), done, progress=False)
+    first = next(s for s in bench.expand(str(preset)) if s.seed == 0)
+    real_claimed = bench_run.claimed
+
+    @contextlib.contextmanager
+    def claimed_after_the_other(folder, *args, **kwargs):  # the other stream finished seed 0 while this one waited
+        if folder.name == first.folder.name and not folder.exists():
+            shutil.copytree(done / first.folder, folder)
+        with real_claimed(folder, *args, **kwargs):
+            yield
+
+    monkeypatch.setattr(bench_run, "claimed", claimed_after_the_other)
+    trained = []
+    real_run_train = runs.run_train
+    monkeypatch.setattr(runs, "run_train", lambda config, output, **kw: trained.append(config.train.seed)
+                        or real_run_train(config, output, **kw))
+    capsys.readouterr()
+    summary = bench.run_bench(str(preset), out, progress=False)
+    assert trained == [1] and (summary["trained"], summary["skipped"]) == (1, 1)
+    assert f"bench toy: {first.name} trained by another process (1 of 2)" in capsys.readouterr().out
+
+
 def test_a_run_another_live_process_trains_is_waited_for_and_a_dead_ones_lock_taken_over(tmp_path):
     import os
     import time

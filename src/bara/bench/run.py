@@ -161,7 +161,7 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
     pending = [s for s in selected if not done(output, s) and s not in lost_before]
     bar = tqdm(total=len(selected), initial=len(selected) - len(pending), desc=desc, unit="run",
                disable=not progress or not selected, dynamic_ncols=True)
-    failed, lost, walls = [], [], []  # walls: wall seconds of each run finished here
+    failed, lost, walls, elsewhere = [], [], [], []  # walls: wall seconds of each run trained here
     queue, i = list(pending), 0
     while queue:
         spec = queue.pop(0)
@@ -172,14 +172,16 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
         i += 1
         bar.set_postfix_str(spec.name)
         (folder / ERROR).unlink(missing_ok=True)
-        start = time.perf_counter()
+        start, untrained = time.perf_counter(), not (folder / runs.METRICS).exists()
         try:
             with claimed(folder):
                 if diverged(output, spec):  # in the other process that held it meanwhile
                     lost.append(spec)
                     bar.update(1)
                     continue
-                if not (folder / runs.METRICS).exists():
+                if untrained and (folder / runs.METRICS).exists():  # by the process this one waited for
+                    elsewhere.append(spec)
+                elif not (folder / runs.METRICS).exists():
                     resume = checkpoint.find(folder) is not None
                     fit = None if resume else trained_fit(spec, [output] + ([reuse] if reuse else []))
                     runs.run_train(spec.config, folder, resume=resume, ood_data=spec.ood, progress_bar=progress,
@@ -209,7 +211,9 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
                 failed.append(spec.name)
                 bar.write(f"bench: {spec.name} failed: {message} (traceback in {folder / ERROR})")
         else:
-            if not progress:  # a line per run for logs of background benchmarks, with the time left at this pace
+            if not progress and elsewhere and elsewhere[-1] is spec:
+                print(f"{desc}: {spec.name} trained by another process ({i} of {len(pending)})", flush=True)
+            elif not progress:  # a line per run for logs of background benchmarks, with the time left at this pace
                 walls.append(time.perf_counter() - start)
                 seconds = (len(pending) - i) * statistics.mean(walls)
                 left = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{max(seconds / 60, 1):.0f} min"
@@ -218,9 +222,10 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
                       flush=True)
         bar.update(1)
     bar.close()
-    return {"trained": len(pending) - len(failed) - len(lost), "reused": len(reused),
+    return {"trained": len(pending) - len(failed) - len(lost) - len(elsewhere), "reused": len(reused),
             "diverged": len(lost_before) + len(lost),
-            "skipped": len(selected) - len(pending) - len(reused) - len(lost_before), "failed": failed}
+            "skipped": len(selected) - len(pending) - len(reused) - len(lost_before) + len(elsewhere),
+            "failed": failed}
 
 
 def reusable(reuse: Path, spec: RunSpec, done, validation: bool = False) -> Path | None:
