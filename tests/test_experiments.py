@@ -225,3 +225,28 @@ def test_rank_experiment_is_standards_runs_and_double_rank_beside_them():
                 if dataset == "banking77" and method == "bara":
                     assert {wider.hash, mine[method].spec(chosen, seed).hash} <= ablations
     assert plan.validate_all and set(plan.preset.values["seeds"]) == {0, 1}
+
+
+def test_sigma_grid_reads_standards_candidates_and_the_sigma_experiments_runs():
+    """docs/experiments.md section 29: the grid's default candidates are standard's BaRA candidates, and its
+    non-default ones at BaRA's chosen rate are sigma.toml's variants (the same hashes: nothing trains twice)."""
+    from bara import bench
+
+    plan, standard, sigma = (bench.plan(p) for p in (str(EXPERIMENTS / "sigma-grid.toml"), "standard",
+                                                      str(EXPERIMENTS / "sigma.toml")))
+    assert {e.variant for e in plan.entries} == {"bara"}
+    for dataset in ("banking77", "hwu64", "clinc150"):
+        mine = next(e for e in plan.entries if e.dataset == dataset)
+        theirs = next(e for e in standard.entries if e.dataset == dataset and e.variant == "bara")
+        candidates = plan.candidates(mine)
+        assert len(candidates) == 2 * 2 * len(theirs.lr) == 8
+        by_options = {(c.config.train.lr, c.config.method_options.get("kl_step", "sgd"),
+                       c.config.method_options.get("prior_sigma", 0.2)): c.hash for c, _, _ in candidates}
+        assert len(set(by_options.values())) == 8
+        for lr in theirs.lr:  # the default's candidates: standard's runs
+            assert by_options[lr, "sgd", 0.2] == theirs.spec(lr, 0).hash
+        variants = {e.variant: e for e in sigma.entries if e.dataset == dataset}
+        chosen = variants["bara"].lr
+        assert by_options[chosen, "ngvi", 0.05] == variants["bara-ngvi-p005"].spec(chosen, 0).hash
+        assert by_options[chosen, "ngvi", 0.2] == variants["bara-ngvi"].spec(chosen, 0).hash
+        assert by_options[chosen, "sgd", 0.05] == variants["bara-sgd-p005"].spec(chosen, 0).hash
