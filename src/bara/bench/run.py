@@ -162,6 +162,7 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
     bar = tqdm(total=len(selected), initial=len(selected) - len(pending), desc=desc, unit="run",
                disable=not progress or not selected, dynamic_ncols=True)
     failed, lost, walls, elsewhere = [], [], [], []  # walls: wall seconds of each run trained here
+    untrained = {s.hash for s in pending if not (output / s.folder / runs.METRICS).exists()}
     queue, i = list(pending), 0
     while queue:
         spec = queue.pop(0)
@@ -172,14 +173,14 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
         i += 1
         bar.set_postfix_str(spec.name)
         (folder / ERROR).unlink(missing_ok=True)
-        start, untrained = time.perf_counter(), not (folder / runs.METRICS).exists()
+        start = time.perf_counter()
         try:
             with claimed(folder):
                 if diverged(output, spec):  # in the other process that held it meanwhile
                     lost.append(spec)
                     bar.update(1)
                     continue
-                if untrained and (folder / runs.METRICS).exists():  # by the process this one waited for
+                if spec.hash in untrained and (folder / runs.METRICS).exists():  # by another process meanwhile
                     elsewhere.append(spec)
                 elif not (folder / runs.METRICS).exists():
                     resume = checkpoint.find(folder) is not None
