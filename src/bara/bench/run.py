@@ -123,6 +123,11 @@ def select(specs: list[RunSpec], only_dataset: str | None, only_method: str | No
     return chosen
 
 
+# Why a run cannot join a benchmark that scores validation: said where it is copied from and where it already is.
+UNSCORABLE = ("has no validation scores and no adapter to score them with "
+              "(a benchmark store commits metrics, not weights)")
+
+
 def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "bench",
            validation: bool = False, reuse: Path | None = None, candidates: bool = False) -> dict:
     """Train the unfinished runs of ``selected``, one after another, or copy them from ``reuse`` where it holds
@@ -136,8 +141,7 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
     sources = {s: reusable(reuse, s, done, validation) for s in selected if reuse is not None and not done(output, s)}
     reused = [s for s, source in sources.items() if source is not None]
     for spec in (s for s, source in sources.items() if source is None and reusable(reuse, s, done)):
-        print(f"bara bench: {spec.name} in {reuse} has no validation scores and no adapter to score them with (a "
-              "store commits metrics, not weights): training it here", flush=True)
+        print(f"bara bench: {spec.name} in {reuse} {UNSCORABLE}: training it here", flush=True)
     for spec in reused:  # the same hash: the same config, data, seed and evaluation sets
         target = output / spec.folder
         shutil.rmtree(target, ignore_errors=True)  # a checkpoint of an unfinished run of it
@@ -150,10 +154,8 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
             if held_elsewhere(output / spec.folder):
                 continue  # another stream is scoring it
             if not (output / spec.folder / runs.ADAPTER_WEIGHTS).exists():
-                raise BaraError(f"{spec.name} in {output} has no validation scores and no adapter to score them with "
-                                "(a benchmark store commits metrics, not weights); fix: remove "
-                                f"{output / spec.folder} to train it again, or bench into another --output with "
-                                f"--reuse {output}")
+                raise BaraError(f"{spec.name} in {output} {UNSCORABLE}; fix: remove {output / spec.folder} to train "
+                                f"it again, or bench into another --output with --reuse {output}")
             with claimed(output / spec.folder):
                 if not validation_metrics(output, spec):  # scored by another stream meanwhile
                     runs.add_validation(output / spec.folder, progress_bar=progress)
@@ -173,14 +175,15 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
         i += 1
         bar.set_postfix_str(spec.name)
         (folder / ERROR).unlink(missing_ok=True)
-        start = time.perf_counter()
+        start, by_another = time.perf_counter(), False
         try:
             with claimed(folder):
                 if diverged(output, spec):  # in the other process that held it meanwhile
                     lost.append(spec)
                     bar.update(1)
                     continue
-                if spec.hash in untrained and (folder / runs.METRICS).exists():  # by another process meanwhile
+                by_another = spec.hash in untrained and (folder / runs.METRICS).exists()  # trained meanwhile
+                if by_another:
                     elsewhere.append(spec)
                 elif not (folder / runs.METRICS).exists():
                     resume = checkpoint.find(folder) is not None
@@ -212,7 +215,7 @@ def _train(selected: list[RunSpec], output: Path, progress: bool, desc: str = "b
                 failed.append(spec.name)
                 bar.write(f"bench: {spec.name} failed: {message} (traceback in {folder / ERROR})")
         else:
-            if not progress and elsewhere and elsewhere[-1] is spec:
+            if not progress and by_another:
                 print(f"{desc}: {spec.name} trained by another process ({i} of {len(pending)})", flush=True)
             elif not progress:  # a line per run for logs of background benchmarks, with the time left at this pace
                 walls.append(time.perf_counter() - start)
