@@ -250,3 +250,27 @@ def test_sigma_grid_reads_standards_candidates_and_the_sigma_experiments_runs():
         assert by_options[chosen, "ngvi", 0.05] == variants["bara-ngvi-p005"].spec(chosen, 0).hash
         assert by_options[chosen, "ngvi", 0.2] == variants["bara-ngvi"].spec(chosen, 0).hash
         assert by_options[chosen, "sgd", 0.05] == variants["bara-sgd-p005"].spec(chosen, 0).hash
+
+
+def test_adalora_grid_is_as_large_as_baras_and_reads_standards_candidates():
+    """docs/experiments.md section 30, the null of section 29: AdaLoRA's grid has as many candidates a set as BaRA's
+    in sigma-grid.toml, at the same rates, its default's candidates are standard's AdaLoRA runs, and its options
+    leave the rank budget alone."""
+    from bara import bench
+
+    plan, standard, bara = (bench.plan(p) for p in (str(EXPERIMENTS / "adalora-grid.toml"), "standard",
+                                                     str(EXPERIMENTS / "sigma-grid.toml")))
+    assert {e.variant for e in plan.entries} == {"adalora"}
+    for dataset in ("banking77", "hwu64", "clinc150", "stackoverflow", "20ng"):
+        mine = next(e for e in plan.entries if e.dataset == dataset)
+        theirs = next(e for e in standard.entries if e.dataset == dataset and e.variant == "adalora")
+        rival = next(e for e in bara.entries if e.dataset == dataset)
+        candidates = plan.candidates(mine)
+        assert len(candidates) == len(plan.candidates(rival)) == 8 and mine.lr == rival.lr == theirs.lr
+        by_options = {(c.config.train.lr, c.config.method_options.get("orth_reg_weight", 0.5),
+                       c.config.method_options.get("tfinal", 0.4)): c for c, _, _ in candidates}
+        assert len({c.hash for c in by_options.values()}) == 8
+        for (lr, orth, tfinal), spec in by_options.items():
+            assert (spec.config.method_options.get("r", 12), spec.config.method_options.get("target_r", 8)) == (12, 8)
+            if (orth, tfinal) == (0.5, 0.4):
+                assert spec.hash == theirs.spec(lr, 0).hash
