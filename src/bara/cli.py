@@ -71,6 +71,7 @@ DATA_EXAMPLES = """examples:
   bara data fetch bigbench --tasks strategyqa,fact_checker  # some of them (fact_checker: its 3 subtasks)
   bara data fetch bigbench --sdist bigbench-1.0.0.tar.gz    # from an sdist downloaded elsewhere (kept)
   bara data fetch bigbench --sdist BIG-bench/               # or from a clone of github.com/google/BIG-bench
+  bara data fetch bigbench --sdist DIR --tasks winowhy      # or DIR/bigbench/benchmark_tasks/winowhy/task.json
 
 The tasks then load as --data bigbench/TASK (multiple choice; question, choices, answer), split 80/20 into
 train and test (stratified by answer, seed 0); validation is carved from train at load time.
@@ -306,7 +307,9 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
                    help=f"comma-separated tasks (default all: {', '.join(bigbench.TASKS)})")
     f.add_argument("--force", action="store_true", help="fetch and convert again even if the tasks are there")
     f.add_argument("--sdist", type=Path, help=f"use this bigbench-{bigbench.VERSION}.tar.gz (or its unpacked "
-                   "folder, or a clone of github.com/google/BIG-bench) instead of downloading; it is left in place")
+                   "folder, a clone of github.com/google/BIG-bench, or any folder holding "
+                   "bigbench/benchmark_tasks/TASK/task.json for the --tasks) instead of downloading; it is left in "
+                   "place")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     return top
 
