@@ -702,9 +702,19 @@ def test_packaged_presets_expand_under_the_fair_protocol():
         followed = {e.lr for e in plan.entries if isinstance(e.lr, str)}
         assert followed == ({"lora"} if name == "standard" else {"bara"})
         candidates = [c for e in plan.entries for c, _, _ in plan.candidates(e)]
-        # No option grids: BLoB's kl_lr = 0.01 and BaRA's omega_loc = 0.05 never won.
-        assert not any(e.option_grid for e in plan.entries)
-        assert len({c.hash for c in candidates}) == len(candidates) == 2 * len(grids)
+        # BLoB's kl_lr = 0.01 and BaRA's omega_loc = 0.05 never won: no grids. In standard BaRA's prior scale on A is
+        # chosen with its rate, and AdaLoRA gets a grid of its own option as large (docs/experiments.md §29-§30).
+        option_grids = {"bara": {"prior_sigma": [0.2, 0.05]}, "adalora": {"tfinal": [0.4, 0.2]}} \
+            if name == "standard" else {}
+        assert {e.variant: e.option_grid for e in plan.entries if e.option_grid} == option_grids
+        per_grid = {(d, v): 2 * (2 if v in option_grids else 1) for d, v in grids}
+        assert len({c.hash for c in candidates}) == len(candidates) == sum(per_grid.values())
+        if name == "standard":  # the options at their defaults are the candidates standard had before (same hashes)
+            for e in plan.entries:
+                if e.variant in option_grids:
+                    option = next(iter(option_grids[e.variant]))
+                    plain = [c for c, _, _ in plan.candidates(e) if option not in c.config.method_options]
+                    assert len(plain) == 2 and {c.config.train.lr for c in plain} == {5e-3, 1e-2}
     assert list(dict.fromkeys(s.dataset for s in standard)) == ["banking77", "clinc150", "hwu64", "stackoverflow",
                                                                 "20ng"]
     assert list(dict.fromkeys(s.dataset for s in ablations)) == ["banking77"]
@@ -821,7 +831,7 @@ def test_a_preset_file_can_extend_a_packaged_preset(tmp_path):
     ours = {c.hash for e in mine.entries for c, _, _ in mine.candidates(e)}
     theirs = {c.hash for e in standard.entries if (e.dataset, e.variant) == ("hwu64", "bara")
               for c, _, _ in standard.candidates(e)}
-    assert ours == theirs and len(ours) == 2
+    assert ours == theirs and len(ours) == 4  # 2 rates x 2 prior scales
     assert [(e.dataset, e.variant, e.lr) for e in mine.entries] == [("hwu64", "bara", (5e-3, 1e-2)),
                                                                      ("hwu64", "bounded", "bara")]
     specs = bench.expand(str(path))
@@ -1092,17 +1102,17 @@ def test_packaged_multiple_choice_preset_and_ood_in_standard():
     assert {s.config.data for s in moved} == {"bigbench/fact_checker/fever", emo.format("hotels")}
     assert {s.config.method_options.get("prior_fit") for s in specs if s.variant == "laplace"} == {"val"}
     assert not any(s.ood for s in specs)
-    # Rates chosen on validation for LoRA and BaRA; the others take LoRA's (standard's MC dropout and BLoB always
-    # chose it), BLoB's KL-step rate chosen at it: 3 + 2 candidates a dataset, then 2 of BLoB's.
+    # Rates chosen on validation for LoRA and BaRA (with its prior scale); the others take LoRA's (standard's MC
+    # dropout and BLoB always chose it), BLoB's KL-step rate chosen at it: 3 + 4 candidates a dataset, then 2 of BLoB's.
     plan = bench.plan("multiple-choice")
     assert plan.select == "nll" and plan.tune_seed == 0
     assert {e.variant: e.lr for e in plan.entries} == {
         "lora": (1e-3, 3e-3, 1e-2), "bara": (3e-3, 1e-2),
         **{m: "lora" for m in ("temperature", "laplace", "tfb", "mcdropout", "blob", "monteclora")}}
     assert {e.variant: e.option_grid for e in plan.entries if e.option_grid} == {
-        "blob": {"kl_lr": [0.002, 0.01]}}
+        "blob": {"kl_lr": [0.002, 0.01]}, "bara": {"prior_sigma": [0.2, 0.05]}}  # BaRA's as in standard
     candidates = [c for e in plan.entries for c, _, _ in plan.candidates(e)]
-    assert len({c.hash for c in candidates}) == len(candidates) == 3 * 5
+    assert len({c.hash for c in candidates}) == len(candidates) == 3 * (3 + 2 * 2)
     assert {c.seed for c in candidates} == {0}
     assert not any(plan.candidates(e) for e in plan.entries if e.variant == "blob")  # until LoRA's rate is chosen
     for name, ood in (("standard", ("trec", "20ng")), ("quick", "trec")):
