@@ -222,6 +222,29 @@ def test_validation_can_be_skipped_at_training_and_added_by_eval(tiny_bert, toy_
     assert (again["nll"], again["fast_path"]["nll"]) == (validation["nll"], validation["fast_path"]["nll"])
 
 
+def test_eval_all_examples_scores_a_shift_set_whole_and_refuses_the_training_data(tiny_bert, toy_data, tmp_path,
+                                                                                  capsys):
+    import shutil
+
+    out, shift = tmp_path / "run", tmp_path / "shift"
+    shutil.copytree(toy_data, shift)  # another dataset with the same labels: 60 + 15 + 24 examples
+    assert cli.main(["train", "--model", tiny_bert, "--data", toy_data, "--method", "lora", "--steps", "2",
+                     "--batch-size", "4", "--output", str(out), "--no-progress", "--no-validation"]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", "--adapter", str(out), "--data", str(shift), "--all-examples", "--max-eval", "30",
+                     "--output", str(tmp_path / "ev"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "ev" / "eval_metrics.json").read_text())
+    assert (metrics["split"], metrics["n_test"]) == ("all", 30) and "(all examples, n=30, S=0)" in printed
+    whole = runs.run_eval(out, str(shift), all_examples=True, progress_bar=False, extras=False)
+    assert (whole["split"], whole["n_test"]) == ("all", 99)
+    assert runs.run_eval(out, str(shift), progress_bar=False, extras=False)["n_test"] == 24  # its test split
+    for argv, expected in (([], "was trained on"), (["--validation"], "--all-examples cannot go with it")):
+        assert cli.main(["eval", "--adapter", str(out), "--all-examples", "--no-progress", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert expected in err and "fix:" in err and "\n" not in err, err
+
+
 def test_a_run_trained_without_its_test_split_scores_it_later_with_the_same_numbers(tiny_bert, toy_data, tmp_path):
     # A benchmark's grid candidate: validation only at training; add_test scores test and OOD from the adapter.
     cfg = config(tiny_bert, toy_data, method="bara", steps=3, r=4)

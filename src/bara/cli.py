@@ -227,6 +227,9 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
                    "method's own, e.g. 10 for BaRA and BLoB, 0 for LoRA)")
     e.add_argument("--ood-data", help="dataset whose test texts serve as out-of-distribution inputs (AUROC)")
     e.add_argument("--max-eval", type=int, help="cap the test split at N examples")
+    e.add_argument("--all-examples", action="store_true", help="score every example of --data (train, validation "
+                   "and test, capped at --max-eval), not its test split: for a dataset the adapter never trained on, "
+                   "such as a shift set ('bara bench' scores a preset's shift sets so)")
     e.add_argument("--output", type=Path, help="also write eval_metrics.json and plots into this folder")
     e.add_argument("--validation", action="store_true", help="score the run's own validation split (as 'bara train' "
                    "does unless --no-validation) into the adapter folder's metrics.json")
@@ -410,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {args.output}/metrics.json, the adapter and the plots {plots}")
         elif args.command == "eval" and args.validation:
             given = [f"--{k.replace('_', '-')}" for k in ("data", "samples", "ood_data", "max_eval", "output")
-                     if getattr(args, k) is not None]
+                     if getattr(args, k) is not None] + ["--all-examples"] * args.all_examples
             if given:
                 raise BaraError(f"--validation scores the run's own validation split as it was trained (its data, "
                                 f"samples and cap), so {', '.join(given)} cannot go with it; fix: drop "
@@ -421,8 +424,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote the validation metrics into {args.adapter}/metrics.json")
         elif args.command == "eval":
             metrics = runs.run_eval(args.adapter, args.data, args.samples, args.ood_data, args.max_eval,
-                                    args.output, not args.no_progress)
-            print(table(metrics))
+                                    args.output, not args.no_progress, all_examples=args.all_examples)
+            print(table(metrics).replace("(n_test=", "(all examples, n=") if args.all_examples else table(metrics))
         elif args.command == "export":
             print(f"wrote the merged model to {runs.run_export(args.adapter, args.merge)}")
         elif args.command == "bench":

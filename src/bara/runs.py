@@ -739,6 +739,10 @@ def run_eval(adapter: str | Path, data: str | None = None, samples: int | None =
     if not spec:
         raise BaraError(f"{adapter} was saved by the Python API, which records no dataset; fix: pass --data (a "
                         f"dataset with its labels: {', '.join(classifier.label_names[:5])}...)")
+    if all_examples and spec == config.data:
+        raise BaraError(f"--all-examples scores every example of a dataset, and {adapter} was trained on {spec}'s "
+                        "training split; fix: pass --data with a dataset it never trained on (a shift set), or drop "
+                        "--all-examples to score its test split")
     task = task_of(config, spec, max_eval, all_test=all_examples)
     if task.label_names != classifier.label_names:
         raise BaraError(f"{spec} has labels {task.label_names[:5]}..., the adapter was trained on "
