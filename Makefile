@@ -25,8 +25,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps $$($(PY) -c '$(REFERENCE)')
 	touch $@
 
-# BaRA on banking77 at its defaults (lr 1e-2, 20 epochs: the benchmark's schedule), scored on 500 test and 500
-# validation examples: prints sampled (S = 10) and one-pass metrics, the diagnostics and the plots' paths.
+# BaRA on banking77 at its defaults (lr 1e-2, 20 epochs: the benchmark's schedule), scored on 500 test examples (no
+# validation split: `bara eval --adapter runs/demo --validation` adds it): prints sampled (S = 10) and one-pass
+# metrics, the diagnostics and the plots' paths.
 demo: env
 	$(VENV)/bin/bara train --model minilm --data banking77 --method bara --max-train 1000 --seed 0 \
 		--max-eval 500 --no-validation --train-samples 1 --output runs/demo --overwrite
