@@ -51,7 +51,8 @@ from .files import RawTask, read_local
 VERSION = "1.0.0"
 PREFIX = "bigbench/"
 # Checked on bigbench 1.0.0: each is scored by target_scores with one right choice.
-TASKS = ("social_iqa", "strategyqa", "winowhy", "epistemic_reasoning", "fact_checker/fever",
+TASKS = ("social_iqa", "strategyqa", "winowhy", "epistemic_reasoning", "logical_fallacy_detection", "implicatures",
+         "presuppositions_as_nli", "navigate", "sports_understanding", "fact_checker/fever",
          "fact_checker/politifact", "fact_checker/covid19_scientific", "vitaminc_fact_verification",
          # MultiEmo's English sentences (4 sentiments) in four domains: a dataset shift with one label space
          "multiemo/hotels_sentence_en", "multiemo/medicine_sentence_en", "multiemo/products_sentence_en",
