@@ -214,8 +214,11 @@ def read_task_files(source: Path, tasks: list[str]) -> dict[str, dict]:
                             "bigbench --force' to download it again") from None
     missing = [t for t in tasks if t not in found]
     if missing:
-        raise BaraError(f"{source}: no bigbench/benchmark_tasks/{missing[0]}/task.json in it; fix: use the "
-                        f"bigbench {VERSION} sdist ({SDIST_URL})")
+        others = f" (nor one of {', '.join(missing[1:])})" if len(missing) > 1 else ""
+        held = f", or convert the tasks it holds with --tasks {','.join(t for t in tasks if t in found)}" if found \
+            else ""
+        raise BaraError(f"{source}: no bigbench/benchmark_tasks/{missing[0]}/task.json in it{others}; fix: use the "
+                        f"bigbench {VERSION} sdist ({SDIST_URL}){held}")
     return found
 
 
