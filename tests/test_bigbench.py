@@ -162,7 +162,8 @@ def test_fetch_from_a_big_bench_checkout_reads_the_same_tasks_as_the_sdist(cache
         bigbench.fetch(["winowhy"], sdist=tmp_path / "BIG-bench", progress=False, root=tmp_path / "a")
     # a folder with some of the tasks (copies found one by one): every missing one named, and the ones it holds
     with pytest.raises(BaraError, match=r"no bigbench/benchmark_tasks/winowhy/task.json in it \(nor one of "
-                       r"social_iqa\); fix: .*, or convert the tasks it holds with --tasks strategyqa,fact_checker/fever$"):
+                       r"social_iqa\); fix: .*, or convert the tasks it holds with --tasks "
+                       r"strategyqa,fact_checker/fever$"):
         bigbench.fetch(["winowhy", "strategyqa", "social_iqa", "fact_checker/fever"], sdist=tmp_path / "BIG-bench",
                        progress=False, root=tmp_path / "c")
     assert not (tmp_path / "c").exists()  # nothing converted before the check

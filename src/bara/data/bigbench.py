@@ -50,7 +50,8 @@ from .files import RawTask, read_local
 
 VERSION = "1.0.0"
 PREFIX = "bigbench/"
-# Checked on bigbench 1.0.0: each is scored by target_scores with one right choice.
+# Checked on bigbench 1.0.0 (logical_fallacy_detection to sports_understanding on verbatim copies of its task.json,
+# docs/experiments.md §32): each is scored by target_scores with one right choice.
 TASKS = ("social_iqa", "strategyqa", "winowhy", "epistemic_reasoning", "logical_fallacy_detection", "implicatures",
          "presuppositions_as_nli", "navigate", "sports_understanding", "fact_checker/fever",
          "fact_checker/politifact", "fact_checker/covid19_scientific", "vitaminc_fact_verification",
