@@ -322,7 +322,8 @@ def table(metrics: dict) -> str:
             ("NLL", f"{metrics['nll']:.4f}"), ("Brier", f"{metrics['brier']:.4f}")]
     if "ood_auroc" in metrics:
         rows.append(("OOD AUROC", f"{metrics['ood_auroc']:.4f}"))
-    head = f"{metrics['method']} on {metrics['data']} (n_test={metrics['n_test']}, S={metrics['samples']})"
+    count = {"validation": "validation, n", "all": "all examples, n"}.get(metrics.get("split"), "n_test")
+    head = f"{metrics['method']} on {metrics['data']} ({count}={metrics['n_test']}, S={metrics['samples']})"
     lines = [head] + [f"  {k:<10} {v:>10}" for k, v in rows]
     if "fast_path" in metrics:
         fp = metrics["fast_path"]
@@ -419,13 +420,13 @@ def main(argv: list[str] | None = None) -> int:
                                 f"samples and cap), so {', '.join(given)} cannot go with it; fix: drop "
                                 f"{', '.join(given)}, or drop --validation to evaluate on a test split")
             metrics = runs.add_validation(args.adapter, not args.no_progress)
-            print(table({**metrics, **metrics["validation"], "n_test": metrics["validation"]["n"]})
-                  .replace("(n_test=", "(validation, n="))
+            print(table({**metrics, **metrics["validation"], "n_test": metrics["validation"]["n"],
+                         "split": "validation"}))
             print(f"wrote the validation metrics into {args.adapter}/metrics.json")
         elif args.command == "eval":
             metrics = runs.run_eval(args.adapter, args.data, args.samples, args.ood_data, args.max_eval,
                                     args.output, not args.no_progress, all_examples=args.all_examples)
-            print(table(metrics).replace("(n_test=", "(all examples, n=") if args.all_examples else table(metrics))
+            print(table(metrics))
         elif args.command == "export":
             print(f"wrote the merged model to {runs.run_export(args.adapter, args.merge)}")
         elif args.command == "bench":
