@@ -239,7 +239,9 @@ def test_eval_all_examples_scores_a_shift_set_whole_and_refuses_the_training_dat
     whole = runs.run_eval(out, str(shift), all_examples=True, progress_bar=False, extras=False)
     assert (whole["split"], whole["n_test"]) == ("all", 99)
     assert runs.run_eval(out, str(shift), progress_bar=False, extras=False)["n_test"] == 24  # its test split
-    for argv, expected in (([], "was trained on"), (["--validation"], "--all-examples cannot go with it")):
+    (tmp_path / "link").symlink_to(toy_data)  # the training folder spelled another way is refused all the same
+    for argv, expected in (([], "was trained on"), (["--data", str(tmp_path / "link" / ".")], "was trained on"),
+                           (["--validation"], "--all-examples cannot go with it")):
         assert cli.main(["eval", "--adapter", str(out), "--all-examples", "--no-progress", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert expected in err and "fix:" in err and "\n" not in err, err

@@ -720,6 +720,11 @@ def add_test(folder: Path, ood_data: str | Sequence[str] | None = None, progress
     return metrics
 
 
+def _same_data(a: str, b: str) -> bool:
+    """The same dataset name, or two spellings of one folder (relative, absolute, through a link)."""
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
 def run_eval(adapter: str | Path, data: str | None = None, samples: int | None = None,
              ood_data: str | Sequence[str] | None = None, max_eval: int | None = None, output: Path | None = None,
              progress_bar: bool = True, all_examples: bool = False, extras: bool = True) -> dict:
@@ -739,7 +744,7 @@ def run_eval(adapter: str | Path, data: str | None = None, samples: int | None =
     if not spec:
         raise BaraError(f"{adapter} was saved by the Python API, which records no dataset; fix: pass --data (a "
                         f"dataset with its labels: {', '.join(classifier.label_names[:5])}...)")
-    if all_examples and spec == config.data:
+    if all_examples and _same_data(spec, config.data):
         raise BaraError(f"--all-examples scores every example of a dataset, and {adapter} was trained on {spec}'s "
                         "training split; fix: pass --data with a dataset it never trained on (a shift set), or drop "
                         "--all-examples to score its test split")
