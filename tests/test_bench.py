@@ -1245,7 +1245,7 @@ def test_a_finished_run_trained_under_another_default_is_neither_skipped_nor_reu
     before = {p: p.read_bytes() for p in output.rglob("*") if p.is_file()}
     for kwargs in ({}, {"report_only": True}, {"only_method": "bara-small"}):
         with pytest.raises(BaraError, match=r"seed1-.* was trained with fast_gate = 'hard', but this version of "
-                                            r"bara defaults to 'expected'.*fix: move such runs out of"):
+                                            r"bara defaults to 'expected'.*fix: .*move them out of"):
             bench.run_bench(str(preset_file), output, progress=False, **kwargs)
     with pytest.raises(BaraError, match="trained with fast_gate"):  # nor copied from another output
         bench.run_bench(str(preset_file), tmp_path / "other", progress=False, reuse=output)
@@ -1469,3 +1469,56 @@ def test_a_variant_name_selects_that_variant_and_a_method_name_every_variant_of_
     assert picked(bench.expand(str(variants_only)), "bara") == ["bara-small"]
     with pytest.raises(BaraError, match="'blob' is not in this preset; fix: use one of bara, bara-small, lora"):
         select(specs, None, "blob")
+
+
+def _with_default(monkeypatch, method: str, **defaults) -> None:
+    """Make ``method``'s options default to ``defaults`` from now on, as a later version of bara might."""
+    from bara.methods import METHODS
+
+    cls = METHODS[method].config_class
+    changed = dataclasses.make_dataclass(cls.__name__, [(k, type(v), dataclasses.field(default=v))
+                                                        for k, v in defaults.items()], bases=(cls,))
+    monkeypatch.setattr(METHODS[method], "config_class", changed)
+
+
+def test_rehash_keeps_the_finished_runs_of_a_grid_option_whose_default_changed(tmp_path, tiny_bert, toy_data,
+                                                                                monkeypatch, capsys):
+    path = tiny_preset(tmp_path, tiny_bert, toy_data, methods='["blob"]', lr="blob = 1e-3",
+                       extra="[tiny.tune.options.blob]\nkl_lr = [0.002, 0.05]")
+    out = tmp_path / "bench"
+    assert bench.run_bench(str(path), out, progress=False)["trained"] == 3  # 2 candidates, the chosen one's seed 1
+    before = sorted(p.name for p in (out / "runs" / "toy" / "blob").iterdir())
+    rows = [{k: v for k, v in json.loads(line).items() if k not in ("hash", "run")}
+            for line in (out / "results.jsonl").read_text().splitlines()]
+    assert bench.rehash(str(path), out) == ([], [])  # nothing changed: nothing to do
+
+    _with_default(monkeypatch, "blob", kl_lr=0.05)  # the other candidate's value is now the default
+    with pytest.raises(BaraError, match=r"trained with kl_lr = 0.002, but this version of bara defaults to 0.05.*"
+                                        r"sets kl_lr \(on a grid, or pinned\), `bara bench --preset PRESET --output "
+                                        r".*--rehash` renames"):
+        bench.run_bench(str(path), out, progress=False, report_only=True)
+    assert cli.main(["bench", "--preset", str(path), "--output", str(out), "--rehash"]) == 0
+    printed = capsys.readouterr().out
+    assert "renamed 3 finished runs, left 0" in printed and printed.count(" -> seed") == 3
+    after = sorted(p.name for p in (out / "runs" / "toy" / "blob").iterdir())
+    assert len(after) == 3 and after != before  # the run at kl_lr 0.05 took the name the one at 0.002 had
+    for folder in (out / "runs" / "toy" / "blob").iterdir():  # each config now says what it trained with, as spec()
+        kl_lr = json.loads((folder / "adapter_config.json").read_text())["method_config"]["kl_lr"]
+        for meta in (json.loads((folder / "metrics.json").read_text())["config"],
+                     json.loads((folder / "adapter_config.json").read_text())["run"]):
+            assert meta["method_options"].get("kl_lr", 0.05) == kl_lr and ("kl_lr" in meta["method_options"]) == (
+                kl_lr == 0.002)
+    assert {s.folder.name for s in bench.expand(str(path), out)} <= set(after)
+    summary = bench.run_bench(str(path), out, progress=False)  # the same runs, reported, none trained again
+    assert (summary["trained"], summary["skipped"]) == (0, 3)
+    assert [{k: v for k, v in json.loads(line).items() if k not in ("hash", "run")}
+            for line in (out / "results.jsonl").read_text().splitlines()] == rows
+    assert bench.rehash(str(path), out) == ([], [])  # idempotent
+
+    _with_default(monkeypatch, "blob", kl_lr=0.05, init_sigma=0.5)  # a default the preset does not set: left
+    moved, left = bench.rehash(str(path), out)
+    assert moved == [] and len(left) == 3 and all("not a run of this preset any more" in why for _, why in left)
+    monkeypatch.undo()  # back to the version that trained them: the same command moves them back
+    moved, left = bench.rehash(str(path), out)
+    assert (len(moved), left) == (3, [])
+    assert sorted(p.name for p in (out / "runs" / "toy" / "blob").iterdir()) == before

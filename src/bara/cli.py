@@ -253,6 +253,9 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
                    "with one preset, or FILE.toml:NAME for one of several (format: bara/benchmarks/presets.toml)")
     b.add_argument("--output", required=True, type=Path, help="folder for runs/, the report and plots/")
     b.add_argument("--report-only", action="store_true", help="only rebuild the report from the finished runs")
+    b.add_argument("--rehash", action="store_true", help="train nothing: after a method's default changed, rename the "
+                   "finished runs whose option the preset sets (on a grid, or pinned) to the hash this version gives "
+                   "them, so that they are neither trained again nor refused; lists the runs it leaves and why")
     b.add_argument("--only-dataset", metavar="D", help="train only the runs of these datasets (comma-separated); "
                    "the report still covers every finished run of the preset")
     b.add_argument("--only-method", metavar="M", help="train only the runs of these variants or methods "
@@ -432,6 +435,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench":
             from . import bench
 
+            if args.rehash:
+                moved, left = bench.rehash(args.preset, args.output)
+                for before, after in moved:
+                    print(f"{before.relative_to(args.output)} -> {after.name}")
+                for folder, why in left:
+                    print(f"left {folder.relative_to(args.output)}: {why}")
+                print(f"renamed {len(moved)} finished run{'' if len(moved) == 1 else 's'}, left {len(left)}; the "
+                      "report is rebuilt by the same command without --rehash (--report-only)")
+                return 0
             summary = bench.run_bench(args.preset, args.output, not args.no_progress, args.report_only,
                                       args.only_dataset, args.only_method, shlex.join(["bara", *argv]), args.reuse,
                                       announce=True, compare=args.compare)

@@ -36,6 +36,7 @@ from ..runs import write_json
 from .plan import (CHECKPOINT_EVERY, DIVERGED, SHIFT, Choice, Entry, Plan, RunSpec, choices, diverged, expand,
                    finished, plan, run_hash)
 from .presets import Preset, load_preset, packaged_presets
+from .rehash import rehash
 from .report import load_reference, load_references, write_report
 from .run import ERROR, SECONDS_PER_STEP, check_defaults, estimate, run_steps, select, train_plan
 
@@ -85,4 +86,5 @@ def run_bench(preset: Preset | str, output: str | Path, progress: bool = True, r
 
 __all__ = ["CHECKPOINT_EVERY", "DIVERGED", "ERROR", "SECONDS_PER_STEP", "SHIFT", "Choice", "Entry", "Plan", "Preset",
            "RunSpec", "choices", "diverged", "estimate", "expand", "finished", "load_preset", "load_reference",
-           "load_references", "packaged_presets", "plan", "run_bench", "run_hash", "run_steps", "write_report"]
+           "load_references", "packaged_presets", "plan", "rehash", "run_bench", "run_hash", "run_steps",
+           "write_report"]

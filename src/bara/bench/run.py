@@ -463,8 +463,10 @@ def check_run_defaults(run: Path) -> None:
         option, (then, now) = next(iter(changed.items()))
         raise BaraError(
             f"{run} was trained with {option} = {then!r}, but this version of bara defaults to {now!r} (a run's hash "
-            f"covers only the options the preset sets); fix: move such runs out of {run.parents[2]} to train them "
-            "again, or finish this benchmark with the bara version that trained them")
+            f"covers only the options the preset sets); fix: where the preset sets {option} (on a grid, or pinned), "
+            f"`bara bench --preset PRESET --output {run.parents[3]} --rehash` renames such runs to this version's "
+            f"hash; else move them out of {run.parents[2]} to train them again, or finish this benchmark with the "
+            "bara version that trained them")
 
 
 def check_fetched(specs: list[RunSpec]) -> None:
