@@ -3,6 +3,7 @@ exactly one gate; the experiment presets vary what they say they vary."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -193,9 +194,10 @@ def test_sigma_seed1_experiment_is_standards_seed1_bara_and_the_ngvi_prior_besid
         theirs = next(e for e in standard.entries if e.dataset == dataset and e.variant == "bara")
         chosen = mine["bara"].lr
         assert chosen in theirs.lr  # the rate standard chose is one of its grid's
-        assert mine["bara"].spec(chosen, 1).hash == theirs.spec(chosen, 1).hash
+        # σ_p 0.2 (the default then), pinned: standard's seed-1 run at that candidate of its prior grid
+        assert mine["bara"].spec(chosen, 1).hash == theirs.spec(chosen, 1, {"prior_sigma": 0.2}).hash
         ngvi = mine["bara-ngvi-p005"].spec(chosen, 1)
-        assert ngvi.hash != theirs.spec(chosen, 1).hash
+        assert ngvi.hash not in {theirs.spec(chosen, 1, {"prior_sigma": p}).hash for p in (0.2, 0.05)}
         assert ngvi.config.method_options == {**theirs.config.method_options, "kl_step": "ngvi", "prior_sigma": 0.05}
     assert plan.validate_all and set(plan.preset.values["seeds"]) == {1}
 
@@ -218,10 +220,11 @@ def test_rank_experiment_is_standards_runs_and_double_rank_beside_them():
             theirs = next(e for e in standard.entries if e.dataset == dataset and e.variant == method)
             chosen = mine[method].lr
             assert chosen in theirs.lr and mine[double].lr == chosen
+            pinned = {"prior_sigma": 0.2} if method == "bara" else {}  # BaRA's prior then: standard's σ_p 0.2 runs
             for seed in (0, 1):
-                assert mine[method].spec(chosen, seed).hash == theirs.spec(chosen, seed).hash
+                assert mine[method].spec(chosen, seed).hash == theirs.spec(chosen, seed, pinned).hash
                 wider = mine[double].spec(chosen, seed)
-                assert wider.config.method_options == {**theirs.config.method_options, **options}
+                assert wider.config.method_options == {**theirs.config.method_options, **pinned, **options}
                 if dataset == "banking77" and method == "bara":
                     assert {wider.hash, mine[method].spec(chosen, seed).hash} <= ablations
     assert plan.validate_all and set(plan.preset.values["seeds"]) == {0, 1}
@@ -229,7 +232,7 @@ def test_rank_experiment_is_standards_runs_and_double_rank_beside_them():
 
 def test_sigma_grid_reads_standards_candidates_and_the_sigma_experiments_runs():
     """docs/experiments.md section 29: the grid's default candidates are standard's BaRA candidates, and its
-    non-default ones at BaRA's chosen rate are sigma.toml's variants (the same hashes: nothing trains twice)."""
+    non-default ones at BaRA's chosen rate are sigma.toml's variants (the same runs: nothing trained twice)."""
     from bara import bench
 
     plan, standard, sigma = (bench.plan(p) for p in (str(EXPERIMENTS / "sigma-grid.toml"), "standard",
@@ -241,15 +244,21 @@ def test_sigma_grid_reads_standards_candidates_and_the_sigma_experiments_runs():
         candidates = plan.candidates(mine)
         assert len(candidates) == 2 * 2 * len(theirs.lr) == 8
         by_options = {(c.config.train.lr, c.config.method_options.get("kl_step", "sgd"),
-                       c.config.method_options.get("prior_sigma", 0.2)): c.hash for c, _, _ in candidates}
+                       c.config.method_options.get("prior_sigma", 0.05)): c.hash for c, _, _ in candidates}
         assert len(set(by_options.values())) == 8
-        for lr in theirs.lr:  # the default's candidates: standard's runs
-            assert by_options[lr, "sgd", 0.2] == theirs.spec(lr, 0).hash
+        for lr in theirs.lr:  # the default KL step's candidates: standard's runs
+            for prior in (0.2, 0.05):
+                assert by_options[lr, "sgd", prior] == theirs.spec(lr, 0, {"prior_sigma": prior}).hash
         variants = {e.variant: e for e in sigma.entries if e.dataset == dataset}
         chosen = variants["bara"].lr
-        assert by_options[chosen, "ngvi", 0.05] == variants["bara-ngvi-p005"].spec(chosen, 0).hash
         assert by_options[chosen, "ngvi", 0.2] == variants["bara-ngvi"].spec(chosen, 0).hash
-        assert by_options[chosen, "sgd", 0.05] == variants["bara-sgd-p005"].spec(chosen, 0).hash
+        for variant, kl_step in (("bara-ngvi-p005", "ngvi"), ("bara-sgd-p005", "sgd")):
+            # σ_p 0.05 is the default since: the grid leaves it out, the variant writes it out (the same run; the
+            # hashes were equal when both ran)
+            mine_ = variants[variant].spec(chosen, 0).config
+            grid = next(c for c, lr, o in candidates if lr == chosen and (o["kl_step"], o["prior_sigma"]) == (kl_step, 0.05))
+            assert mine_.method_options == {**grid.config.method_options, "prior_sigma": 0.05}
+            assert dataclasses.replace(mine_, method_options={}) == dataclasses.replace(grid.config, method_options={})
 
 
 def test_adalora_grid_is_as_large_as_baras_and_reads_standards_candidates():

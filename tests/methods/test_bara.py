@@ -111,7 +111,7 @@ def test_blobs_own_layer_is_bit_identical_to_bara_without_a_gate(sigma_param, dr
     from bara.methods.blob import BlobConfig
     from bara.methods.factor_posterior import FactorLinear
 
-    gated = layer(gate="none", sigma_param=sigma_param, lora_dropout=dropout)
+    gated = layer(gate="none", sigma_param=sigma_param, lora_dropout=dropout, prior_sigma=0.2)  # BLoB's prior
     torch.manual_seed(0)
     blob = FactorLinear(nn.Linear(6, 5), BlobConfig(r=4, alpha=8.0, sigma_param=sigma_param, lora_dropout=dropout))
     with torch.no_grad():
@@ -229,7 +229,7 @@ def test_kl_global_matches_its_parts():
 
     q = module.q_pi()
     expected = kl_divergence(q, Beta(torch.full((4,), 2.0 / 4), torch.ones(4))).sum() + \
-        kl_normal_normal_prior(module.bara_A_mu, module.sigma_A, 0.2).sum()
+        kl_normal_normal_prior(module.bara_A_mu, module.sigma_A, module.config.prior_sigma).sum()
     assert module.kl_global().item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -395,9 +395,10 @@ def test_a_ngvi_run_saves_the_sigma_a_it_set_and_reports_it(tiny_bert, toy_data,
     metrics = runs.run_train(config, tmp_path / "ngvi", progress_bar=False)
     _, loaded, _ = runs.load_adapter(tmp_path / "ngvi")
     sigma = torch.cat([layer.sigma_A.flatten() for layer in loaded.layers.values()])
-    # six steps from B = 0: the NLL's curvature in A is still small, so sigma_A is near the prior's 0.2, far above
+    # six steps from B = 0: the NLL's curvature in A is still small, so sigma_A is near the prior's (0.05), far above
     # its initialisation (at most 0.0025), and the report reads the same sigma_A as the saved adapter
-    assert sigma.max() <= 0.2 + 1e-6 and sigma.median() > 0.1
+    prior = loaded.config.prior_sigma
+    assert prior == 0.05 and sigma.max() <= prior + 1e-6 and sigma.median() > prior / 2
     assert metrics["diagnostics"]["sigma_A_median"] == pytest.approx(sigma.median().item(), rel=1e-5)
 
 
@@ -454,7 +455,8 @@ def test_non_finite_loss_stops_with_a_clear_message(tiny_bert, toy_data, tmp_pat
 
 # rho starts near 0 (sigma_A ~ 1e-8), where BLoB's KL step's -2/rho throws it far out; mu_A's part of the step
 # (lr * w * mu / sigma_p^2) stays stable at this kl_lr.
-EXPLODING_KL_STEP = {"kl_lr": 2.0, "kl_gamma": 0.0, "init_sigma": 1e-4, "sigma_param": "rho2"}
+# BLoB's prior scale 0.2 for both methods (BaRA's default is 0.05), so one bound of 0.2 holds for both
+EXPLODING_KL_STEP = {"kl_lr": 2.0, "kl_gamma": 0.0, "init_sigma": 1e-4, "sigma_param": "rho2", "prior_sigma": 0.2}
 
 
 def test_the_log_sigma_default_trains_where_blobs_rho_explodes(tiny_bert, toy_data, tmp_path):
