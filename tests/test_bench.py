@@ -1491,6 +1491,8 @@ def test_rehash_keeps_the_finished_runs_of_a_grid_option_whose_default_changed(t
     rows = [{k: v for k, v in json.loads(line).items() if k not in ("hash", "run")}
             for line in (out / "results.jsonl").read_text().splitlines()]
     assert bench.rehash(str(path), out) == ([], [])  # nothing changed: nothing to do
+    assert cli.main(["bench", "--preset", str(path), "--output", str(tmp_path / "nowhere"), "--rehash"]) == 2
+    assert "has no runs/ folder; fix:" in capsys.readouterr().err
 
     _with_default(monkeypatch, "blob", kl_lr=0.05)  # the other candidate's value is now the default
     with pytest.raises(BaraError, match=r"trained with kl_lr = 0.002, but this version of bara defaults to 0.05.*"

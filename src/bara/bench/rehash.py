@@ -7,7 +7,7 @@ is now left out: both would be trained again under a new hash (or refused, :func
 weights are the same computation either way, so this renames each such run to the hash its config has now, with the
 option written into its config as this version of bara writes it. A run is moved only when its stored config hashes
 to its folder's name and its options as trained (adapter config) are what the new config resolves to; the others
-are listed, untouched. Renaming is all it does: running the older bara's ``--rehash`` moves them back.
+are listed, untouched. It trains and scores nothing; under the earlier default it moves them back (tested).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from .. import runs
+from ..errors import BaraError
 from ..methods import METHODS, get_method
 from .plan import Entry, plan, run_hash
 from .presets import Preset
@@ -41,6 +42,9 @@ def rehash(preset: Preset | str, output: str | Path) -> tuple[list[tuple[Path, P
     [(folder, why it was left)]). Unfinished runs (no metrics.json) are left: their checkpoint's config is the old
     one, so they start again under the new hash."""
     output, plan_ = Path(output), plan(preset)
+    if not (output / "runs").is_dir():
+        raise BaraError(f"{output} has no runs/ folder; fix: give --output the folder a 'bara bench' of this preset "
+                        "wrote")
     moved, left, moves = [], [], []
     for entry in plan_.entries:
         for folder in sorted((output / "runs" / entry.dataset / entry.variant).glob("seed*-*")):

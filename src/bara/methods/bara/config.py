@@ -120,7 +120,7 @@ class BaraConfig(FactorPosteriorConfig):
               "train_samples": 1}
 
     r: int = option(16, "maximum rank r: the number of rank-1 factors each instance chooses from")
-    # 0.05, not BLoB's 0.2: chosen with the rate on validation on 4 of standard's 5 sets (docs/experiments.md §29-§30).
+    # 0.05, not BLoB's 0.2: chosen with the rate on validation on 4 of standard's 5 sets (docs/experiments.md §29-§33).
     prior_sigma: float = option(0.05, "prior std of A: N(0, prior_sigma^2) (BLoB's default is 0.2)")
     gate: str = option("both", "gate: both (global-local, BaRA), global (per-layer only), local (per-instance "
                                "only), deterministic (no KL, L1 penalty: SoRA-like), none (z = 1: exactly BLoB)", Gate)
