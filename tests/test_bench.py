@@ -1521,6 +1521,12 @@ def test_rehash_keeps_the_finished_runs_of_a_grid_option_whose_default_changed(t
     moved, left = bench.rehash(str(path), out)
     assert moved == [] and len(left) == 3 and all("not a run of this preset any more" in why for _, why in left)
     monkeypatch.undo()  # back to the version that trained them: the same command moves them back
+    blob = out / "runs" / "toy" / "blob"
+    seed1 = next(p for p in blob.iterdir() if p.name.startswith("seed1-"))
+    in_the_way = blob / next(n for n in before if n.startswith("seed1-"))
+    shutil.copytree(seed1, in_the_way)  # a copy under the name it would move to: both left, listed
     moved, left = bench.rehash(str(path), out)
-    assert (len(moved), left) == (3, [])
-    assert sorted(p.name for p in (out / "runs" / "toy" / "blob").iterdir()) == before
+    assert len(moved) == 2 and seed1.exists() and set(left) == {
+        (seed1, f"{in_the_way.name} exists too"), (in_the_way, "its metrics.json config does not hash to its name")}
+    shutil.rmtree(seed1)
+    assert sorted(p.name for p in blob.iterdir()) == before
