@@ -185,7 +185,8 @@ class Entry:
     # Method options to choose on the validation split together with the rate: option -> values.
     option_grid: dict = field(default_factory=dict)
 
-    def spec(self, lr: float, seed: int, options: dict | None = None, pending: bool = False) -> RunSpec:
+    def method_options(self, options: dict | None = None) -> dict:
+        """The entry's method options with ``options`` (chosen on a grid) written in as a run's config holds them."""
         method_options = dict(self.config.method_options)
         defaults = METHODS[self.config.method].config_class().to_dict()
         for key, value in (options or {}).items():
@@ -194,7 +195,10 @@ class Entry:
             method_options.pop(key, None)
             if value != defaults[key]:
                 method_options[key] = value
-        config = dataclasses.replace(self.config, method_options=method_options,
+        return method_options
+
+    def spec(self, lr: float, seed: int, options: dict | None = None, pending: bool = False) -> RunSpec:
+        config = dataclasses.replace(self.config, method_options=self.method_options(options),
                                      train=dataclasses.replace(self.config.train, lr=lr, seed=seed))
         return RunSpec(self.dataset, self.variant, seed, "" if pending else run_hash(config, self.ood, self.shift),
                        config, self.ood, self.shift, pending)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .. import runs
 from ..errors import BaraError
-from ..methods import METHODS, get_method
+from ..methods import get_method
 from .plan import Entry, plan, run_hash
 from .presets import Preset
 
@@ -26,11 +26,9 @@ from .presets import Preset
 def _new_config(entry: Entry, old: runs.RunConfig, trained: dict) -> runs.RunConfig | None:
     """``old`` with its method options as :meth:`Entry.spec` writes them today for the options it was trained with;
     None when today's config would not train what it did (a default changed that the preset does not set)."""
-    fixed = {k: v for k, v in entry.config.method_options.items() if k not in entry.option_grid}
-    # Chosen on a grid, of its own or taken from the variant whose rate it follows: written only off the default.
-    free = (set(old.method_options) - set(fixed)) | set(entry.option_grid)
-    defaults = METHODS[old.method].config_class().to_dict()
-    options = {**fixed, **{k: trained[k] for k in sorted(free) if k in trained and trained[k] != defaults[k]}}
+    # Chosen on a grid, of its own or taken from the variant whose rate it follows.
+    chosen = (set(old.method_options) - set(entry.config.method_options)) | set(entry.option_grid)
+    options = entry.method_options({k: trained[k] for k in sorted(chosen) if k in trained})
     resolved = get_method(old.method, options).config.to_dict()
     if any(resolved[k] != v for k, v in trained.items() if k in resolved):
         return None
