@@ -197,6 +197,44 @@ def test_multiemo_is_fetched_as_four_domains_with_one_label_space(cache, tmp_pat
         assert all(t.startswith(f"{d} sentence") for t in task.test.texts)
 
 
+def navigate_task(n: int = 40) -> dict:
+    """navigate's layout: True / False, each example tagged with its kind of instructions (inst_type)."""
+    kinds = ("turns", "face_forward")
+    return {"name": "navigate", "examples": [
+        {"input": f"{kinds[i % 2]} instruction {i}.", "inst_type": kinds[i % 2], "n_sentences": 3,
+         "target_scores": {"True": int(i % 4 < 2), "False": int(i % 4 >= 2)}} for i in range(n)]}
+
+
+def test_navigate_kinds_are_tasks_of_their_own(cache, tmp_path):
+    """``--tasks navigate`` converts the task and each kind of its instructions as a task (a shift inside one task:
+    the same question and choices); converting navigate again keeps its kinds' folders."""
+    sdist = fake_sdist(tmp_path / "bigbench-1.0.0.tar.gz", {"navigate": navigate_task(40)})
+    summary = bigbench.fetch(["navigate"], sdist=sdist, progress=False)
+    assert list(summary) == ["navigate", "navigate/turns", "navigate/face_forward"]
+    assert [summary[t]["kept"] for t in summary] == [40, 20, 20]
+    for kind in ("turns", "face_forward"):
+        task = load_task(f"bigbench/navigate/{kind}")
+        assert task.name == f"bigbench/navigate/{kind}"
+        texts = task.train.texts + task.validation.texts + task.test.texts
+        assert len(texts) == 20 and all(t.startswith(f"{kind} instruction") for t in texts)
+        assert {tuple(c) for c in task.test.choices} == {("True", "False")}
+    before = (cache / "navigate" / "turns" / "test.jsonl").read_bytes()
+    assert list(bigbench.fetch(["bigbench/navigate/"], sdist=sdist, progress=False, force=False)) == []
+    (cache / "navigate" / "turns" / "test.jsonl").unlink()
+    assert list(bigbench.fetch(["navigate"], sdist=sdist, progress=False)) == ["navigate/turns"]  # the missing one
+    assert (cache / "navigate" / "turns" / "test.jsonl").read_bytes() == before
+    (cache / "navigate" / "train.jsonl").unlink()
+    assert list(bigbench.fetch(["navigate"], sdist=sdist, progress=False)) == ["navigate"]  # its kinds' folders stay
+    assert bigbench.converted(cache / "navigate" / "turns") and bigbench.converted(cache / "navigate" / "face_forward")
+    assert len(load_task("bigbench/navigate").test) == 8
+    untagged = {"navigate": {"examples": [{k: v for k, v in e.items() if k != "inst_type"}
+                                          for e in navigate_task(8)["examples"]]}}
+    with pytest.raises(BaraError, match="navigate/turns: no example of navigate's task.json has inst_type = "
+                       "'turns'; fix: use the bigbench 1.0.0 task.json"):
+        bigbench.fetch(["navigate/turns"], sdist=fake_sdist(tmp_path / "old.tar.gz", untagged), progress=False,
+                       root=tmp_path / "other")
+
+
 def test_fetch_downloads_checks_the_sha256_and_deletes_the_download(cache, tmp_path, monkeypatch, capsys):
     import hashlib
 

@@ -24,7 +24,10 @@ Conversion of a ``task.json`` (every task here is scored by ``target_scores``):
   every machine and for every run seed; train = the rest, in the task's order.
 
 Tasks with subtasks (``fact_checker``: fever, politifact, covid19_scientific) have no examples of their own;
-each subtask is a task here (``bigbench/fact_checker/fever``).
+each subtask is a task here (``bigbench/fact_checker/fever``). A few tasks tag each example with its kind, and each
+kind is a task here too (:data:`DERIVED`: ``bigbench/navigate/turns`` holds navigate's examples whose
+``inst_type`` is ``turns``), so that a model trained on one kind can be tested on another, with the same question
+and choices: a dataset shift inside one task. They are converted and split like any task.
 """
 
 from __future__ import annotations
@@ -57,7 +60,13 @@ TASKS = ("social_iqa", "strategyqa", "winowhy", "epistemic_reasoning", "logical_
          "fact_checker/politifact", "fact_checker/covid19_scientific", "vitaminc_fact_verification",
          # MultiEmo's English sentences (4 sentiments) in four domains: a dataset shift with one label space
          "multiemo/hotels_sentence_en", "multiemo/medicine_sentence_en", "multiemo/products_sentence_en",
-         "multiemo/reviews_sentence_en")
+         "multiemo/reviews_sentence_en",
+         # navigate's two kinds of instructions (turns and steps, or steps in four directions facing forward)
+         "navigate/turns", "navigate/face_forward")
+# Tasks made of one task's examples of one kind (BIG-bench tags them but has no subtasks for them): the task, then
+# the example's field and its value.
+DERIVED = {"navigate/turns": ("navigate", "inst_type", "turns"),
+           "navigate/face_forward": ("navigate", "inst_type", "face_forward")}
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
 SPLIT_STREAM = 100  # a stream of sampling's generator that no other split uses
@@ -166,6 +175,19 @@ def convert(task: dict, name: str = "task") -> Converted:
     return out
 
 
+def of_kind(task: dict, name: str) -> dict:
+    """``task`` (a parsed task.json) with only the examples of the kind that the derived task ``name`` holds
+    (:data:`DERIVED`); any other task as it is."""
+    if name not in DERIVED:
+        return task
+    _, field, value = DERIVED[name]
+    examples = [e for e in task.get("examples") or [] if isinstance(e, dict) and e.get(field) == value]
+    if not examples:
+        raise BaraError(f"{name}: no example of {DERIVED[name][0]}'s task.json has {field} = {value!r}; fix: use "
+                        f"the bigbench {VERSION} task.json")
+    return {**task, "examples": examples}
+
+
 def split(records: list[dict], seed: int = SPLIT_SEED, test_fraction: float = TEST_FRACTION) \
         -> tuple[list[dict], list[dict]]:
     """(train, test): ``test_fraction`` of the records (at least 1), stratified by answer and seeded."""
@@ -185,6 +207,9 @@ def write_task(records: list[dict], folder: Path) -> dict:
         for name, part in zip(FILES, (train, test)):
             (tmp / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
         if folder.exists():
+            for child in folder.iterdir():  # the folders of its derived tasks (navigate/turns) stay
+                if child.is_dir() and not child.name.startswith("."):
+                    os.replace(child, tmp / child.name)
             shutil.rmtree(folder)
         os.replace(tmp, folder)
     finally:
@@ -242,9 +267,10 @@ def extract(source: Path, tasks: list[str], root: Path | None = None) -> dict[st
     """Convert ``tasks`` from the sdist ``source`` into ``root`` (default :func:`cache_root`); per task the
     counts of examples in task.json, kept, dropped, train and test."""
     root = cache_root() if root is None else root
-    summary, contents = {}, read_task_files(source, tasks)
-    for task in tasks:
-        converted = convert(contents[task], task)
+    sources = [DERIVED[t][0] if t in DERIVED else t for t in tasks]
+    summary, contents = {}, read_task_files(source, list(dict.fromkeys(sources)))
+    for task, source_task in zip(tasks, sources):
+        converted = convert(of_kind(contents[source_task], task), task)
         sizes = write_task(converted.records, root / task)
         summary[task] = {"examples": converted.examples, "kept": len(converted.records),
                          "dropped": converted.dropped, "no_single_answer": converted.no_single_answer,
