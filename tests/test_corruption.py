@@ -8,6 +8,8 @@ import json
 import math
 import random
 import re
+import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -155,12 +157,16 @@ def test_a_run_without_its_adapter_is_named_skipped_or_retrained_to_its_own_numb
     assert not (folder / corruption.RUN_FILE).exists()
     capsys.readouterr()
 
+    refused_elsewhere = {"cpu": "another CPU", "torch_threads": torch.get_num_threads(), "split": "test",
+                         "stored": {"nll": 0.5}, "retrained": {"nll": 0.6}}
+    (folder / corruption.REFUSED_FILE).write_text(json.dumps(refused_elsewhere))  # no bar to a retrain here
     assert cli.main(["corrupt", "--bench", str(out), "--data", "toy", "--intensities", "0,40", "--no-progress",
                      "--retrain-missing"]) == 0
     assert re.search(r"seed0-\w+: adapter retrained; (validation|test) accuracy [\d.]+, NLL [\d.]+ as stored",
                      capsys.readouterr().out)
     assert {w: w.read_bytes() for w in weights} == kept  # the very tensors it had: retrained bit for bit
     assert not (folder / ".retrain.partial").exists() and runs.has_weights(folder)
+    assert not (folder / corruption.REFUSED_FILE).exists()  # a retrain that matches removes the refusal on record
     points = [json.loads(line) for line in (out / "corruption-toy.jsonl").read_text().splitlines()]
     assert len(points) == 4 * 2 * 2 and "Left out" not in (out / "corruption-toy.md").read_text()
 
@@ -181,19 +187,35 @@ def test_a_retrained_run_that_scores_other_numbers_is_left_out_and_not_retrained
                                         "OMP_NUM_THREADS"):
         corruption.retrain_adapter(folder, progress_bar=False)
     assert not runs.has_weights(folder) and (folder / ".retrain.partial" / METRICS).exists()
+    record = json.loads((folder / corruption.REFUSED_FILE).read_text())  # committed with the run, unlike the retrain
+    assert record["split"] in ("validation", "test") and record["torch_threads"] == torch.get_num_threads()
+    assert record["cpu"] and record["stored"]["nll"] == pytest.approx(record["retrained"]["nll"] + 0.01)
+    left_out = (f"bara-small/{row['run']} (retrained on {record['cpu']} at {record['torch_threads']} thread(s) to "
+                f"other {record['split']} numbers than it stored, --retrain-missing; {corruption.REFUSED_FILE})")
 
-    # the whole command goes on without it: a warning, the other runs scored, the run named in the report
+    # the whole command goes on without it: the other runs scored, the run named in the report from its record
     trained, refused = [], json.loads((folder / ".retrain.partial" / METRICS).read_text())
     monkeypatch.setattr(runs, "run_train", lambda *a, **k: trained.append(a) or refused)
-    with pytest.warns(UserWarning, match=r"retrained to other .* it is left out of the curves"):
-        corruption.run_corrupt(out, ["toy"], intensities=[0, 40], progress_bar=False, missing="retrain")
-    assert not trained  # the refused retrain is compared again, not trained again
-    report = (out / "corruption-toy.md").read_text()
-    assert (f"bara-small/{row['run']} (retrained here to other numbers than it stored, --retrain-missing)"
-            in report)
+    corruption.run_corrupt(out, ["toy"], intensities=[0, 40], progress_bar=False, missing="retrain",
+                           only_method=["lora"])  # another method's runs only: the refusal is named from its record
+    assert left_out in (out / "corruption-toy.md").read_text() and not trained
+    corruption.run_corrupt(out, ["toy"], intensities=[0, 40], progress_bar=False, missing="retrain")
+    assert not trained  # refused on this kind of machine: not trained again
+    assert left_out in (out / "corruption-toy.md").read_text()
     points = [json.loads(line) for line in (out / "corruption-toy.jsonl").read_text().splitlines()]
     assert row["run"] not in {p["run"] for p in points} and len(points) == 3 * 2 * 2
     assert not runs.has_weights(folder) and not (folder / corruption.RUN_FILE).exists()
+
+    # a new clone of the store (no .retrain.partial): on the same kind of machine the record alone leaves the run
+    # out, with no retrain and no warning, in any command's report; on another it is retrained
+    shutil.rmtree(folder / ".retrain.partial")
+    for report_only in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            corruption.run_corrupt(out, ["toy"], intensities=[0, 40], progress_bar=False, missing="retrain",
+                                   report_only=report_only)
+        assert left_out in (out / "corruption-toy.md").read_text() and not trained
+    assert "Partial" not in (out / "corruption-toy.md").read_text()
     monkeypatch.setattr(torch, "get_num_threads", lambda: refused["torch_threads"] + 1)  # as the fix advises
     with pytest.warns(UserWarning, match="left out of the curves"):
         corruption.run_corrupt(out, ["toy"], intensities=[0, 40], progress_bar=False, missing="retrain")

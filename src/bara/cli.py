@@ -286,8 +286,9 @@ def parser(only_method: str | None = None) -> argparse.ArgumentParser:
     lacking.add_argument("--retrain-missing", action="store_true", help="train a run without an adapter here (a "
                          "benchmark store keeps metrics, not weights) again from its stored config; its adapter is "
                          "used only if it scores the run's stored numbers (to 1e-6; one that does not, e.g. trained on "
-                         "another kind of CPU, is left out with a warning, and a rerun compares it again without "
-                         "retraining)")
+                         "another kind of CPU, is left out with a warning and recorded in its folder's "
+                         "retrain_refused.json, so that every later report names it and the same kind of machine does "
+                         "not retrain it again)")
     lacking.add_argument("--skip-missing", action="store_true", help="leave the runs without an adapter here out of "
                          "the curves (the report lists them)")
     c.add_argument("--only-method", metavar="M", type=_comma_list, help="score only the runs of these variants or "

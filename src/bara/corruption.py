@@ -37,6 +37,10 @@ from .errors import BaraError
 KINDS = ("typos", "word_dropout")
 INTENSITIES = (0, 5, 10, 20, 40)
 RUN_FILE = "corruption_metrics.json"
+# Written in a run's folder when its retrain scores other numbers than it stored; committed with the run (a store
+# moves between machines), so that every later report names the run as left out and why, and the same kind of machine
+# does not retrain it again.
+REFUSED_FILE = "retrain_refused.json"
 METRICS = ("accuracy", "ece", "nll", "brier", "n")
 
 
@@ -109,18 +113,42 @@ def _unscored(done: dict, kinds, intensities) -> list[tuple[str, float]]:
     return [(k, i) for k in kinds for i in intensities if f"{i:g}" not in done.get(k, {})]
 
 
+def _machine() -> dict:
+    """What a seeded retrain's numbers depend on besides its config: the kind of CPU and torch's thread count."""
+    import platform
+
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+    return {"cpu": cpu or platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()}
+
+
+def _refusal(folder: Path) -> dict | None:
+    path = folder / REFUSED_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _refused_reason(refusal: dict) -> str:
+    return (f"retrained on {refusal['cpu']} at {refusal['torch_threads']} thread(s) to other {refusal['split']} "
+            f"numbers than it stored, --retrain-missing; {REFUSED_FILE}")
+
+
 def retrain_adapter(folder: Path, progress_bar: bool = True) -> str:
     """Train the finished run in ``folder`` again, from the config in its metrics.json, for its weights: it scores
     the split the run scored (validation if it has it, else test; not its OOD sets), and its adapter files move into
     ``folder`` only when those numbers equal the stored ones to 1e-6 (a seeded run retrains bit for bit on the same
     kind of machine); the stored metrics are never touched. Returns a line saying what matched. BaraError, the
     retrained run left in ``folder/.retrain.partial`` to inspect, when they differ: its corrupted scores would not
-    belong with the run's clean ones. A finished retrain left there by an earlier call at the same thread count is
-    compared again, not trained again; one stopped half-way continues from its checkpoint."""
+    belong with the run's clean ones; the refusal is also recorded in ``folder/retrain_refused.json`` (the machine,
+    the stored and the retrained numbers), which a store commits and a retrain that matches removes. A finished
+    retrain left there by an earlier call at the same thread count is compared again, not trained again; one stopped
+    half-way continues from its checkpoint."""
     import torch
 
     from . import checkpoint
-    from .runs import METRICS as RUN_METRICS, RunConfig, resumable, run_train
+    from .runs import METRICS as RUN_METRICS, RunConfig, resumable, run_train, write_json
 
     stored = json.loads((folder / RUN_METRICS).read_text())
     config = RunConfig.from_dict(stored["config"])
@@ -145,6 +173,8 @@ def retrain_adapter(folder: Path, progress_bar: bool = True) -> str:
         else ("test", stored, fresh)
     differ = {k: (old[k], new[k]) for k in ("accuracy", "nll", "ece") if abs(old[k] - new[k]) > 1e-6}
     if differ:
+        write_json(folder / REFUSED_FILE, {**_machine(), "split": split, "stored": {k: a for k, (a, _) in differ.items()},
+                                           "retrained": {k: b for k, (_, b) in differ.items()}})
         changes = ", ".join(f"{k} {a:.6f} -> {b:.6f}" for k, (a, b) in differ.items())
         raise BaraError(f"{folder} retrained to other {split} numbers ({changes}): another kind of machine, or "
                         f"another thread count (it trained with {stored.get('torch_threads')}; this one "
@@ -157,6 +187,7 @@ def retrain_adapter(folder: Path, progress_bar: bool = True) -> str:
             target.parent.mkdir(parents=True, exist_ok=True)
             path.replace(target)
     shutil.rmtree(work)
+    (folder / REFUSED_FILE).unlink(missing_ok=True)
     return f"{folder}: adapter retrained; {split} accuracy {new['accuracy']:.4f}, NLL {new['nll']:.4f} as stored"
 
 
@@ -315,7 +346,8 @@ def _write_report(output: Path, dataset: str, finished: list[dict], kinds, inten
                   why: dict, scored_by: str | None = None) -> list[Path]:
     """Write ``corruption-DATASET.md``, ``.jsonl`` and ``plots/corruption-DATASET.png`` from the points the runs'
     folders hold now: a run with every point is in the means, one that lacks some is named as not scored yet (a
-    partial report), one in ``why`` ({folder: reason}) as left out; ``scored_by`` as :func:`markdown`'s."""
+    partial report), one in ``why`` ({folder: reason}) or with a refused retrain on record (``REFUSED_FILE``, from
+    any earlier command) as left out; ``scored_by`` as :func:`markdown`'s."""
     from .checkpoint import write_atomic
     from .plots import corruption_curves
 
@@ -324,8 +356,11 @@ def _write_report(output: Path, dataset: str, finished: list[dict], kinds, inten
         folder = output / "runs" / dataset / row["variant"] / row["run"]
         name = f"{row['variant']}/{row['run']}"
         scored = _scored(folder)
+        refusal = _refusal(folder)
         if folder in why:
             left_out.append(f"{name} ({why[folder]})")
+        elif _unscored(scored, kinds, intensities) and refusal:
+            left_out.append(f"{name} ({_refused_reason(refusal)})")
         elif _unscored(scored, kinds, intensities):
             pending.append(name)
         else:
@@ -386,6 +421,11 @@ def run_corrupt(output: Path, datasets: list[str], kinds=KINDS, intensities=INTE
                         "train them again from their stored config (checked against their stored numbers), or "
                         "--skip-missing to leave them out of the curves")
     why = {folder: "no adapter here, --skip-missing" for folder in lacking if missing == "skip"}
+    here = _machine()
+    for folder in lacking:  # refused on this kind of machine before: it would retrain to the same numbers
+        refusal = _refusal(folder)
+        if missing == "retrain" and refusal and all(refusal.get(k) == v for k, v in here.items()):
+            why[folder] = _refused_reason(refusal)
     written = []
     for dataset, finished in rows.items():
         written += _write_report(output, dataset, finished, kinds, intensities, command, why)  # the same paths later
@@ -401,7 +441,7 @@ def run_corrupt(output: Path, datasets: list[str], kinds=KINDS, intensities=INTE
                     print(retrain_adapter(folder, progress_bar), flush=True)
                 except BaraError as error:  # another kind of machine: the other runs are still worth scoring
                     warnings.warn(f"{error}; it is left out of the curves", UserWarning, stacklevel=2)
-                    why[folder] = "retrained here to other numbers than it stored, --retrain-missing"
+                    why[folder] = _refused_reason(_refusal(folder))
                     _write_report(output, dataset, finished, kinds, intensities, command, why)
                     continue
             corrupt_run(folder, kinds, intensities, progress_bar)
