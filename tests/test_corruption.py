@@ -221,6 +221,16 @@ def test_a_retrained_run_that_scores_other_numbers_is_left_out_and_not_retrained
         corruption.run_corrupt(out, ["toy"], intensities=[0, 40], progress_bar=False, missing="retrain")
     assert len(trained) == 1  # at another thread count it trains again
 
+    def data_gone(*args, **kwargs):
+        raise BaraError("no such dataset: toy; fix: fetch it")
+
+    monkeypatch.setattr(runs, "run_train", data_gone)  # a retrain that fails for another reason says that one
+    monkeypatch.setattr(torch, "get_num_threads", lambda: refused["torch_threads"] + 2)
+    with pytest.warns(UserWarning, match="no such dataset"):
+        corruption.run_corrupt(out, ["toy"], intensities=[0, 40], progress_bar=False, missing="retrain")
+    report = (out / "corruption-toy.md").read_text()
+    assert f"bara-small/{row['run']} (its retrain failed: no such dataset: toy" in report
+
 
 def test_retrains_are_scored_one_by_one_and_a_retrain_cut_half_way_continues(finished_bench, monkeypatch):
     """A retrained adapter is not kept across machines, so each run is scored as soon as it is retrained (a command

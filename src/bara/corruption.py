@@ -130,6 +130,12 @@ def _refusal(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _refused_here(folder: Path, here: dict) -> dict | None:
+    """The refusal on record in ``folder`` if it was on this kind of machine (``here``, :func:`_machine`'s)."""
+    refusal = _refusal(folder)
+    return refusal if refusal and all(refusal.get(k) == v for k, v in here.items()) else None
+
+
 def _refused_reason(refusal: dict) -> str:
     return (f"retrained on {refusal['cpu']} at {refusal['torch_threads']} thread(s) to other {refusal['split']} "
             f"numbers than it stored, --retrain-missing; {REFUSED_FILE}")
@@ -173,8 +179,8 @@ def retrain_adapter(folder: Path, progress_bar: bool = True) -> str:
         else ("test", stored, fresh)
     differ = {k: (old[k], new[k]) for k in ("accuracy", "nll", "ece") if abs(old[k] - new[k]) > 1e-6}
     if differ:
-        write_json(folder / REFUSED_FILE, {**_machine(), "split": split, "stored": {k: a for k, (a, _) in differ.items()},
-                                           "retrained": {k: b for k, (_, b) in differ.items()}})
+        record = {"stored": {k: a for k, (a, _) in differ.items()}, "retrained": {k: b for k, (_, b) in differ.items()}}
+        write_json(folder / REFUSED_FILE, {**_machine(), "split": split, **record})
         changes = ", ".join(f"{k} {a:.6f} -> {b:.6f}" for k, (a, b) in differ.items())
         raise BaraError(f"{folder} retrained to other {split} numbers ({changes}): another kind of machine, or "
                         f"another thread count (it trained with {stored.get('torch_threads')}; this one "
@@ -423,8 +429,7 @@ def run_corrupt(output: Path, datasets: list[str], kinds=KINDS, intensities=INTE
     why = {folder: "no adapter here, --skip-missing" for folder in lacking if missing == "skip"}
     here = _machine()
     for folder in lacking:  # refused on this kind of machine before: it would retrain to the same numbers
-        refusal = _refusal(folder)
-        if missing == "retrain" and refusal and all(refusal.get(k) == v for k, v in here.items()):
+        if missing == "retrain" and (refusal := _refused_here(folder, here)):
             why[folder] = _refused_reason(refusal)
     written = []
     for dataset, finished in rows.items():
@@ -441,7 +446,8 @@ def run_corrupt(output: Path, datasets: list[str], kinds=KINDS, intensities=INTE
                     print(retrain_adapter(folder, progress_bar), flush=True)
                 except BaraError as error:  # another kind of machine: the other runs are still worth scoring
                     warnings.warn(f"{error}; it is left out of the curves", UserWarning, stacklevel=2)
-                    why[folder] = _refused_reason(_refusal(folder))
+                    refusal = _refused_here(folder, here)  # None: the retrain failed for another reason
+                    why[folder] = _refused_reason(refusal) if refusal else f"its retrain failed: {error}"
                     _write_report(output, dataset, finished, kinds, intensities, command, why)
                     continue
             corrupt_run(folder, kinds, intensities, progress_bar)
