@@ -362,12 +362,12 @@ def _write_report(output: Path, dataset: str, finished: list[dict], kinds, inten
         folder = output / "runs" / dataset / row["variant"] / row["run"]
         name = f"{row['variant']}/{row['run']}"
         scored = _scored(folder)
-        refusal = _refusal(folder)
+        unscored = _unscored(scored, kinds, intensities)
         if folder in why:
             left_out.append(f"{name} ({why[folder]})")
-        elif _unscored(scored, kinds, intensities) and refusal:
+        elif unscored and (refusal := _refusal(folder)):
             left_out.append(f"{name} ({_refused_reason(refusal)})")
-        elif _unscored(scored, kinds, intensities):
+        elif unscored:
             pending.append(name)
         else:
             points += [{"variant": row["variant"], "method": row["method"], "seed": row["seed"], "run": row["run"],
