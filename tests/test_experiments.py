@@ -283,3 +283,26 @@ def test_adalora_grid_is_as_large_as_baras_and_reads_standards_candidates():
             assert (spec.config.method_options.get("r", 12), spec.config.method_options.get("target_r", 8)) == (12, 8)
             if (orth, tfinal) == (0.5, 0.4):
                 assert spec.hash == theirs.spec(lr, 0).hash
+
+
+def test_pace_experiment_reads_the_llm_tracks_bara_candidate_and_varies_one_option_each():
+    """docs/experiments.md section 36: at LoRA's chosen rate, pace.toml's bara is multiple-choice's own seed-0 BaRA
+    candidate (the same hash: not trained twice), and each other variant differs from it by the one option it names."""
+    from bara import bench
+
+    plan, mc = bench.plan(str(EXPERIMENTS / "pace.toml")), bench.plan("multiple-choice")
+    varied = {"bara-a32": {"alpha": 32.0}, "bara-gate-none": {"gate": "none"}, "bara-pi09": {"pi_init": 0.9}}
+    for dataset in ("logical_fallacy_detection", "navigate-turns"):
+        mine = {e.variant: e for e in plan.entries if e.dataset == dataset}
+        assert set(mine) == {"bara", *varied}
+        lora = next(e for e in mc.entries if e.dataset == dataset and e.variant == "lora")
+        theirs = next(e for e in mc.entries if e.dataset == dataset and e.variant == "bara")
+        assert {e.lr for e in mine.values()} == {3e-3} and 3e-3 in lora.lr and 3e-3 in theirs.lr
+        base_ = mine["bara"].spec(3e-3, 0)
+        assert base_.hash == theirs.spec(3e-3, 0, {"prior_sigma": 0.05}).hash
+        for variant, options in varied.items():
+            spec = mine[variant].spec(3e-3, 0)
+            assert spec.config.method_options == {**base_.config.method_options, **options}
+            assert dataclasses.replace(spec.config, method_options={}) == \
+                dataclasses.replace(base_.config, method_options={})
+    assert plan.validate_all and set(plan.preset.values["seeds"]) == {0}
