@@ -291,7 +291,8 @@ def test_pace_experiment_reads_the_llm_tracks_bara_candidate_and_varies_one_opti
     from bara import bench
 
     plan, mc = bench.plan(str(EXPERIMENTS / "pace.toml")), bench.plan("multiple-choice")
-    varied = {"bara-a32": {"alpha": 32.0}, "bara-gate-none": {"gate": "none"}, "bara-pi09": {"pi_init": 0.9}}
+    varied = {"bara-a32": {"alpha": 32.0}, "bara-gate-none": {"gate": "none"}, "bara-pi09": {"pi_init": 0.9},
+              "bara-orth0": {"orth_reg": 0.0}, "bara-k1": {"train_samples": 1}, "bara-r8": {"r": 8}}
     for dataset in ("logical_fallacy_detection", "navigate-turns"):
         mine = {e.variant: e for e in plan.entries if e.dataset == dataset}
         assert set(mine) == {"bara", *varied}
