@@ -307,3 +307,27 @@ def test_pace_experiment_reads_the_llm_tracks_bara_candidate_and_varies_one_opti
             assert dataclasses.replace(spec.config, method_options={}) == \
                 dataclasses.replace(base_.config, method_options={})
     assert plan.validate_all and set(plan.preset.values["seeds"]) == {0}
+
+
+def test_update_norm_reads_the_scaled_update_of_bara_and_peft_adapters(tmp_path):
+    """benchmarks/experiments/update_norm.py (docs/experiments.md §36): ||(alpha / r) B A||_F per matrix, averaged,
+    from a bara adapter's mu_A and B and from peft's lora_A / lora_B, with alpha / r from adapter_config.json."""
+    import json
+
+    script = _script("update_norm")
+    a, b = torch.randn(4, 6), torch.randn(5, 4)
+    expected = (2.0 * b @ a).norm().item()
+    bara = tmp_path / "bara"
+    bara.mkdir()
+    (bara / "adapter_config.json").write_text(json.dumps({"method": "bara", "method_config": {"r": 4, "alpha": 8.0}}))
+    save_file({"m.q.bara_A_mu": a, "m.q.bara_B": b, "m.q.bara_A_log_sigma": torch.zeros(4, 6),
+               "m.v.bara_A_mu": a.clone(), "m.v.bara_B": 2 * b}, str(bara / "adapter_model.safetensors"))
+    row = script.update_norms(bara)
+    assert row["matrices"] == 2
+    assert abs(row["update"] - 1.5 * expected) < 1e-4  # (1 + 2) / 2 times one matrix's norm
+    assert abs(row["B"] - 1.5 * b.abs().mean().item()) < 1e-6
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8.0}))
+    save_file({"x.lora_A.weight": a, "x.lora_B.weight": b}, str(peft / "adapter_model.safetensors"))
+    assert abs(script.update_norms(peft)["update"] - expected) < 1e-4
