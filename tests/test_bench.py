@@ -1107,17 +1107,19 @@ def test_packaged_multiple_choice_preset_and_ood_in_standard():
     assert {s.config.data for s in moved} == {"bigbench/fact_checker/fever", emo.format("hotels")}
     assert {s.config.method_options.get("prior_fit") for s in specs if s.variant == "laplace"} == {"val"}
     assert not any(s.ood for s in specs)
-    # Rates chosen on validation for LoRA and BaRA (with its prior scale); the others take LoRA's (standard's MC
-    # dropout and BLoB always chose it), BLoB's KL-step rate chosen at it: 3 + 4 candidates a dataset, then 2 of BLoB's.
+    # Rates chosen on validation for LoRA and BaRA (with its prior scale and penalty); the others take LoRA's
+    # (standard's MC dropout and BLoB always chose it), BLoB's KL-step rate chosen at it: 3 + 8 candidates a dataset,
+    # then 2 of BLoB's.
     plan = bench.plan("multiple-choice")
     assert plan.select == "nll" and plan.tune_seed == 0
     assert {e.variant: e.lr for e in plan.entries} == {
         "lora": (1e-3, 3e-3, 1e-2), "bara": (3e-3, 1e-2),
         **{m: "lora" for m in ("temperature", "laplace", "tfb", "mcdropout", "blob", "monteclora")}}
     assert {e.variant: e.option_grid for e in plan.entries if e.option_grid} == {
-        "blob": {"kl_lr": [0.002, 0.01]}, "bara": {"prior_sigma": [0.2, 0.05]}}  # BaRA's as in standard
+        "blob": {"kl_lr": [0.002, 0.01]},
+        "bara": {"prior_sigma": [0.2, 0.05], "orth_reg": [0.5, 0.0]}}  # BaRA's prior as in standard, its penalty §36
     candidates = [c for e in plan.entries for c, _, _ in plan.candidates(e)]
-    assert len({c.hash for c in candidates}) == len(candidates) == 3 * (3 + 2 * 2)
+    assert len({c.hash for c in candidates}) == len(candidates) == 3 * (3 + 2 * 2 * 2)
     assert {c.seed for c in candidates} == {0}
     assert not any(plan.candidates(e) for e in plan.entries if e.variant == "blob")  # until LoRA's rate is chosen
     for name, ood in (("standard", ("trec", "20ng")), ("quick", "trec")):
