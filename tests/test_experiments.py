@@ -311,9 +311,8 @@ def test_pace_experiment_reads_the_llm_tracks_bara_candidate_and_varies_one_opti
 
 def test_update_norm_reads_the_scaled_update_of_bara_and_peft_adapters(tmp_path):
     """benchmarks/experiments/update_norm.py (docs/experiments.md §36): ||(alpha / r) B A||_F per matrix, averaged,
-    from a bara adapter's mu_A and B and from peft's lora_A / lora_B, with alpha / r from adapter_config.json."""
-    import json
-
+    from a bara adapter's mu_A and B and from peft's lora_A / lora_B, with alpha / r from bara's config of the run
+    (adapter_config.json, or bara_config.json beside a peft adapter, as bara writes them)."""
     script = _script("update_norm")
     a, b = torch.randn(4, 6), torch.randn(5, 4)
     expected = (2.0 * b @ a).norm().item()
@@ -328,6 +327,7 @@ def test_update_norm_reads_the_scaled_update_of_bara_and_peft_adapters(tmp_path)
     assert abs(row["B"] - 1.5 * b.abs().mean().item()) < 1e-6
     peft = tmp_path / "peft"
     peft.mkdir()
-    (peft / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8.0}))
+    (peft / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 99, "lora_alpha": 1.0}))
+    (peft / "bara_config.json").write_text(json.dumps({"method": "lora", "method_config": {"r": 4, "alpha": 8.0}}))
     save_file({"x.lora_A.weight": a, "x.lora_B.weight": b}, str(peft / "adapter_model.safetensors"))
     assert abs(script.update_norms(peft)["update"] - expected) < 1e-4

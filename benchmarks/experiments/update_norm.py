@@ -3,8 +3,9 @@ BLoB A = mu_A and the gate's z, at most 1, left out), with the mean |A| and |B| 
 
     .venv/bin/python benchmarks/experiments/update_norm.py RUN_FOLDER [RUN_FOLDER ...]
 
-A run folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (bara's layers, or peft's LoRA); its
-``metrics.json``, where there is one, adds the rate and the validation NLL. Reads tensors only (safetensors)."""
+A run folder is what ``bara train`` / ``bara bench`` write: the adapter (bara's layers, or peft's LoRA with bara's
+config beside it, :func:`bara.runs.meta_file`) and, where there is one, ``metrics.json``, which adds the rate and the
+validation NLL. Reads tensors only (safetensors)."""
 
 from __future__ import annotations
 
@@ -15,16 +16,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from bara import runs
+
 PAIRS = (("bara_A_mu", "bara_B"), ("lora_A.weight", "lora_B.weight"))  # (A, B) suffixes: bara's layers, peft's
 
 
 def update_norms(folder: str | Path) -> dict[str, float]:
     """{"update": mean ||(alpha / r) B A||_F, "A": mean |A|, "B": mean |B|, "matrices": how many} of one run."""
     folder = Path(folder)
-    config = json.loads((folder / "adapter_config.json").read_text())
-    inner = config.get("method_config", config)
-    scale = inner.get("alpha", inner.get("lora_alpha")) / inner["r"]
-    tensors = load_file(folder / "adapter_model.safetensors")
+    options = json.loads(runs.meta_file(folder).read_text())["method_config"]
+    scale = options["alpha"] / options["r"]
+    tensors = load_file(folder / runs.ADAPTER_WEIGHTS)
     norms, a_abs, b_abs = [], [], []
     for name, a in tensors.items():
         for a_suffix, b_suffix in PAIRS:
@@ -43,11 +45,11 @@ def main(folders: list[str]) -> None:
     if not folders:
         raise SystemExit(__doc__)
     for folder in folders:
-        if not (Path(folder) / "adapter_model.safetensors").exists():
-            print(f"{folder}: no adapter_model.safetensors (not finished, or not kept in the store), skipped")
+        if not runs.has_weights(Path(folder)):
+            print(f"{folder}: no adapter weights (not finished, or not kept in the store), skipped")
             continue
         row = update_norms(folder)
-        metrics = Path(folder) / "metrics.json"
+        metrics = Path(folder) / runs.METRICS
         extra = ""
         if metrics.exists():
             m = json.loads(metrics.read_text())
