@@ -198,7 +198,7 @@ def test_bench_trains_reports_and_skips_finished_runs(preset_file, tmp_path, mon
         metrics_file.write_text(json.dumps({**json.loads(metrics_file.read_text()), "wall_seconds": 3600.0 * hours}))
     (out / "preset.json").unlink()  # a store's run folders come without it (never committed there)
     bench.run_bench(str(preset_file), out, progress=False, report_only=True)
-    assert "Wall time: 10.00 h over the 4 finished runs of this dataset" in (out / "cost.md").read_text()
+    assert "Wall time: 10.00 h over the 4 runs of this dataset" in (out / "cost.md").read_text()
     assert json.loads((out / "preset.json").read_text())["name"] == "tiny"  # what --compare reads beside it
     header = next(l for l in cost.splitlines() if l.startswith("| variant |"))
     columns = [c.strip() for c in header.split("|")[1:-1]]
@@ -389,6 +389,10 @@ def test_learning_rate_grid_is_chosen_on_validation_then_fixed_for_every_seed(tm
     assert lost["test_deferred"] is True and "accuracy" not in lost and select in lost["validation"]
     won = json.loads((out / winner.folder / "metrics.json").read_text())
     assert "test_deferred" not in won and 0 <= won["accuracy"] <= 1 and won["validation"][select] == scores[best]
+    # cost.md's wall time counts every run trained, the candidate that lost (never tested) too
+    walls = [json.loads((out / f / "metrics.json").read_text())["wall_seconds"]
+             for f in {s.folder for s in specs} | {loser.folder}]
+    assert f"Wall time: {sum(walls) / 3600:.2f} h over the 5 runs of this dataset" in (out / "cost.md").read_text()
     calls[:] = []
     assert bench.run_bench(str(path), out, progress=False)["trained"] == 0 and calls == []
 
@@ -1107,19 +1111,19 @@ def test_packaged_multiple_choice_preset_and_ood_in_standard():
     assert {s.config.data for s in moved} == {"bigbench/fact_checker/fever", emo.format("hotels")}
     assert {s.config.method_options.get("prior_fit") for s in specs if s.variant == "laplace"} == {"val"}
     assert not any(s.ood for s in specs)
-    # Rates chosen on validation for LoRA and BaRA (with its prior scale and penalty); the others take LoRA's
-    # (standard's MC dropout and BLoB always chose it), BLoB's KL-step rate chosen at it: 3 + 8 candidates a dataset,
-    # then 2 of BLoB's.
+    # Rates chosen on validation for LoRA and BaRA's prior scale at its rate; the others take LoRA's (standard's MC
+    # dropout and BLoB always chose it), BLoB's KL-step rate chosen at it: 2 + 2 candidates a dataset, then 2 of
+    # BLoB's. Trimmed where the full grid's validation never chose (presets.toml): LoRA's and BaRA's 1e-2, BaRA's
+    # penalty (orth_reg 0 chosen everywhere, §36): a grid of one value, so every candidate keeps its hash.
     plan = bench.plan("multiple-choice")
     assert plan.select == "nll" and plan.tune_seed == 0
     assert {e.variant: e.lr for e in plan.entries} == {
-        "lora": (1e-3, 3e-3, 1e-2), "bara": (3e-3, 1e-2),
+        "lora": (1e-3, 3e-3), "bara": 3e-3,
         **{m: "lora" for m in ("temperature", "laplace", "tfb", "mcdropout", "blob", "monteclora")}}
     assert {e.variant: e.option_grid for e in plan.entries if e.option_grid} == {
-        "blob": {"kl_lr": [0.002, 0.01]},
-        "bara": {"prior_sigma": [0.2, 0.05], "orth_reg": [0.5, 0.0]}}  # BaRA's prior as in standard, its penalty §36
+        "blob": {"kl_lr": [0.002, 0.01]}, "bara": {"prior_sigma": [0.2, 0.05], "orth_reg": [0.0]}}
     candidates = [c for e in plan.entries for c, _, _ in plan.candidates(e)]
-    assert len({c.hash for c in candidates}) == len(candidates) == 3 * (3 + 2 * 2 * 2)
+    assert len({c.hash for c in candidates}) == len(candidates) == 3 * (2 + 2)
     assert {c.seed for c in candidates} == {0}
     assert not any(plan.candidates(e) for e in plan.entries if e.variant == "blob")  # until LoRA's rate is chosen
     for name, ood in (("standard", ("trec", "20ng")), ("quick", "trec")):

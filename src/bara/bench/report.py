@@ -17,7 +17,8 @@ from .. import report, runs
 from ..errors import BaraError
 from ..methods import METHODS
 from ..plots import scatter_methods, shift_plot
-from .plan import SELECT, Choice, Plan, RunSpec, choices, diverged, finished, sets, shift_results, validation_metrics
+from .plan import (SELECT, Choice, Plan, RunSpec, choices, diverged, finished, sets, shift_results, trained,
+                   validation_metrics)
 from .presets import Preset
 
 
@@ -290,11 +291,12 @@ def _cost_table(rows: list[dict]) -> str:
 
 
 def _wall_time(plan_: Plan, specs: list[RunSpec], output: Path, dataset: str) -> str:
-    """What the dataset's finished runs cost in all, the grid's candidates that were not chosen included."""
+    """What the dataset's runs cost in all: every trained run, the grid's candidates that were not chosen (scored on
+    validation only, never tested: not ``finished``) included."""
     walls = [json.loads((output / s.folder / runs.METRICS).read_text()).get("wall_seconds") or 0.0
-             for s in plan_.all_runs(specs, dataset, output) if finished(output, s)]
-    return (f"Wall time: {sum(walls) / 3600:.2f} h over the {len(walls)} finished runs of this dataset (the grid's "
-            "candidates included): the sum of each run's wall time in the sitting that finished it, where it was "
+             for s in plan_.all_runs(specs, dataset, output) if trained(output, s)]
+    return (f"Wall time: {sum(walls) / 3600:.2f} h over the {len(walls)} runs of this dataset (the grid's "
+            "candidates that lost included): the sum of each run's wall time in the sitting that finished it, where it was "
             "trained (a run copied by --reuse counts its original time).")
 
 
