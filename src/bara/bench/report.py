@@ -296,8 +296,8 @@ def _wall_time(plan_: Plan, specs: list[RunSpec], output: Path, dataset: str) ->
     walls = [json.loads((output / s.folder / runs.METRICS).read_text()).get("wall_seconds") or 0.0
              for s in plan_.all_runs(specs, dataset, output) if trained(output, s)]
     return (f"Wall time: {sum(walls) / 3600:.2f} h over the {len(walls)} runs of this dataset (the grid's "
-            "candidates that lost included): the sum of each run's wall time in the sitting that finished it, where it was "
-            "trained (a run copied by --reuse counts its original time).")
+            "candidates that lost included): the sum of each run's wall time in the sitting that finished it, where "
+            "it was trained (a run copied by --reuse counts its original time).")
 
 
 def _tuned(plan_: Plan, dataset: str, output: Path) -> list[tuple]:
