@@ -598,16 +598,18 @@ def test_train_without_lr_uses_the_methods_own_default_for_the_model(tiny_bert, 
                                                                      capsys):
     from bara.methods import METHODS
 
-    # The standard benchmark's validation choices on MiniLM (benchmarks/results/standard/results.md).
+    # The standard benchmark's validation choices on MiniLM (benchmarks/results/standard/results.md), and
+    # multiple-choice's on SmolLM2 (benchmarks/results/multiple-choice/results.md: 3e-3 on all three sets).
+    lora_like = {"encoder": 5e-3, "causal": 3e-3}
     assert {name: m.default_lr for name, m in METHODS.items()} == {
-        "lora": {"encoder": 5e-3}, "map": {"encoder": 5e-3}, "mcdropout": {"encoder": 5e-3},
-        "ensemble": {"encoder": 5e-3}, "temperature": {"encoder": 5e-3}, "laplace": {"encoder": 5e-3},
-        "blob": {"encoder": 5e-3}, "adalora": {"encoder": 1e-2}, "bara": {"encoder": 1e-2},
-        "monteclora": {"encoder": 5e-3}, "tfb": {"encoder": 5e-3}}
+        **{name: lora_like for name in ("lora", "map", "mcdropout", "ensemble", "temperature", "laplace", "blob",
+                                         "monteclora", "tfb")},
+        "adalora": {"encoder": 1e-2}, "bara": {"encoder": 1e-2, "causal": 3e-3}}
     assert runs.default_lr("minilm", "bara") == runs.default_lr(tiny_bert, "adalora") == 1e-2  # encoders
     assert runs.default_lr(tiny_bert, "tfb") == 5e-3
-    # No rate measured on causal LMs: the shared one.
-    assert runs.default_lr("smollm2", "bara") == runs.default_lr(tiny_llama, "adalora") == TrainConfig.lr == 1e-3
+    assert runs.default_lr("smollm2", "bara") == runs.default_lr(tiny_llama, "lora") == 3e-3  # causal LMs
+    # AdaLoRA, never run on a causal LM, and a model whose kind cannot be read: the shared rate
+    assert runs.default_lr(tiny_llama, "adalora") == TrainConfig.lr == 1e-3
     assert runs.default_lr(str(tmp_path / "no-model"), "bara") == 1e-3  # unreadable: loading it says why, later
     with pytest.raises(BaraError, match="unknown method 'nope'; fix: use one of"):
         runs.default_lr("minilm", "nope")
@@ -631,3 +633,7 @@ def test_train_without_lr_uses_the_methods_own_default_for_the_model(tiny_bert, 
     assert " ".join(capsys.readouterr().out.split()).count(
         "peak learning rate (default for --method adalora: 0.01 on encoders such as minilm; 0.001 on causal LMs "
         "such as smollm2 (none measured for it yet))") == 1
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--method", "bara", "--help"])
+    assert "(default for --method bara: 0.01 on encoders such as minilm; 0.003 on causal LMs such as smollm2)" in \
+        " ".join(capsys.readouterr().out.split())

@@ -118,9 +118,11 @@ def _lr_help(only: str | None, shared: float) -> str:
         return f"default for --method {only}: " + "; ".join(
             f"{rates[kind]:g} on {what}" if kind in rates else f"{shared:g} on {what} (none measured for it yet)"
             for kind, what in kinds.items())
-    own = ", ".join(f"{name} {m.default_lr['encoder']:g}" for name, m in METHODS.items() if "encoder" in m.default_lr)
-    return (f"default: the method's own on encoders such as minilm ({own}; the benchmark's validation choices), "
-            f"{shared:g} where it has none (causal LMs such as smollm2); 'bara train --method M --help' shows M's")
+    own = {kind: ", ".join(f"{name} {m.default_lr[kind]:g}" for name, m in METHODS.items() if kind in m.default_lr)
+           for kind in kinds}
+    return (f"default: the method's own, the benchmarks' validation choices, on encoders such as minilm "
+            f"({own['encoder']}) and on causal LMs such as smollm2 ({own['causal']}), {shared:g} where it has none; "
+            "'bara train --method M --help' shows M's")
 
 
 def _boolean(text: str) -> bool:

@@ -94,8 +94,8 @@ class Method:
     # What else to try when training diverges (after "lower --lr"), for the trainer's error message.
     diverged_fix: ClassVar[str] = ""
     # The peak learning rate `bara train` uses when --lr is left out (and a preset that sets none), by the kind of
-    # model ("encoder", "causal"), each method's beside the evidence for it. A kind a method does not list (causal
-    # LMs, for which no rate has been measured yet) trains at TrainConfig's shared lr.
+    # model ("encoder", "causal"), each method's beside the evidence for it. A kind a method does not list (AdaLoRA on
+    # causal LMs, where no benchmark has run it) trains at TrainConfig's shared lr.
     default_lr: ClassVar[dict[str, float]] = {}
     # A post-hoc method whose training is exactly another method's (its objective, parameters and options of that
     # method; only fit_posthoc and prediction differ): that method's name. A finished run of it at the same data,

@@ -173,7 +173,7 @@ class Tfb(Lora):
 
     name = "tfb"
     # LoRA's rate: TFB is post-hoc on a LoRA fit, which trains as LoRA does (lora's default_lr, measured).
-    default_lr = {"encoder": 5e-3}
+    default_lr = {"encoder": 5e-3, "causal": 3e-3}
     config_class = TfbConfig
     trains_as = "lora"  # the LoRA fit trains as `lora` does, then the post-hoc step
     default_samples = 10
