@@ -779,7 +779,7 @@ def test_a_preset_without_rates_trains_each_method_at_its_own_default(tmp_path, 
         str(tiny_preset(tmp_path, tiny_bert, toy_data, lr="lora = 5e-3\nbara = 1e-2")))]
     (tmp_path / "causal").mkdir()
     causal = tiny_preset(tmp_path / "causal", "smollm2", toy_data, lr="")
-    assert {s.config.train.lr for s in bench.expand(str(causal))} == {1e-3}  # none measured: the shared rate
+    assert {s.config.train.lr for s in bench.expand(str(causal))} == {3e-3}  # multiple-choice's choice for both
 
 
 def test_validate_all_scores_every_run_and_reports_validation_means(preset_file, tmp_path):
