@@ -1388,6 +1388,30 @@ def test_a_stream_trains_the_runs_no_other_process_holds_first(tmp_path, tiny_be
     assert written[1] < written[0]  # seed 1 trained while seed 0 was held
 
 
+def test_a_stream_trains_another_dataset_while_another_process_holds_every_run_of_the_first(tmp_path, tiny_bert,
+                                                                                           toy_data, monkeypatch):
+    # Two streams given the same datasets: the second, finding each run of the first dataset held, trains the next
+    # dataset's runs first and comes back to the first one (waiting there only if it is still held).
+    import functools
+
+    from bara.bench import run as bench_run
+
+    monkeypatch.setattr(bench_run, "claimed", functools.partial(bench_run.claimed, poll_seconds=0.2))
+    preset = tiny_preset(tmp_path, tiny_bert, toy_data, methods='{ lora = "lora" }', lr="default = 5e-3",
+                         extra=f"[tiny.datasets.toy-first]\ndata = {json.dumps(toy_data)}\nmax_train = 30")
+    out = tmp_path / "bench"
+    specs = bench.expand(str(preset))
+    assert [s.dataset for s in specs] == ["toy-first", "toy-first", "toy", "toy"]
+    holder = live_process(3)
+    for spec in specs[:2]:
+        lock_file(out / spec.folder).parent.mkdir(parents=True, exist_ok=True)
+        lock_file(out / spec.folder).write_text(str(holder.pid))
+    summary = bench.run_bench(str(preset), out, progress=False)
+    assert summary["trained"] == 4
+    written = {(s.dataset, s.seed): (out / s.folder / "metrics.json").stat().st_mtime_ns for s in specs}
+    assert max(written["toy", 0], written["toy", 1]) < min(written["toy-first", 0], written["toy-first", 1])
+
+
 def test_runs_another_process_trained_meanwhile_are_counted_and_logged_as_trained_elsewhere(tmp_path, tiny_bert,
                                                                                           toy_data, monkeypatch,
                                                                                           capsys):

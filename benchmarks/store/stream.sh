@@ -8,12 +8,14 @@
 # or of the corruption curves of a store's finished runs (bara corrupt --retrain-missing; METHODS "all" or a list,
 # scored in that order, one `bara corrupt --only-method` after another):
 #   benchmarks/store/stream.sh --corrupt standard banking77 bara,adalora all
-# Two streams with disjoint methods run side by side (one per core); each resumes where it stopped. The log is
+# Two streams run side by side (one per core), with disjoint methods or the same ones: a run one of them trains is
+# locked, and the other trains the runs it does not hold first, a whole other dataset where it holds all of one's
+# (bara.bench.run); each resumes where it stopped. The log is
 # runs/logs/PRESET-METHODS.log (corrupt-PRESET-DATASETS.log). Commit the finished runs with benchmarks/store/commit.sh.
 set -euo pipefail
 CORRUPT=0
 [ "${1:-}" != --corrupt ] || { CORRUPT=1; shift; }
-[ $# -ge 3 ] || { sed -n 2,11p "$0"; exit 2; }
+[ $# -ge 3 ] || { sed -n 2,14p "$0"; exit 2; }
 PRESET=$1 DATA=$2
 shift 2
 cd "$(dirname "$0")/../.."

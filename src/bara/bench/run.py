@@ -402,7 +402,13 @@ def train_plan(plan_: Plan, selected: list[RunSpec], output: Path, progress: boo
     output.mkdir(parents=True, exist_ok=True)
     summary = {"selected": 0, "trained": 0, "reused": 0, "skipped": 0, "diverged": 0, "failed": []}
     unchosen = []  # a grid whose every candidate diverged: its runs cannot start
-    for dataset in dict.fromkeys(s.dataset for s in selected):
+    datasets, deferred = list(dict.fromkeys(s.dataset for s in selected)), set()
+    while datasets:
+        dataset = datasets.pop(0)
+        if datasets and dataset not in deferred and _held_elsewhere_only(plan_, selected, dataset, output):
+            deferred.add(dataset)  # another stream trains all this one could now: the next datasets first, once
+            datasets.append(dataset)
+            continue
         parts, lost = train_dataset(plan_, selected, dataset, output, progress, reuse, only_method)
         for part in parts:
             for key in ("trained", "reused", "skipped", "diverged"):
@@ -413,6 +419,18 @@ def train_plan(plan_: Plan, selected: list[RunSpec], output: Path, progress: boo
                            + len(summary["failed"]))
     summary["failed"] += unchosen
     return summary
+
+
+def _held_elsewhere_only(plan_: Plan, selected: list[RunSpec], dataset: str, output: Path) -> bool:
+    """Whether every untrained run of ``dataset`` this stream would train (its variants' runs and the candidates of
+    the grids they follow; a run waiting for a choice aside) is held by another live process, and there is one: two
+    streams given the same datasets then train different datasets instead of one waiting for the other."""
+    wanted = {s.variant for s in selected if s.dataset == dataset}
+    chosen = choices(plan_, output)
+    variants = wanted | {chosen[dataset, v].follows for v in wanted if chosen[dataset, v].follows}
+    untrained = [s for s in plan_.all_runs(expand(plan_, output), dataset, output)
+                 if s.variant in variants and not s.pending and not trained(output, s)]
+    return bool(untrained) and all(held_elsewhere(output / s.folder) for s in untrained)
 
 
 def train_dataset(plan_: Plan, selected: list[RunSpec], dataset: str, output: Path, progress: bool,
