@@ -427,7 +427,7 @@ def _held_elsewhere_only(plan_: Plan, selected: list[RunSpec], dataset: str, out
     streams given the same datasets then train different datasets instead of one waiting for the other."""
     wanted = {s.variant for s in selected if s.dataset == dataset}
     chosen = choices(plan_, output)
-    variants = wanted | {chosen[dataset, v].follows for v in wanted if chosen[dataset, v].follows}
+    variants = wanted | {chosen[dataset, v].follows or v for v in wanted}  # with train_dataset's leaders
     untrained = [s for s in plan_.all_runs(expand(plan_, output), dataset, output)
                  if s.variant in variants and not s.pending and not trained(output, s)]
     return bool(untrained) and all(held_elsewhere(output / s.folder) for s in untrained)
